@@ -1,0 +1,17 @@
+"""Backbones and the trainable generator (text connector + DiT)."""
+
+from .attention import attention, jvp_safe_attention, math_attention
+from .connector import TextConnector
+from .dit import DiT
+from .generator import BACKBONE_PRESETS, Generator, build_generator
+
+__all__ = [
+    "BACKBONE_PRESETS",
+    "DiT",
+    "Generator",
+    "TextConnector",
+    "attention",
+    "build_generator",
+    "jvp_safe_attention",
+    "math_attention",
+]
