@@ -1,0 +1,68 @@
+"""Text conditions as the generator sees them: token features, their mask, and the null condition.
+
+The null condition (classifier-free guidance, condition dropout, the empty caption ``""``) is one all-zero
+token that is attended to (mask True). Inside a padded batch, a null row is therefore zeros everywhere with
+only position 0 unmasked; since masked positions never contribute to cross-attention, that row gives the
+generator exactly the same input as the length-1 null condition of the contract.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from emf_lightning.encoders.base import TextFeatures
+
+
+def null_condition(batch_size: int, dim: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(tokens [B, 1, D] zeros, mask [B, 1] True): the null condition for a batch."""
+    tokens = torch.zeros(batch_size, 1, dim, device=device, dtype=dtype)
+    mask = torch.ones(batch_size, 1, device=device, dtype=torch.bool)
+    return tokens, mask
+
+
+def drop_condition(tokens: Tensor, mask: Tensor, drop: Tensor) -> tuple[Tensor, Tensor]:
+    """Replace the rows where ``drop`` [B] is True by the null condition, keeping the padded length."""
+    if drop.shape != (tokens.shape[0],):
+        raise ValueError(f"drop must have shape [{tokens.shape[0]}], got {tuple(drop.shape)}")
+    keep = ~drop
+    tokens = tokens * keep[:, None, None].to(tokens.dtype)
+    null_mask = torch.zeros_like(mask)
+    null_mask[:, 0] = True
+    mask = torch.where(keep[:, None], mask, null_mask)
+    return tokens, mask
+
+
+def encode_with_null(captions: Sequence[str], encode: Callable[[list[str]], TextFeatures], dim: int,
+                     device: torch.device | str | None = None) -> TextFeatures:
+    """Encode ``captions``; empty captions ``""`` become null rows and never reach ``encode``.
+
+    Returns float32 features on ``device``, right-padded to the longest caption (at least length 1).
+    """
+    captions = list(captions)
+    if not captions:
+        raise ValueError("encode_with_null needs at least one caption, got an empty list")
+    for i, c in enumerate(captions):
+        if not isinstance(c, str):
+            raise TypeError(f"caption {i} is {type(c).__name__}, expected str")
+    real = [i for i, c in enumerate(captions) if c != ""]
+    batch = len(captions)
+    feats = encode([captions[i] for i in real]) if real else None
+    length = max(1, feats.tokens.shape[1]) if feats is not None else 1
+    tokens = torch.zeros(batch, length, dim, device=device, dtype=torch.float32)
+    mask = torch.zeros(batch, length, device=device, dtype=torch.bool)
+    mask[:, 0] = True  # null rows: one zero token, attended to
+    pooled = torch.zeros(batch, dim, device=device, dtype=torch.float32)
+    if feats is not None:
+        if feats.tokens.shape[-1] != dim:
+            raise ValueError(f"encoder returned features of dim {feats.tokens.shape[-1]}, expected {dim}")
+        idx = torch.tensor(real, device=device, dtype=torch.long)
+        n = feats.tokens.shape[1]
+        tokens[idx, :n] = feats.tokens.to(device=device, dtype=torch.float32)
+        mask[idx] = False
+        mask[idx, :n] = feats.mask.to(device=device, dtype=torch.bool)
+        pooled[idx] = feats.pooled.to(device=device, dtype=torch.float32)
+    return TextFeatures(tokens=tokens, mask=mask, pooled=pooled)

@@ -1,0 +1,84 @@
+"""Start a run from another run's generator weights (EMF's flow-matching -> MeanFlow fine-tuning recipe)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint's generator does not match this model's architecture."""
+
+
+def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint (or of a bare state-dict file), loaded on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from checkpoint not found: {path}")
+    # weights_only: a checkpoint is data; refusing pickled code keeps `init_from` safe on foreign files.
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise IncompatibleCheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise IncompatibleCheckpointError(f"{path} has no tensor state_dict")
+    return state
+
+
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def describe_mismatch(target: nn.Module, state: dict[str, torch.Tensor], limit: int = 20) -> list[str]:
+    """Human-readable differences between ``target``'s parameters/buffers and ``state`` (empty if none)."""
+    own = target.state_dict()
+    lines: list[str] = []
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    for k in missing:
+        lines.append(f"missing in checkpoint: {k} {tuple(own[k].shape)}")
+    for k in unexpected:
+        lines.append(f"not in this model: {k} {tuple(state[k].shape)}")
+    for k in shapes:
+        lines.append(f"shape mismatch: {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
+
+
+def load_generator_weights(module: Any, path: str | Path, copy_time_to_interval: bool = True) -> None:
+    """Load ``generator`` (and ``ema_generator`` when present) from the checkpoint at ``path``.
+
+    A checkpoint without EMA weights initialises the EMA from the loaded generator. With
+    ``copy_time_to_interval`` the interval (t - r) embedder of both copies starts from the time embedder,
+    which is what a flow-matching model (always r = t) has actually trained.
+
+    Raises:
+        IncompatibleCheckpointError: listing missing, unexpected and mis-shaped keys.
+    """
+    state = read_checkpoint_state(path)
+    gen_state = _sub_state(state, "generator.")
+    if not gen_state:
+        raise IncompatibleCheckpointError(
+            f"{path} holds no 'generator.*' weights (is it an emf-lightning checkpoint?); "
+            f"first keys: {sorted(state)[:5]}"
+        )
+    problems = describe_mismatch(module.generator, gen_state)
+    if problems:
+        raise IncompatibleCheckpointError(
+            f"Checkpoint {path} was trained with another generator architecture than this model "
+            f"(backbone_size / image_size / patch_size / encoder dim must match):\n  " + "\n  ".join(problems)
+        )
+    module.generator.load_state_dict(gen_state)
+    ema_state = _sub_state(state, "ema_generator.")
+    if ema_state and not describe_mismatch(module.ema_generator, ema_state):
+        module.ema_generator.load_state_dict(ema_state)
+    else:
+        module.ema_generator.load_state_dict(module.generator.state_dict())
+    if copy_time_to_interval:
+        module.generator.copy_time_embedder_to_interval()
+        module.ema_generator.copy_time_embedder_to_interval()

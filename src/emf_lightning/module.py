@@ -1,0 +1,416 @@
+"""EMFModule: the LightningModule that trains a text-conditioned one-step generator with MeanFlow.
+
+What is trained: ``generator`` (text connector + DiT backbone). What is not: the text encoder, which is kept
+outside the module tree on purpose (no weights in ``state_dict``, the optimiser or DDP) and rebuilt from its
+``class_path``/``init_args`` stored in the hyper-parameters. ``ema_generator`` holds the moving average used
+for sampling and validation, and is part of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import math
+from typing import Any, Literal, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from emf_lightning.conditioning import drop_condition, encode_with_null, null_condition
+from emf_lightning.ema import ema_decay_at, make_ema_copy, update_ema
+from emf_lightning.encoders.base import TextEncoder, TextFeatures
+from emf_lightning.encoders.cache import FeatureCache
+from emf_lightning.generator_init import load_generator_weights
+from emf_lightning.meanflow import (
+    FlowMatchingLoss,
+    MeanFlowLoss,
+    TimeSampler,
+    sample_flow_matching,
+    sample_meanflow,
+)
+from emf_lightning.models.generator import build_generator
+
+Pair = float | tuple[float, float]
+OBJECTIVES = ("meanflow", "flow_matching")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss (or its gradient) is NaN or infinite; training stops and no checkpoint is written."""
+
+
+def _pair(value: Pair, name: str) -> tuple[float, float]:
+    """A scheduled value as (start, end); a single number means a constant."""
+    if isinstance(value, (int, float)):
+        return float(value), float(value)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be a number or a (start, end) pair, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def encoder_spec(encoder: TextEncoder | dict) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` that rebuilds ``encoder``; stored instead of the encoder's weights.
+
+    A dict is returned as is. For an instance, each ``__init__`` argument is read back from the attribute of
+    the same name (or ``_name``, or the ``init_args`` dict an encoder may keep). Unreadable arguments are left
+    out (their defaults apply on rebuild), and their names are listed under ``"unrecorded"``.
+    """
+    if isinstance(encoder, dict):
+        return encoder
+    cls = type(encoder)
+    recorded = dict(getattr(encoder, "init_args", None) or {})
+    init_args: dict[str, Any] = {}
+    unrecorded: list[str] = []
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        for source in (recorded, encoder):
+            value = source.get(name, _MISSING) if isinstance(source, dict) else _attr(source, name)
+            if value is not _MISSING:
+                break
+        if value is _MISSING or not _is_plain(value):
+            unrecorded.append(name)
+            continue
+        init_args[name] = list(value) if isinstance(value, tuple) else value
+    spec: dict[str, Any] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+    if unrecorded:
+        spec["unrecorded"] = unrecorded
+    return spec
+
+
+_MISSING = object()
+
+
+def _attr(obj: object, name: str) -> Any:
+    for attr in (name, "_" + name):
+        if attr in vars(obj) or attr in getattr(type(obj), "__dict__", {}):
+            value = getattr(obj, attr)
+            if not callable(value):
+                return value
+    return _MISSING
+
+
+def _is_plain(value: Any) -> bool:
+    """JSON-like values only: the checkpoint's hyper-parameters must stay loadable with weights_only."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def build_encoder_from_spec(spec: dict[str, Any]) -> TextEncoder:
+    """Instantiate a TextEncoder from ``{"class_path", "init_args"}``; other classes are refused."""
+    class_path = spec.get("class_path")
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise ValueError(f"encoder spec needs a dotted 'class_path', got {spec!r}")
+    module_name, _, cls_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, TextEncoder)):
+        raise ValueError(f"encoder class_path {class_path!r} is not a TextEncoder subclass")
+    return cls(**dict(spec.get("init_args") or {}))
+
+
+class EMFModule(pl.LightningModule):
+    """MeanFlow (or flow-matching) training of a text-conditioned generator on a frozen text encoder.
+
+    Args:
+        encoder: the frozen text encoder (``class_path``/``init_args`` in YAML; an instance or such a dict in
+            Python). Its weights are never saved; it is rebuilt from this spec.
+        backbone_size: a ``models.BACKBONE_PRESETS`` name (tiny, S, B, L, XL).
+        image_size: side of the (square) images or latents the generator sees.
+        in_channels: channels of those images (3 for pixels).
+        patch_size: DiT patch size; None takes the preset's.
+        backbone_overrides: extra keyword arguments for ``build_generator`` (depth, width, heads, ...).
+        objective: "meanflow" (average velocity, one-step sampling) or "flow_matching" (the baseline).
+        time_distribution: "logit_normal" or "uniform" draw of (r, t).
+        time_mu, time_sigma: logit-normal parameters, a number or (start, end) over training progress.
+        neq_ratio: share of samples with r != t, a number or (start, end).
+        adaptive_p, adaptive_c: adaptive loss weight 1 / (loss + c)^p.
+        selective_jvp: run the JVP only on the r != t samples.
+        guidance_omega, guidance_kappa, guidance_interval: MeanFlow's guidance inside training
+            (omega = 1, kappa = 0 disables it; EMF uses CFG only at sampling).
+        cond_drop_prob: share of training samples whose condition is replaced by the null condition.
+        lr, betas, weight_decay: AdamW.
+        warmup_steps: linear learning-rate warm-up from 0 over this many optimiser steps.
+        schedule_steps: steps over which the time-sampler schedules run (progress = step / schedule_steps);
+            None takes ``trainer.max_steps`` or else the trainer's estimated number of steps.
+        ema_decay: EMA decay, with the warm-up ``min(ema_decay, (1 + step) / (10 + step))``.
+        init_from: a checkpoint (e.g. of flow-matching pre-training) whose generator and EMA weights start
+            this run; its time embedder is copied into the interval embedder (EMF's fine-tuning recipe).
+        feature_cache_dir: root of the on-disk text feature cache; None keeps the cache in memory only.
+        sample_steps: step counts used by ``predict_step``.
+        cfg_scale: classifier-free guidance scale used by ``predict_step``.
+        seed: base of the per-step random streams (time draws, noise, condition dropout), so that a resumed
+            run draws exactly what an uninterrupted one does.
+    """
+
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        backbone_size: str = "tiny",
+        image_size: int = 32,
+        in_channels: int = 3,
+        patch_size: int | None = None,
+        backbone_overrides: dict[str, Any] | None = None,
+        objective: Literal["meanflow", "flow_matching"] = "meanflow",
+        time_distribution: Literal["logit_normal", "uniform"] = "logit_normal",
+        time_mu: Pair = -0.4,
+        time_sigma: Pair = 1.0,
+        neq_ratio: Pair = 0.25,
+        adaptive_p: float = 1.0,
+        adaptive_c: float = 1e-3,
+        selective_jvp: bool = True,
+        guidance_omega: float = 1.0,
+        guidance_kappa: float = 0.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        cond_drop_prob: float = 0.1,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        schedule_steps: int | None = None,
+        ema_decay: float = 0.9999,
+        init_from: str | None = None,
+        feature_cache_dir: str | None = None,
+        sample_steps: Sequence[int] = (1, 2, 4),
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.save_hyperparameters()
+        # The checkpoint keeps how to rebuild the encoder, never its weights (or a pickled module).
+        if isinstance(encoder, dict):
+            encoder = build_encoder_from_spec(encoder)
+        if not isinstance(self.hparams.get("encoder"), dict):
+            self.hparams["encoder"] = encoder_spec(encoder)
+        if not isinstance(encoder, TextEncoder):
+            raise TypeError(f"encoder must be a TextEncoder, got {type(encoder).__name__}")
+        encoder.eval().requires_grad_(False)
+        # object.__setattr__ bypasses nn.Module registration: not a submodule, so not saved, optimised or
+        # wrapped by DDP, and not moved by .to(); encode_text moves it lazily to the module's device.
+        object.__setattr__(self, "_encoder", encoder)
+        object.__setattr__(self, "_feature_cache", FeatureCache(encoder, root=feature_cache_dir))
+
+        self.objective = objective
+        self.generator = build_generator(
+            backbone_size, text_dim=encoder.dim, input_size=image_size, in_channels=in_channels,
+            patch_size=patch_size, **(backbone_overrides or {}),
+        )
+        self.ema_generator = make_ema_copy(self.generator)
+        self.time_sampler = TimeSampler(
+            distribution=time_distribution, mu=_pair(time_mu, "time_mu"), sigma=_pair(time_sigma, "time_sigma"),
+            neq_ratio=_pair(neq_ratio, "neq_ratio"),
+        )
+        self.loss_fn = self._build_loss()
+        self._nonfinite: str | None = None
+
+    # ------------------------------------------------------------------ construction helpers
+    def _build_loss(self) -> MeanFlowLoss | FlowMatchingLoss:
+        hp = self.hparams
+        kwargs = dict(
+            adaptive_p=hp.adaptive_p, adaptive_c=hp.adaptive_c, selective_jvp=hp.selective_jvp,
+            guidance_omega=hp.guidance_omega, guidance_kappa=hp.guidance_kappa,
+            guidance_interval=tuple(hp.guidance_interval),
+        )
+        if self.objective == "meanflow":
+            return MeanFlowLoss(self.time_sampler, **kwargs)
+        # Flow matching shares the sampler and adaptive weighting; JVP options do not apply to it.
+        accepted = inspect.signature(FlowMatchingLoss).parameters
+        return FlowMatchingLoss(self.time_sampler, **{k: v for k, v in kwargs.items() if k in accepted})
+
+    @property
+    def encoder(self) -> TextEncoder:
+        """The frozen text encoder (not a registered submodule)."""
+        return self._encoder
+
+    @property
+    def feature_cache(self) -> FeatureCache:
+        """The text feature cache in front of the encoder."""
+        return self._feature_cache
+
+    @property
+    def guidance_in_training(self) -> bool:
+        """Whether the loss needs the null condition (MeanFlow's guidance inside training)."""
+        return self.hparams.guidance_omega != 1.0 or self.hparams.guidance_kappa != 0.0
+
+    # ------------------------------------------------------------------ text
+    def _move_encoder(self) -> None:
+        try:
+            enc_device = next(self.encoder.parameters()).device
+        except StopIteration:  # parameter-free encoders (e.g. a pure lookup) have nothing to move
+            return
+        if enc_device != self.device:
+            self.encoder.to(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> TextFeatures:
+        """Text features for ``captions`` through the feature cache; ``""`` gives the null condition."""
+        self._move_encoder()
+        return encode_with_null(captions, self.feature_cache.encode, self.encoder.dim, device=self.device)
+
+    def on_fit_start(self) -> None:
+        self._move_encoder()
+
+    def setup(self, stage: str) -> None:
+        """Load ``init_from`` weights at the start of a fresh fit (not when resuming from a checkpoint)."""
+        if stage == "fit" and self.hparams.init_from and not getattr(self.trainer, "ckpt_path", None):
+            self.load_init_weights(self.hparams.init_from)
+
+    def load_init_weights(self, path: str) -> None:
+        """Start from another run's generator (+ EMA) weights; time embedder -> interval embedder."""
+        load_generator_weights(self, path, copy_time_to_interval=True)
+
+    # ------------------------------------------------------------------ training
+    def progress(self) -> float:
+        """Training progress in [0, 1] for the time-sampler schedules."""
+        total = self.hparams.schedule_steps
+        if total is None and self._trainer is not None:
+            total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+            if total is None:
+                est = self.trainer.estimated_stepping_batches
+                total = int(est) if math.isfinite(est) else None
+        if not total:
+            return 0.0
+        return min(1.0, self.global_step / total)
+
+    def _step_generator(self, stream: str, step: int) -> torch.Generator:
+        """A random stream that depends only on (seed, stream, step, rank): resumed runs repeat it exactly."""
+        rank = self.global_rank if self._trainer is not None else 0
+        digest = hashlib.sha256(f"{self.hparams.seed}/{stream}/{step}/{rank}".encode()).digest()
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return gen
+
+    def compute_loss(self, batch: dict[str, Any], net: nn.Module, generator: torch.Generator,
+                     drop_prob: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective on one batch: encode captions, drop conditions, call the loss."""
+        images = batch["image"]
+        feats = self.encode_text(batch["caption"])
+        tokens, mask = feats.tokens.to(images.dtype), feats.mask
+        if drop_prob > 0:
+            drop = torch.rand(images.shape[0], generator=generator, device=images.device) < drop_prob
+            tokens, mask = drop_condition(tokens, mask, drop)
+        null = None
+        if self.guidance_in_training:
+            null = null_condition(images.shape[0], tokens.shape[-1], device=images.device, dtype=tokens.dtype)
+        return self.loss_fn(net, images, (tokens, mask), null, self.progress(), generator=generator)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        gen = self._step_generator("train", self.global_step)
+        loss, stats = self.compute_loss(batch, self.generator, gen, self.hparams.cond_drop_prob)
+        if not torch.isfinite(loss):
+            self._fail_nonfinite(f"loss is {loss.item()}", batch)
+        bs = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in stats.items():
+            self.log(f"train/{name}", value, batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        self.log("train/progress", self.progress(), batch_size=bs)
+        return loss
+
+    def _fail_nonfinite(self, what: str, batch: dict[str, Any]) -> None:
+        keys = batch.get("key")
+        self._nonfinite = (
+            f"Non-finite training {what} at global step {self.global_step} (batch keys: {keys}). "
+            "Training stopped; no checkpoint is written after a non-finite loss. Lower the learning rate, "
+            "check the data of these samples, or use fp32."
+        )
+        raise NonFiniteLossError(self._nonfinite)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the gradient norm (before clipping) and refuse to step on a non-finite gradient."""
+        grads = [p.grad for p in self.generator.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if not torch.isfinite(norm):
+            self._fail_nonfinite(f"gradient norm is {norm.item()}", {"key": None})
+        self.log("train/grad_norm", norm)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser step, then the EMA update (once per optimiser step, also with accumulation)."""
+        super().optimizer_step(*args, **kwargs)
+        # global_step is incremented after this hook returns, so it is the 0-based index of this step.
+        update_ema(self.ema_generator, self.generator, ema_decay_at(self.global_step, self.hparams.ema_decay))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW on the generator only, with a linear learning-rate warm-up stepped every optimiser step."""
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.generator.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                weight_decay=hp.weight_decay)
+        warmup = max(0, int(hp.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Last line of defence: a run that saw a non-finite loss never writes a checkpoint."""
+        if self._nonfinite is not None:
+            raise NonFiniteLossError("Refusing to write a checkpoint. " + self._nonfinite)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_loss(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
+        # Fixed streams per batch index: the validation loss of two checkpoints is comparable.
+        gen = self._step_generator(stage, batch_idx)
+        loss, stats = self.compute_loss(batch, self.ema_generator, gen, drop_prob=0.0)
+        bs = batch["image"].shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        for name, value in stats.items():
+            self.log(f"{stage}/{name}", value, batch_size=bs, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._eval_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._eval_loss(batch, batch_idx, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Samples for the batch's captions at each of ``sample_steps`` (EMA weights)."""
+        captions = list(batch["caption"])
+        images = {
+            int(s): self.generate(captions, steps=int(s), cfg_scale=self.hparams.cfg_scale, seed=batch_idx)
+            for s in self.hparams.sample_steps
+        }
+        return {"caption": captions, "key": batch.get("key"), "images": images}
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, captions: Sequence[str], steps: int = 1, cfg_scale: float = 1.0, seed: int = 0,
+                 use_ema: bool = True) -> Tensor:
+        """Images [B, C, H, W] in [-1, 1] for ``captions``; the same seed gives the same images.
+
+        MeanFlow objective: the MeanFlow sampler with ``steps`` steps; flow matching: Euler with ``steps``.
+        ``cfg_scale`` != 1 applies classifier-free guidance against the null condition.
+        """
+        captions = list(captions)
+        if not captions:
+            raise ValueError("generate() needs at least one caption, got an empty list")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        net = self.ema_generator if use_ema else self.generator
+        was_training = net.training
+        net.eval()
+        try:
+            feats = self.encode_text(captions)
+            b = len(captions)
+            size = self.hparams.image_size
+            # Noise from a CPU generator: the same seed gives the same images on any device.
+            noise = torch.randn(b, self.hparams.in_channels, size, size,
+                                generator=torch.Generator().manual_seed(int(seed))).to(self.device)
+            cond = (feats.tokens, feats.mask)
+            null = null_condition(b, self.encoder.dim, device=self.device) if cfg_scale != 1.0 else None
+            sampler = sample_meanflow if self.objective == "meanflow" else sample_flow_matching
+            x = sampler(net, noise, cond, steps=steps, cfg_scale=cfg_scale, null_cond=null)
+        finally:
+            net.train(was_training)
+        return x.float().clamp(-1.0, 1.0)
