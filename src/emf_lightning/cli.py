@@ -1,0 +1,154 @@
+"""The ``emf`` command.
+
+``emf fit|validate|test|predict`` are LightningCLI subcommands over :class:`EMFModule` and
+:class:`ShardDataModule` (configs in ``configs/*.yaml``; the encoder is chosen by ``class_path``).
+``emf sample|probe|shards|bench|cache-features`` dispatch to ``emf_lightning.commands.<name>.main(argv)``,
+imported only when used.
+
+``--ckpt PATH`` is accepted as a short alias of ``--ckpt_path PATH``. With a checkpoint, the model's
+saved hyper-parameters (and the datamodule's, when saved) are used as a base config, so
+``emf validate --ckpt run.ckpt`` needs no ``--config``; any ``--config`` or override given still wins.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+LIGHTNING_COMMANDS = {
+    "fit": "Train a generator (LightningCLI: emf fit --config configs/smollm_shapes.yaml)",
+    "validate": "Validation loss and evaluation callbacks on a checkpoint (emf validate --ckpt PATH)",
+    "test": "Test loop on a checkpoint",
+    "predict": "Generate images for the predict data",
+}
+EXTRA_COMMANDS = {
+    "sample": "Write a prompt x step-count sample grid from a checkpoint",
+    "probe": "Discriminability probe of a text encoder",
+    "shards": "Write WebDataset shards (shapes world, image folder, JSONL/CSV)",
+    "bench": "Benchmark the training step, sampling and data loading",
+    "cache-features": "Precompute the text feature cache for a dataset",
+}
+
+
+def usage() -> str:
+    """The top-level help text listing every subcommand."""
+    width = max(map(len, [*LIGHTNING_COMMANDS, *EXTRA_COMMANDS]))
+    lines = ["usage: emf <command> [options]   (emf <command> --help for its options)", "",
+             "one-step text-to-image generation with MeanFlow and pluggable text encoders", "",
+             "training (LightningCLI):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "tools:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in EXTRA_COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def command_module_name(command: str) -> str:
+    """``cache-features`` -> ``emf_lightning.commands.cache_features``."""
+    return "emf_lightning.commands." + command.replace("-", "_")
+
+
+def run_extra_command(command: str, argv: list[str]) -> int:
+    """Import ``emf_lightning.commands.<command>`` lazily and run its ``main(argv)``."""
+    name = command_module_name(command)
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:  # the command exists but one of its own imports is missing
+            raise
+        print(f"emf {command}: not available in this installation ({name} is missing).", file=sys.stderr)
+        return 2
+    result = module.main(argv)
+    return int(result or 0)
+
+
+def _rename_ckpt_alias(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        if arg == "--ckpt":
+            arg = "--ckpt_path"
+        elif arg.startswith("--ckpt="):
+            arg = "--ckpt_path=" + arg[len("--ckpt="):]
+        out.append(arg)
+    return out
+
+
+def _ckpt_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def config_from_checkpoint(path: str | Path) -> dict:
+    """The ``model:`` (and ``data:``) config sections saved in a Lightning checkpoint's hyper-parameters."""
+    import torch  # imported here: `emf --help` and the tool commands should not pay for torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    config: dict = {}
+    model = dict(ckpt.get("hyper_parameters") or {})
+    model.pop("_instantiator", None)
+    model.pop("_class_path", None)
+    if model:
+        config["model"] = model
+    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    data.pop("_instantiator", None)
+    data.pop("_class_path", None)
+    if data:
+        config["data"] = data
+    return config
+
+
+def run_lightning(argv: list[str]) -> int:
+    """Run a LightningCLI subcommand (``argv[0]`` is fit/validate/test/predict)."""
+    import yaml
+
+    from emf_lightning.lightning_cli import EMFLightningCLI
+
+    argv = _rename_ckpt_alias(argv)
+    ckpt = _ckpt_path(argv)
+    with tempfile.TemporaryDirectory(prefix="emf-ckpt-config-") as tmp:
+        if ckpt is not None:
+            if not Path(ckpt).is_file():
+                print(f"emf {argv[0]}: checkpoint not found: {ckpt}", file=sys.stderr)
+                return 2
+            base = config_from_checkpoint(ckpt)
+            if base:
+                cfg_path = Path(tmp) / "from_checkpoint.yaml"
+                cfg_path.write_text(yaml.safe_dump(base))
+                # First, so that the user's --config files and overrides take precedence.
+                argv = [argv[0], "--config", str(cfg_path), *argv[1:]]
+        with warnings.catch_warnings():
+            # We pass argv explicitly (also when called as a console script); that is intended.
+            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+            EMFLightningCLI(args=argv)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``emf`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from emf_lightning import __version__
+
+        print(f"emf-lightning {__version__}")
+        return 0
+    command = argv[0]
+    if command in EXTRA_COMMANDS:
+        return run_extra_command(command, argv[1:])
+    if command in LIGHTNING_COMMANDS:
+        return run_lightning(argv)
+    print(f"emf: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
