@@ -1,9 +1,9 @@
 """Text conditions as the generator sees them: token features, their mask, and the null condition.
 
 The null condition (classifier-free guidance, condition dropout, the empty caption ``""``) is one all-zero
-token that is attended to (mask True). Inside a padded batch, a null row is therefore zeros everywhere with
-only position 0 unmasked; since masked positions never contribute to cross-attention, that row gives the
-generator exactly the same input as the length-1 null condition of the contract.
+token that is attended to (mask True), as ``encoders.base.null_features``. Inside a padded batch a null row
+is zeros everywhere with only position 0 unmasked; masked positions never contribute to cross-attention,
+so that row gives the generator exactly the input of the length-1 null condition.
 """
 
 from __future__ import annotations
@@ -21,18 +21,6 @@ def null_condition(batch_size: int, dim: int, device: torch.device | str | None 
     """(tokens [B, 1, D] zeros, mask [B, 1] True): the null condition for a batch."""
     tokens = torch.zeros(batch_size, 1, dim, device=device, dtype=dtype)
     mask = torch.ones(batch_size, 1, device=device, dtype=torch.bool)
-    return tokens, mask
-
-
-def drop_condition(tokens: Tensor, mask: Tensor, drop: Tensor) -> tuple[Tensor, Tensor]:
-    """Replace the rows where ``drop`` [B] is True by the null condition, keeping the padded length."""
-    if drop.shape != (tokens.shape[0],):
-        raise ValueError(f"drop must have shape [{tokens.shape[0]}], got {tuple(drop.shape)}")
-    keep = ~drop
-    tokens = tokens * keep[:, None, None].to(tokens.dtype)
-    null_mask = torch.zeros_like(mask)
-    null_mask[:, 0] = True
-    mask = torch.where(keep[:, None], mask, null_mask)
     return tokens, mask
 
 

@@ -12,13 +12,14 @@ import hashlib
 import importlib
 import inspect
 import math
+import warnings
 from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from emf_lightning.conditioning import drop_condition, encode_with_null, null_condition
+from emf_lightning.conditioning import encode_with_null, null_condition
 from emf_lightning.ema import ema_decay_at, make_ema_copy, update_ema
 from emf_lightning.encoders.base import TextEncoder, TextFeatures
 from emf_lightning.encoders.cache import FeatureCache
@@ -27,6 +28,7 @@ from emf_lightning.meanflow import (
     FlowMatchingLoss,
     MeanFlowLoss,
     TimeSampler,
+    make_noise,
     sample_flow_matching,
     sample_meanflow,
 )
@@ -65,10 +67,11 @@ def encoder_spec(encoder: TextEncoder | dict) -> dict[str, Any]:
     for name, param in inspect.signature(cls.__init__).parameters.items():
         if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        for source in (recorded, encoder):
-            value = source.get(name, _MISSING) if isinstance(source, dict) else _attr(source, name)
-            if value is not _MISSING:
-                break
+        value = recorded.get(name, _MISSING)
+        if value is _MISSING:
+            value = _attr(encoder, _BASE_ATTRIBUTES.get(name, name))
+        if isinstance(value, (torch.device, torch.dtype)):
+            value = str(value).removeprefix("torch.")
         if value is _MISSING or not _is_plain(value):
             unrecorded.append(name)
             continue
@@ -80,12 +83,14 @@ def encoder_spec(encoder: TextEncoder | dict) -> dict[str, Any]:
 
 
 _MISSING = object()
+# TextEncoder's own constructor arguments and the attributes that keep them.
+_BASE_ATTRIBUTES = {"device": "_init_device", "dtype": "compute_dtype"}
 
 
 def _attr(obj: object, name: str) -> Any:
     for attr in (name, "_" + name):
-        if attr in vars(obj) or attr in getattr(type(obj), "__dict__", {}):
-            value = getattr(obj, attr)
+        if attr in vars(obj):  # instance attributes only: a class property of that name is not the argument
+            value = vars(obj)[attr]
             if not callable(value):
                 return value
     return _MISSING
@@ -187,7 +192,10 @@ class EMFModule(pl.LightningModule):
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.save_hyperparameters()
+        with warnings.catch_warnings():
+            # Lightning suggests ignoring nn.Module arguments; we replace the encoder by its spec just below.
+            warnings.filterwarnings("ignore", message=".*Attribute 'encoder' is an instance of `nn.Module`.*")
+            self.save_hyperparameters()
         # The checkpoint keeps how to rebuild the encoder, never its weights (or a pickled module).
         if isinstance(encoder, dict):
             encoder = build_encoder_from_spec(encoder)
@@ -218,15 +226,13 @@ class EMFModule(pl.LightningModule):
     def _build_loss(self) -> MeanFlowLoss | FlowMatchingLoss:
         hp = self.hparams
         kwargs = dict(
-            adaptive_p=hp.adaptive_p, adaptive_c=hp.adaptive_c, selective_jvp=hp.selective_jvp,
-            guidance_omega=hp.guidance_omega, guidance_kappa=hp.guidance_kappa,
-            guidance_interval=tuple(hp.guidance_interval),
+            adaptive_p=hp.adaptive_p, adaptive_c=hp.adaptive_c, guidance_omega=hp.guidance_omega,
+            guidance_kappa=hp.guidance_kappa, guidance_interval=tuple(hp.guidance_interval),
+            cond_drop_prob=hp.cond_drop_prob,
         )
         if self.objective == "meanflow":
-            return MeanFlowLoss(self.time_sampler, **kwargs)
-        # Flow matching shares the sampler and adaptive weighting; JVP options do not apply to it.
-        accepted = inspect.signature(FlowMatchingLoss).parameters
-        return FlowMatchingLoss(self.time_sampler, **{k: v for k, v in kwargs.items() if k in accepted})
+            return MeanFlowLoss(self.time_sampler, selective_jvp=hp.selective_jvp, **kwargs)
+        return FlowMatchingLoss(self.time_sampler, **kwargs)
 
     @property
     def encoder(self) -> TextEncoder:
@@ -237,11 +243,6 @@ class EMFModule(pl.LightningModule):
     def feature_cache(self) -> FeatureCache:
         """The text feature cache in front of the encoder."""
         return self._feature_cache
-
-    @property
-    def guidance_in_training(self) -> bool:
-        """Whether the loss needs the null condition (MeanFlow's guidance inside training)."""
-        return self.hparams.guidance_omega != 1.0 or self.hparams.guidance_kappa != 0.0
 
     # ------------------------------------------------------------------ text
     def _move_encoder(self) -> None:
@@ -292,28 +293,40 @@ class EMFModule(pl.LightningModule):
         return gen
 
     def compute_loss(self, batch: dict[str, Any], net: nn.Module, generator: torch.Generator,
-                     drop_prob: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """The objective on one batch: encode captions, drop conditions, call the loss."""
+                     train: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective on one batch: encode captions and call the loss.
+
+        Condition dropout (``cond_drop_prob``) is drawn by the loss from ``generator`` in training only;
+        evaluation always uses the real conditions.
+        """
         images = batch["image"]
+        expected = (self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"batch images have shape {tuple(images.shape)}, but the model expects [B, {expected[0]}, "
+                f"{expected[1]}, {expected[2]}]: make data.image_size match model.image_size"
+            )
         feats = self.encode_text(batch["caption"])
-        tokens, mask = feats.tokens.to(images.dtype), feats.mask
-        if drop_prob > 0:
-            drop = torch.rand(images.shape[0], generator=generator, device=images.device) < drop_prob
-            tokens, mask = drop_condition(tokens, mask, drop)
-        null = None
-        if self.guidance_in_training:
-            null = null_condition(images.shape[0], tokens.shape[-1], device=images.device, dtype=tokens.dtype)
-        return self.loss_fn(net, images, (tokens, mask), null, self.progress(), generator=generator)
+        cond = (feats.tokens.to(images.dtype), feats.mask)
+        null = null_condition(1, self.encoder.dim, device=images.device, dtype=cond[0].dtype)
+        drop_mask = None if train else torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+        try:
+            return self.loss_fn(net, images, cond, null, self.progress(), generator=generator, drop_mask=drop_mask)
+        except FloatingPointError as err:  # the loss refuses non-finite values; add where it happened
+            if train:
+                self._fail_nonfinite(f"loss ({err})", batch)
+            raise
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         gen = self._step_generator("train", self.global_step)
-        loss, stats = self.compute_loss(batch, self.generator, gen, self.hparams.cond_drop_prob)
+        loss, stats = self.compute_loss(batch, self.generator, gen, train=True)
         if not torch.isfinite(loss):
             self._fail_nonfinite(f"loss is {loss.item()}", batch)
         bs = batch["image"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in stats.items():
-            self.log(f"train/{name}", value, batch_size=bs)
+            if name != "loss":
+                self.log(f"train/{name}", value, batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         self.log("train/progress", self.progress(), batch_size=bs)
         return loss
@@ -357,15 +370,22 @@ class EMFModule(pl.LightningModule):
         if self._nonfinite is not None:
             raise NonFiniteLossError("Refusing to write a checkpoint. " + self._nonfinite)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the encoder spec exactly as saved (the rebuilt instance may not reveal every argument)."""
+        saved = (checkpoint.get("hyper_parameters") or {}).get("encoder")
+        if isinstance(saved, dict):
+            self.hparams["encoder"] = saved
+
     # ------------------------------------------------------------------ evaluation
     def _eval_loss(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
         # Fixed streams per batch index: the validation loss of two checkpoints is comparable.
         gen = self._step_generator(stage, batch_idx)
-        loss, stats = self.compute_loss(batch, self.ema_generator, gen, drop_prob=0.0)
+        loss, stats = self.compute_loss(batch, self.ema_generator, gen, train=False)
         bs = batch["image"].shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         for name, value in stats.items():
-            self.log(f"{stage}/{name}", value, batch_size=bs, sync_dist=True)
+            if name != "loss":
+                self.log(f"{stage}/{name}", value, batch_size=bs, sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -404,11 +424,10 @@ class EMFModule(pl.LightningModule):
             feats = self.encode_text(captions)
             b = len(captions)
             size = self.hparams.image_size
-            # Noise from a CPU generator: the same seed gives the same images on any device.
-            noise = torch.randn(b, self.hparams.in_channels, size, size,
-                                generator=torch.Generator().manual_seed(int(seed))).to(self.device)
+            # Drawn on the CPU from the seed: the same seed gives the same images on any device.
+            noise = make_noise((b, self.hparams.in_channels, size, size), int(seed), device=self.device)
             cond = (feats.tokens, feats.mask)
-            null = null_condition(b, self.encoder.dim, device=self.device) if cfg_scale != 1.0 else None
+            null = null_condition(1, self.encoder.dim, device=self.device) if cfg_scale != 1.0 else None
             sampler = sample_meanflow if self.objective == "meanflow" else sample_flow_matching
             x = sampler(net, noise, cond, steps=steps, cfg_scale=cfg_scale, null_cond=null)
         finally:
