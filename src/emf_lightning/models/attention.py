@@ -56,11 +56,12 @@ def _key_padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
 def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Reference attention from matmul + softmax; differentiable in forward and reverse mode.
 
-    Shapes as :func:`attention`. The softmax runs in float32 even under bf16/fp16 autocast, because
+    Shapes as :func:`attention`. The softmax runs in at least float32 even under bf16/fp16 autocast, because
     its tangent (p * (ds - sum(p * ds))) loses the small differences first in low precision.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-2, -1)).float() * scale
+    scores = torch.matmul(q, k.transpose(-2, -1))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
     if mask is not None:
         scores = scores + _key_padding_bias(mask, scores.dtype)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)

@@ -65,8 +65,9 @@ class TimestepEmbedder(nn.Module):
         self.register_buffer("freqs", freqs, persistent=False)
 
     def sinusoid(self, t: Tensor) -> Tensor:
-        """[B] -> [B, frequency_dim] (cos, sin); float32 so bf16 autocast does not quantise time."""
-        args = (t.float() * self.scale)[:, None] * self.freqs[None, :]
+        """[B] -> [B, frequency_dim] (cos, sin); at least float32, so bf16 inputs do not quantise time."""
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
+        args = (t * self.scale)[:, None] * self.freqs[None, :].to(t.dtype)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: Tensor) -> Tensor:

@@ -1,0 +1,588 @@
+"""MeanFlow (Geng et al., 2025) and flow matching for conditional generators: time sampling, losses, samplers.
+
+Pure torch, no Lightning. Conventions (docs/architecture.md): z_t = (1 - t) x + t e with e ~ N(0, I), t = 1 is
+noise, v = e - x; the network ``net(z, r, t, *cond)`` predicts the average velocity over [r, t], and
+``net(z, t, t, *cond)`` is the instantaneous velocity. ``cond`` is a tuple of batch-first tensors (for the
+text generator: ``(text_tokens, text_mask)``), sliced together with the batch when only some samples run.
+
+MeanFlow target (MeanFlow identity): u_tgt = v - (t - r) du/dt, with du/dt the total derivative along
+(dz/dt, dr/dt, dt/dt) = (v, 0, 1), computed by forward-mode AD (``torch.func.jvp``) and treated as a constant.
+Where r = t the target is v itself, so those samples need no JVP: the *selective* JVP runs the JVP only on
+the r != t subset (through the JVP-safe math attention) and a plain forward with fused attention on the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .models.attention import jvp_safe_attention
+
+Net = Callable[..., Tensor]
+Cond = tuple[Tensor, ...]
+Schedule = float | Sequence[float]
+
+__all__ = [
+    "FlowMatchingLoss",
+    "MeanFlowLoss",
+    "TimeSampler",
+    "cfg_velocity",
+    "concat_conditions",
+    "make_noise",
+    "merge_conditions",
+    "sample_flow_matching",
+    "sample_meanflow",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# randomness helpers
+
+
+def _generator_device(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device:
+    """Draw on the generator's device (torch requires it), else on the target device."""
+    if generator is not None:
+        return generator.device
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def _randn(shape: Sequence[int], generator: torch.Generator | None, device, dtype=torch.float32) -> Tensor:
+    out = torch.randn(tuple(shape), generator=generator, device=_generator_device(generator, device), dtype=dtype)
+    return out.to(device) if device is not None else out
+
+
+def _rand(shape: Sequence[int], generator: torch.Generator | None, device) -> Tensor:
+    out = torch.rand(tuple(shape), generator=generator, device=_generator_device(generator, device))
+    return out.to(device) if device is not None else out
+
+
+def make_noise(
+    shape: Sequence[int],
+    seed: int | torch.Generator = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Standard normal noise for the samplers, reproducible from an integer seed or a torch.Generator.
+
+    An integer seed draws on the CPU, so the same seed gives the same noise on every device.
+    """
+    if isinstance(seed, int):
+        seed = torch.Generator().manual_seed(seed)
+    return _randn(shape, seed, device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (r, t) sampling
+
+
+def _as_pair(name: str, value: Schedule) -> tuple[float, float]:
+    if isinstance(value, (int, float)):
+        return float(value), float(value)
+    pair = tuple(float(v) for v in value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be a number or a (start, end) pair, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _interpolate(pair: tuple[float, float], progress: float) -> float:
+    return pair[0] + (pair[1] - pair[0]) * progress
+
+
+class TimeSampler:
+    """Draws (r, t) with r <= t for MeanFlow training.
+
+    t and r are the max and min of two independent draws from ``distribution`` (logit-normal:
+    sigmoid(mu + sigma * n); uniform on [0, 1]). A share ``neq_ratio`` of the batch keeps r < t; the rest
+    gets r = t (plain flow matching). The number of r != t samples is floor(B * share) plus one with the
+    remaining fractional probability, so the expected share is exact and the JVP subset size barely varies.
+
+    ``mu``, ``sigma`` and ``neq_ratio`` are each a number or a (start, end) pair interpolated linearly over
+    training progress in [0, 1] (EMF: mu -0.5 -> 0.5, sigma 1.0 -> 2.0, share 0.25 -> 0.75).
+    """
+
+    DISTRIBUTIONS = ("logit_normal", "uniform")
+
+    def __init__(
+        self,
+        distribution: str = "logit_normal",
+        mu: Schedule = (-0.4, -0.4),
+        sigma: Schedule = (1.0, 1.0),
+        neq_ratio: Schedule = (0.25, 0.25),
+    ):
+        if distribution not in self.DISTRIBUTIONS:
+            raise ValueError(f"unknown time distribution '{distribution}'; choose one of {self.DISTRIBUTIONS}")
+        self.distribution = distribution
+        self.mu = _as_pair("mu", mu)
+        self.sigma = _as_pair("sigma", sigma)
+        self.neq_ratio = _as_pair("neq_ratio", neq_ratio)
+        if min(self.sigma) <= 0:
+            raise ValueError(f"sigma must be positive, got {self.sigma}")
+        if not all(0.0 <= s <= 1.0 for s in self.neq_ratio):
+            raise ValueError(f"neq_ratio must lie in [0, 1], got {self.neq_ratio}")
+
+    def __repr__(self) -> str:
+        return (
+            f"TimeSampler(distribution={self.distribution!r}, mu={self.mu}, sigma={self.sigma}, "
+            f"neq_ratio={self.neq_ratio})"
+        )
+
+    def params(self, progress: float = 0.0) -> dict[str, float]:
+        """The scheduled mu, sigma and r != t share at ``progress`` (clamped to [0, 1])."""
+        p = min(max(float(progress), 0.0), 1.0)
+        return {
+            "mu": _interpolate(self.mu, p),
+            "sigma": _interpolate(self.sigma, p),
+            "neq_ratio": _interpolate(self.neq_ratio, p),
+        }
+
+    def draw(self, n: int, progress: float = 0.0, device=None, generator: torch.Generator | None = None) -> Tensor:
+        """n independent times in [0, 1] from the scheduled distribution."""
+        p = self.params(progress)
+        if self.distribution == "uniform":
+            return _rand((n,), generator, device)
+        return torch.sigmoid(p["mu"] + p["sigma"] * _randn((n,), generator, device))
+
+    def __call__(
+        self,
+        batch_size: int,
+        progress: float = 0.0,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Returns (r, t), each [batch_size] float32 with r <= t."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        a = self.draw(batch_size, progress, device, generator)
+        b = self.draw(batch_size, progress, device, generator)
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        share = self.params(progress)["neq_ratio"]
+        exact = batch_size * share
+        n_neq = int(math.floor(exact))
+        if float(_rand((1,), generator, None)) < exact - n_neq:
+            n_neq += 1
+        keep = torch.zeros(batch_size, dtype=torch.bool)
+        perm = torch.randperm(batch_size, generator=generator, device=_generator_device(generator, None)).cpu()
+        keep[perm[:n_neq]] = True
+        r = torch.where(keep.to(r.device), r, t)
+        return r, t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# conditions
+
+
+def _expand_rows(tensors: Cond, batch: int) -> Cond:
+    """Broadcast batch-1 tensors (a shared null condition) to ``batch`` rows."""
+    out = []
+    for x in tensors:
+        if x.shape[0] == batch:
+            out.append(x)
+        elif x.shape[0] == 1:
+            out.append(x.expand(batch, *x.shape[1:]))
+        else:
+            raise ValueError(f"condition tensor has {x.shape[0]} rows, expected {batch} or 1")
+    return tuple(out)
+
+
+def _pad_dim1(x: Tensor, length: int) -> Tensor:
+    """Right-pad dim 1 with zeros (False for masks): padded text positions are masked out."""
+    if x.shape[1] == length:
+        return x
+    pad = x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:]))
+    return torch.cat([x, pad], dim=1)
+
+
+def _align(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Make two condition tensors concatenable: equal beyond dim 1, pad the shorter sequence dim."""
+    if a.shape[1:] == b.shape[1:]:
+        return a, b
+    if a.ndim < 2 or a.ndim != b.ndim or a.shape[2:] != b.shape[2:]:
+        raise ValueError(f"condition tensors of shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be aligned")
+    length = max(a.shape[1], b.shape[1])
+    return _pad_dim1(a, length), _pad_dim1(b, length)
+
+
+def _check_pair(cond: Cond, null_cond: Cond) -> None:
+    if len(cond) != len(null_cond):
+        raise ValueError(f"cond has {len(cond)} tensors but null_cond has {len(null_cond)}")
+
+
+def merge_conditions(cond: Cond, null_cond: Cond, use_null: Tensor) -> Cond:
+    """Per-sample choice between cond and null_cond (condition dropout). use_null: [B] bool."""
+    _check_pair(cond, null_cond)
+    batch = use_null.shape[0]
+    out = []
+    for c, n in zip(_expand_rows(cond, batch), _expand_rows(null_cond, batch), strict=True):
+        c, n = _align(c, n)
+        sel = use_null.to(c.device).view(batch, *([1] * (c.ndim - 1)))
+        out.append(torch.where(sel, n, c))
+    return tuple(out)
+
+
+def concat_conditions(first: Cond, second: Cond) -> Cond:
+    """Stack two conditions along the batch (for one forward over cond and null), padding sequences."""
+    _check_pair(first, second)
+    out = []
+    for a, b in zip(first, second, strict=True):
+        a, b = _align(a, b)
+        out.append(torch.cat([a, b], dim=0))
+    return tuple(out)
+
+
+def _take(cond: Cond, index: Tensor) -> Cond:
+    return tuple(c.index_select(0, index.to(c.device)) for c in cond)
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    """[B] -> [B, 1, ..., 1] broadcastable against ``like``."""
+    return v.view(v.shape[0], *([1] * (like.ndim - 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# losses
+
+
+class _ConditionalObjective:
+    """Shared parts of the two objectives: the path, condition dropout, training-time guidance, weighting."""
+
+    def __init__(
+        self,
+        time_sampler: TimeSampler | None = None,
+        adaptive_p: float = 1.0,
+        adaptive_c: float = 1e-3,
+        guidance_omega: float = 1.0,
+        guidance_kappa: float = 0.0,
+        guidance_interval: Sequence[float] = (0.0, 1.0),
+        cond_drop_prob: float = 0.0,
+    ):
+        self.time_sampler = time_sampler if time_sampler is not None else TimeSampler()
+        if adaptive_p < 0 or adaptive_c <= 0:
+            raise ValueError(f"adaptive weight needs p >= 0 and c > 0, got p={adaptive_p}, c={adaptive_c}")
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must lie in [0, 1), got {cond_drop_prob}")
+        lo, hi = (float(x) for x in guidance_interval)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"guidance_interval must satisfy 0 <= start <= end <= 1, got {guidance_interval}")
+        self.adaptive_p = float(adaptive_p)
+        self.adaptive_c = float(adaptive_c)
+        self.guidance_omega = float(guidance_omega)
+        self.guidance_kappa = float(guidance_kappa)
+        self.guidance_interval = (lo, hi)
+        self.cond_drop_prob = float(cond_drop_prob)
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Whether the target mixes in the network's own velocities (official MeanFlow's training CFG)."""
+        return self.guidance_omega != 1.0 or self.guidance_kappa != 0.0
+
+    def _check_null(self, null_cond: Cond | None, drop_mask: Tensor | None) -> None:
+        if null_cond is None and (self.uses_guidance or self.cond_drop_prob > 0 or drop_mask is not None):
+            raise ValueError(
+                "null_cond is required for training-time guidance (omega != 1 or kappa != 0) "
+                "and for condition dropout"
+            )
+
+    def draw(
+        self, x: Tensor, progress: float, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Noise e, times (r, t) and, when cond_drop_prob > 0, the per-sample dropout mask."""
+        b = x.shape[0]
+        r, t = self.time_sampler(b, progress, x.device, generator)
+        e = _randn(x.shape, generator, x.device, x.dtype)
+        drop = _rand((b,), generator, x.device) < self.cond_drop_prob if self.cond_drop_prob > 0 else None
+        return e, r, t, drop
+
+    @torch.no_grad()
+    def guided_velocity(
+        self, net: Net, z: Tensor, t: Tensor, v: Tensor, cond: Cond, null_cond: Cond | None, dropped: Tensor | None
+    ) -> Tensor:
+        """v_g = omega v + (1 - omega - kappa) u(z, t, t, null) + kappa u(z, t, t, c) inside the t-interval.
+
+        Outside the interval, and for samples whose condition was dropped, the target velocity stays v.
+        The network's velocities are constants of the target (no gradient), and run with fused attention.
+        """
+        if not self.uses_guidance:
+            return v
+        assert null_cond is not None
+        b = z.shape[0]
+        omega, kappa = self.guidance_omega, self.guidance_kappa
+        null = _expand_rows(null_cond, b)
+        if kappa != 0.0:
+            both = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]), *concat_conditions(cond, null))
+            u_cond, u_null = both.float().chunk(2)
+        else:
+            u_cond, u_null = None, net(z, t, t, *null).float()
+        v_g = omega * v + (1.0 - omega - kappa) * u_null
+        if u_cond is not None:
+            v_g = v_g + kappa * u_cond
+        lo, hi = self.guidance_interval
+        apply = (t >= lo) & (t <= hi)
+        if dropped is not None:
+            apply = apply & ~dropped
+        return torch.where(_bcast(apply, v), v_g.to(v.dtype), v)
+
+    def weighted(self, per_sample: Tensor) -> tuple[Tensor, Tensor]:
+        """Adaptive weighting: mean of l / (l.detach() + c)^p; returns (loss, weights)."""
+        w = 1.0 / (per_sample.detach() + self.adaptive_c) ** self.adaptive_p
+        return (w * per_sample).mean(), w
+
+    def _prepare(
+        self, net: Net, x: Tensor, e: Tensor, t: Tensor, cond: Cond, null_cond: Cond | None, drop: Tensor | None
+    ) -> tuple[Tensor, Tensor, Cond]:
+        """Path point z_t, (guided) velocity target and the conditions after dropout."""
+        if e.shape != x.shape:
+            raise ValueError(f"noise shape {tuple(e.shape)} != data shape {tuple(x.shape)}")
+        if drop is not None and drop.any():
+            assert null_cond is not None
+            cond = merge_conditions(cond, null_cond, drop)
+        tb = _bcast(t.to(x.dtype), x)
+        z = (1.0 - tb) * x + tb * e
+        v = e - x
+        v_g = self.guided_velocity(net, z, t, v, cond, null_cond, drop)
+        return z, v_g, cond
+
+    @staticmethod
+    def _stats(
+        loss: Tensor, sq: Tensor, w: Tensor, r: Tensor, t: Tensor, drop: Tensor | None
+    ) -> dict[str, Tensor]:
+        neq = r != t
+        stats = {
+            "loss": loss.detach(),
+            "mse": sq.mean().detach(),
+            "adaptive_weight": w.mean(),
+            "neq_share": neq.float().mean(),
+            "t_mean": t.mean(),
+            "interval_mean": (t - r).mean(),
+        }
+        per_sample = sq.flatten(1).mean(1).detach()
+        if (~neq).any():
+            stats["mse_r_eq_t"] = per_sample[~neq].mean()
+        if neq.any():
+            stats["mse_r_neq_t"] = per_sample[neq].mean()
+        if drop is not None:
+            stats["cond_drop_share"] = drop.float().mean()
+        return stats
+
+
+class MeanFlowLoss(_ConditionalObjective):
+    """The MeanFlow objective with adaptive weighting, optional training-time guidance and selective JVP.
+
+    Args:
+        time_sampler: draws (r, t); default ``TimeSampler()`` (logit-normal(-0.4, 1), 25 % r != t).
+        adaptive_p, adaptive_c: per-sample weight 1 / (loss + c)^p (p = 0 gives the plain squared error).
+        selective_jvp: run the JVP only on samples with r != t (math attention) and a plain forward with
+            fused attention on the others. False = the naive full-batch JVP (for benchmarks and reference).
+        guidance_omega, guidance_kappa, guidance_interval: official MeanFlow's training-time guidance;
+            omega = 1, kappa = 0 disables it (EMF applies CFG only at sampling).
+        cond_drop_prob: share of samples whose condition is replaced by ``null_cond`` (they keep target v).
+    """
+
+    def __init__(
+        self,
+        time_sampler: TimeSampler | None = None,
+        adaptive_p: float = 1.0,
+        adaptive_c: float = 1e-3,
+        selective_jvp: bool = True,
+        guidance_omega: float = 1.0,
+        guidance_kappa: float = 0.0,
+        guidance_interval: Sequence[float] = (0.0, 1.0),
+        cond_drop_prob: float = 0.0,
+    ):
+        super().__init__(
+            time_sampler, adaptive_p, adaptive_c, guidance_omega, guidance_kappa, guidance_interval, cond_drop_prob
+        )
+        self.selective_jvp = bool(selective_jvp)
+
+    def __call__(
+        self,
+        net: Net,
+        x: Tensor,
+        cond: Cond,
+        null_cond: Cond | None = None,
+        progress: float = 0.0,
+        generator: torch.Generator | None = None,
+        drop_mask: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Draw noise, (r, t) and dropout, then return ``compute(...)``.
+
+        ``drop_mask`` ([B] bool) overrides the loss's own condition dropout draw.
+        """
+        self._check_null(null_cond, drop_mask)
+        e, r, t, drop = self.draw(x, progress, generator)
+        if drop_mask is not None:
+            drop = drop_mask.to(device=x.device, dtype=torch.bool)
+        return self.compute(net, x, e, r, t, cond, null_cond, drop)
+
+    def predict(
+        self, net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Cond
+    ) -> tuple[Tensor, Tensor]:
+        """u(z, r, t) with gradients to the parameters and du/dt along (tangent_z, 0, 1), detached.
+
+        With ``selective_jvp`` the r = t rows run a plain forward (fused attention) and get du/dt = 0 (it
+        is multiplied by t - r = 0 anyway); the r != t rows run ``torch.func.jvp``. Rows come back in order.
+        """
+        if not self.selective_jvp:
+            return _jvp(net, z, r, t, tangent_z, cond)
+        neq = r != t
+        idx_jvp = neq.nonzero().squeeze(1)
+        idx_plain = (~neq).nonzero().squeeze(1)
+        if idx_plain.numel() == 0:
+            return _jvp(net, z, r, t, tangent_z, cond)
+        u_plain = net(z[idx_plain], r[idx_plain], t[idx_plain], *_take(cond, idx_plain))
+        if idx_jvp.numel() == 0:
+            return u_plain, torch.zeros_like(u_plain)
+        u_jvp, dudt_jvp = _jvp(
+            net, z[idx_jvp], r[idx_jvp], t[idx_jvp], tangent_z[idx_jvp], _take(cond, idx_jvp)
+        )
+        # Put rows back in batch order: the inverse of the permutation [plain rows, jvp rows].
+        inverse = torch.argsort(torch.cat([idx_plain, idx_jvp]))
+        u = torch.cat([u_plain, u_jvp.to(u_plain.dtype)]).index_select(0, inverse)
+        dudt = torch.cat([torch.zeros_like(u_plain), dudt_jvp.to(u_plain.dtype)]).index_select(0, inverse)
+        return u, dudt
+
+    def compute(
+        self,
+        net: Net,
+        x: Tensor,
+        e: Tensor,
+        r: Tensor,
+        t: Tensor,
+        cond: Cond,
+        null_cond: Cond | None = None,
+        drop: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss for given data x, noise e, times r <= t and dropout mask (all batch-first)."""
+        if bool((r > t).any()):
+            raise ValueError("MeanFlowLoss needs r <= t for every sample")
+        z, v_g, cond = self._prepare(net, x, e, t, cond, null_cond, drop)
+        u, dudt = self.predict(net, z, r, t, v_g, cond)
+        # Stop-gradient target, in float32 even when the network ran under bf16 autocast.
+        u_tgt = (v_g.float() - _bcast(t - r, x).float() * dudt.float()).detach()
+        sq = (u.float() - u_tgt) ** 2
+        per_sample = sq.flatten(1).sum(1)
+        loss, w = self.weighted(per_sample)
+        stats = self._stats(loss, sq, w, r, t, drop)
+        stats["dudt_rms"] = dudt.float().pow(2).mean().sqrt().detach()
+        return loss, stats
+
+
+def _jvp(net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
+    """(u, du/dt) by forward-mode AD along (tangent_z, 0, 1); u keeps its autograd graph, du/dt is detached."""
+
+    def u_fn(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
+        return net(z_, r_, t_, *cond)
+
+    tangents = (tangent_z.to(z.dtype), torch.zeros_like(r), torch.ones_like(t))
+    with jvp_safe_attention():
+        u, dudt = torch.func.jvp(u_fn, (z, r, t), tangents)
+    return u, dudt.detach()
+
+
+class FlowMatchingLoss(_ConditionalObjective):
+    """Flow matching on the same backbone: ``net(z, t, t, *cond)`` regresses v (or the guided v_g).
+
+    Same weighting, guidance and dropout options as MeanFlowLoss, so the objectives differ only in the
+    target; the time sampler's r is ignored.
+    """
+
+    def __call__(
+        self,
+        net: Net,
+        x: Tensor,
+        cond: Cond,
+        null_cond: Cond | None = None,
+        progress: float = 0.0,
+        generator: torch.Generator | None = None,
+        drop_mask: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Draw noise, t and dropout, then return ``compute(...)``."""
+        self._check_null(null_cond, drop_mask)
+        e, _, t, drop = self.draw(x, progress, generator)
+        if drop_mask is not None:
+            drop = drop_mask.to(device=x.device, dtype=torch.bool)
+        return self.compute(net, x, e, t, cond, null_cond, drop)
+
+    def compute(
+        self,
+        net: Net,
+        x: Tensor,
+        e: Tensor,
+        t: Tensor,
+        cond: Cond,
+        null_cond: Cond | None = None,
+        drop: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss for given data x, noise e, times t and dropout mask."""
+        z, v_g, cond = self._prepare(net, x, e, t, cond, null_cond, drop)
+        u = net(z, t, t, *cond)
+        sq = (u.float() - v_g.float()) ** 2
+        per_sample = sq.flatten(1).sum(1)
+        loss, w = self.weighted(per_sample)
+        return loss, self._stats(loss, sq, w, t, t, drop)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# samplers
+
+
+def cfg_velocity(
+    net: Net, z: Tensor, r: Tensor, t: Tensor, cond: Cond, cfg_scale: float = 1.0, null_cond: Cond | None = None
+) -> Tensor:
+    """Classifier-free guided velocity u_null + s (u_c - u_null); s = 1 is the conditional output alone.
+
+    Conditional and null rows go through the network as one batch of 2B.
+    """
+    if cfg_scale == 1.0:
+        return net(z, r, t, *cond)
+    if null_cond is None:
+        raise ValueError(f"cfg_scale={cfg_scale} needs null_cond")
+    b = z.shape[0]
+    both = net(
+        torch.cat([z, z]), torch.cat([r, r]), torch.cat([t, t]),
+        *concat_conditions(cond, _expand_rows(null_cond, b)),
+    )
+    u_c, u_null = both.chunk(2)
+    return u_null + cfg_scale * (u_c - u_null)
+
+
+def _time_grid(steps: int, like: Tensor) -> Tensor:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.linspace(1.0, 0.0, steps + 1, device=like.device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample_meanflow(
+    net: Net, noise: Tensor, cond: Cond, steps: int = 1, cfg_scale: float = 1.0, null_cond: Cond | None = None
+) -> Tensor:
+    """MeanFlow sampling from noise at t = 1 to data at t = 0 in ``steps`` jumps.
+
+    On the grid linspace(1, 0, steps + 1): z <- z - (t_i - t_{i+1}) u(z, r=t_{i+1}, t=t_i). One step is
+    x = e - u(e, 0, 1). Deterministic given ``noise`` (see ``make_noise``).
+    """
+    grid = _time_grid(steps, noise)
+    z = noise
+    ones = torch.ones(noise.shape[0], device=noise.device, dtype=torch.float32)
+    for i in range(steps):
+        t_i, t_next = grid[i], grid[i + 1]
+        u = cfg_velocity(net, z, ones * t_next, ones * t_i, cond, cfg_scale, null_cond)
+        z = z - (t_i - t_next).to(z.dtype) * u.to(z.dtype)
+    return z
+
+
+@torch.no_grad()
+def sample_flow_matching(
+    net: Net, noise: Tensor, cond: Cond, steps: int = 50, cfg_scale: float = 1.0, null_cond: Cond | None = None
+) -> Tensor:
+    """Euler integration of dz/dt = u(z, t, t) from t = 1 to t = 0 on linspace(1, 0, steps + 1)."""
+    grid = _time_grid(steps, noise)
+    z = noise
+    ones = torch.ones(noise.shape[0], device=noise.device, dtype=torch.float32)
+    for i in range(steps):
+        t_i, t_next = grid[i], grid[i + 1]
+        u = cfg_velocity(net, z, ones * t_i, ones * t_i, cond, cfg_scale, null_cond)
+        z = z - (t_i - t_next).to(z.dtype) * u.to(z.dtype)
+    return z
