@@ -156,3 +156,125 @@ def test_same_scene_auc_hand_computed_with_ties():
     pos, neg = P.split_pair_similarities(sims, same)
     assert sorted(pos.tolist()) == pytest.approx([0.5, 0.9])
     assert len(neg) == 4
+
+
+# ---------------------------------------------------------------- probe sets and the evaluation runner
+
+from collections import Counter  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from emf_lightning.metrics import probe_sets as S  # noqa: E402
+from emf_lightning.metrics.probe_eval import encode_captions, evaluate_probe  # noqa: E402
+
+
+def _obj(shape, color, size="small", x=0.5, y=0.5):
+    return {"shape": shape, "color": color, "size": size, "x": x, "y": y}
+
+
+def test_scene_relevance_counts_bindings_and_relations():
+    a = {"objects": [_obj("circle", "red"), _obj("square", "blue")], "relations": [{"a": 0, "rel": "left of", "b": 1}]}
+    # The same statement from the other side ("blue square right of red circle") matches fully.
+    a_inv = {"objects": [_obj("square", "blue", x=0.9), _obj("circle", "red", x=0.1)],
+             "relations": [{"a": 0, "rel": "right of", "b": 1}]}
+    assert S.scene_relevance(S.scene_items(a), S.scene_items(a_inv)) == 1.0
+    # Swapped colours: no binding matches, and the relation is between other bindings.
+    swapped = {"objects": [_obj("circle", "blue"), _obj("square", "red")], "relations": [{"a": 0, "rel": "left of", "b": 1}]}
+    assert S.scene_relevance(S.scene_items(a), S.scene_items(swapped)) == 0.0
+    # Reversed relation: both bindings match, the relation does not -> 2 of 3 items.
+    rev = {"objects": a["objects"], "relations": [{"a": 0, "rel": "right of", "b": 1}]}
+    assert S.scene_relevance(S.scene_items(a), S.scene_items(rev)) == pytest.approx(2 / 3)
+    # Three identical objects vs four: 3 of max(3, 4).
+    three = {"objects": [_obj("diamond", "white")] * 3}
+    four = {"objects": [_obj("diamond", "white")] * 4}
+    assert S.scene_relevance(S.scene_items(three), S.scene_items(four)) == pytest.approx(3 / 4)
+
+
+def test_spec_relevance_matrix_matches_pairwise_function():
+    specs = S.sample_specs(12, seed=3)
+    mat = S.spec_relevance_matrix(specs)
+    for i in range(12):
+        for j in range(12):
+            assert float(mat[i, j]) == pytest.approx(S.scene_relevance(S.scene_items(specs[i]), S.scene_items(specs[j])))
+    assert torch.equal(mat, mat.T)
+
+
+def test_shapes_probe_set_structure_and_determinism():
+    probe = S.shapes_probe_set(n=24, group=2, seed=5, n_pairs=6, n_reduce=4)
+    again = S.shapes_probe_set(n=24, group=2, seed=5, n_pairs=6, n_reduce=4)
+    assert probe.captions == again.captions and probe.perturbed == again.perturbed
+    assert len(probe.captions) == 24
+    # Captions come in pairs of the same scene.
+    for i in range(0, 24, 2):
+        assert probe.captions[i] != probe.captions[i + 1]
+        assert bool(probe.same_scene[i, i + 1])
+    assert set(probe.kinds) <= set(S.PERTURBATION_KINDS)
+    assert Counter(probe.kinds)["color"] == 6  # every scene has a colour edit
+    assert all(a != q for a, q in zip(probe.anchors, probe.perturbed))
+    assert max(probe.reduced_owner) == len(probe.full) - 1 <= 3
+
+
+def test_reduce_caption_cuts_at_clause_boundaries():
+    assert S.reduce_caption("A dog with a red ball on the grass.") == ["A dog with a red ball", "A dog"]
+    assert S.reduce_caption("two cats") == []
+
+
+def _word_encoder(dim: int = 16):
+    """A deterministic bag-of-words stand-in: one fixed random vector per word, one token per word."""
+    import zlib
+
+    def encode(captions):
+        rows = [[torch.randn(dim, generator=torch.Generator().manual_seed(zlib.crc32(w.encode()))) for w in c.split()]
+                for c in captions]
+        length = max(len(r) for r in rows)
+        tokens = torch.zeros(len(rows), length, dim)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.stack(r)
+            mask[i, : len(r)] = True
+        return SimpleNamespace(tokens=tokens, mask=mask, pooled=tokens.sum(1))
+
+    return encode
+
+
+def test_encode_captions_dedupes_and_pads():
+    enc = encode_captions(_word_encoder(), ["a b", "c", "a b", "d e f"], batch_size=2)
+    assert enc.captions == ["a b", "c", "d e f"]
+    assert enc.tokens.shape == (3, 3, 16)
+    assert enc.mask.sum(1).tolist() == [2, 1, 3]
+    assert enc.rows(["d e f", "a b"]).tolist() == [2, 0]
+    assert torch.all(enc.tokens[1, 1:] == 0)
+
+
+def test_evaluate_probe_oracle_encoder_is_ideal():
+    # An encoder that embeds the scene itself (one-hot of the exact statement) retrieves perfectly and
+    # separates same- from different-scene pairs perfectly.
+    probe = S.shapes_probe_set(n=30, group=2, seed=1, n_pairs=5, n_reduce=5)
+    scene_of = {}
+    for i, c in enumerate(probe.captions):
+        scene_of.setdefault(c, int(torch.nonzero(probe.same_scene[i])[0]))
+
+    def oracle(captions):
+        ids = torch.tensor([scene_of.get(c, len(probe.captions)) for c in captions])
+        one_hot = torch.nn.functional.one_hot(ids, len(probe.captions) + 1).float()
+        return SimpleNamespace(tokens=one_hot[:, None, :], mask=torch.ones(len(captions), 1, dtype=torch.bool),
+                               pooled=one_hot)
+
+    m = evaluate_probe(probe, oracle, k=1).metrics
+    assert m["retrieval/relevance_at_k"] == pytest.approx(m["retrieval/ideal_relevance_at_k"])
+    assert m["retrieval/exact_precision_at_k"] == 1.0
+    assert m["same_scene_auc"] == 1.0
+
+
+def test_evaluate_probe_word_encoder_reports_every_family():
+    probe = S.shapes_probe_set(n=20, group=2, seed=2, n_pairs=4, n_reduce=4)
+    res = evaluate_probe(probe, _word_encoder(), k=2)
+    m = res.metrics
+    for key in ("retrieval/relevance_at_k", "same_scene_auc", "disentanglement/pooled", "disentanglement/token",
+                "minimal_pairs/accuracy", "minimal_pairs_token/accuracy", "minimal_pairs/accuracy/color",
+                "anisotropy/pooled", "anisotropy/token", "effective_rank/pooled", "effective_rank/token"):
+        assert key in m and math.isfinite(m[key]), key
+    n_same = int(torch.triu(probe.same_scene, 1).sum())
+    assert res.same_scene_cosines.numel() == n_same
+    assert res.different_scene_cosines.numel() == 20 * 19 // 2 - n_same
+    # Minimal pairs share all but one or two words, paraphrases change several: a bag of words is fooled.
+    assert m["minimal_pairs/accuracy"] < 0.5
