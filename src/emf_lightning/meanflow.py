@@ -236,6 +236,11 @@ def _take(cond: Cond, index: Tensor) -> Cond:
     return tuple(c.index_select(0, index.to(c.device)) for c in cond)
 
 
+def _acc(x: Tensor) -> Tensor:
+    """At least float32 for the loss arithmetic (bf16/fp16 network outputs), float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
     """[B] -> [B, 1, ..., 1] broadcastable against ``like``."""
     return v.view(v.shape[0], *([1] * (like.ndim - 1)))
@@ -312,9 +317,9 @@ class _ConditionalObjective:
         null = _expand_rows(null_cond, b)
         if kappa != 0.0:
             both = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]), *concat_conditions(cond, null))
-            u_cond, u_null = both.float().chunk(2)
+            u_cond, u_null = _acc(both).chunk(2)
         else:
-            u_cond, u_null = None, net(z, t, t, *null).float()
+            u_cond, u_null = None, _acc(net(z, t, t, *null))
         v_g = omega * v + (1.0 - omega - kappa) * u_null
         if u_cond is not None:
             v_g = v_g + kappa * u_cond
@@ -460,12 +465,14 @@ class MeanFlowLoss(_ConditionalObjective):
         z, v_g, cond = self._prepare(net, x, e, t, cond, null_cond, drop)
         u, dudt = self.predict(net, z, r, t, v_g, cond)
         # Stop-gradient target, in float32 even when the network ran under bf16 autocast.
-        u_tgt = (v_g.float() - _bcast(t - r, x).float() * dudt.float()).detach()
-        sq = (u.float() - u_tgt) ** 2
+        u_tgt = (_acc(v_g) - _acc(_bcast(t - r, x)) * _acc(dudt)).detach()
+        sq = (_acc(u) - u_tgt) ** 2
         per_sample = sq.flatten(1).sum(1)
         loss, w = self.weighted(per_sample)
         stats = self._stats(loss, sq, w, r, t, drop)
-        stats["dudt_rms"] = dudt.float().pow(2).mean().sqrt().detach()
+        neq = r != t
+        if neq.any():  # only rows with r != t: the selective path does not compute du/dt elsewhere
+            stats["dudt_rms"] = _acc(dudt[neq]).pow(2).mean().sqrt().detach()
         return loss, stats
 
 
@@ -518,7 +525,7 @@ class FlowMatchingLoss(_ConditionalObjective):
         """The loss for given data x, noise e, times t and dropout mask."""
         z, v_g, cond = self._prepare(net, x, e, t, cond, null_cond, drop)
         u = net(z, t, t, *cond)
-        sq = (u.float() - v_g.float()) ** 2
+        sq = (_acc(u) - _acc(v_g)) ** 2
         per_sample = sq.flatten(1).sum(1)
         loss, w = self.weighted(per_sample)
         return loss, self._stats(loss, sq, w, t, t, drop)
