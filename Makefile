@@ -32,5 +32,9 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+# Discriminability probe of one encoder (ENC=llm|minilm|bow|...) or ENC=all: every encoder with weights here.
+probe-encoder: $(STAMP)
+	$(BIN)/emf probe --encoder $(ENC) --out runs/probe/$(ENC)
+
 clean:
 	rm -rf runs outputs .pytest_cache
