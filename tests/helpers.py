@@ -8,13 +8,65 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import zlib
+
 import torch
 
 from emf_lightning.data.shapes import ShapesWorld
 from emf_lightning.data.shards import ShardSample, write_shards
+from emf_lightning.encoders.base import TextEncoder, TextFeatures, masked_mean
 
 # A generator small enough for a CPU training step in ~0.1 s at 16x16.
 TINY_BACKBONE: dict[str, Any] = {"hidden_size": 32, "depth": 1, "num_heads": 2}
+
+
+class HashWordEncoder(TextEncoder):
+    """A fast deterministic test encoder: one fixed random vector per word (crc32 of the word).
+
+    It builds in microseconds, so module tests don't pay for a transformer; order-aware through a
+    position term, so "red circle" and "circle red" differ.
+    """
+
+    name = "hashword"
+
+    def __init__(self, width: int = 16, seed: int = 0, batch_size: int = 64, max_length: int | None = None,
+                 device: str | None = None, dtype: str | None = None):
+        super().__init__(batch_size=batch_size, max_length=max_length, device=device, dtype=dtype)
+        self.width, self.seed = int(width), int(seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        self.table = torch.nn.Parameter(torch.randn(1024, self.width, generator=gen))
+        self.position = torch.nn.Parameter(0.1 * torch.randn(64, self.width, generator=gen))
+        self._finish_init()
+
+    @property
+    def dim(self) -> int:
+        return self.width
+
+    def _key_parts(self) -> list[str]:
+        return [f"w{self.width}", f"s{self.seed}"]
+
+    def _encode_batch(self, captions: list[str]) -> tuple[TextFeatures, int]:
+        ids = [[zlib.crc32(w.encode()) % 1024 for w in c.lower().split()][:64] or [0] for c in captions]
+        length = max(map(len, ids))
+        tokens = torch.zeros(len(ids), length, self.width, device=self.table.device)
+        mask = torch.zeros(len(ids), length, dtype=torch.bool, device=self.table.device)
+        for i, row in enumerate(ids):
+            idx = torch.tensor(row, device=self.table.device)
+            tokens[i, : len(row)] = self.table[idx] + self.position[: len(row)]
+            mask[i, : len(row)] = True
+        return TextFeatures(tokens, mask, masked_mean(tokens, mask)), 0
+
+
+def tiny_module(**overrides: Any):
+    """An EMFModule with HashWordEncoder and a one-block generator at 16x16 (fast on a CPU)."""
+    from emf_lightning.module import EMFModule
+
+    kwargs: dict[str, Any] = dict(
+        encoder=HashWordEncoder(), image_size=16, patch_size=4, backbone_overrides=dict(TINY_BACKBONE),
+        lr=1e-3, ema_decay=0.99,
+    )
+    kwargs.update(overrides)
+    return EMFModule(**kwargs)
 
 
 def write_shapes_shards(root: str | Path, n_train: int = 8, n_val: int = 4, resolution: int = 16,
