@@ -1,0 +1,154 @@
+"""The shapes world: an offline, deterministic, compositional text-to-image dataset with exact ground truth.
+
+``ShapesWorld(seed, resolution, split, mix)[i]`` is a pure function of (seed, split, i): it seeds
+``np.random.default_rng([seed, split_id, i])``, so random access works in any DataLoader worker and on any
+node. The vocabulary, scene categories and held-out pairs live in ``shapes_scene``; rendering in
+``shapes_render``; captions in ``shapes_captions``. This module re-exports the public names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from emf_lightning.data.shapes_captions import describe, paraphrases, reduced_captions
+from emf_lightning.data.shapes_render import render
+from emf_lightning.data.shapes_scene import (
+    BACKGROUND,
+    CATEGORIES,
+    COLORS,
+    HELDOUT_PAIRS,
+    PERTURBATIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    SPLITS,
+    SceneError,
+    normalise_mix,
+    perturb,
+    sample_scene,
+    validate_spec,
+)
+
+__all__ = [
+    "BACKGROUND",
+    "CATEGORIES",
+    "COLORS",
+    "HELDOUT_PAIRS",
+    "PERTURBATIONS",
+    "RELATIONS",
+    "SHAPES",
+    "SIZES",
+    "SPLITS",
+    "SceneError",
+    "ShapesSample",
+    "ShapesWorld",
+    "describe",
+    "paraphrases",
+    "perturb",
+    "reduced_captions",
+    "render",
+    "validate_spec",
+]
+
+
+@dataclass
+class ShapesSample:
+    """One scene: its image, a caption, its paraphrases (caption included), the JSON spec and a unique key."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    caption: str
+    captions: list[str]
+    spec: dict[str, Any]
+    key: str
+
+
+class ShapesWorld(Dataset):
+    """A map-style dataset of ``size`` shapes scenes.
+
+    Args:
+        seed: world seed; (seed, split, index) fully determines a sample.
+        resolution: image side in pixels (32 default; 64, 128, 256 work).
+        split: ``train``, ``val``, ``test`` (never contain a held-out colour-shape pair, separate random
+            streams) or ``heldout`` (every scene contains at least one pair of ``heldout``).
+        mix: category -> weight (e.g. ``{"single_object": 2, "colors": 2, "two_objects": 1}``); ``None``
+            is uniform over all six categories.
+        size: ``len(world)``.
+        n_captions: paraphrases drawn per sample (fewer if the scene has fewer phrasings).
+        caption_mode: ``random`` (``caption`` is the first paraphrase) or ``canonical`` (``describe(spec)``).
+        heldout: the held-out (colour, shape) pairs.
+        supersample: antialiasing factor of the renderer.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        resolution: int = 32,
+        split: str = "train",
+        mix: Mapping[str, float] | None = None,
+        size: int = 10_000,
+        n_captions: int = 4,
+        caption_mode: Literal["random", "canonical"] = "random",
+        heldout: Sequence[tuple[str, str]] = HELDOUT_PAIRS,
+        supersample: int = 4,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        if n_captions < 1:
+            raise ValueError(f"n_captions must be >= 1, got {n_captions}")
+        if caption_mode not in ("random", "canonical"):
+            raise ValueError(f"caption_mode must be 'random' or 'canonical', got '{caption_mode}'")
+        if int(seed) < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        self.seed, self.resolution, self.split, self.size = int(seed), int(resolution), split, int(size)
+        self.n_captions, self.caption_mode, self.supersample = n_captions, caption_mode, supersample
+        self.heldout = tuple(tuple(p) for p in heldout)
+        for colour, shape in self.heldout:
+            if colour not in COLORS or shape not in SHAPES:
+                raise ValueError(f"held-out pair ({colour!r}, {shape!r}) is not a known (colour, shape)")
+        self.categories, self.probabilities = normalise_mix(mix)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The generator that sample ``index`` draws from (independent streams per seed, split, index)."""
+        return np.random.default_rng([self.seed, SPLITS[self.split], index])
+
+    def spec(self, index: int) -> dict[str, Any]:
+        """The scene spec of sample ``index`` without rendering it."""
+        return self._spec(self._index(index), self.rng(self._index(index)))
+
+    def _index(self, index: int) -> int:
+        i = int(index)
+        if i < 0:
+            i += self.size
+        if not 0 <= i < self.size:
+            raise IndexError(f"index {index} out of range for a ShapesWorld of size {self.size}")
+        return i
+
+    def _spec(self, i: int, rng: np.random.Generator) -> dict[str, Any]:
+        category = self.categories[int(rng.choice(len(self.categories), p=self.probabilities))]
+        return sample_scene(rng, category, self.split, self.heldout)
+
+    def __getitem__(self, index: int) -> ShapesSample:
+        i = self._index(index)
+        rng = self.rng(i)
+        spec = self._spec(i, rng)
+        captions = paraphrases(spec, self.n_captions, rng)
+        caption = describe(spec) if self.caption_mode == "canonical" else captions[0]
+        image = render(spec, self.resolution, self.supersample)
+        return ShapesSample(image=image, caption=caption, captions=captions, spec=spec, key=f"{self.split}-{self.seed}-{i:08d}")
+
+    def __repr__(self) -> str:
+        mix = dict(zip(self.categories, np.round(self.probabilities, 3).tolist()))
+        return (
+            f"ShapesWorld(seed={self.seed}, resolution={self.resolution}, split='{self.split}', "
+            f"size={self.size}, mix={mix})"
+        )
