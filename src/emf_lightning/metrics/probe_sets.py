@@ -127,22 +127,12 @@ def spec_relevance_matrix(specs: Sequence[dict]) -> Tensor:
 # ---------------------------------------------------------------- shapes world
 
 def sample_specs(n: int, seed: int, split: str = "test", mix: dict[str, float] | None = None) -> list[dict]:
-    """``n`` shapes-world scene specs, categories drawn from ``mix`` (default uniform), deterministic in seed."""
-    from emf_lightning.data.shapes_scene import SceneError, normalise_mix, sample_scene
+    """The scene specs of the first ``n`` samples of ``ShapesWorld(seed, split=split, mix=mix)`` (no rendering),
+    so the probe reads the same scenes a model is trained or evaluated on."""
+    from emf_lightning.data.shapes import ShapesWorld
 
-    rng = np.random.default_rng(seed)
-    names, probs = normalise_mix(mix)
-    specs, failed = [], 0
-    while len(specs) < n:
-        try:
-            specs.append(sample_scene(rng, names[int(rng.choice(len(names), p=probs))], split))
-        except SceneError:  # a rare placement failure: draw again from the same stream (stays deterministic)
-            failed += 1
-            if failed > n + 100:
-                raise
-    if failed:
-        log.info("shapes probe set: %d scene draws failed placement and were redrawn", failed)
-    return specs
+    world = ShapesWorld(seed=seed, split=split, mix=mix, size=n)
+    return [world.spec(i) for i in range(n)]
 
 
 def shapes_probe_set(n: int = 1000, group: int = 2, seed: int = 0, split: str = "test",
@@ -160,8 +150,7 @@ def shapes_probe_set(n: int = 1000, group: int = 2, seed: int = 0, split: str = 
       so the edit changes one or two words while the paraphrase changes the wording: the encoder must weigh
       content over form to score.
     """
-    from emf_lightning.data.shapes_captions import describe, paraphrases, reduced_captions
-    from emf_lightning.data.shapes_scene import perturb
+    from emf_lightning.data.shapes import SceneError, describe, paraphrases, perturb, reduced_captions
 
     if group < 1 or n < 2 * group:
         raise ValueError(f"need group >= 1 and n >= 2 * group; got n={n}, group={group}")
@@ -195,7 +184,7 @@ def shapes_probe_set(n: int = 1000, group: int = 2, seed: int = 0, split: str = 
         for kind in PERTURBATION_KINDS:
             try:
                 changed = perturb(spec, kind, rng)
-            except ValueError:  # SceneError: this edit does not apply (e.g. a count edit on two objects)
+            except SceneError:  # this edit does not apply (e.g. a count edit on two objects)
                 not_applicable[kind] += 1
                 continue
             probe.anchors.append(anchor)

@@ -1,0 +1,296 @@
+"""``emf probe``: how discriminative and disentangled is a text encoder's representation?
+
+Builds a probe set (the shapes world by default, or WebDataset shards), encodes it with each requested
+encoder, prints a table, and writes ``probe.json`` and ``probe.png`` (same-scene vs different-scene
+cosine histograms and per-edit minimal-pair accuracy) to ``--out``.
+
+Examples::
+
+    emf probe --encoder bow --n 200
+    emf probe --encoder all --n 1000 --k 2 --out runs/probe/all
+    emf probe --encoder configs/smollm_shapes.yaml --data 'shards/val-{000000..000003}.tar'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emf_lightning.utils.weights import MissingWeightsError
+
+# Columns of the summary table: (metric key, header). Missing metrics show as "-".
+TABLE_COLUMNS = (
+    ("retrieval/relevance_at_k", "rel@k"),
+    ("retrieval/normalized_relevance_at_k", "rel@k norm"),
+    ("retrieval/exact_precision_at_k", "exact P@k"),
+    ("same_scene_auc", "scene AUC"),
+    ("disentanglement/pooled", "disent."),
+    ("disentanglement/token", "disent. tok"),
+    ("minimal_pairs/accuracy", "min-pair"),
+    ("minimal_pairs_token/accuracy", "min-pair tok"),
+    ("anisotropy/pooled", "aniso."),
+    ("anisotropy/token", "aniso. tok"),
+    ("effective_rank/pooled", "eff. rank"),
+)
+
+
+@dataclass
+class EncoderChoice:
+    """One encoder to probe: a label for the table and how to build it."""
+
+    label: str
+    name: str | None = None                # registry name
+    kwargs: dict[str, Any] | None = None   # registry kwargs
+    spec: dict[str, Any] | None = None     # class_path / init_args from a YAML config
+
+    def build(self):
+        """Instantiate the encoder (may raise MissingWeightsError)."""
+        if self.spec is not None:
+            from emf_lightning.module import build_encoder_from_spec
+
+            return build_encoder_from_spec(self.spec)
+        from emf_lightning.encoders import build_encoder
+
+        return build_encoder(self.name, **(self.kwargs or {}))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options of ``emf probe``."""
+    p = argparse.ArgumentParser(prog="emf probe", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoder", default="all",
+                   help="registry name (llm, qwen3, t5, clip, minilm, bow, label), a comma-separated list, "
+                        "'all' (every encoder whose weights are present) or a YAML config with an encoder "
+                        "class_path (default: all)")
+    p.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for registry encoders (YAML value), repeatable; e.g. max_length=64")
+    p.add_argument("--data", default=None,
+                   help="WebDataset shards (path, brace pattern or comma list); default: the shapes world")
+    p.add_argument("--n", type=int, default=1000, help="captions in the retrieval pool (default 1000)")
+    p.add_argument("--k", type=int, default=2, help="neighbours per query for retrieval (default 2)")
+    p.add_argument("--group", type=int, default=2, help="paraphrases per shapes-world scene in the pool")
+    p.add_argument("--pairs", type=int, default=200,
+                   help="shapes-world scenes used for minimal pairs and reductions (default 200)")
+    p.add_argument("--image-encoder", default="dinov2", choices=("dinov2", "clip", "pixels", "none"),
+                   help="image features that score retrieval on shards without scene specs (default dinov2)")
+    p.add_argument("--image-weights", default=None, help="local weights file for --image-encoder")
+    p.add_argument("--batch-size", type=int, default=64, help="captions per encoder call")
+    p.add_argument("--seed", type=int, default=0, help="probe-set seed")
+    p.add_argument("--out", default=None, help="output folder (default runs/probe/<encoder>)")
+    p.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
+    return p.parse_args(argv)
+
+
+def _encoder_kwargs(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"emf probe: --encoder-arg expects KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _spec_from_yaml(path: Path) -> dict[str, Any]:
+    """The encoder ``{class_path, init_args}`` in a YAML file: at the top level, under ``encoder``, or under
+    ``model.init_args.encoder`` / ``model.encoder`` of a training config."""
+    cfg = yaml.safe_load(path.read_text()) or {}
+    model = cfg.get("model") or {}
+    for candidate in (cfg, cfg.get("encoder"), (model.get("init_args") or {}).get("encoder"), model.get("encoder")):
+        if isinstance(candidate, dict) and "class_path" in candidate:
+            return candidate
+    raise SystemExit(f"emf probe: no encoder class_path found in {path} (looked at the top level, 'encoder', "
+                     "'model.init_args.encoder' and 'model.encoder')")
+
+
+def resolve_encoders(arg: str, kwargs: dict[str, Any], say) -> tuple[list[EncoderChoice], dict[str, str]]:
+    """Turn ``--encoder`` into encoders to probe, and {name: reason} for those skipped: with 'all', every
+    registry encoder whose weights are not on this machine is skipped, and ``say`` tells the user."""
+    if arg.endswith((".yaml", ".yml")):
+        path = Path(arg)
+        if not path.is_file():
+            raise SystemExit(f"emf probe: config {arg} not found")
+        spec = _spec_from_yaml(path)
+        return [EncoderChoice(label=path.stem, spec=spec)], {}
+    from emf_lightning.encoders import ENCODERS
+
+    if arg != "all":
+        names = [n.strip() for n in arg.split(",") if n.strip()]
+        unknown = [n for n in names if n not in ENCODERS]
+        if unknown:
+            raise SystemExit(f"emf probe: unknown encoder {', '.join(unknown)}; choose from "
+                             f"{', '.join(ENCODERS)}, 'all' or a YAML config")
+        return [EncoderChoice(label=n, name=n, kwargs=kwargs) for n in names], {}
+    chosen, skipped = [], {}
+    for name, cls in ENCODERS.items():
+        if cls.weights_available(**kwargs):
+            chosen.append(EncoderChoice(label=name, name=name, kwargs=kwargs))
+        else:
+            skipped[name] = "pretrained weights not found on this machine"
+            say(f"skip {name}: {skipped[name]}")
+    return chosen, skipped
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
+
+
+def print_tables(results: dict[str, dict[str, Any]], k: int, console) -> None:
+    """The summary table (one row per encoder) and per-edit minimal-pair accuracy."""
+    from rich.table import Table
+
+    table = Table(title=f"Discriminability probe (k={k})")
+    table.add_column("encoder")
+    table.add_column("dim", justify="right")
+    for _, header in TABLE_COLUMNS:
+        table.add_column(header.replace("@k", f"@{k}"), justify="right")
+    table.add_column("s", justify="right")
+    for label, res in results.items():
+        m = res["metrics"]
+        table.add_row(label, str(res["dim"]), *[_fmt(m.get(key)) for key, _ in TABLE_COLUMNS],
+                      f"{res['seconds']:.1f}")
+    console.print(table)
+    kinds = sorted({key.split("/", 2)[2] for res in results.values() for key in res["metrics"]
+                    if key.startswith("minimal_pairs/accuracy/")})
+    if kinds:
+        per = Table(title="Minimal-pair accuracy per edit (pooled / token)")
+        per.add_column("encoder")
+        for kind in kinds:
+            per.add_column(kind, justify="right")
+        for label, res in results.items():
+            m = res["metrics"]
+            per.add_row(label, *[f"{_fmt(m.get(f'minimal_pairs/accuracy/{kd}'))} / "
+                                 f"{_fmt(m.get(f'minimal_pairs_token/accuracy/{kd}'))}" for kd in kinds])
+        console.print(per)
+
+
+def save_figure(results: dict[str, dict[str, Any]], histograms: dict[str, tuple], path: Path) -> None:
+    """Same-scene vs different-scene cosine histograms per encoder, and minimal-pair accuracy per edit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = list(results)
+    cols = max(1, len(labels))
+    fig, axes = plt.subplots(2, cols, figsize=(3.6 * cols + 1, 6.4), squeeze=False)
+    for j, label in enumerate(labels):
+        ax = axes[0, j]
+        same, diff = histograms[label]
+        lo = float(min(same.min() if len(same) else 1.0, diff.min() if len(diff) else 1.0))
+        bins = np.linspace(min(lo, 0.0), 1.0, 41)
+        if len(diff):
+            ax.hist(diff, bins=bins, density=True, alpha=0.6, label="different scene")
+        if len(same):
+            ax.hist(same, bins=bins, density=True, alpha=0.6, label="same scene")
+        auc = results[label]["metrics"].get("same_scene_auc")
+        ax.set_title(f"{label}" + (f"  AUC {auc:.3f}" if auc is not None else ""), fontsize=10)
+        ax.set_xlabel("cosine (mean-pooled)")
+        if j == 0:
+            ax.set_ylabel("density")
+            ax.legend(fontsize=8)
+    kinds = sorted({key.split("/", 2)[2] for res in results.values() for key in res["metrics"]
+                    if key.startswith("minimal_pairs/accuracy/")})
+    bar = axes[1, 0]
+    for j in range(1, cols):
+        axes[1, j].axis("off")
+    if kinds:
+        width = 0.8 / len(labels)
+        x = np.arange(len(kinds))
+        for i, label in enumerate(labels):
+            vals = [results[label]["metrics"].get(f"minimal_pairs/accuracy/{kd}", np.nan) for kd in kinds]
+            bar.bar(x + i * width - 0.4 + width / 2, vals, width, label=label)
+        bar.axhline(0.5, color="grey", lw=0.8, ls="--")
+        bar.set_xticks(x, kinds, fontsize=8)
+        bar.set_ylim(0, 1)
+        bar.set_ylabel("minimal-pair accuracy")
+        bar.legend(fontsize=7, ncol=2)
+    else:
+        bar.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the probe; returns the process exit code (0 ok, 2 nothing could be probed)."""
+    args = parse_args(argv)
+    from rich.console import Console
+
+    console = Console(stderr=False, soft_wrap=True)
+    say = console.print
+    if args.k < 1 or args.n < 2 * max(args.group, 1) or args.k >= args.n:
+        raise SystemExit(f"emf probe: need 1 <= k < n and n >= 2 * group; got n={args.n}, k={args.k}, "
+                         f"group={args.group}")
+    kwargs = _encoder_kwargs(args.encoder_arg)
+    choices, skipped = resolve_encoders(args.encoder, kwargs, say)
+    if not choices:
+        say("emf probe: no encoder to probe (none has its weights here)")
+        return 2
+    out = Path(args.out or f"runs/probe/{Path(args.encoder).stem if args.encoder.endswith(('.yaml', '.yml')) else args.encoder.replace(',', '+')}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    from emf_lightning.metrics.probe_eval import evaluate_probe
+    from emf_lightning.metrics.probe_sets import shapes_probe_set, shard_probe_set
+
+    t0 = time.perf_counter()
+    if args.data:
+        shards = args.data.split(",") if "," in args.data and "{" not in args.data else args.data
+        probe = shard_probe_set(shards, n=args.n,
+                                image_encoder=None if args.image_encoder == "none" else args.image_encoder,
+                                image_weights=args.image_weights)
+    else:
+        probe = shapes_probe_set(n=args.n, group=args.group, seed=args.seed, n_pairs=args.pairs, n_reduce=args.pairs)
+    say(f"probe set {probe.name}: {len(probe.captions)} retrieval captions, {len(probe.reduced)} reductions, "
+        f"{len(probe.anchors)} minimal pairs ({time.perf_counter() - t0:.1f} s); relevance: {probe.relevance_source}")
+    for note in probe.notes:
+        say(f"note: {note}")
+
+    results: dict[str, dict[str, Any]] = {}
+    histograms: dict[str, tuple] = {}
+    for choice in choices:
+        start = time.perf_counter()
+        try:
+            encoder = choice.build()
+        except MissingWeightsError as err:
+            if args.encoder == "all":
+                skipped[choice.label] = str(err)
+                say(f"skip {choice.label}: {err}")
+                continue
+            console.print(f"emf probe: {err}")
+            return 2
+        say(f"encoding {len(probe.all_captions())} captions with {choice.label} ({encoder.cache_key}) ...")
+        result = evaluate_probe(probe, encoder.encode, k=args.k, batch_size=args.batch_size, seed=args.seed)
+        results[choice.label] = {"dim": encoder.dim, "cache_key": encoder.cache_key,
+                                 "seconds": time.perf_counter() - start, "metrics": result.metrics}
+        histograms[choice.label] = (result.same_scene_cosines.numpy(), result.different_scene_cosines.numpy())
+        del encoder
+    if not results:
+        say("emf probe: every requested encoder was skipped")
+        return 2
+
+    print_tables(results, args.k, console)
+    report = {"command": "emf probe " + " ".join(sys.argv[2:] if argv is None else argv),
+              "args": vars(args), "probe_set": probe.summary(), "encoders": results, "skipped": skipped}
+    (out / "probe.json").write_text(json.dumps(report, indent=2, sort_keys=False))
+    written = [out / "probe.json"]
+    if not args.no_figure:
+        save_figure(results, histograms, out / "probe.png")
+        written.append(out / "probe.png")
+    say("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
