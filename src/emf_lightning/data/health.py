@@ -27,6 +27,9 @@ BAD_FEATURES = "bad_features"  # precomputed text features missing (when require
 BAD_LATENT = "bad_latent"  # precomputed latent missing (when required) or unreadable
 
 SHARD_REASONS = frozenset({UNREADABLE_SHARD, CORRUPT_SHARD})
+# Every reason the datamodule counts, in a fixed order (ranks sum them as one vector).
+ALL_REASONS = (UNREADABLE_SHARD, CORRUPT_SHARD, DUPLICATE_ENTRY, MISSING_IMAGE, UNDECODABLE_IMAGE, EMPTY_CAPTION,
+               BAD_JSON, BAD_FEATURES, BAD_LATENT)
 
 
 class SkipCounter:

@@ -1,0 +1,205 @@
+"""`ShardDataModule`: a LightningDataModule over WebDataset shards.
+
+Training reads an endless stream of shards drawn with replacement, shuffled, with exactly
+`epoch_length` samples per epoch (summed over ranks); validation and test read every shard once, in a
+fixed order, split between ranks and workers without duplicates or gaps (see `data/pipeline.py`).
+Bad input is skipped and counted; each loader logs a one-line summary at the end of every epoch, and
+`callbacks.data_health.DataHealthCallback` sums the counts over ranks and logs them as metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from emf_lightning.data.health import SkipTally
+from emf_lightning.data.pipeline import CAPTION_SAMPLING, DecodeOptions, ShardStream, expand_shard_urls
+
+log = logging.getLogger("emf_lightning.data")
+
+ShardSpec = str | Sequence[str]
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader over a `ShardStream` that advances the stream's epoch and tallies skipped input.
+
+    Each `iter()` is one epoch: it sets the stream's epoch, sums every batch's "skipped" counts into
+    `tally` (dropping the empty batches that only carry counts), and logs `tally.summary()` when the
+    epoch ends. `len()` is exact for training streams and undefined (TypeError) for ordered passes.
+    """
+
+    def __init__(self, stream: ShardStream, label: str, num_workers: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = False, prefetch_factor: int | None = None, start_epoch: int = 0,
+                 timeout: float = 0.0) -> None:
+        kwargs: dict[str, Any] = {}
+        if num_workers > 0:
+            kwargs["persistent_workers"] = persistent_workers
+            if prefetch_factor is not None:
+                kwargs["prefetch_factor"] = prefetch_factor
+        # batch_size=None: the stream batches inside each worker (far less inter-process traffic)
+        super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                         timeout=timeout, **kwargs)
+        self.label = label
+        self.tally = SkipTally()
+        self.next_epoch = start_epoch
+        self._length = stream.num_batches(num_workers)
+
+    def __len__(self) -> int:
+        if self._length is None:
+            raise TypeError(f"the {self.label} loader is an ordered pass over shards of unknown size; it has no len()")
+        return self._length
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        stream: ShardStream = self.dataset  # type: ignore[assignment]
+        stream.set_epoch(self.next_epoch)
+        self.next_epoch += 1
+        self.tally.reset()
+        for batch in super().__iter__():
+            self.tally.add(batch.get("skipped"), len(batch["key"]))
+            if batch["key"]:
+                yield batch
+        message = self.tally.summary(f"{self.label} epoch {stream.epoch}")
+        log.log(logging.WARNING if self.tally.counts else logging.INFO, message)
+
+
+class ShardDataModule(LightningDataModule):
+    """WebDataset shards -> batches {"image" [B,3,H,W] in [-1,1], "caption", "spec", "key", "skipped"}.
+
+    Args:
+        train_shards: training shards: a brace pattern ("data/train-{000000..000099}.tar"), a glob, a
+            path, any URL webdataset opens (pipe:, http://), or a list of those.
+        val_shards: validation shards (same forms); optional for `fit`.
+        test_shards: test shards; defaults to `val_shards`.
+        batch_size: samples per training batch (per rank).
+        val_batch_size: samples per validation/test batch; defaults to `batch_size`.
+        num_workers: DataLoader worker processes per rank.
+        image_size: output side: resize the shorter side, centre crop, normalise to [-1, 1].
+        shuffle_buffer: training samples (encoded) in the shuffle buffer; <= 1 disables shuffling.
+        epoch_length: training samples per epoch, summed over all ranks (must divide by world size);
+            the stream is endless, so this only sets where an epoch ends.
+        caption_sampling: "first" = the primary caption (.txt); "random" = a random one among the
+            primary caption and the paraphrases in the .json "captions".
+        caption_dropout: training only: probability of replacing the caption with "" (the null
+            condition) for classifier-free guidance.
+        seed: every random choice (shards, shuffle, captions, dropout) is a function of
+            (seed, epoch, rank, worker).
+        load_features: read precomputed text features (<key>.features.npz/.npy/.pth) into
+            batch["features"] = {"tokens" [B,L,D], "mask" [B,L], "pooled" [B,D]}; they belong to the
+            primary caption, so this needs caption_sampling="first". A dropped caption ("") keeps its
+            features: use the null condition for those rows.
+        load_latents: read precomputed latents (<key>.latent.npy/.pth) into batch["latent"].
+        pin_memory, persistent_workers, prefetch_factor: passed to the DataLoader.
+    """
+
+    def __init__(self, train_shards: ShardSpec | None = None, val_shards: ShardSpec | None = None,
+                 test_shards: ShardSpec | None = None, batch_size: int = 64, val_batch_size: int | None = None,
+                 num_workers: int = 2, image_size: int = 32, shuffle_buffer: int = 1000, epoch_length: int = 10_000,
+                 caption_sampling: str = "first", caption_dropout: float = 0.0, seed: int = 0,
+                 load_features: bool = False, load_latents: bool = False, pin_memory: bool = False,
+                 persistent_workers: bool = False, prefetch_factor: int | None = None) -> None:
+        super().__init__()
+        if caption_sampling not in CAPTION_SAMPLING:
+            raise ValueError(f"caption_sampling must be one of {CAPTION_SAMPLING}, got {caption_sampling!r}")
+        if load_features and caption_sampling != "first":
+            raise ValueError("load_features=True needs caption_sampling='first': precomputed features belong to "
+                             "the primary caption, not to a random paraphrase")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        for name, value in (("batch_size", batch_size), ("image_size", image_size), ("epoch_length", epoch_length)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.image_size = num_workers, image_size
+        self.shuffle_buffer, self.epoch_length, self.seed = shuffle_buffer, epoch_length, seed
+        self.caption_sampling, self.caption_dropout = caption_sampling, caption_dropout
+        self.load_features, self.load_latents = load_features, load_latents
+        self.pin_memory, self.persistent_workers, self.prefetch_factor = pin_memory, persistent_workers, prefetch_factor
+        self.rank, self.world_size = 0, 1
+        self.streams: dict[str, ShardStream] = {}
+        self.loaders: dict[str, ShardLoader] = {}
+
+    # -- setup -------------------------------------------------------------------------------------------------
+
+    def _distributed(self) -> tuple[int, int]:
+        """(rank, world size) of this process: from the Trainer, torch.distributed or the environment."""
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def _options(self, train: bool) -> DecodeOptions:
+        return DecodeOptions(image_size=self.image_size, caption_sampling=self.caption_sampling,
+                             caption_dropout=self.caption_dropout if train else 0.0,
+                             load_features=self.load_features, load_latents=self.load_latents)
+
+    def _eval_stream(self, spec: ShardSpec, label: str) -> ShardStream:
+        urls = expand_shard_urls(spec)
+        readers = self.world_size * max(1, self.num_workers)
+        if len(urls) < readers:
+            log.info("%s: %d shard(s) for %d rank(s) x %d worker(s): some readers get no shard (nothing is lost)",
+                     label, len(urls), self.world_size, max(1, self.num_workers))
+        return ShardStream(urls, self.val_batch_size, train=False, options=self._options(False), seed=self.seed,
+                           rank=self.rank, world_size=self.world_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Expand and check the shard lists needed for `stage` ("fit", "validate", "test"; None: all given)."""
+        self.rank, self.world_size = self._distributed()
+        if stage in ("fit", None) and (self.train_shards is not None or stage == "fit"):
+            if self.train_shards is None:
+                raise ValueError("ShardDataModule: train_shards is required to fit")
+            if self.epoch_length % self.world_size:
+                raise ValueError(f"epoch_length={self.epoch_length} must be divisible by the world size "
+                                 f"{self.world_size} (each rank yields epoch_length / world_size samples)")
+            self.streams["train"] = ShardStream(
+                expand_shard_urls(self.train_shards), self.batch_size, train=True, options=self._options(True),
+                samples_per_rank=self.epoch_length // self.world_size, shuffle_buffer=self.shuffle_buffer,
+                seed=self.seed, rank=self.rank, world_size=self.world_size)
+        if stage in ("fit", "validate", None) and self.val_shards is not None:
+            self.streams["val"] = self._eval_stream(self.val_shards, "val")
+        if stage == "validate" and self.val_shards is None:
+            raise ValueError("ShardDataModule: val_shards is required to validate")
+        if stage in ("test", None) and (self.test_shards or self.val_shards) is not None:
+            self.streams["test"] = self._eval_stream(self.test_shards or self.val_shards, "test")  # type: ignore[arg-type]
+        if stage == "test" and "test" not in self.streams:
+            raise ValueError("ShardDataModule: test_shards (or val_shards) is required to test")
+
+    # -- loaders -----------------------------------------------------------------------------------------------
+
+    def _loader(self, name: str) -> ShardLoader:
+        if name not in self.streams:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[name])
+        trainer = self.trainer
+        start = trainer.current_epoch if (trainer is not None and name == "train") else 0  # resume-aware
+        loader = ShardLoader(self.streams[name], label=name, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                             persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
+                             start_epoch=start)
+        self.loaders[name] = loader
+        return loader
+
+    def train_dataloader(self) -> ShardLoader:
+        """The resampled training stream: `len()` = batches per epoch on this rank (exact)."""
+        # Lightning warns that an IterableDataset's len() may be wrong with several workers; ours is
+        # exact by construction (each worker yields a fixed share of the epoch).
+        warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
+        return self._loader("train")
+
+    def val_dataloader(self) -> ShardLoader:
+        """One ordered pass over the validation shards (split by rank and worker)."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> ShardLoader:
+        """One ordered pass over the test shards (default: the validation shards)."""
+        return self._loader("test")
