@@ -1,0 +1,95 @@
+"""Frozen text encoders behind one interface, and a registry from short names to classes.
+
+    enc = build_encoder("llm")                     # SmolLM2-135M-Instruct, offline
+    feats = enc.encode(["a red circle left of a blue square"])   # TextFeatures(tokens, mask, pooled)
+
+Registry names: llm, qwen3, t5, clip, minilm (alias sentence), bow, label.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from emf_lightning.encoders.base import (
+    CaptionTruncationWarning,
+    TextEncoder,
+    TextFeatures,
+    masked_mean,
+    null_features,
+    pack_tokens,
+)
+from emf_lightning.encoders.bow import BagOfWordsEncoder
+from emf_lightning.encoders.cache import FeatureCache
+from emf_lightning.encoders.clip import CLIPTextEncoder
+from emf_lightning.encoders.label import LabelEncoder
+from emf_lightning.encoders.llm import EMF_PROMPT_TEMPLATE, LLMEncoder, Qwen3Encoder
+from emf_lightning.encoders.sentence import SentenceEncoder
+from emf_lightning.encoders.t5 import T5Encoder
+
+ENCODERS: dict[str, type[TextEncoder]] = {
+    "llm": LLMEncoder,
+    "qwen3": Qwen3Encoder,
+    "t5": T5Encoder,
+    "clip": CLIPTextEncoder,
+    "minilm": SentenceEncoder,
+    "sentence": SentenceEncoder,
+    "bow": BagOfWordsEncoder,
+    "label": LabelEncoder,
+}
+
+
+def encoder_class(name: str) -> type[TextEncoder]:
+    """Registry name (e.g. "llm") or dotted class path (e.g. "emf_lightning.encoders.LLMEncoder") -> class."""
+    if name in ENCODERS:
+        return ENCODERS[name]
+    if "." in name:
+        module, _, attr = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot import text encoder class {name!r}: {err}") from err
+        if not (isinstance(cls, type) and issubclass(cls, TextEncoder)):
+            raise ValueError(f"{name!r} is not a TextEncoder subclass")
+        return cls
+    raise ValueError(f"unknown text encoder {name!r}; registered: {', '.join(sorted(ENCODERS))}")
+
+
+def build_encoder(name: str, **kwargs: Any) -> TextEncoder:
+    """Build an encoder by registry name or class path; kwargs go to its constructor."""
+    return encoder_class(name)(**kwargs)
+
+
+def build_encoder_from_config(config: dict[str, Any]) -> TextEncoder:
+    """Build from a config dict: {"class_path": ..., "init_args": {...}} (as in LightningCLI YAML) or
+    {"name": ..., **kwargs}."""
+    config = dict(config)
+    if "class_path" in config:
+        return build_encoder(config["class_path"], **(config.get("init_args") or {}))
+    if "name" in config:
+        name = config.pop("name")
+        return build_encoder(name, **config)
+    raise ValueError("encoder config needs 'class_path' (with optional 'init_args') or 'name'")
+
+
+__all__ = [
+    "ENCODERS",
+    "BagOfWordsEncoder",
+    "CLIPTextEncoder",
+    "CaptionTruncationWarning",
+    "EMF_PROMPT_TEMPLATE",
+    "FeatureCache",
+    "LLMEncoder",
+    "LabelEncoder",
+    "Qwen3Encoder",
+    "SentenceEncoder",
+    "T5Encoder",
+    "TextEncoder",
+    "TextFeatures",
+    "build_encoder",
+    "build_encoder_from_config",
+    "encoder_class",
+    "masked_mean",
+    "null_features",
+    "pack_tokens",
+]

@@ -1,0 +1,81 @@
+"""T5-family encoder states as text features (T5, Flan-T5, T5-v1.1) via transformers `T5EncoderModel`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from emf_lightning.encoders.hf_base import HFTextEncoder, PaddingSide, Pooling, random_init
+from emf_lightning.encoders.hub import hf_weights_available, load_pretrained, locate_pretrained, warn_random
+from emf_lightning.encoders.tiny import tiny_tokenizer
+
+TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+
+
+class T5Encoder(HFTextEncoder):
+    """The encoder stack of a T5 model; tokens = final (layer-normed) encoder states, pooled = mean.
+
+    T5 uses relative position biases, so no position ids are needed for left padding: distances between
+    real tokens do not change and padded keys are masked.
+
+    Args:
+        model: Hugging Face id in the local cache or a local folder. Default google/flan-t5-base
+            (d=768); google/t5-v1_1-xxl is the Imagen/SD3 choice (d=4096).
+        layer: -1 = final encoder output; k = hidden_states[k] (0 = embeddings).
+        pretrained: False builds a tiny random T5 encoder (tests only; logs a warning).
+        random_config: overrides of the tiny T5Config.
+    """
+
+    name = "t5"
+    default_model = "google/flan-t5-base"
+    absolute_positions = False
+
+    def __init__(
+        self,
+        model: str | None = None,
+        layer: int = -1,
+        pooling: Pooling = "mean",
+        padding_side: PaddingSide = "right",
+        max_length: int = 256,
+        batch_size: int = 64,
+        pretrained: bool = True,
+        random_config: dict[str, Any] | None = None,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ):
+        super().__init__(
+            layer=layer,
+            padding_side=padding_side,
+            pooling=pooling,
+            batch_size=batch_size,
+            max_length=max_length,
+            device=device,
+            dtype=dtype,
+        )
+        from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+        model = model or self.default_model
+        config: dict[str, Any] = {}
+        if pretrained:
+            source = locate_pretrained(model)
+            self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, source)
+            self.model = load_pretrained(T5EncoderModel.from_pretrained, source, dtype=self.compute_dtype)
+        else:
+            self.tokenizer = tiny_tokenizer("t5")
+            config = {**TINY_T5, **(random_config or {}), "seed": seed}
+            cfg = T5Config(
+                vocab_size=len(self.tokenizer),
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                decoder_start_token_id=self.tokenizer.pad_token_id,
+                **{k: v for k, v in config.items() if k != "seed"},
+            )
+            warn_random(self.name, "tiny T5")
+            self.model = random_init(lambda: T5EncoderModel(cfg), seed)
+        self._setup(model if pretrained else "tiny-t5", pretrained, config)
+
+    @classmethod
+    def weights_available(cls, model: str | None = None, pretrained: bool = True, **_: Any) -> bool:
+        return True if not pretrained else hf_weights_available(model or cls.default_model)
