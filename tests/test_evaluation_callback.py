@@ -1,0 +1,410 @@
+"""EvaluationCallback end to end with a real Lightning Trainer and a stand-in generator; helpers; report."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.loggers.logger import Logger
+from PIL import Image
+from rich.console import Console
+from torch import nn
+from torch.utils.data import DataLoader
+
+from emf_lightning.callbacks.evaluation import (
+    EvaluationCallback,
+    batch_plan,
+    collect_held_out,
+    gather_in_order,
+    metric_key,
+)
+from emf_lightning.metrics.clip_score import CLIPScorer, clip_scores_from_features
+from emf_lightning.metrics.fid import extract_features, frechet_distance
+from emf_lightning.utils.images import to_uint8
+from emf_lightning.utils.report import format_value, metrics_table, write_metrics_json
+
+RES = 8
+N = 6
+
+
+# ---------------------------------------------------------------- stand-ins
+def _dataset(n: int = N, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        img = torch.rand(3, RES, RES, generator=g) * 2 - 1
+        items.append({"image": img, "caption": f"prompt number {i}", "spec": {"objects": [i]}, "key": f"k{i:03d}"})
+    return items
+
+
+def _collate(items: list[dict]) -> dict:
+    return {
+        "image": torch.stack([x["image"] for x in items]),
+        "caption": [x["caption"] for x in items],
+        "spec": [x["spec"] for x in items],
+        "key": [x["key"] for x in items],
+    }
+
+
+class ListDataModule(LightningDataModule):
+    def __init__(self, items: list[dict], val_shards: str | None = None):
+        super().__init__()
+        self.items = items
+        self.val_shards = val_shards
+
+    def train_dataloader(self):
+        return DataLoader(self.items, batch_size=2, collate_fn=_collate)
+
+    def val_dataloader(self):
+        return DataLoader(self.items, batch_size=4, collate_fn=_collate)
+
+
+class StandInGenerator(LightningModule):
+    """Satisfies the generate() contract: returns the real image for each caption, or seeded noise."""
+
+    def __init__(self, items: list[dict], mode: str = "real", objective: str = "meanflow"):
+        super().__init__()
+        self.lookup = {x["caption"]: x["image"] for x in items}
+        self.mode = mode
+        self.objective = objective
+        self.w = nn.Parameter(torch.zeros(1))
+        self.calls: list[tuple] = []
+
+    def generate(self, captions, steps=1, cfg_scale=1.0, seed=0, use_ema=True):
+        self.calls.append((tuple(captions), steps, cfg_scale, seed, use_ema))
+        if self.mode == "real":
+            return torch.stack([self.lookup[c] for c in captions])
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(len(captions), 3, RES, RES, generator=g) * 2 - 1
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 1).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class CountingFeatures(nn.Module):
+    """Random conv features (uint8 [B, 3, H, W] -> [B, 5]) that count how many images they saw."""
+
+    def __init__(self, feature_id: str | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.seen = 0
+        if feature_id is not None:
+            self.feature_id = feature_id
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return self.net(x.float() / 127.5 - 1)
+
+
+class MeanColourCLIP(nn.Module):
+    """encode_image: mean colour; encode_text: a fixed direction per caption."""
+
+    def encode_image(self, pixels):
+        return pixels.mean(dim=(2, 3))
+
+    def encode_text(self, tokens):
+        return tokens
+
+
+def _text_vec(caption: str) -> torch.Tensor:
+    i = int(caption.split()[-1])
+    return torch.tensor([1.0, math.cos(i), math.sin(i)])
+
+
+def _clip() -> CLIPScorer:
+    tok = lambda caps: torch.stack([_text_vec(c) for c in caps])  # noqa: E731
+    return CLIPScorer(MeanColourCLIP(), tok, image_size=RES, mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def _expected_clip(images: torch.Tensor, captions: list[str]) -> float:
+    colour = ((images + 1) / 2).mean(dim=(2, 3))
+    return float(clip_scores_from_features(colour, torch.stack([_text_vec(c) for c in captions])).mean())
+
+
+class MeanPixelShapes:
+    """Stand-in ShapesEval: 'accuracy' = mean pixel / 255, plus how many specs it was given."""
+
+    def evaluate(self, images, specs):
+        assert images.dtype == np.uint8 and images.shape[1:] == (RES, RES, 3)
+        return {"overall": float(images.mean() / 255.0), "n": float(len(specs))}
+
+
+class RecordingLogger(Logger):
+    def __init__(self, root):
+        super().__init__()
+        self._root = str(root)
+        self.metrics: list[tuple[int | None, dict]] = []
+        self.images: list[tuple[str, np.ndarray, int | None]] = []
+
+    @property
+    def name(self):
+        return "rec"
+
+    @property
+    def version(self):
+        return 0
+
+    @property
+    def save_dir(self):
+        return self._root
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_image(self, key, images, step=None, **kwargs):
+        self.images.append((key, images[0], step))
+
+
+def _callback(**kw) -> EvaluationCallback:
+    args = dict(
+        every_n_steps=2,
+        num_samples=5,
+        batch_size=2,
+        grid_prompts=3,
+        grid_upscale=2,
+        kid_subsets=3,
+        fid_feature_extractor=CountingFeatures(),
+        clip_scorer=_clip(),
+        shapes_evaluator=MeanPixelShapes(),
+    )
+    args.update(kw)
+    return EvaluationCallback(**args)
+
+
+def _trainer(tmp_path, callback, logger=None, max_steps=4, limit_val_batches=0) -> Trainer:
+    return Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        callbacks=[callback],
+        logger=logger if logger is not None else False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=limit_val_batches,
+        accelerator="cpu",
+    )
+
+
+METRICS = ("fid", "kid", "kid_std", "clip_score", "shapes_overall", "shapes_n")
+
+
+# ---------------------------------------------------------------- fit: every metric at every step count
+def test_fit_logs_every_metric_per_step_count_and_writes_grid_and_json(tmp_path):
+    items = _dataset()
+    logger = RecordingLogger(tmp_path / "logs")
+    cb = _callback()
+    module = StandInGenerator(items, mode="real")
+    _trainer(tmp_path, cb, logger).fit(module, datamodule=ListDataModule(items))
+
+    evals = [(step, m) for step, m in logger.metrics if any(k.startswith("eval/") for k in m)]
+    assert [step for step, _ in evals] == [2, 4]
+    metrics = evals[-1][1]
+    for steps in (1, 2, 4):
+        for name in METRICS:
+            assert metric_key(name, steps, 1.0) in metrics, (name, steps)
+    assert "eval/fid@1step_cfg1.0" in metrics  # the naming scheme, spelled out once
+    assert set(metrics) >= {"eval/clip_score@real", "eval/shapes_overall@real", "eval/shapes_n@real"}
+
+    # The generator returns the real images: FID is 0 and the scores equal the real-image ceiling.
+    held = [x["image"] for x in items[:5]]
+    captions = [x["caption"] for x in items[:5]]
+    for steps in (1, 2, 4):
+        assert abs(metrics[metric_key("fid", steps)]) < 1e-4
+        assert metrics[metric_key("clip_score", steps)] == pytest.approx(_expected_clip(torch.stack(held), captions))
+        assert metrics[metric_key("shapes_overall", steps)] == pytest.approx(metrics["eval/shapes_overall@real"])
+        assert metrics[metric_key("shapes_n", steps)] == 5.0
+    assert metrics["eval/shapes_overall@real"] == pytest.approx(to_uint8(torch.stack(held)).mean() / 255.0)
+
+    # Generation: EMA weights, each step count, seed = seed + batch index (batches of 2 over 5 prompts).
+    first_eval = module.calls[: 3 * 3]
+    assert [(c[1], c[3], c[4]) for c in first_eval] == [(s, b, True) for s in (1, 2, 4) for b in (0, 1, 2)]
+    assert first_eval[2][0] == ("prompt number 4",)
+
+    # Grid: 3 prompt rows x (real + 3 settings), cells 8 px * 2, 200 px labels, two text lines of header.
+    grid_path = tmp_path / "logs" / "eval" / "grid-step00000004.png"
+    assert grid_path.is_file()
+    grid = Image.open(grid_path)
+    cell = RES * 2
+    assert grid.width == 200 + 4 * (cell + 2) + 2
+    assert grid.height > 3 * (cell + 2) + 2  # plus the header margin
+    assert [key for key, _, step in logger.images] == ["eval/samples", "eval/samples"]
+    assert logger.images[-1][1].shape == (grid.height, grid.width, 3)
+
+    payload = json.loads((tmp_path / "logs" / "eval" / "metrics-step00000004.json").read_text())
+    assert payload["global_step"] == 4 and payload["num_samples"] == 5 and payload["grid"] == grid_path.name
+    assert payload["metrics"] == pytest.approx(metrics)
+    assert [(s["steps"], s["cfg_scale"]) for s in payload["settings"]] == [(1, 1.0), (2, 1.0), (4, 1.0)]
+    assert payload["skipped"] == {}
+
+
+def test_noise_generator_scores_worse_and_fid_matches_a_direct_computation(tmp_path):
+    items = _dataset()
+    cb = _callback(every_n_steps=1, num_samples=6, batch_size=4, steps=(1,), cfg_scales=(1.0, 2.0))
+    module = StandInGenerator(items, mode="noise")
+    _trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=ListDataModule(items))
+    result = cb.last_result
+    assert [(s, g) for s, g in result.settings] == [(1, 1.0), (1, 2.0)]
+    flat = result.flat()
+    # Independent: the same noise (seeds 0 and 1 for batches of 4 and 2) through the same extractor.
+    fake = torch.cat([module.generate([x["caption"] for x in items[0:4]], seed=0),
+                      module.generate([x["caption"] for x in items[4:6]], seed=1)])
+    ext = CountingFeatures()
+    real_f = extract_features(ext, to_uint8(torch.stack([x["image"] for x in items])))
+    fake_f = extract_features(ext, to_uint8(fake))
+    assert flat["eval/fid@1step_cfg1.0"] == pytest.approx(frechet_distance(real_f, fake_f), rel=1e-6)
+    assert flat["eval/fid@1step_cfg1.0"] > 1e-3
+    assert flat["eval/fid@1step_cfg2.0"] == pytest.approx(flat["eval/fid@1step_cfg1.0"])  # stand-in ignores cfg
+
+
+def test_flow_matching_objective_defaults_to_fifty_steps_too(tmp_path):
+    items = _dataset()
+    cb = _callback(every_n_steps=1, fid=False, clip_score=False, grid_prompts=0)
+    _trainer(tmp_path, cb, max_steps=1).fit(StandInGenerator(items, objective="flow_matching"),
+                                            datamodule=ListDataModule(items))
+    assert [s for s, _ in cb.last_result.settings] == [1, 2, 4, 50]
+    assert "eval/shapes_overall@50step_cfg1.0" in cb.last_result.flat()
+    assert not any(k.startswith("eval/fid") or k.startswith("eval/clip") for k in cb.last_result.flat())
+
+
+# ---------------------------------------------------------------- validate: table, JSON, missing weights
+def test_validate_prints_table_writes_json_and_warns_once_per_missing_model(tmp_path, monkeypatch, capsys):
+    # No Inception, no CLIP anywhere: isolate every default cache.
+    monkeypatch.setenv("EMF_CACHE", str(tmp_path / "emf"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    items = _dataset()
+    cb = _callback(fid_feature_extractor=None, clip_scorer=None, output_dir=str(tmp_path / "out"))
+    module = StandInGenerator(items)
+    trainer = _trainer(tmp_path, cb, limit_val_batches=1)
+    dm = ListDataModule(items)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = trainer.validate(module, datamodule=dm, verbose=False)
+        trainer.validate(module, datamodule=dm, verbose=False)
+    messages = [str(w.message) for w in caught if "EvaluationCallback: skipping" in str(w.message)]
+    assert len([m for m in messages if "skipping fid" in m]) == 1
+    assert len([m for m in messages if "skipping clip_score" in m]) == 1
+    assert len(messages) == 2
+    fid_msg = next(m for m in messages if "skipping fid" in m)
+    assert "inception-2015-12-05.pt" in fid_msg and str(tmp_path / "emf") in fid_msg
+    clip_msg = next(m for m in messages if "skipping clip_score" in m)
+    assert "timm/vit_base_patch32_clip_224.openai" in clip_msg
+
+    # ShapesEval still runs, and validate() returns the logged numbers.
+    assert first[0]["eval/shapes_overall@1step_cfg1.0"] == pytest.approx(first[0]["eval/shapes_overall@real"])
+    assert not any("fid" in k or "clip" in k for k in first[0])
+    out = capsys.readouterr().out
+    assert "Evaluation at step 0" in out and "shapes_overall" in out and "real data" in out
+    payload = json.loads((tmp_path / "out" / "metrics-step00000000.json").read_text())
+    assert set(payload["skipped"]) == {"fid", "clip_score"}
+    assert payload["feature_extractor"] is None and payload["clip_model"] is None
+    assert (tmp_path / "out" / "grid-step00000000.png").is_file()
+
+
+def test_reference_features_are_cached_on_disk_per_dataset(tmp_path):
+    items = _dataset()
+    dm = ListDataModule(items, val_shards="/data/val-{000000..000001}.tar")
+    runs = []
+    for _ in range(2):
+        ext = CountingFeatures(feature_id="counting-v1")
+        cb = _callback(every_n_steps=1, steps=(1,), clip_scorer=None, clip_score=False, fid_feature_extractor=ext,
+                       reference_cache_dir=str(tmp_path / "refs"))
+        _trainer(tmp_path, cb, max_steps=1).fit(StandInGenerator(items), datamodule=dm)
+        runs.append((ext.seen, cb.last_result.flat()["eval/fid@1step_cfg1.0"]))
+    assert runs[0][0] == 5 + 5  # real images + one setting's samples
+    assert runs[1][0] == 5  # real features came from the cache
+    assert runs[0][1] == pytest.approx(runs[1][1])
+    assert len(list((tmp_path / "refs").glob("*.npz"))) == 1
+
+
+def test_no_specs_means_no_shapes_eval_and_no_warning(tmp_path):
+    items = _dataset()
+    for x in items:
+        x["spec"] = None
+    cb = _callback(every_n_steps=1, shapes_evaluator=None, fid=False, clip_score=False, grid_prompts=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, cb, max_steps=1).fit(StandInGenerator(items), datamodule=ListDataModule(items))
+    assert not [w for w in caught if "EvaluationCallback" in str(w.message)]
+    assert cb.last_result.flat() == {}
+    assert "shapes" in cb.last_result.skipped
+
+
+# ---------------------------------------------------------------- helpers
+def test_batch_plan_covers_every_index_once_across_ranks():
+    for world in (1, 2, 3):
+        covered = sorted(i for r in range(world) for _, a, b in batch_plan(11, 3, r, world) for i in range(a, b))
+        assert covered == list(range(11))
+    assert batch_plan(11, 3, 1, 2) == [(1, 3, 6), (3, 9, 11)]
+
+
+def test_gather_in_order_reassembles_two_simulated_ranks():
+    total, bs, world = 7, 2, 2
+    data = torch.arange(total * 3, dtype=torch.float32).reshape(total, 3)
+    per_rank = []
+    for r in range(world):
+        idx = [i for _, a, b in batch_plan(total, bs, r, world) for i in range(a, b)]
+        per_rank.append((data[idx], torch.tensor(idx)))
+    max_rows = max(len(i) for _, i in per_rank)
+
+    def padded(t, fill):
+        pad = max_rows - t.shape[0]
+        return torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
+
+    def fake_all_gather(t):  # what DDP's all_gather returns: [world, rows, ...] from every rank
+        if t.dtype == torch.long:
+            return torch.stack([padded(i, -1) for _, i in per_rank])
+        return torch.stack([padded(rows, 0) for rows, _ in per_rank])
+
+    rows0, idx0 = per_rank[0]
+    out = gather_in_order(rows0, idx0, total, world, max_rows, fake_all_gather)
+    assert torch.equal(out, data)
+
+
+def test_collect_held_out_stops_at_n_and_skips_empty_captions():
+    batches = [
+        {"image": torch.zeros(2, 3, 4, 4), "caption": ["a", ""], "spec": [None, None], "key": ["0", "1"]},
+        {"image": torch.ones(2, 3, 4, 4), "caption": ["b", "c"], "key": ["2", "3"]},
+    ]
+    held = collect_held_out(batches, n=2)
+    assert held.captions == ["a", "b"] and held.keys == ["0", "2"] and held.specs == [None, None]
+    assert held.images.shape == (2, 4, 4, 3) and held.images.dtype == np.uint8
+    assert held.images[0].max() == 128 and held.images[1].min() == 255  # 0 -> 128, 1 -> 255 via to_uint8
+    with pytest.raises(ValueError, match="no samples with a caption"):
+        collect_held_out([{"image": torch.zeros(1, 3, 4, 4), "caption": [""]}], n=3)
+
+
+def test_constructor_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="steps must be a non-empty list of integers >= 1"):
+        EvaluationCallback(steps=(0, 1))
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        EvaluationCallback(num_samples=0)
+
+
+def test_report_table_and_json(tmp_path):
+    rows = {"1 step, cfg 1.0": {"fid": 12.345678, "clip_score": 30.0}, "real data": {"clip_score": 31.5, "n": 3}}
+    console = Console(record=True, width=120)
+    console.print(metrics_table(rows, title="t"))
+    text = console.export_text()
+    assert "12.35" in text and "31.5" in text and "-" in text  # the real row has no fid
+    assert format_value(float("nan")) == "-" and format_value(None) == "-" and format_value(7) == "7"
+    path = write_metrics_json(tmp_path / "m.json", {"fid": float("nan"), "x": np.float32(1.5), "t": torch.tensor(2.0)})
+    assert json.loads(path.read_text()) == {"fid": None, "x": 1.5, "t": 2.0}
