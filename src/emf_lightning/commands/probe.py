@@ -42,6 +42,12 @@ TABLE_COLUMNS = (
 )
 
 
+# Constructor arguments the probe gives a registry encoder unless --encoder-arg overrides them. The label
+# encoder needs a class list; hashing each whole caption into its own class makes it the baseline with no
+# language understanding at all (what class-conditional MeanFlow sees), which is what the probe compares.
+PROBE_DEFAULTS: dict[str, dict[str, Any]] = {"label": {"num_classes": 4096}}
+
+
 @dataclass
 class EncoderChoice:
     """One encoder to probe: a label for the table and how to build it."""
@@ -59,7 +65,7 @@ class EncoderChoice:
             return build_encoder_from_spec(self.spec)
         from emf_lightning.encoders import build_encoder
 
-        return build_encoder(self.name, **(self.kwargs or {}))
+        return build_encoder(self.name, **{**PROBE_DEFAULTS.get(self.name, {}), **(self.kwargs or {})})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -129,8 +135,11 @@ def resolve_encoders(arg: str, kwargs: dict[str, Any], say) -> tuple[list[Encode
             raise SystemExit(f"emf probe: unknown encoder {', '.join(unknown)}; choose from "
                              f"{', '.join(ENCODERS)}, 'all' or a YAML config")
         return [EncoderChoice(label=n, name=n, kwargs=kwargs) for n in names], {}
-    chosen, skipped = [], {}
+    chosen, skipped, seen = [], {}, set()
     for name, cls in ENCODERS.items():
+        if cls in seen:  # an alias ("sentence" = "minilm"): probe each class once
+            continue
+        seen.add(cls)
         if cls.weights_available(**kwargs):
             chosen.append(EncoderChoice(label=name, name=name, kwargs=kwargs))
         else:
