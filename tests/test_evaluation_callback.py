@@ -408,3 +408,51 @@ def test_report_table_and_json(tmp_path):
     assert format_value(float("nan")) == "-" and format_value(None) == "-" and format_value(7) == "7"
     path = write_metrics_json(tmp_path / "m.json", {"fid": float("nan"), "x": np.float32(1.5), "t": torch.tensor(2.0)})
     assert json.loads(path.read_text()) == {"fid": None, "x": 1.5, "t": 2.0}
+
+
+# ---------------------------------------------------------------- integration: real EMFModule + ShardDataModule
+@pytest.mark.slow
+def test_real_module_and_shard_datamodule_fit_then_validate(tmp_path):
+    from helpers import tiny_module, write_shapes_shards
+
+    from emf_lightning.data.datamodule import ShardDataModule
+
+    urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4, resolution=16)
+    dm = ShardDataModule(train_shards=urls["train"], val_shards=urls["val"], batch_size=4, image_size=16,
+                         num_workers=0, epoch_length=8)
+    module = tiny_module()
+    shapes = MeanPixelShapes()
+    shapes_res = {}
+
+    class Recording(MeanPixelShapes):
+        def evaluate(self, images, specs):
+            shapes_res["shape"] = images.shape
+            shapes_res["specs"] = specs
+            return {"overall": float(images.mean() / 255.0)}
+
+    cb = EvaluationCallback(every_n_steps=2, num_samples=4, batch_size=4, steps=(1, 2), clip_score=False,
+                            fid_feature_extractor=CountingFeatures(), shapes_evaluator=Recording(),
+                            grid_prompts=2, kid_subsets=2, reference_cache_dir=str(tmp_path / "refs"))
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=2, max_epochs=1, callbacks=[cb], logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu")
+    trainer.fit(module, datamodule=dm)
+    fit_result = cb.last_result
+    assert fit_result is not None and fit_result.global_step == 2
+    assert set(fit_result.flat()) >= {metric_key(m, s) for m in ("fid", "kid", "shapes_overall") for s in (1, 2)}
+    assert shapes_res["shape"] == (4, 16, 16, 3)
+    assert all(isinstance(spec, dict) and "objects" in spec for spec in shapes_res["specs"])
+
+    # validate reuses nothing from fit but the weights; same seed -> same samples -> same numbers.
+    cb2 = EvaluationCallback(num_samples=4, batch_size=4, steps=(1, 2), clip_score=False,
+                             fid_feature_extractor=CountingFeatures(), shapes_evaluator=Recording(),
+                             grid_prompts=2, kid_subsets=2, output_dir=str(tmp_path / "val"))
+    # max_steps as the YAML configs set it: EMFModule.progress() asserts on a Trainer with neither limit.
+    val_trainer = Trainer(default_root_dir=tmp_path, max_steps=2, callbacks=[cb2], logger=False,
+                          enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=1, accelerator="cpu")
+    out = val_trainer.validate(module, datamodule=dm, verbose=False)[0]
+    for key, value in fit_result.flat().items():
+        assert out[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert (tmp_path / "val" / "grid-step00000000.png").is_file()
+    assert (tmp_path / "val" / "metrics-step00000000.json").is_file()
