@@ -3,7 +3,7 @@
     enc = build_encoder("llm")                     # SmolLM2-135M-Instruct, offline
     feats = enc.encode(["a red circle left of a blue square"])   # TextFeatures(tokens, mask, pooled)
 
-Registry names: llm, qwen3, t5, clip, minilm (alias sentence), bow, label.
+Registry names: llm, qwen3, t5, clip, minilm, bow, label.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ ENCODERS: dict[str, type[TextEncoder]] = {
     "t5": T5Encoder,
     "clip": CLIPTextEncoder,
     "minilm": SentenceEncoder,
-    "sentence": SentenceEncoder,
     "bow": BagOfWordsEncoder,
     "label": LabelEncoder,
 }

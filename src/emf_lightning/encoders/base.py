@@ -7,7 +7,9 @@ a pooled vector. Subclasses implement `_encode_batch`; the base class does input
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
@@ -179,6 +181,34 @@ class TextEncoder(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    init_args: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap each subclass __init__ so the outermost call records its arguments in `self.init_args`:
+        {"class_path": ..., "init_args": encoder.init_args} rebuilds the encoder (checkpoints keep that
+        spec instead of the encoder's weights)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self: "TextEncoder", *args: Any, **kw: Any) -> None:
+            outermost = "_recording_init" not in self.__dict__
+            if outermost:
+                self.__dict__["_recording_init"] = True
+            init(self, *args, **kw)
+            if outermost:
+                del self.__dict__["_recording_init"]
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+                self.init_args = {
+                    k: v for k, v in bound.arguments.items() if k != "self" and signature.parameters[k].kind not in skip
+                }
+
+        cls.__init__ = recording_init  # type: ignore[method-assign]
 
     def __init__(
         self,

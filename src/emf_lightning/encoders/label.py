@@ -16,6 +16,9 @@ import torch
 from emf_lightning.encoders.base import TextEncoder, TextFeatures, short_hash
 
 
+DEFAULT_NUM_CLASSES = 1000
+
+
 def orthogonal_table(rows: int, dim: int, seed: int) -> torch.Tensor:
     """[rows, dim] with orthonormal rows when rows <= dim (else unit rows from orthonormal columns),
     scaled by sqrt(dim) so each entry has RMS 1. Deterministic for a seed."""
@@ -40,7 +43,7 @@ class LabelEncoder(TextEncoder):
     Args:
         classes: the class names (a caption must equal one of them exactly), or a path to a text file
             with one class per line. Mutually exclusive with `num_classes`.
-        num_classes: hash whole captions into this many classes instead.
+        num_classes: hash whole captions into this many classes instead (default 1000, as ImageNet).
         dim: embedding width.
         seed: seed of the orthogonal table.
     """
@@ -58,8 +61,10 @@ class LabelEncoder(TextEncoder):
         dtype: torch.dtype | str | None = None,
     ):
         super().__init__(batch_size=batch_size, max_length=1, device=device, dtype=dtype)
-        if (classes is None) == (num_classes is None):
-            raise ValueError("LabelEncoder needs exactly one of `classes` (a list or file) or `num_classes`")
+        if classes is not None and num_classes is not None:
+            raise ValueError("LabelEncoder takes `classes` (a list or file) or `num_classes`, not both")
+        if classes is None and num_classes is None:
+            num_classes = DEFAULT_NUM_CLASSES
         if isinstance(classes, (str, Path)):
             classes = [line.rstrip("\n") for line in Path(classes).read_text(encoding="utf-8").splitlines() if line.strip()]
         self.classes = list(classes) if classes is not None else None
