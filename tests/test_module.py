@@ -75,11 +75,11 @@ def test_encoder_spec_refuses_classes_that_are_not_encoders():
 
 
 def test_encoder_spec_reads_back_constructor_arguments():
-    enc = HashWordEncoder(width=8, seed=1, batch_size=5, max_length=7)
+    enc = HashWordEncoder(width=8, seed=1, batch_size=5, max_length=7, device=torch.device("cpu"))
     spec = encoder_spec(enc)
-    assert spec["init_args"] == {"width": 8, "seed": 1, "batch_size": 5, "max_length": 7, "device": None,
-                                 "dtype": "float32"}
-    assert "unrecorded" not in spec
+    assert spec == {"class_path": "helpers.HashWordEncoder",
+                    "init_args": {"width": 8, "seed": 1, "batch_size": 5, "max_length": 7, "device": "cpu",
+                                  "dtype": None}}
 
 
 # ---------------------------------------------------------------------------------------------- conditions
@@ -100,6 +100,29 @@ def test_empty_caption_is_the_null_condition():
     u_padded = net(z, r, t, feats.tokens[1:2], feats.mask[1:2])
     u_null = net(z, r, t, *null_condition(1, module.encoder.dim))
     torch.testing.assert_close(u_padded, u_null, rtol=1e-5, atol=1e-6)
+
+
+def test_precomputed_batch_features_are_used_and_dropped_rows_are_null():
+    module = tiny_module()
+    batch = shapes_batch(3, 16)
+    ref = module.encoder.encode(batch["caption"])
+    batch["features"] = {"tokens": ref.tokens, "mask": ref.mask, "pooled": ref.pooled}
+    batch["caption"][1] = ""
+    module.feature_cache.encode = None  # the cache must not be consulted
+    feats = module.batch_text_features(batch)
+    assert torch.equal(feats.tokens[0], ref.tokens[0]) and torch.equal(feats.mask[2], ref.mask[2])
+    assert torch.count_nonzero(feats.tokens[1]) == 0 and feats.mask[1].sum() == 1 and feats.mask[1, 0]
+    batch["features"]["tokens"] = torch.zeros(3, 2, 5)
+    with pytest.raises(ValueError, match="precomputed features in the shards have width 5"):
+        module.batch_text_features(batch)
+
+
+def test_feature_cache_is_saved_to_disk(tmp_path: Path):
+    module = tiny_module(feature_cache_dir=str(tmp_path))
+    module.encode_text(["a red circle", "two blue squares"])
+    module.save_feature_cache()
+    again = tiny_module(feature_cache_dir=str(tmp_path))
+    assert "a red circle" in again.feature_cache and len(again.feature_cache) == 2
 
 
 def test_all_empty_captions_never_reach_the_encoder():

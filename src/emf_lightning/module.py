@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import math
 import warnings
 from typing import Any, Literal, Sequence
@@ -54,46 +53,26 @@ def _pair(value: Pair, name: str) -> tuple[float, float]:
 def encoder_spec(encoder: TextEncoder | dict) -> dict[str, Any]:
     """``{"class_path", "init_args"}`` that rebuilds ``encoder``; stored instead of the encoder's weights.
 
-    A dict is returned as is. For an instance, each ``__init__`` argument is read back from the attribute of
-    the same name (or ``_name``, or the ``init_args`` dict an encoder may keep). Unreadable arguments are left
-    out (their defaults apply on rebuild), and their names are listed under ``"unrecorded"``.
+    A dict is returned as is. An instance gives the constructor arguments it recorded (``TextEncoder``
+    records them in ``init_args``); torch dtypes/devices become strings. Arguments that are not plain data
+    are left out (their defaults apply on rebuild) and listed under ``"unrecorded"``.
     """
     if isinstance(encoder, dict):
         return encoder
     cls = type(encoder)
-    recorded = dict(getattr(encoder, "init_args", None) or {})
     init_args: dict[str, Any] = {}
     unrecorded: list[str] = []
-    for name, param in inspect.signature(cls.__init__).parameters.items():
-        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        value = recorded.get(name, _MISSING)
-        if value is _MISSING:
-            value = _attr(encoder, _BASE_ATTRIBUTES.get(name, name))
+    for name, value in dict(getattr(encoder, "init_args", None) or {}).items():
         if isinstance(value, (torch.device, torch.dtype)):
             value = str(value).removeprefix("torch.")
-        if value is _MISSING or not _is_plain(value):
+        if _is_plain(value):
+            init_args[name] = list(value) if isinstance(value, tuple) else value
+        else:
             unrecorded.append(name)
-            continue
-        init_args[name] = list(value) if isinstance(value, tuple) else value
     spec: dict[str, Any] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
     if unrecorded:
         spec["unrecorded"] = unrecorded
     return spec
-
-
-_MISSING = object()
-# TextEncoder's own constructor arguments and the attributes that keep them.
-_BASE_ATTRIBUTES = {"device": "_init_device", "dtype": "compute_dtype"}
-
-
-def _attr(obj: object, name: str) -> Any:
-    for attr in (name, "_" + name):
-        if attr in vars(obj):  # instance attributes only: a class property of that name is not the argument
-            value = vars(obj)[attr]
-            if not callable(value):
-                return value
-    return _MISSING
 
 
 def _is_plain(value: Any) -> bool:
@@ -259,8 +238,46 @@ class EMFModule(pl.LightningModule):
         self._move_encoder()
         return encode_with_null(captions, self.feature_cache.encode, self.encoder.dim, device=self.device)
 
+    def batch_text_features(self, batch: dict[str, Any]) -> TextFeatures:
+        """The batch's text condition: precomputed shard features when the batch has them, else the cache.
+
+        Precomputed features (``data.load_features``) belong to the primary caption; rows whose caption
+        was dropped to ``""`` get the null condition.
+        """
+        pre = batch.get("features")
+        if pre is None:
+            return self.encode_text(batch["caption"])
+        tokens, mask = pre["tokens"].to(self.device, torch.float32), pre["mask"].to(self.device, torch.bool)
+        if tokens.shape[-1] != self.encoder.dim:
+            raise ValueError(
+                f"precomputed features in the shards have width {tokens.shape[-1]} but the encoder "
+                f"({self.encoder.cache_key}) gives {self.encoder.dim}: recompute them or set data.load_features=false"
+            )
+        dropped = torch.tensor([c == "" for c in batch["caption"]], device=self.device)
+        if dropped.any():
+            tokens = tokens * (~dropped)[:, None, None]
+            mask = mask.clone()
+            mask[dropped] = False
+            mask[dropped, 0] = True
+        pooled = pre["pooled"].to(self.device, torch.float32) * (~dropped)[:, None]
+        return TextFeatures(tokens=tokens, mask=mask, pooled=pooled)
+
+    def save_feature_cache(self) -> None:
+        """Persist newly computed caption features (no-op for an in-memory cache; part files are
+        uniquely named, so every rank may save)."""
+        self.feature_cache.save()
+
     def on_fit_start(self) -> None:
         self._move_encoder()
+
+    def on_train_epoch_end(self) -> None:
+        self.save_feature_cache()
+
+    def on_validation_epoch_end(self) -> None:
+        self.save_feature_cache()
+
+    def on_fit_end(self) -> None:
+        self.save_feature_cache()
 
     def setup(self, stage: str) -> None:
         """Load ``init_from`` weights at the start of a fresh fit (not when resuming from a checkpoint)."""
@@ -306,7 +323,7 @@ class EMFModule(pl.LightningModule):
                 f"batch images have shape {tuple(images.shape)}, but the model expects [B, {expected[0]}, "
                 f"{expected[1]}, {expected[2]}]: make data.image_size match model.image_size"
             )
-        feats = self.encode_text(batch["caption"])
+        feats = self.batch_text_features(batch)
         cond = (feats.tokens.to(images.dtype), feats.mask)
         null = null_condition(1, self.encoder.dim, device=images.device, dtype=cond[0].dtype)
         drop_mask = None if train else torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)

@@ -1,0 +1,105 @@
+"""Save, load and resume: the step count, the EMA and the random streams continue exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import HashWordEncoder, shapes_batch, tiny_module
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from emf_lightning.module import EMFModule
+
+STEPS = 3  # one epoch = STEPS fixed batches; the resumed run starts exactly at an epoch boundary
+
+
+class FixedBatches(torch.utils.data.Dataset):
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batches[i]
+
+
+def fresh_module() -> EMFModule:
+    # Same initial weights for every run; progress schedules over the full 2N steps in all runs.
+    torch.manual_seed(0)
+    return tiny_module(schedule_steps=2 * STEPS, warmup_steps=2, time_mu=(-0.5, 0.5), neq_ratio=(0.25, 0.75))
+
+
+def run(module: EMFModule, max_steps: int, ckpt_dir: Path | None = None, ckpt_path: str | None = None) -> pl.Trainer:
+    batches = [shapes_batch(2, 16, seed=s) for s in range(STEPS)]
+    callbacks = []
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=STEPS,
+                                         save_top_k=-1))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
+                         enable_checkpointing=ckpt_dir is not None, callbacks=callbacks, gradient_clip_val=1.0,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, torch.utils.data.DataLoader(FixedBatches(batches), batch_size=None), ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted 2N-step run, an N-step run with a checkpoint, and its resumption to 2N."""
+    ckpt_dir = tmp_path_factory.mktemp("ckpt")
+    whole = fresh_module()
+    run(whole, 2 * STEPS)
+    first = fresh_module()
+    run(first, STEPS, ckpt_dir=ckpt_dir)
+    ckpt = ckpt_dir / f"step={STEPS}.ckpt"
+    resumed = fresh_module()
+    trainer = run(resumed, 2 * STEPS, ckpt_path=str(ckpt))
+    return {"whole": whole, "first": first, "resumed": resumed, "trainer": trainer, "ckpt": ckpt}
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_resume_continues_step_count(runs):
+    assert runs["trainer"].global_step == 2 * STEPS
+    ckpt = torch.load(runs["ckpt"], weights_only=True)  # hyper-parameters are plain data
+    assert ckpt["global_step"] == STEPS
+
+
+def test_resumed_run_equals_uninterrupted_run(runs):
+    # Same weights, EMA and optimiser trajectory: the per-step random streams depend only on (seed, step).
+    _assert_same_weights(runs["resumed"].generator, runs["whole"].generator)
+    _assert_same_weights(runs["resumed"].ema_generator, runs["whole"].ema_generator)
+    assert not torch.equal(  # and the EMA is not just a copy of the weights
+        next(runs["whole"].generator.parameters()), next(runs["whole"].ema_generator.parameters())
+    )
+
+
+def test_checkpoint_holds_ema_and_no_encoder_weights(runs):
+    state = torch.load(runs["ckpt"], weights_only=True)["state_dict"]
+    assert any(k.startswith("ema_generator.") for k in state)
+    assert not any(k.startswith("encoder") or "table" in k for k in state)
+    ema = {k[len("ema_generator."):]: v for k, v in state.items() if k.startswith("ema_generator.")}
+    for k, v in runs["first"].ema_generator.state_dict().items():
+        assert torch.equal(ema[k], v), k
+
+
+def test_load_from_checkpoint_rebuilds_the_encoder_from_its_spec(runs):
+    loaded = EMFModule.load_from_checkpoint(runs["ckpt"], map_location="cpu")
+    assert isinstance(loaded.encoder, HashWordEncoder) and loaded.encoder.width == 16
+    assert loaded.hparams["encoder"]["class_path"] == "helpers.HashWordEncoder"
+    _assert_same_weights(loaded.ema_generator, runs["first"].ema_generator)
+    captions = ["a red circle", "two blue squares"]
+    assert torch.equal(loaded.generate(captions, steps=2, seed=3), runs["first"].generate(captions, steps=2, seed=3))
+
+
+def test_load_from_checkpoint_accepts_an_encoder_instance(runs):
+    loaded = EMFModule.load_from_checkpoint(runs["ckpt"], map_location="cpu", encoder=HashWordEncoder())
+    assert loaded.hparams["encoder"]["class_path"] == "helpers.HashWordEncoder"
+    _assert_same_weights(loaded.generator, runs["first"].generator)
