@@ -61,8 +61,8 @@ class FeatureCache:
         self._pooled: dict[str, Tensor] = {}  # caption -> [D] CPU tensor
         self._unsaved: list[str] = []
         self._loaded_parts: set[str] = set()
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # caption lookups answered without a new encoder computation
+        self.misses = 0  # captions computed by the encoder
         self.skipped_parts = 0
         if self.dir is not None and self.dir.is_dir():
             self.reload()
@@ -86,8 +86,7 @@ class FeatureCache:
         if not captions:
             raise ValueError("encode() got an empty caption list")
         missing = list(dict.fromkeys(c for c in captions if c not in self._pooled))
-        fresh = set(missing)
-        self.hits += sum(1 for c in captions if c not in fresh)
+        self.hits += len(captions) - len(missing)
         if missing:
             self._add(missing, self.encoder.encode(missing))
         return self._assemble(captions)
