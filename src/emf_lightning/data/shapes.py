@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from emf_lightning.data.shapes_captions import describe, paraphrases, reduced_captions
 from emf_lightning.data.shapes_render import render
 from emf_lightning.data.shapes_scene import (
+    ALL_SHAPES,
     BACKGROUND,
     CATEGORIES,
     COLORS,
@@ -35,6 +36,7 @@ from emf_lightning.data.shapes_scene import (
 )
 
 __all__ = [
+    "ALL_SHAPES",
     "BACKGROUND",
     "CATEGORIES",
     "COLORS",
@@ -81,6 +83,7 @@ class ShapesWorld(Dataset):
         n_captions: paraphrases drawn per sample (fewer if the scene has fewer phrasings).
         caption_mode: ``random`` (``caption`` is the first paraphrase) or ``canonical`` (``describe(spec)``).
         heldout: the held-out (colour, shape) pairs.
+        shapes: the shapes scenes use (default SHAPES; ALL_SHAPES adds the diamond, for 64 px and up).
         supersample: antialiasing factor of the renderer.
     """
 
@@ -94,6 +97,7 @@ class ShapesWorld(Dataset):
         n_captions: int = 4,
         caption_mode: Literal["random", "canonical"] = "random",
         heldout: Sequence[tuple[str, str]] = HELDOUT_PAIRS,
+        shapes: Sequence[str] = SHAPES,
         supersample: int = 4,
     ):
         if split not in SPLITS:
@@ -108,10 +112,14 @@ class ShapesWorld(Dataset):
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
         self.seed, self.resolution, self.split, self.size = int(seed), int(resolution), split, int(size)
         self.n_captions, self.caption_mode, self.supersample = n_captions, caption_mode, supersample
+        unknown = [s for s in shapes if s not in ALL_SHAPES]
+        if unknown or not shapes:
+            raise ValueError(f"shapes must be a non-empty subset of {ALL_SHAPES}, got {list(shapes)}")
+        self.shapes = tuple(shapes)
         self.heldout = tuple(tuple(p) for p in heldout)
         for colour, shape in self.heldout:
-            if colour not in COLORS or shape not in SHAPES:
-                raise ValueError(f"held-out pair ({colour!r}, {shape!r}) is not a known (colour, shape)")
+            if colour not in COLORS or shape not in self.shapes:
+                raise ValueError(f"held-out pair ({colour!r}, {shape!r}) is not a (colour, shape) of this world")
         self.categories, self.probabilities = normalise_mix(mix)
 
     def __len__(self) -> int:
@@ -135,7 +143,7 @@ class ShapesWorld(Dataset):
 
     def _spec(self, i: int, rng: np.random.Generator) -> dict[str, Any]:
         category = self.categories[int(rng.choice(len(self.categories), p=self.probabilities))]
-        return sample_scene(rng, category, self.split, self.heldout)
+        return sample_scene(rng, category, self.split, self.heldout, self.shapes)
 
     def __getitem__(self, index: int) -> ShapesSample:
         i = self._index(index)

@@ -52,7 +52,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+# Every shape the renderer, captions and ShapesEval know. The default world uses SHAPES: a small diamond
+# (9 px across at 32x32) blurs into a disk under a Gaussian blur of 0.8 px, so it is opt-in (shapes=ALL_SHAPES)
+# for 64 px and above, where it stays distinct.
+ALL_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: tuple[str, ...] = ("small", "large")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 INVERSE_RELATION: dict[str, str] = {
@@ -83,7 +87,7 @@ HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
     ("red", "triangle"),
     ("green", "circle"),
     ("blue", "square"),
-    ("yellow", "diamond"),
+    ("white", "triangle"),
 )
 
 _PLACEMENT_TRIES = 200
@@ -110,8 +114,8 @@ def validate_spec(spec: Mapping[str, Any]) -> None:
         for field in ("shape", "color", "size", "x", "y"):
             if field not in obj:
                 raise SceneError(f"object {i} has no '{field}'")
-        if obj["shape"] not in SHAPES:
-            raise SceneError(f"object {i}: unknown shape '{obj['shape']}' (known: {', '.join(SHAPES)})")
+        if obj["shape"] not in ALL_SHAPES:
+            raise SceneError(f"object {i}: unknown shape '{obj['shape']}' (known: {', '.join(ALL_SHAPES)})")
         if obj["color"] not in COLORS:
             raise SceneError(f"object {i}: unknown color '{obj['color']}' (known: {', '.join(COLORS)})")
         if obj["size"] not in SIZES:
@@ -242,12 +246,14 @@ def _place_two(
     return objs
 
 
-def allowed_pairs(split: str, heldout: Sequence[tuple[str, str]] = HELDOUT_PAIRS) -> list[tuple[str, str]]:
+def allowed_pairs(
+    split: str, heldout: Sequence[tuple[str, str]] = HELDOUT_PAIRS, shapes: Sequence[str] = SHAPES
+) -> list[tuple[str, str]]:
     """(colour, shape) pairs an object of a scene in ``split`` may freely use."""
     if split not in SPLITS:
         raise SceneError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
     held = set(map(tuple, heldout))
-    pairs = [(c, s) for s in SHAPES for c in COLORS]
+    pairs = [(c, s) for s in shapes for c in COLORS]
     return pairs if split == "heldout" else [p for p in pairs if p not in held]
 
 
@@ -258,9 +264,10 @@ def _draw_pairs(
     heldout: Sequence[tuple[str, str]],
     distinct_shapes: bool,
     distinct_colors: bool,
+    shapes: Sequence[str],
 ) -> list[tuple[str, str]]:
     """Draw n (colour, shape) pairs satisfying the split and the category's distinctness constraints."""
-    pool = allowed_pairs(split, heldout)
+    pool = allowed_pairs(split, heldout, shapes)
     for _ in range(1000):
         pairs = [pool[k] for k in rng.integers(len(pool), size=n)]
         if split == "heldout":
@@ -281,6 +288,7 @@ def sample_scene(
     category: str,
     split: str = "train",
     heldout: Sequence[tuple[str, str]] = HELDOUT_PAIRS,
+    shapes: Sequence[str] = SHAPES,
 ) -> dict[str, Any]:
     """Draw one scene spec of ``category`` for ``split`` using only ``rng``."""
     if category not in CATEGORIES:
@@ -288,11 +296,11 @@ def sample_scene(
     relations: list[dict[str, Any]] = []
     relation = None
     if category in ("single_object", "colors"):
-        pairs = _draw_pairs(rng, 1, split, heldout, False, False)
+        pairs = _draw_pairs(rng, 1, split, heldout, False, False, shapes)
         sizes = [SIZES[int(rng.integers(2))]]
     elif category == "counting":
         n = int(rng.integers(COUNT_RANGE[0], COUNT_RANGE[1] + 1))
-        pairs = _draw_pairs(rng, 1, split, heldout, False, False) * n
+        pairs = _draw_pairs(rng, 1, split, heldout, False, False, shapes) * n
         # three or four large boxes only fit in a rigid 2x2 grid; such groups are always small
         sizes = [SIZES[int(rng.integers(2))] if n == 2 else "small"] * n
     else:
@@ -303,6 +311,7 @@ def sample_scene(
             heldout,
             distinct_shapes=category in ("two_objects", "color_attr"),
             distinct_colors=category == "color_attr",
+            shapes=shapes,
         )
         sizes = [SIZES[int(k)] for k in rng.integers(2, size=2)]
         if category == "position":
@@ -361,6 +370,7 @@ def perturb(
     kind: str,
     rng: np.random.Generator,
     heldout: Sequence[tuple[str, str]] = HELDOUT_PAIRS,
+    shapes: Sequence[str] = SHAPES,
 ) -> dict[str, Any]:
     """A minimal pair: a copy of ``spec`` that differs in exactly one respect.
 
@@ -371,7 +381,8 @@ def perturb(
     - ``relation``: the relation is reversed by mirroring both objects across the image centre line.
     - ``count``: a counting scene gains or loses one object (staying within COUNT_RANGE).
 
-    The result keeps the category and split (a train scene never gains a held-out pair). Raises
+    The result keeps the category and split (a train scene never gains a held-out pair); new shapes
+    come from ``shapes``. Raises
     SceneError when the perturbation does not apply to the scene.
     """
     validate_spec(spec)
@@ -382,7 +393,7 @@ def perturb(
     category, split = out["category"], out.get("split", "train")
 
     if kind in ("color", "shape"):
-        field, values = ("color", tuple(COLORS)) if kind == "color" else ("shape", SHAPES)
+        field, values = ("color", tuple(COLORS)) if kind == "color" else ("shape", tuple(shapes))
         # counting scenes change the whole identical group; others one object, tried in random order
         if category == "counting":
             groups = [list(range(len(objects)))]
