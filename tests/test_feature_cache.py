@@ -130,3 +130,64 @@ def test_null_caption_is_refused(tmp_path) -> None:
     cache = FeatureCache(CountingEncoder(), tmp_path)
     with pytest.raises(ValueError, match="the empty caption is the null condition"):
         cache.encode(["a", ""])
+
+
+# -- emf cache-features ----------------------------------------------------------------------------
+from emf_lightning.commands import cache_features  # noqa: E402
+
+
+def test_cache_features_from_a_captions_file(tmp_path, capsys) -> None:
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\n\nsky\na red circle\n  two cats \n")
+    root = tmp_path / "cache"
+    argv = ["--encoder", "bow", "--encoder-arg", "dim=8", "--captions", str(captions), "--root", str(root)]
+    assert cache_features.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1: blank line" in out and "3 unique, 0 already cached, 3 to compute" in out
+    cache = FeatureCache(BagOfWordsEncoder(dim=8), root)
+    assert sorted(cache._pooled) == ["a red circle", "sky", "two cats"]
+    assert len(list(cache.dir.glob("part-*.safetensors"))) == 1  # compacted
+    assert cache_features.main(argv) == 0
+    assert "3 already cached, 0 to compute" in capsys.readouterr().out
+
+
+def test_cache_features_from_shards_with_paraphrases(tmp_path, capsys) -> None:
+    import webdataset as wds
+
+    shard = tmp_path / "shard-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        sink.write({"__key__": "s0", "txt": "a red circle", "json": {"captions": ["a circle that is red", "a red circle"]}})
+        sink.write({"__key__": "s1", "txt": "sky", "png": b"not decoded"})
+        sink.write({"__key__": "s2", "json": {"objects": []}})  # no caption at all
+    root = tmp_path / "cache"
+    base = ["--encoder", "label", "--encoder-arg", "num_classes=5", "--shards", str(shard), "--root", str(root)]
+    assert cache_features.main(base + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1: sample without caption" in out and "3 unique, 0 already cached, 3 to compute" in out
+    assert not root.exists()  # a dry run writes nothing
+    assert cache_features.main(base + ["--no-paraphrases"]) == 0
+    assert "2 unique" in capsys.readouterr().out
+
+
+def test_cache_features_reads_an_encoder_config(tmp_path, capsys) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "model:\n  init_args:\n    encoder:\n      class_path: emf_lightning.encoders.BagOfWordsEncoder\n"
+        "      init_args: {dim: 6, seed: 3}\n"
+    )
+    captions = tmp_path / "c.jsonl"
+    captions.write_text('{"caption": "a cat", "captions": ["one cat"]}\nnot json\n{"id": 1}\n')
+    assert cache_features.main(["--encoder", str(config), "--captions", str(captions), "--root", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "bow:dim6:seed3" in out and "2 unique" in out
+    assert "skipped 1: bad JSON line" in out and "skipped 1: row without caption" in out
+
+
+def test_cache_features_reports_missing_weights(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    captions = tmp_path / "c.txt"
+    captions.write_text("a cat\n")
+    assert cache_features.main(["--encoder", "t5", "--captions", str(captions), "--root", str(tmp_path)]) == 2
+    assert "google/flan-t5-base" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="expects KEY=VALUE"):
+        cache_features.main(["--encoder", "bow", "--encoder-arg", "dim", "--captions", str(captions)])
