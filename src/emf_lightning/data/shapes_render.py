@@ -37,6 +37,7 @@ def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, h: float) -> np.ndarray:
 def coverage(obj: Mapping[str, Any], resolution: int, supersample: int = 4) -> tuple[np.ndarray, int, int]:
     """Fraction of each pixel the object covers, on the pixel box that holds it.
 
+    Squares are covered exactly; other shapes by ``supersample`` x ``supersample`` point samples per pixel.
     Returns (coverage [h, w] float32 in [0, 1], top row, left column). Pixel (i, j) spans
     [j, j + 1) x [i, i + 1) in pixel units; the object's centre is (x * resolution, y * resolution).
     """
@@ -44,6 +45,11 @@ def coverage(obj: Mapping[str, Any], resolution: int, supersample: int = 4) -> t
     cx, cy = float(obj["x"]) * resolution, float(obj["y"]) * resolution
     x0, x1 = max(0, math.floor(cx - h)), min(resolution, math.ceil(cx + h))
     y0, y1 = max(0, math.floor(cy - h)), min(resolution, math.ceil(cy + h))
+    if obj["shape"] == "square":
+        # exact: a square's coverage is the product of its overlaps with the pixel's column and row
+        ox = np.clip(np.minimum(np.arange(x0, x1) + 1, cx + h) - np.maximum(np.arange(x0, x1), cx - h), 0, 1)
+        oy = np.clip(np.minimum(np.arange(y0, y1) + 1, cy + h) - np.maximum(np.arange(y0, y1), cy - h), 0, 1)
+        return (oy[:, None] * ox[None, :]).astype(np.float32), y0, x0
     s = supersample
     xs = x0 + (np.arange((x1 - x0) * s, dtype=np.float32) + 0.5) / s - cx
     ys = y0 + (np.arange((y1 - y0) * s, dtype=np.float32) + 0.5) / s - cy

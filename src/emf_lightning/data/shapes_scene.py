@@ -412,21 +412,33 @@ def perturb(
             if options:
                 out["objects"] = options[int(rng.integers(len(options)))]
                 return out
-        raise SceneError(f"no valid '{kind}' perturbation for this scene")
+        raise SceneError(
+            f"no '{kind}' change keeps this a valid '{split}' {category} scene "
+            "(held-out pairs stay out of other splits; objects stay distinguishable)"
+        )
 
     if kind == "swap_binding":
         if category == "counting" or len(objects) < 2:
             raise SceneError("swap_binding needs a scene with two objects of different colours")
-        pairs = [(i, j) for i in range(len(objects)) for j in range(i + 1, len(objects))]
+        pairs = [
+            (i, j)
+            for i in range(len(objects))
+            for j in range(i + 1, len(objects))
+            if objects[i]["color"] != objects[j]["color"]
+        ]
+        if not pairs:
+            raise SceneError("swap_binding needs a scene with two objects of different colours")
         options = []
         for i, j in pairs:
             trial = [dict(o) for o in objects]
             trial[i]["color"], trial[j]["color"] = objects[j]["color"], objects[i]["color"]
-            if objects[i]["color"] != objects[j]["color"] and _split_ok(trial, split, heldout):
-                if _identities_ok(out, trial) and trial != objects:
-                    options.append(trial)
+            if _split_ok(trial, split, heldout) and _identities_ok(out, trial):
+                options.append(trial)
         if not options:
-            raise SceneError("swap_binding needs two objects of different colours whose swap changes the scene")
+            raise SceneError(
+                f"no 'swap_binding' change keeps this a valid '{split}' {category} scene "
+                "(held-out pairs stay out of other splits; objects stay distinguishable)"
+            )
         out["objects"] = options[int(rng.integers(len(options)))]
         return out
 
