@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from emf_lightning.callbacks.probe import DiscriminabilityProbe
-from emf_lightning.metrics.probe_eval import evaluate_probe
+from emf_lightning.metrics.probe_eval import EncodedCaptions, encode_captions, evaluate_encoded, evaluate_probe
 from emf_lightning.metrics.probe_sets import shapes_probe_set
 
 DIM = 12
@@ -103,3 +103,29 @@ def test_probe_callback_needs_a_connector(probe):
                          enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(AttributeError, match=r"needs pl_module.generator.connector"):
         trainer.fit(NoConnector())
+
+
+@pytest.mark.slow
+def test_probe_callback_with_the_real_emf_module(probe):
+    from helpers import shapes_batch, tiny_module
+
+    module = tiny_module()
+    batch = shapes_batch(n=2, resolution=16)
+    loader = torch.utils.data.DataLoader([batch] * 4, batch_size=None)
+    cb = DiscriminabilityProbe(every_n_steps=1, k=2, probe_set=probe)
+    trainer = pl.Trainer(max_steps=2, callbacks=[cb], logger=False, accelerator="cpu", enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader)
+    assert [step for step, _ in cb.history] == [0, 1, 2]
+    start, end = cb.history[0][1], cb.history[-1][1]
+    direct = evaluate_probe(probe, module.encoder.encode, k=2).metrics
+    assert start["probe/frozen/same_scene_auc"] == pytest.approx(direct["same_scene_auc"])
+    # The EMA copy starts equal to the connector.
+    assert start["probe/connector_ema/anisotropy/pooled"] == pytest.approx(start["probe/connector/anisotropy/pooled"])
+    # The last entry is the trained connector's output, recomputed here independently.
+    frozen = encode_captions(module.encoder.encode, probe.all_captions())
+    with torch.no_grad():
+        mapped = module.generator.connector(frozen.tokens) * frozen.mask.unsqueeze(-1)
+    expected = evaluate_encoded(probe, EncodedCaptions(frozen.captions, mapped, frozen.mask), k=2).metrics
+    for name, value in expected.items():
+        assert end[f"probe/connector/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name

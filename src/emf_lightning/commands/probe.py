@@ -193,9 +193,10 @@ def save_figure(results: dict[str, dict[str, Any]], histograms: dict[str, tuple]
 
     labels = list(results)
     cols = max(1, len(labels))
-    fig, axes = plt.subplots(2, cols, figsize=(3.6 * cols + 1, 6.4), squeeze=False)
+    fig = plt.figure(figsize=(3.6 * cols + 1, 6.4))
+    grid = fig.add_gridspec(2, cols)
     for j, label in enumerate(labels):
-        ax = axes[0, j]
+        ax = fig.add_subplot(grid[0, j])
         same, diff = histograms[label]
         lo = float(min(same.min() if len(same) else 1.0, diff.min() if len(diff) else 1.0))
         bins = np.linspace(min(lo, 0.0), 1.0, 41)
@@ -211,9 +212,7 @@ def save_figure(results: dict[str, dict[str, Any]], histograms: dict[str, tuple]
             ax.legend(fontsize=8)
     kinds = sorted({key.split("/", 2)[2] for res in results.values() for key in res["metrics"]
                     if key.startswith("minimal_pairs/accuracy/")})
-    bar = axes[1, 0]
-    for j in range(1, cols):
-        axes[1, j].axis("off")
+    bar = fig.add_subplot(grid[1, :])  # one grouped bar chart across the whole bottom row
     if kinds:
         width = 0.8 / len(labels)
         x = np.arange(len(kinds))
@@ -224,7 +223,8 @@ def save_figure(results: dict[str, dict[str, Any]], histograms: dict[str, tuple]
         bar.set_xticks(x, kinds, fontsize=8)
         bar.set_ylim(0, 1)
         bar.set_ylabel("minimal-pair accuracy")
-        bar.legend(fontsize=7, ncol=2)
+        bar.set_title("edited scene farther than a paraphrase (pooled cosine); 0.5 = chance", fontsize=10)
+        bar.legend(fontsize=8, ncol=len(labels))
     else:
         bar.axis("off")
     fig.tight_layout()
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from rich.console import Console
 
-    console = Console(stderr=False, soft_wrap=True)
+    # Piped or captured output has no terminal width; give the wide table room instead of eliding it.
+    console = Console(width=None if sys.stdout.isatty() else 180)
     say = console.print
     if args.k < 1 or args.n < 2 * max(args.group, 1) or args.k >= args.n:
         raise SystemExit(f"emf probe: need 1 <= k < n and n >= 2 * group; got n={args.n}, k={args.k}, "
