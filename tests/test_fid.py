@@ -142,6 +142,8 @@ def test_missing_inception_raises_naming_every_place(monkeypatch, tmp_path):
     ):
         assert str(place) in msg
     assert "inception_path" in msg
+    assert "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt" in msg
+    assert "huggingface-cli" not in msg  # Inception is not on the hub: no misleading hint
     assert len(info.value.looked_in) == 4
     with pytest.raises(MissingWeightsError, match="nope.pt"):
         load_inception(tmp_path / "nope.pt")

@@ -290,6 +290,8 @@ class EvaluationCallback(Callback):
             return
         result = self.evaluate(trainer, pl_module)
         metrics = result.flat()
+        if not metrics:  # every metric skipped: the grid and JSON are written, the logger gets no empty row
+            return
         # Direct logger call: values logged from a train hook would wait for log_every_n_steps.
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

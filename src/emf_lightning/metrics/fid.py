@@ -106,6 +106,24 @@ class InceptionFeatures(nn.Module):
         return feats.reshape(images.shape[0], -1).float()
 
 
+class MissingInceptionError(MissingWeightsError):
+    """No Inception FID weights on disk. Its message gives the download URLs (Inception is not on the
+    Hugging Face hub, so the base class's ``huggingface-cli`` hint would mislead)."""
+
+    def __init__(self, looked_in: list[str]):
+        super().__init__(INCEPTION_MODEL_ID, looked_in)
+        message = (
+            f"Inception-v3 FID weights ({CLEAN_FID_FILE} or {TORCH_FIDELITY_FILE}) were not found (offline). "
+            f"Looked in: {', '.join(looked_in)}. Download {CLEAN_FID_URL} (clean-fid / StyleGAN2-ADA) or "
+            f"{TORCH_FIDELITY_URL} (torch-fidelity / torchmetrics) on a machine with internet access, put it in "
+            "one of those places, or set `inception_path`."
+        )
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 def load_inception(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> InceptionFeatures:
     """Load Inception-v3 FID weights from disk (see :func:`inception_search_paths`); never downloads.
 
@@ -135,12 +153,7 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
         if not hasattr(net, "layers"):
             raise ValueError(f"{file} is not clean-fid's Inception TorchScript (it has no `layers` submodule)")
         return InceptionFeatures(net, "clean", "inception-2015-12-05/clean-fid/pil-bicubic").to(device)
-    raise MissingWeightsError(
-        INCEPTION_MODEL_ID,
-        [str(c) for c in candidates],
-        hint=f"Inception is not on the Hugging Face hub: download {CLEAN_FID_URL} (or torch-fidelity's "
-        f"{TORCH_FIDELITY_URL}) and place it in one of those places, or set `inception_path`.",
-    )
+    raise MissingInceptionError([str(c) for c in candidates])
 
 
 @torch.no_grad()
