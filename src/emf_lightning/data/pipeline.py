@@ -340,7 +340,9 @@ class ShardStream(IterableDataset):
             raw = _read_shards((d["url"] for d in shards), counter, progress, limit)
             if self.shuffle_buffer > 1:
                 # shuffle encoded samples, before decoding: a buffer of raw bytes is far smaller than of tensors
-                raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                # start yielding after 100 samples (webdataset's default) while the buffer keeps filling:
+                # each epoch restarts the stream, and a full fill first would delay every epoch's start
+                raw = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
                                   rng=random.Random(seed + 1))(raw)
             samples = _decode_all(raw, self.options, rng, counter, progress, train=True)
             samples = islice(samples, worker_share(self.samples_per_rank, worker, num_workers))

@@ -133,12 +133,14 @@ class WriteResult:
 
 def write_shards(samples: Iterable[ShardSample], pattern: str, maxcount: int = 1000, maxsize: float = 1e9,
                  source: dict[str, Any] | None = None, skipped: Callable[[], dict[str, int]] | None = None,
-                 features: dict[str, Any] | None = None, mtime: float = 0.0) -> WriteResult:
+                 features: dict[str, Any] | None = None, mtime: int = 0) -> WriteResult:
     """Write `samples` into tar shards named by the printf `pattern` (e.g. 'out/train-%06d.tar').
 
     A new shard starts after `maxcount` samples or `maxsize` bytes. Keys must be unique. `source`
     (how the samples were made: kind, seed, ...) and `skipped()` (the source's skip counts, read after
-    the last sample) go into the manifest, written last, at `manifest_path(pattern)`.
+    the last sample) go into the manifest, written last, at `manifest_path(pattern)`. `mtime` is
+    the tar members' time stamp: an integer, since a fractional one makes tarfile add a PAX header
+    to every member (twice the headers, slower reading).
     """
     if _PRINTF_INT.search(pattern) is None:
         raise ValueError(f"shard pattern {pattern!r} needs an integer field such as %06d "
@@ -160,7 +162,7 @@ def write_shards(samples: Iterable[ShardSample], pattern: str, maxcount: int = 1
 
     # encoder=False: we hand over bytes we encoded ourselves (deterministic PNG/JSON, no pickle)
     writer = wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, post=finished, verbose=0,
-                             encoder=False, mtime=mtime, user="emf", group="emf", mode=0o644)
+                             encoder=False, mtime=int(mtime), user="emf", group="emf", mode=0o644)
     try:
         for sample in _chain(first, it):
             record = sample.to_wds()
