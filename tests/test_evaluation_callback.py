@@ -456,3 +456,30 @@ def test_real_module_and_shard_datamodule_fit_then_validate(tmp_path):
         assert out[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert (tmp_path / "val" / "grid-step00000000.png").is_file()
     assert (tmp_path / "val" / "metrics-step00000000.json").is_file()
+
+
+def test_grid_goes_to_tensorboard_style_and_log_image_loggers(tmp_path):
+    class Writer:  # the SummaryWriter surface TensorBoardLogger.experiment exposes
+        def __init__(self):
+            self.calls = []
+
+        def add_image(self, tag, image, step, dataformats="CHW"):
+            self.calls.append((tag, image.shape, step, dataformats))
+
+    class TBLike:
+        def __init__(self):
+            self.experiment = Writer()
+
+    class Plain:  # CSVLogger-like: no image support, must be left alone
+        experiment = object()
+
+    rec, tb = RecordingLogger(tmp_path), TBLike()
+    path = tmp_path / "g.png"
+    Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(path)
+
+    class FakeTrainer:
+        loggers = [rec, tb, Plain()]
+
+    EvaluationCallback._log_image(FakeTrainer(), path, step=3)
+    assert tb.experiment.calls == [("eval/samples", (5, 7, 3), 3, "HWC")]
+    assert [(k, img.shape, s) for k, img, s in rec.images] == [("eval/samples", (5, 7, 3), 3)]
