@@ -278,3 +278,40 @@ def test_evaluate_probe_word_encoder_reports_every_family():
     assert res.different_scene_cosines.numel() == 20 * 19 // 2 - n_same
     # Minimal pairs share all but one or two words, paraphrases change several: a bag of words is fooled.
     assert m["minimal_pairs/accuracy"] < 0.5
+
+
+# ---------------------------------------------------------------- image embedders (relevance on shards)
+
+from emf_lightning.metrics.image_embedders import build_image_embedder  # noqa: E402
+from emf_lightning.utils.weights import MissingWeightsError  # noqa: E402
+
+
+def test_pixel_embedder_ignores_brightness_offset_and_sees_layout():
+    import numpy as np
+
+    left = np.zeros((1, 16, 16, 3), np.uint8)
+    left[:, :, :8] = 200
+    right = left[:, :, ::-1].copy()
+    embed = build_image_embedder("pixels")
+    a, b, a_bright = embed(left), embed(right), embed(np.clip(left.astype(int) + 40, 0, 255).astype(np.uint8))
+    assert a.shape == (1, 768)
+    assert float(P.paired_cosine(a, a_bright)) == pytest.approx(1.0, abs=1e-6)  # centring removes the offset
+    assert float(P.paired_cosine(a, b)) == pytest.approx(-1.0, abs=1e-6)
+
+
+@pytest.mark.slow  # builds a 22M-parameter ViT twice
+def test_dinov2_embedder_missing_weights_and_local_file_round_trip(tmp_path, monkeypatch):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(MissingWeightsError, match="timm/vit_small_patch14_dinov2.lvd142m"):
+        build_image_embedder("dinov2")
+    random_model = build_image_embedder("dinov2", pretrained=False)
+    images = np.random.default_rng(0).integers(0, 255, (2, 20, 20, 3), dtype=np.uint8)
+    expected = random_model(images)
+    assert expected.shape == (2, 384)
+    path = tmp_path / "dinov2.safetensors"
+    save_file({k: v.contiguous() for k, v in random_model.model.state_dict().items()}, str(path))
+    loaded = build_image_embedder("dinov2", weights=str(path))
+    assert torch.allclose(loaded(images), expected, atol=1e-5)
