@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -240,6 +241,7 @@ def test_tensor_and_uint8_inputs_agree(judge):
     as_tensor = judge.evaluate_detailed(from_uint8(images), specs)
     assert as_uint8 == as_tensor
     assert judge.evaluate_detailed(torch.from_numpy(images), specs) == as_uint8  # uint8 tensor, channels last
+    assert judge.evaluate_detailed(images, [json.dumps(s) for s in specs]) == as_uint8  # spec as stored in shards
     one = judge.evaluate(images[0], specs[:1])
     assert one == {specs[0]["category"]: 1.0, "overall": 1.0}
 

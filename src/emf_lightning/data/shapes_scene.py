@@ -225,7 +225,7 @@ def _place_two(
     (h1, h2) = (ha, hb) if a_first else (hb, ha)
     s1, s2 = np.sort(rng.uniform(0, slack, size=2))
     first = BORDER + 1e-4 + h1 + s1
-    second = first + h1 + h2 + BOX_GAP + (s2 - s1)
+    second = first + h1 + h2 + BOX_GAP + 2e-4 + (s2 - s1)  # 2e-4: both positions get rounded
     along = (first, second) if a_first else (second, first)
     lo_a, lo_b = BORDER + ha, BORDER + hb
     perp_a = rng.uniform(lo_a, 1 - lo_a)

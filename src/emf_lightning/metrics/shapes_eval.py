@@ -34,6 +34,7 @@ widths, must point within 60 degrees of the relation's direction.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -194,11 +195,13 @@ class ShapesEval:
         min_pixels = self.min_area * height * width
         detections = []
         for k in np.unique(best[fg]):
-            labels, _ = ndimage.label(fg & (best == k), structure=_EIGHT_CONNECTED)
-            for index, box in enumerate(ndimage.find_objects(labels), start=1):
-                if box is None or np.count_nonzero(labels[box] == index) < min_pixels:
-                    continue
-                det = self._describe(labels, index, box, best, alpha[..., k], int(k), height, width)
+            labels, count = ndimage.label(fg & (best == k), structure=_EIGHT_CONNECTED)
+            sizes = np.bincount(labels.ravel(), minlength=count + 1)
+            boxes = ndimage.find_objects(labels)
+            # noise makes hundreds of specks per image: select the large components before any Python loop
+            for index in np.flatnonzero(sizes[1:] >= min_pixels) + 1:
+                box = boxes[index - 1]
+                det = self._describe(labels, int(index), box, best, alpha[..., k], int(k), height, width)
                 if det is not None:
                     detections.append(det)
         return detections
@@ -351,13 +354,17 @@ class ShapesEval:
         return images
 
     def evaluate_detailed(
-        self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray], specs: Sequence[Mapping[str, Any] | None]
+        self,
+        images: np.ndarray | torch.Tensor | Sequence[np.ndarray],
+        specs: Sequence[Mapping[str, Any] | str | None],
     ) -> list[dict[str, Any]]:
         """Per image: {"category", "passed", "reason", "detections": [Detection.to_dict()]}.
 
-        A ``None`` spec (a sample that is not from the shapes world) is skipped: ``passed`` is ``None``.
+        A spec may be a dict or its JSON text (as stored in shards). A ``None`` spec (a sample that is not
+        from the shapes world) is skipped: ``passed`` is ``None``.
         """
         arr = self._as_uint8(images)
+        specs = [json.loads(s) if isinstance(s, (str, bytes)) else s for s in specs]
         if len(arr) != len(specs):
             raise ValueError(f"got {len(arr)} images but {len(specs)} specs")
         keep = [i for i, spec in enumerate(specs) if spec is not None]
@@ -380,7 +387,9 @@ class ShapesEval:
         return results
 
     def evaluate(
-        self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray], specs: Sequence[Mapping[str, Any] | None]
+        self,
+        images: np.ndarray | torch.Tensor | Sequence[np.ndarray],
+        specs: Sequence[Mapping[str, Any] | str | None],
     ) -> dict[str, float]:
         """Accuracy per category present, and ``overall`` = their mean (GenEval's averaging).
 
