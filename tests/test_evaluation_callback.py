@@ -420,15 +420,16 @@ def test_real_module_and_shard_datamodule_fit_then_validate(tmp_path):
     urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4, resolution=16)
     dm = ShardDataModule(train_shards=urls["train"], val_shards=urls["val"], batch_size=4, image_size=16,
                          num_workers=0, epoch_length=8)
+    from emf_lightning.metrics.shapes_eval import ShapesEval
+
     module = tiny_module()
-    shapes = MeanPixelShapes()
     shapes_res = {}
 
-    class Recording(MeanPixelShapes):
+    class Recording(ShapesEval):
         def evaluate(self, images, specs):
             shapes_res["shape"] = images.shape
             shapes_res["specs"] = specs
-            return {"overall": float(images.mean() / 255.0)}
+            return super().evaluate(images, specs)
 
     cb = EvaluationCallback(every_n_steps=2, num_samples=4, batch_size=4, steps=(1, 2), clip_score=False,
                             fid_feature_extractor=CountingFeatures(), shapes_evaluator=Recording(),
@@ -442,10 +443,12 @@ def test_real_module_and_shard_datamodule_fit_then_validate(tmp_path):
     assert set(fit_result.flat()) >= {metric_key(m, s) for m in ("fid", "kid", "shapes_overall") for s in (1, 2)}
     assert shapes_res["shape"] == (4, 16, 16, 3)
     assert all(isinstance(spec, dict) and "objects" in spec for spec in shapes_res["specs"])
+    # The real ShapesEval reads the real held-out images perfectly: the ceiling row is 1.0.
+    assert fit_result.flat()["eval/shapes_overall@real"] == 1.0
 
     # validate reuses nothing from fit but the weights; same seed -> same samples -> same numbers.
     cb2 = EvaluationCallback(num_samples=4, batch_size=4, steps=(1, 2), clip_score=False,
-                             fid_feature_extractor=CountingFeatures(), shapes_evaluator=Recording(),
+                             fid_feature_extractor=CountingFeatures(),  # default ShapesEval this time
                              grid_prompts=2, kid_subsets=2, output_dir=str(tmp_path / "val"))
     # max_steps as the YAML configs set it: EMFModule.progress() asserts on a Trainer with neither limit.
     val_trainer = Trainer(default_root_dir=tmp_path, max_steps=2, callbacks=[cb2], logger=False,
