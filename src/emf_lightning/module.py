@@ -200,6 +200,8 @@ class EMFModule(pl.LightningModule):
         )
         self.loss_fn = self._build_loss()
         self._nonfinite: str | None = None
+        # Length of the schedules, fixed at fit start and kept in checkpoints (validate/test reuse it).
+        self._schedule_total: int | None = None
 
     # ------------------------------------------------------------------ construction helpers
     def _build_loss(self) -> MeanFlowLoss | FlowMatchingLoss:
@@ -269,6 +271,10 @@ class EMFModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._move_encoder()
+        self._schedule_total = self._resolve_schedule_total()
+        if self._schedule_total is None:
+            warnings.warn("the run has no step limit (max_steps/max_epochs): time-sampler schedules stay at "
+                          "their start values; set model.schedule_steps to schedule them")
 
     def on_train_epoch_end(self) -> None:
         self.save_feature_cache()
@@ -290,16 +296,20 @@ class EMFModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def progress(self) -> float:
-        """Training progress in [0, 1] for the time-sampler schedules."""
-        total = self.hparams.schedule_steps
-        if total is None and self._trainer is not None:
-            total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
-            if total is None:
-                est = self.trainer.estimated_stepping_batches
-                total = int(est) if math.isfinite(est) else None
+        """Training progress in [0, 1] for the time-sampler schedules: global_step / schedule length."""
+        total = self.hparams.schedule_steps or self._schedule_total
         if not total:
             return 0.0
         return min(1.0, self.global_step / total)
+
+    def _resolve_schedule_total(self) -> int | None:
+        """``schedule_steps``, else the trainer's max_steps, else its estimate of the run's optimiser steps."""
+        if self.hparams.schedule_steps:
+            return int(self.hparams.schedule_steps)
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return int(self.trainer.max_steps)
+        est = self.trainer.estimated_stepping_batches
+        return int(est) if math.isfinite(est) else None
 
     def _step_generator(self, stream: str, step: int) -> torch.Generator:
         """A random stream that depends only on (seed, stream, step, rank): resumed runs repeat it exactly."""
@@ -386,12 +396,14 @@ class EMFModule(pl.LightningModule):
         """Last line of defence: a run that saw a non-finite loss never writes a checkpoint."""
         if self._nonfinite is not None:
             raise NonFiniteLossError("Refusing to write a checkpoint. " + self._nonfinite)
+        checkpoint["emf_schedule_total"] = self._schedule_total
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the encoder spec exactly as saved (the rebuilt instance may not reveal every argument)."""
+        """Keep the encoder spec exactly as saved, and the schedule length of the run."""
         saved = (checkpoint.get("hyper_parameters") or {}).get("encoder")
         if isinstance(saved, dict):
             self.hparams["encoder"] = saved
+        self._schedule_total = checkpoint.get("emf_schedule_total", self._schedule_total)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_loss(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:

@@ -1,0 +1,196 @@
+"""The `emf` command: help, dispatch, LightningCLI subcommands on every config, sample, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import write_shapes_shards
+from PIL import Image
+
+from emf_lightning import cli
+from emf_lightning.module import EMFModule
+from emf_lightning.utils.grids import make_labelled_grid
+from emf_lightning.utils.weights import MissingWeightsError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ALL_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+# Configs whose encoder has no weights on an offline machine: tests build tiny random ones instead.
+NO_OFFLINE_WEIGHTS = {
+    "qwen_meanflow.yaml": "Qwen/Qwen3-0.6B",
+    "t5_meanflow.yaml": "google/flan-t5-base",
+    "clip_meanflow.yaml": "ViT-L-14",
+}
+BOW = '{"class_path": "emf_lightning.encoders.BagOfWordsEncoder", "init_args": {"dim": 16}}'
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, str]:
+    return write_shapes_shards(tmp_path_factory.mktemp("shards"), n_train=8, n_val=4, resolution=16)
+
+
+def small_run_args(shards: dict[str, str], root: Path) -> list[str]:
+    """Overrides that shrink any config to a CPU-sized run on the test shards (16x16, one tiny block)."""
+    return [
+        f"--data.train_shards={shards['train']}", f"--data.val_shards={shards['val']}",
+        "--data.batch_size=2", "--data.val_batch_size=2", "--data.num_workers=0", "--data.image_size=16",
+        "--data.epoch_length=8", "--data.pin_memory=false", "--model.image_size=16", "--model.backbone_size=tiny",
+        '--model.backbone_overrides={"hidden_size": 32, "depth": 1, "num_heads": 2}',
+        "--model.feature_cache_dir=null", "--trainer.accelerator=cpu", "--trainer.devices=1",
+        "--trainer.precision=32-true", f"--trainer.default_root_dir={root}",
+        f"--trainer.logger.init_args.save_dir={root}", "--trainer.enable_progress_bar=false",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- front door
+
+
+def test_help_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "emf_lightning.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for name in ["fit", "validate", "test", "predict", "sample", "probe", "shards", "bench", "cache-features"]:
+        assert f"\n  {name} " in out, name
+
+
+def test_unknown_command_is_a_clear_error(capsys):
+    assert cli.main(["trian"]) == 2
+    assert "emf: unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_tool_commands_dispatch_lazily_with_their_argv(monkeypatch):
+    seen = []
+    fake = types.ModuleType("emf_lightning.commands.bench")
+    fake.main = lambda argv: seen.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "emf_lightning.commands.bench", fake)
+    assert cli.main(["bench", "--size", "tiny"]) == 3
+    assert seen == [["--size", "tiny"]]
+    assert cli.command_module_name("cache-features") == "emf_lightning.commands.cache_features"
+
+
+def test_missing_tool_module_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "command_module_name", lambda name: "emf_lightning.commands._not_installed")
+    assert cli.main(["bench"]) == 2
+    assert "emf bench: not available in this installation (emf_lightning.commands._not_installed is missing)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_ckpt_is_an_alias_of_ckpt_path():
+    argv = cli._rename_ckpt_alias(["validate", "--ckpt", "a.ckpt", "--ckpt=b.ckpt", "--ckpt_path", "c"])
+    assert argv == ["validate", "--ckpt_path", "a.ckpt", "--ckpt_path=b.ckpt", "--ckpt_path", "c"]
+
+
+def test_missing_checkpoint_is_a_clear_error(capsys, tmp_path):
+    assert cli.main(["validate", "--ckpt", str(tmp_path / "nope.ckpt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- bad config
+
+
+def test_unknown_config_key_on_the_command_line(capsys, shards, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["fit", "--config", str(CONFIGS / "smollm_shapes.yaml"), "--model.learning_rate=0.1"])
+    assert info.value.code == 2
+    assert "error: unrecognized arguments: --model.learning_rate=0.1" in capsys.readouterr().err
+
+
+def test_unknown_config_key_in_a_yaml_file(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((CONFIGS / "smollm_shapes.yaml").read_text().replace("  lr: 0.001", "  learning_rate: 0.001"))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["fit", "--config", str(bad)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "learning_rate" in err and "error:" in err
+
+
+# ---------------------------------------------------------------------------------------------- every config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ALL_CONFIGS)
+def test_every_config_runs_fast_dev_run_offline(config, shards, tmp_path):
+    args = ["fit", "--config", str(CONFIGS / config), *small_run_args(shards, tmp_path),
+            "--trainer.fast_dev_run=true"]
+    if config in NO_OFFLINE_WEIGHTS:
+        args.append("--model.encoder.init_args.pretrained=false")
+    assert cli.main(args) == 0
+
+
+@pytest.mark.parametrize("config", sorted(NO_OFFLINE_WEIGHTS))
+def test_configs_without_offline_weights_name_the_model(config, shards, tmp_path):
+    args = ["fit", "--config", str(CONFIGS / config), *small_run_args(shards, tmp_path), "--trainer.fast_dev_run=true"]
+    with pytest.raises(MissingWeightsError) as info:
+        cli.main(args)
+    assert NO_OFFLINE_WEIGHTS[config] in str(info.value)
+
+
+def test_all_six_configs_exist():
+    assert set(ALL_CONFIGS) >= {"smollm_shapes.yaml", "qwen_meanflow.yaml", "t5_meanflow.yaml", "clip_meanflow.yaml",
+                                "minilm_shapes.yaml", "flow_matching_shapes.yaml"}
+
+
+# ---------------------------------------------------------------------------------------------- a real run
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory) -> Path:
+    """`emf fit` of the offline config, shrunk, with the bag-of-words encoder; returns last.ckpt."""
+    root = tmp_path_factory.mktemp("run")
+    args = ["fit", "--config", str(CONFIGS / "smollm_shapes.yaml"), *small_run_args(shards, root),
+            f"--model.encoder={BOW}", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1", "--trainer.callbacks=[]",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.save_last=true"]
+    assert cli.main(args) == 0
+    ckpts = sorted(root.rglob("last.ckpt"))
+    assert len(ckpts) == 1
+    return ckpts[0]
+
+
+def test_cli_checkpoint_rebuilds_the_module_with_its_encoder(trained):
+    ckpt = torch.load(trained, weights_only=True)
+    assert ckpt["global_step"] == 2
+    # The exact parsed config; max_length 64 is carried over from the config's LLMEncoder init_args
+    # (jsonargparse keeps init_args the new class accepts when a class_path is overridden).
+    assert ckpt["hyper_parameters"]["encoder"] == {
+        "class_path": "emf_lightning.encoders.BagOfWordsEncoder",
+        "init_args": {"dim": 16, "seed": 0, "max_length": 64, "batch_size": 256, "device": None, "dtype": None},
+    }
+    assert not any(k.startswith("encoder") for k in ckpt["state_dict"])
+    module = EMFModule.load_from_checkpoint(trained, map_location="cpu")
+    assert type(module.encoder).__name__ == "BagOfWordsEncoder" and module.encoder.dim == 16
+
+
+def test_sample_writes_the_prompt_by_steps_grid(trained, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    prompts = ["a red circle", "two blue squares"]
+    rc = cli.main(["sample", "--ckpt", str(trained), "--prompt", prompts[0], "--prompt", prompts[1],
+                   "--steps", "1", "2", "--cfg", "1.5", "--seed", "4", "--out", str(out), "--upscale", "1"])
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    module = EMFModule.load_from_checkpoint(trained, map_location="cpu")
+    cells = [module.generate(prompts, steps=s, cfg_scale=1.5, seed=4) for s in (1, 2)]
+    expected = torch.stack(cells, dim=1).flatten(0, 1)  # row = prompt, column = step count
+    want = make_labelled_grid(expected, nrow=2, row_labels=prompts, col_labels=["1 step", "2 steps"], upscale=1)
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want.convert("RGB")))
+
+
+def test_sample_with_no_prompt_is_a_clear_error(trained, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sample", "--ckpt", str(trained), "--steps", "1"])
+    assert info.value.code == 2
+    assert 'no prompts given: pass at least one --prompt "..."' in capsys.readouterr().err
+
+
+def test_validate_with_only_a_checkpoint(trained, tmp_path, capsys):
+    # The model and data config come from the checkpoint; only where to write is given.
+    rc = cli.main(["validate", "--ckpt", str(trained), "--trainer.logger=false",
+                   f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    assert rc == 0
+    assert "val/loss" in capsys.readouterr().out
