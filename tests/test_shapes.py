@@ -239,7 +239,12 @@ def _relation_statement(caption: str, spec: dict) -> tuple[str, str, str]:
     order = sorted(colours, key=caption.index)
     rel_word = next(
         r
-        for r, pat in (("left of", "left of"), ("right of", "right of"), ("above", "above|over"), ("below", "below|under|beneath"))
+        for r, pat in (
+            ("left of", "left of"),
+            ("right of", "right of"),
+            ("above", "above|over"),
+            ("below", "below|under|beneath"),
+        )
         if re.search(rf"\b({pat})\b", caption)
     )
     first, second = order

@@ -137,13 +137,14 @@ def test_category_semantics_on_one_image(judge):
     img[12:20, 2:10] = COLORS["red"]  # red square on the left
     img = paint(img, supersampled_disk(32, 25.0, 16.0, 4.5), "blue")  # blue disk on the right
     red_square, blue_circle = o("square", "red", x=0.19, y=0.5), o("circle", "blue", x=0.78, y=0.5)
+    left_of, right_of = {"a": 0, "rel": "left of", "b": 1}, {"a": 0, "rel": "right of", "b": 1}
     cases = {
         ("two_objects", True): spec_of("two_objects", o("square", "green"), o("circle", "white")),
         ("two_objects", False): spec_of("two_objects", o("square", "red"), o("triangle", "blue")),
         ("color_attr", True): spec_of("color_attr", red_square, blue_circle),
         ("color_attr", False): spec_of("color_attr", o("square", "blue"), o("circle", "red")),
-        ("position", True): spec_of("position", red_square, blue_circle, relations=[{"a": 0, "rel": "left of", "b": 1}]),
-        ("position", False): spec_of("position", red_square, blue_circle, relations=[{"a": 0, "rel": "right of", "b": 1}]),
+        ("position", True): spec_of("position", red_square, blue_circle, relations=[left_of]),
+        ("position", False): spec_of("position", red_square, blue_circle, relations=[right_of]),
     }
     lenient = ShapesEval(strict=False)
     for (category, expected), spec in cases.items():

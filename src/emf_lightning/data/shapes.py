@@ -152,7 +152,8 @@ class ShapesWorld(Dataset):
         captions = paraphrases(spec, self.n_captions, rng)
         caption = describe(spec) if self.caption_mode == "canonical" else captions[0]
         image = render(spec, self.resolution, self.supersample)
-        return ShapesSample(image=image, caption=caption, captions=captions, spec=spec, key=f"{self.split}-{self.seed}-{i:08d}")
+        key = f"{self.split}-{self.seed}-{i:08d}"
+        return ShapesSample(image=image, caption=caption, captions=captions, spec=spec, key=key)
 
     def __repr__(self) -> str:
         mix = dict(zip(self.categories, np.round(self.probabilities, 3).tolist()))

@@ -27,8 +27,8 @@ Scoring follows GenEval's categories; what each checks (identity = colour and sh
 - ``position``: objects of both identities are present and some such pair stands in the stated relation.
 
 With ``strict=True`` (default) an image also fails when it holds more objects than its spec; GenEval's
-semantics are ``strict=False``. Relations are read as in GenEval: the centre offset, shrunk by ``position_slack`` times the two objects'
-widths, must point within 60 degrees of the relation's direction.
+semantics are ``strict=False``. Relations are read as in GenEval: the centre offset, shrunk by
+``position_slack`` times the two objects' widths, must point within 60 degrees of the relation's direction.
 ``overall`` is the mean of the per-category accuracies over the categories present.
 """
 
