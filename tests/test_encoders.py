@@ -332,3 +332,26 @@ def test_text_features_helpers() -> None:
     bad = TextFeatures(torch.ones(1, 2, 3), torch.tensor([[True, False]]), torch.ones(1, 3))
     with pytest.raises(ValueError, match="exactly zero where mask is False"):
         bad.validate()
+
+
+def test_clip_loads_a_local_open_clip_checkpoint(tmp_path, encoders) -> None:
+    import json
+
+    import open_clip
+
+    from emf_lightning.encoders.clip import TINY_CLIP
+    from emf_lightning.encoders.hf_base import random_init
+
+    (tmp_path / "EMF-Test-Tiny-CLIP.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path / "EMF-Test-Tiny-CLIP.json")
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(random_init(lambda: open_clip.model.CLIP(**TINY_CLIP), 0).state_dict(), checkpoint)
+    assert CLIPTextEncoder.weights_available(model="EMF-Test-Tiny-CLIP", weights=str(checkpoint))
+    loaded = CLIPTextEncoder(model="EMF-Test-Tiny-CLIP", weights=str(checkpoint))
+    assert not hasattr(loaded, "visual") and loaded.dim == 32
+    expected = encoders["clip"].encode(CAPTIONS)
+    got = loaded.encode(CAPTIONS)
+    torch.testing.assert_close(got.tokens, expected.tokens, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.pooled, expected.pooled, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="has no pretrained tag 'laion9b'"):
+        CLIPTextEncoder(model="EMF-Test-Tiny-CLIP", weights="laion9b")

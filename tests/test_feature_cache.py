@@ -79,7 +79,8 @@ def test_precompute_skips_cached_and_saves_each_chunk(tmp_path) -> None:
     enc = CountingEncoder()
     cache = FeatureCache(enc, tmp_path)
     assert cache.precompute(CAPTIONS + ["sky", "dog"], batch_size=3) == 4
-    assert enc.calls == [CAPTIONS, ["dog"]]
+    # unique, uncached, sorted by length (less padding), in chunks of 3
+    assert enc.calls == [["sky", "dog", "a red circle"], ["two blue squares left of a star"]]
     assert len(list(cache.dir.glob("part-*.safetensors"))) == 2 and cache.unsaved == 0
     assert cache.precompute(["dog", "cat"]) == 1
     with pytest.raises(ValueError, match="empty caption"):

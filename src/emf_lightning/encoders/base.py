@@ -279,10 +279,13 @@ class TextEncoder(nn.Module):
         captions = check_captions(captions)
         if not captions:
             raise ValueError("encode() got an empty caption list")
+        # Chunks of similar length waste less compute on padding; results go back in the caller's order.
+        order = sorted(range(len(captions)), key=lambda i: len(captions[i])) if len(captions) > self.batch_size else None
+        ordered = [captions[i] for i in order] if order else captions
         parts, truncated = [], 0
         with torch.no_grad():
-            for start in range(0, len(captions), self.batch_size):
-                features, cut = self._encode_batch(captions[start : start + self.batch_size])
+            for start in range(0, len(ordered), self.batch_size):
+                features, cut = self._encode_batch(ordered[start : start + self.batch_size])
                 parts.append(features.to(dtype=torch.float32))
                 truncated += cut
         if truncated:
@@ -292,7 +295,13 @@ class TextEncoder(nn.Module):
                 CaptionTruncationWarning,
                 stacklevel=2,
             )
-        return parts[0] if len(parts) == 1 else TextFeatures.cat(parts)
+        if len(parts) == 1:
+            return parts[0]
+        out = TextFeatures.cat(parts)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        inverse = inverse.to(out.tokens.device)
+        return TextFeatures(out.tokens[inverse], out.mask[inverse], out.pooled[inverse])
 
     def forward(self, captions: list[str]) -> TextFeatures:
         """Same as `encode`."""

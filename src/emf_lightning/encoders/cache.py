@@ -96,6 +96,7 @@ class FeatureCache:
         saves each chunk when the cache has a root, so an interrupted run keeps its work.
         Returns how many captions were computed."""
         todo = [c for c in dict.fromkeys(check_captions(list(captions))) if c not in self._pooled]
+        todo.sort(key=len)  # batches of similar length: less padding to compute
         step = int(batch_size or self.encoder.batch_size)
         start = time.perf_counter()
         for i, lo in enumerate(range(0, len(todo), step)):

@@ -5,6 +5,8 @@ so do we by default (`span="all"`); `span="caption"` keeps only the tokens of th
 states still see the template through causal attention), which makes pooled features compare captions
 rather than a shared prefix. Tokens are the last hidden state (after the final norm) or `layer=k`
 (hidden_states[k], 0 = embeddings). Pooled = mean over kept tokens, or `pooling="last"`.
+Tokenizers that prepend BOS (Llama 3, Gemma) give it a huge-norm "attention sink" state that dominates a
+mean; `span="caption"` drops it (SmolLM2 and Qwen add no BOS).
 """
 
 from __future__ import annotations
