@@ -149,6 +149,11 @@ def test_category_semantics_on_one_image(judge):
     lenient = ShapesEval(strict=False)
     for (category, expected), spec in cases.items():
         assert judge.score(judge.parse(img), spec)[0] is expected, (category, spec)
+    # the 8 px square and the 9 px disk are both small at 32 px; a large one is a size error
+    sizes = judge.evaluate_detailed(img, [cases[("color_attr", True)]])[0]["sizes_ok"]
+    assert sizes is True
+    large = spec_of("color_attr", {**red_square, "size": "large"}, blue_circle)
+    assert judge.evaluate_detailed(img, [large])[0]["sizes_ok"] is False
     # single_object checks the shape only, colors shape and colour (the other object is an allowed extra)
     assert lenient.score(lenient.parse(img), spec_of("single_object", o("circle", "green")))[0]
     assert not lenient.score(lenient.parse(img), spec_of("colors", o("circle", "green")))[0]
@@ -170,6 +175,8 @@ def test_ground_truth_renders_score_at_least_098_per_category(judge, resolution)
     scores = judge.evaluate(images, specs)
     assert set(scores) == set(CATEGORIES) | {"overall"}
     assert min(scores.values()) >= 0.98, scores
+    sizes = [r["sizes_ok"] for r in judge.evaluate_detailed(images[:120], specs[:120])]
+    assert np.mean(sizes) >= 0.98
 
 
 def test_ground_truth_at_256_and_heldout_split(judge):
@@ -262,4 +269,5 @@ def test_bad_inputs(judge, caplog):
     assert "skipped 2 of 4 samples without a scene spec" in caplog.text
     detailed = judge.evaluate_detailed(images, [specs[0], None, specs[2], None])
     assert [d["passed"] for d in detailed] == [True, None, True, None]
+    assert [d["sizes_ok"] for d in detailed] == [True, None, True, None]
     assert sum(scores[c] for c in scores if c != "overall") == len({specs[0]["category"], specs[2]["category"]})

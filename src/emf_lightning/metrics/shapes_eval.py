@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -358,7 +359,10 @@ class ShapesEval:
         images: np.ndarray | torch.Tensor | Sequence[np.ndarray],
         specs: Sequence[Mapping[str, Any] | str | None],
     ) -> list[dict[str, Any]]:
-        """Per image: {"category", "passed", "reason", "detections": [Detection.to_dict()]}.
+        """Per image: {"category", "passed", "reason", "sizes_ok", "detections": [Detection.to_dict()]}.
+
+        ``sizes_ok`` (a diagnostic outside the category scores, which follow GenEval and ignore size): every
+        spec object has its own detection of the same colour, shape and size.
 
         A spec may be a dict or its JSON text (as stored in shards). A ``None`` spec (a sample that is not
         from the shapes world) is skipped: ``passed`` is ``None``.
@@ -372,7 +376,9 @@ class ShapesEval:
         results = []
         for i, spec in enumerate(specs):
             if spec is None:
-                results.append({"category": None, "passed": None, "reason": "no spec", "detections": []})
+                results.append(
+                    {"category": None, "passed": None, "reason": "no spec", "sizes_ok": None, "detections": []}
+                )
                 continue
             detections = parsed[i]
             passed, reason = self.score(detections, spec)
@@ -381,6 +387,7 @@ class ShapesEval:
                     "category": spec["category"],
                     "passed": passed,
                     "reason": reason,
+                    "sizes_ok": sizes_match(detections, spec["objects"]),
                     "detections": [d.to_dict() for d in detections],
                 }
             )
@@ -407,6 +414,13 @@ class ShapesEval:
         if scores:
             scores["overall"] = float(np.mean(list(scores.values())))
         return scores
+
+
+def sizes_match(detections: Sequence[Detection], objects: Sequence[Mapping[str, Any]]) -> bool:
+    """Every object has a distinct detection with its colour, shape and size (multiset containment)."""
+    found = Counter((d.color, d.shape, d.size) for d in detections)
+    wanted = Counter((o["color"], o["shape"], o["size"]) for o in objects)
+    return all(found[k] >= n for k, n in wanted.items())
 
 
 def benchmark(n: int = 500, resolution: int = 32, seed: int = 0) -> dict[str, float]:
