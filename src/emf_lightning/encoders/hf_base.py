@@ -139,7 +139,7 @@ class HFTextEncoder(TextEncoder):
 
     def _encode_batch(self, captions: list[str]) -> tuple[TextFeatures, int]:
         inputs, keep, truncated = self._tokenize(captions)
-        hidden = self._hidden(inputs)
+        hidden = self._hidden(inputs).float()  # pool in float32 even when the model runs in bf16/fp16
         tokens, mask = pack_tokens(hidden, keep)
         if self.pooling == "last":
             pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), mask.sum(1) - 1]
