@@ -181,7 +181,10 @@ def place_objects(
         if len(attrs) == 2:
             objs = _place_two(rng, attrs, relation)
         else:
-            objs = next((o for o in (_place_sequentially(rng, attrs) for _ in range(_PLACEMENT_TRIES)) if o), None)
+            for _ in range(_PLACEMENT_TRIES):
+                objs = _place_sequentially(rng, attrs)
+                if objs is not None:
+                    break
         if objs is not None:
             return objs
         large = [i for i, a in enumerate(attrs) if a["size"] == "large"]
