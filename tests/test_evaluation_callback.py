@@ -26,7 +26,7 @@ from emf_lightning.callbacks.evaluation import (
 from emf_lightning.metrics.clip_score import CLIPScorer, clip_scores_from_features
 from emf_lightning.metrics.fid import extract_features, frechet_distance
 from emf_lightning.utils.images import to_uint8
-from emf_lightning.utils.report import format_value, metrics_table, write_metrics_json
+from emf_lightning.utils.report import format_value, metrics_table, table_width, write_metrics_json
 
 RES = 8
 N = 6
@@ -486,3 +486,30 @@ def test_grid_goes_to_tensorboard_style_and_log_image_loggers(tmp_path):
     EvaluationCallback._log_image(FakeTrainer(), path, step=3)
     assert tb.experiment.calls == [("eval/samples", (5, 7, 3), 3, "HWC")]
     assert [(k, img.shape, s) for k, img, s in rec.images] == [("eval/samples", (5, 7, 3), 3)]
+
+
+def test_table_width_fits_every_header_when_not_a_terminal():
+    rows = {"1 step, cfg 1.0": {f"shapes_category_number_{i}": 0.5 for i in range(9)}, "real data": {"fid": 1.0}}
+    width = table_width(rows)
+    console = Console(record=True, width=width)
+    console.print(metrics_table(rows))
+    text = console.export_text()
+    assert all(f"shapes_category_number_{i}" in text for i in range(9))
+    assert "…" not in text
+    narrow = Console(record=True, width=width - 20)
+    narrow.print(metrics_table(rows))
+    assert "shapes_category_number_8" not in narrow.export_text()  # would need folding: the width is tight
+
+
+def test_validate_from_a_checkpoint_names_outputs_by_the_checkpoint_step():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    cb = EvaluationCallback()
+    validating = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING), global_step=0)
+    fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), global_step=7)
+    assert cb._model_step(validating) == 0
+    cb.on_load_checkpoint(validating, None, {"global_step": 1234})
+    assert cb._model_step(validating) == 1234
+    assert cb._model_step(fitting) == 7  # a resumed fit counts on from the trainer

@@ -280,6 +280,7 @@ class EvaluationCallback(Callback):
         self._real_features: Tensor | None = None
         self._real_row: dict[str, float] | None = None
         self._last_step = -1
+        self._ckpt_step: int | None = None
         self.last_result: EvaluationResult | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -307,6 +308,18 @@ class EvaluationCallback(Callback):
             # Same values on every rank (computed from gathered data): no reduction needed.
             pl_module.log_dict(result.flat(), sync_dist=False)
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Remember the checkpoint's step: ``validate --ckpt`` runs with ``trainer.global_step == 0``."""
+        step = checkpoint.get("global_step")
+        self._ckpt_step = int(step) if step is not None else None
+
+    def _model_step(self, trainer: Trainer) -> int:
+        """Training step of the weights being evaluated (names files, titles and the JSON)."""
+        fn = getattr(trainer.state.fn, "value", trainer.state.fn)
+        if fn != "fit" and self._ckpt_step is not None:
+            return self._ckpt_step
+        return trainer.global_step
+
     # ------------------------------------------------------------------ the evaluation
     def settings_for(self, pl_module: LightningModule) -> list[tuple[int, float]]:
         """(steps, cfg) pairs, step-major, defaulting the step list by objective."""
@@ -321,7 +334,7 @@ class EvaluationCallback(Callback):
         self._last_step = trainer.global_step
         held = self._held_out_set(trainer)
         device = pl_module.device
-        result = EvaluationResult(global_step=trainer.global_step, settings=self.settings_for(pl_module))
+        result = EvaluationResult(global_step=self._model_step(trainer), settings=self.settings_for(pl_module))
         extractor = self._feature_extractor(device)
         clip = self._clip_model(device)
         shapes = self._shapes_evaluator(held)
@@ -571,6 +584,7 @@ class EvaluationCallback(Callback):
             "epoch": trainer.current_epoch,
             "num_samples": len(held),
             "seed": self.seed,
+            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "settings": [
                 {"steps": s, "cfg_scale": c, "metrics": result.rows.get(setting_label(s, c), {})}
                 for s, c in result.settings

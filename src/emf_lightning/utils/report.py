@@ -49,7 +49,8 @@ def metrics_table(
     table = Table(title=title, show_lines=False)
     table.add_column(row_header, style="bold", no_wrap=True)
     for name in columns:
-        table.add_column(name, justify="right")
+        # On a narrow terminal a header folds onto a second line instead of being cut to "shape…".
+        table.add_column(name, justify="right", overflow="fold")
     for label, metrics in rows.items():
         table.add_row(label, *(format_value(metrics.get(name), digits) for name in columns))
     return table
@@ -61,8 +62,24 @@ def print_metrics_table(
     console: Console | None = None,
     row_header: str = "setting",
 ) -> None:
-    """Print :func:`metrics_table` to ``console`` (default: a new stdout console)."""
-    (console or Console()).print(metrics_table(rows, title=title, row_header=row_header))
+    """Print :func:`metrics_table` to ``console``.
+
+    The default console is stdout; when stdout is not a terminal (a log file, a pipe) it is made wide
+    enough for the whole table, since nobody can resize a log file.
+    """
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=table_width(rows, row_header))
+    console.print(metrics_table(rows, title=title, row_header=row_header))
+
+
+def table_width(rows: Mapping[str, Mapping[str, Any]], row_header: str = "setting") -> int:
+    """Characters needed to print :func:`metrics_table` without wrapping or truncation."""
+    columns = metric_columns(rows)
+    first = max([len(row_header), *(len(label) for label in rows)])
+    widths = [max([len(name), *(len(format_value(m.get(name))) for m in rows.values())]) for name in columns]
+    return first + sum(widths) + 3 * (len(columns) + 1) + 1
 
 
 def _jsonable(value: Any) -> Any:
