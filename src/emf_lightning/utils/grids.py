@@ -1,8 +1,9 @@
 """Labelled image grids (prompt x step count, or any rows x columns) saved as PNG.
 
 Cells are laid out row-major with ``padding`` pixels around every cell (torchvision's ``make_grid``
-geometry, but also for a single image, which ``make_grid`` returns unpadded); text labels are drawn with PIL into a left margin (one label per row, wrapped, truncated with an
-ellipsis when it does not fit the row height) and a top margin (one label per column).
+geometry, but also for a single image, which ``make_grid`` returns unpadded). Text labels are drawn with
+PIL into a left margin (one label per row, wrapped, truncated with an ellipsis when it does not fit the
+row height) and a top margin (one label per column).
 
 Geometry, exactly (``H``, ``W`` = cell size after ``upscale``; ``p`` = padding; ``n`` = cells):
 
