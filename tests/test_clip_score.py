@@ -138,3 +138,37 @@ def test_missing_hf_clip_is_a_missing_weights_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(MissingWeightsError, match="openai/clip-vit-base-patch32"):
         load_clip_scorer("openai/clip-vit-base-patch32")
+
+
+def test_transformers_clip_folder_loads_and_encodes_like_the_model(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "a": 2, "red": 3, "circle": 4, "blue": 5, "square": 6}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    cfg = CLIPConfig(
+        text_config=dict(small, vocab_size=7, max_position_embeddings=16, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+        vision_config=dict(small, image_size=16, patch_size=8),
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(cfg).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    scorer = load_clip_scorer(f"hf:{tmp_path}")
+    assert scorer.image_size == 16 and scorer.model_id == f"hf:{tmp_path}"
+    captions = ["a red circle", "a blue square"]
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        pixels = ((images + 1) / 2 - torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+        ref_img = model.get_image_features(pixel_values=pixels).pooler_output
+        enc = tokenizer(captions, padding=True, return_tensors="pt")
+        ref_txt = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+    torch.testing.assert_close(scorer.encode_images(images), ref_img)
+    torch.testing.assert_close(scorer.encode_texts(captions), ref_txt)
+    expected = 100 * torch.nn.functional.cosine_similarity(ref_img, ref_txt).clamp(min=0)
+    torch.testing.assert_close(scorer.scores(images, captions), expected.double(), rtol=1e-5, atol=1e-4)
