@@ -37,7 +37,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from emf_lightning.data.health import (BAD_FEATURES, BAD_JSON, BAD_LATENT, EMPTY_CAPTION, MISSING_IMAGE,
                                        UNDECODABLE_IMAGE, SkipCounter)
 from emf_lightning.data.tar_reader import iter_shard_samples
-from emf_lightning.data.transforms import decode_image
+from emf_lightning.data.transforms import open_rgb, resize_center_crop
+from emf_lightning.utils.images import from_uint8
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
 FEATURE_KEYS = ("features.npz", "features.npy", "features.pth")
@@ -141,7 +142,10 @@ def _features(data: bytes, ext: str) -> dict[str, torch.Tensor]:
 
 def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, counter: SkipCounter,
                   train: bool) -> dict[str, Any] | None:
-    """A raw tar sample -> {"image", "caption", "spec", "key"[, "features", "latent"]}, or None (counted)."""
+    """A raw tar sample -> {"image", "caption", "spec", "key"[, "features", "latent"]}, or None (counted).
+
+    "image" is uint8 [H, W, 3] here; `collate` converts whole batches to [-1, 1] floats at once.
+    """
     key = raw["__key__"]
     where = f"{raw.get('__url__', '?')}:{key}"
     doc: dict[str, Any] | None = None
@@ -165,7 +169,7 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, 
                                     f"members {sorted(k for k in raw if not k.startswith('__'))}")
         return None
     try:
-        image = decode_image(raw[image_key], opts.image_size)
+        image = np.array(resize_center_crop(open_rgb(raw[image_key]), opts.image_size), dtype=np.uint8)
     except Exception as exn:  # Pillow raises many types for damaged data
         counter.skip(UNDECODABLE_IMAGE, f"{where}.{image_key}: {type(exn).__name__}: {exn}")
         return None
@@ -213,7 +217,7 @@ def collate(samples: list[dict[str, Any]], skipped: dict[str, int], image_size: 
         return {"image": torch.empty(0, 3, image_size, image_size), "caption": [], "spec": [], "key": [],
                 "skipped": skipped}
     batch: dict[str, Any] = {
-        "image": torch.stack([s["image"] for s in samples]),
+        "image": from_uint8(np.stack([s["image"] for s in samples])),
         "caption": [s["caption"] for s in samples],
         "spec": [s["spec"] for s in samples],
         "key": [s["key"] for s in samples],
