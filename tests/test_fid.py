@@ -237,3 +237,13 @@ def test_reference_cache_ignores_a_corrupt_file(tmp_path):
     cache = ReferenceFeatureCache(tmp_path)
     cache.path("k").write_bytes(b"not a zip")
     assert cache.load("k") is None
+
+
+def test_torch_fidelity_file_without_the_package_is_a_clear_import_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        pytest.skip("torch-fidelity is installed; this checks the message when it is not")
+    (tmp_path / TORCH_FIDELITY_FILE).write_bytes(b"placeholder")
+    with pytest.raises(ImportError, match="needs the `torch-fidelity` package"):
+        load_inception(tmp_path)
