@@ -347,3 +347,28 @@ def test_loader_throughput(shapes_urls):
     dm = ShardDataModule(train_shards=shapes_urls, batch_size=4, num_workers=0, image_size=8, epoch_length=8)
     rate = loader_throughput(dm, n_batches=5, warmup=1)  # spans epochs: 2 batches per epoch
     assert np.isfinite(rate) and rate > 0
+
+
+def test_pipe_urls_are_read_and_a_failing_command_is_counted(shapes_urls, world):
+    first = wds.shardlists.expand_urls(shapes_urls)[0]
+    dm = ShardDataModule(val_shards=[f"pipe:cat {first}", "pipe:false"], batch_size=8, num_workers=0,
+                         image_size=RES)
+    dm.setup("validate")
+    loader = dm.val_dataloader()
+    assert _keys(loader) == [world[i].key for i in range(4)]
+    assert dict(loader.tally.counts) == {"unreadable_shard": 1}
+
+
+def test_persistent_workers_see_each_new_epoch(shapes_urls):
+    dm = ShardDataModule(train_shards=shapes_urls, batch_size=4, num_workers=1, persistent_workers=True,
+                         image_size=8, epoch_length=12, shuffle_buffer=4, seed=2)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    epochs = [_keys(loader) for _ in range(3)]
+    assert all(len(e) == 12 for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]  # the epoch reached the long-lived worker (shared memory)
+    fresh = ShardDataModule(train_shards=shapes_urls, batch_size=4, num_workers=0, image_size=8, epoch_length=12,
+                            shuffle_buffer=4, seed=2)
+    fresh.setup("fit")
+    reference = fresh.train_dataloader()
+    assert [_keys(reference) for _ in range(3)] == epochs  # same stream with or without worker processes

@@ -158,6 +158,7 @@ def iter_shard_samples(url: str, counter: SkipCounter,
         return
     damage: list[str] = []
     current: dict | None = None
+    failed = False
     try:
         for name, data in iter_tar_members(fileobj, damage.append):
             key, ext = split_key(name)
@@ -172,14 +173,26 @@ def iter_shard_samples(url: str, counter: SkipCounter,
                 counter.skip(DUPLICATE_ENTRY, f"{url}: {name} appears twice")
                 continue
             current[ext] = data
-    except Exception as exn:  # decompressor or I/O failure in the middle of the stream
+    except Exception as exn:  # I/O or decompressor failure
+        failed = True
         damage.append(f"{type(exn).__name__}: {exn}")
     finally:
-        try:
-            fileobj.close()
-        except Exception as exn:  # a `pipe:` URL whose command failed reports it on close
-            damage.append(f"close failed: {exn}")
+        if not _close_quietly(fileobj):  # a `pipe:` URL whose command failed reports it on close
+            failed = True
+            damage.append("the stream reported an error on close")
+    if failed and current is None:  # an error before a single member: the shard could not be read at all
+        counter.skip(UNREADABLE_SHARD, f"{url}: " + "; ".join(damage))
+        return
     if current is not None:
         yield current
     if damage:
         counter.skip(CORRUPT_SHARD, f"{url}: " + "; ".join(damage))
+
+
+def _close_quietly(fileobj: BinaryIO) -> bool:
+    """Close; False if closing raised (webdataset's pipes raise there when their command failed)."""
+    try:
+        fileobj.close()
+        return True
+    except Exception:
+        return False

@@ -1,14 +1,11 @@
-"""Image preprocessing shared by the shard writers and the datamodule: resize, centre crop, decode."""
+"""Image preprocessing shared by the shard writers and the datamodule: decode, resize, centre crop, encode."""
 
 from __future__ import annotations
 
 import io
 
 import numpy as np
-import torch
 from PIL import Image
-
-from emf_lightning.utils.images import from_uint8
 
 # Formats read from image folders and lists; shards store png/jpg/webp as-is and re-encode the rest to PNG.
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff", "gif")
@@ -45,12 +42,6 @@ def open_rgb(data: bytes) -> Image.Image:
         else:
             image = image.convert("RGB")
     return image
-
-
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    """Encoded image bytes -> float tensor [3, size, size] in [-1, 1] (resize + centre crop)."""
-    image = resize_center_crop(open_rgb(data), size)
-    return from_uint8(np.array(image, dtype=np.uint8))  # a writable copy: torch warns on read-only arrays
 
 
 def encode_png(image: np.ndarray | Image.Image) -> bytes:
