@@ -329,3 +329,22 @@ def test_shard_samples_count_unreadable_and_corrupt_shards(tmp_path):
     assert counter.drain() == {"corrupt_shard": 1}
     assert list(iter_shard_samples(str(tmp_path / "missing.tar"), counter)) == []
     assert counter.drain() == {"unreadable_shard": 1}
+
+
+def test_cli_stores_encoder_features_that_the_datamodule_returns(tmp_path, capsys):
+    from emf_lightning.data.datamodule import ShardDataModule
+    from emf_lightning.encoders import build_encoder
+
+    assert shards_main(["shapes", "--out", str(tmp_path / "t-%06d.tar"), "--n", "3", "--resolution", "8",
+                        "--encoder", "bow", "--features-batch-size", "2"]) == 0
+    urls = capsys.readouterr().out.split()[-1]
+    manifest = read_manifest(tmp_path / "t.manifest.json")
+    encoder = build_encoder("bow")
+    assert manifest["features"]["cache_key"] == encoder.cache_key and manifest["features"]["dim"] == encoder.dim
+    dm = ShardDataModule(val_shards=urls, batch_size=3, num_workers=0, image_size=8, load_features=True)
+    dm.setup("validate")
+    (batch,) = list(dm.val_dataloader())
+    ref = encoder.encode(batch["caption"])  # same captions, encoded now, padded to the batch's longest
+    got = batch["features"]
+    assert torch.equal(got["mask"], ref.mask)
+    assert torch.allclose(got["tokens"], ref.tokens) and torch.allclose(got["pooled"], ref.pooled)
