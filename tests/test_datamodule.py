@@ -85,6 +85,8 @@ def test_validation_pass_format_order_and_exact_pixels(shapes_urls, world):
     assert all(b["skipped"] == {} for b in batches)
     with pytest.raises(TypeError, match="no len"):
         len(dm.val_dataloader())
+    dm.setup("test")  # test_shards default to the validation shards
+    assert _keys(dm.test_dataloader()) == [world[i].key for i in range(10)]
 
 
 def test_resize_and_centre_crop():

@@ -171,8 +171,9 @@ class ShardDataModule(LightningDataModule):
             self.streams["val"] = self._eval_stream(self.val_shards, "val")
         if stage == "validate" and self.val_shards is None:
             raise ValueError("ShardDataModule: val_shards is required to validate")
-        if stage in ("test", None) and (self.test_shards or self.val_shards) is not None:
-            self.streams["test"] = self._eval_stream(self.test_shards or self.val_shards, "test")  # type: ignore[arg-type]
+        test_shards = self.test_shards if self.test_shards is not None else self.val_shards
+        if stage in ("test", None) and test_shards is not None:
+            self.streams["test"] = self._eval_stream(test_shards, "test")
         if stage == "test" and "test" not in self.streams:
             raise ValueError("ShardDataModule: test_shards (or val_shards) is required to test")
 
