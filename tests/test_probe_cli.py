@@ -141,3 +141,13 @@ def test_probe_on_shards_without_specs_reports_missing_image_weights(tmp_path, m
                      "--out", str(out), "--no-figure"]) == 0
     report = json.loads((out / "probe.json").read_text())
     assert report["probe_set"]["relevance_source"].startswith("image features (pixels)")
+
+
+def test_probe_feature_cache_reuses_features(tmp_path):
+    args = ["--encoder", "bow", *SMALL, "--no-figure", "--feature-cache", str(tmp_path / "cache")]
+    assert cmd.main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert any((tmp_path / "cache").iterdir())
+    assert cmd.main([*args, "--out", str(tmp_path / "b")]) == 0
+    first = json.loads((tmp_path / "a" / "probe.json").read_text())["encoders"]["bow"]["metrics"]
+    second = json.loads((tmp_path / "b" / "probe.json").read_text())["encoders"]["bow"]["metrics"]
+    assert first == second

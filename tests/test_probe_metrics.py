@@ -263,13 +263,17 @@ def test_evaluate_probe_oracle_encoder_is_ideal():
     assert m["retrieval/relevance_at_k"] == pytest.approx(m["retrieval/ideal_relevance_at_k"])
     assert m["retrieval/exact_precision_at_k"] == 1.0
     assert m["same_scene_auc"] == 1.0
+    # Centring keeps an oracle perfect.
+    assert m["retrieval_centered/exact_precision_at_k"] == 1.0
+    assert m["same_scene_auc_centered"] == 1.0
 
 
 def test_evaluate_probe_word_encoder_reports_every_family():
     probe = S.shapes_probe_set(n=20, group=2, seed=2, n_pairs=4, n_reduce=4)
     res = evaluate_probe(probe, _word_encoder(), k=2)
     m = res.metrics
-    for key in ("retrieval/relevance_at_k", "same_scene_auc", "disentanglement/pooled", "disentanglement/token",
+    for key in ("retrieval/relevance_at_k", "same_scene_auc", "same_scene_auc_centered",
+                "retrieval_centered/relevance_at_k", "disentanglement/pooled", "disentanglement/token",
                 "minimal_pairs/accuracy", "minimal_pairs_token/accuracy", "minimal_pairs/accuracy/color",
                 "anisotropy/pooled", "anisotropy/token", "effective_rank/pooled", "effective_rank/token"):
         assert key in m and math.isfinite(m[key]), key

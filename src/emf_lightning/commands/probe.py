@@ -32,6 +32,8 @@ TABLE_COLUMNS = (
     ("retrieval/normalized_relevance_at_k", "rel@k norm"),
     ("retrieval/exact_precision_at_k", "exact P@k"),
     ("same_scene_auc", "scene AUC"),
+    ("retrieval_centered/relevance_at_k", "rel@k ctr"),
+    ("same_scene_auc_centered", "AUC ctr"),
     ("disentanglement/pooled", "disent."),
     ("disentanglement/token", "disent. tok"),
     ("minimal_pairs/accuracy", "min-pair"),
@@ -90,6 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-weights", default=None, help="local weights file for --image-encoder")
     p.add_argument("--batch-size", type=int, default=64, help="captions per encoder call")
     p.add_argument("--seed", type=int, default=0, help="probe-set seed")
+    p.add_argument("--feature-cache", default=None, metavar="DIR",
+                   help="keep text features in this FeatureCache root, so a rerun does not re-encode")
     p.add_argument("--out", default=None, help="output folder (default runs/probe/<encoder>)")
     p.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
     return p.parse_args(argv)
@@ -281,7 +285,15 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"emf probe: {err}")
             return 2
         say(f"encoding {len(probe.all_captions())} captions with {choice.label} ({encoder.cache_key}) ...")
-        result = evaluate_probe(probe, encoder.encode, k=args.k, batch_size=args.batch_size, seed=args.seed)
+        encode = encoder.encode
+        if args.feature_cache:
+            from emf_lightning.encoders.cache import FeatureCache
+
+            cache = FeatureCache(encoder, root=args.feature_cache)
+            encode = cache.encode
+        result = evaluate_probe(probe, encode, k=args.k, batch_size=args.batch_size, seed=args.seed)
+        if args.feature_cache:
+            cache.save()
         results[choice.label] = {"dim": encoder.dim, "cache_key": encoder.cache_key,
                                  "seconds": time.perf_counter() - start, "metrics": result.metrics}
         histograms[choice.label] = (result.same_scene_cosines.numpy(), result.different_scene_cosines.numpy())

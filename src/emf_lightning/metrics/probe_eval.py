@@ -87,7 +87,8 @@ def evaluate_probe(probe: ProbeSet, encode: EncodeFn, k: int = 2, batch_size: in
     """Encode every caption of ``probe`` with ``encode`` and compute all probe metrics.
 
     Metric names (flat, ``/``-separated, ready for a Lightning logger): ``retrieval/*``
-    (see :func:`probe.retrieval_discriminability`), ``same_scene_auc``, ``disentanglement/{pooled,token}``,
+    (see :func:`probe.retrieval_discriminability`), ``same_scene_auc``, their mean-centred counterparts
+    ``retrieval_centered/{relevance_at_k,exact_precision_at_k}`` and ``same_scene_auc_centered``, ``disentanglement/{pooled,token}``,
     ``minimal_pairs/{accuracy,margin}[/<kind>]`` and ``minimal_pairs_token/...``,
     ``anisotropy/{pooled,token}``, ``effective_rank/{pooled,token}``. Parts the probe set lacks are absent.
     """
@@ -109,6 +110,15 @@ def evaluate_encoded(probe: ProbeSet, enc: EncodedCaptions, k: int = 2, seed: in
         same_cos, diff_cos = P.split_pair_similarities(sims, same)
         if same_cos.numel() and diff_cos.numel():
             metrics["same_scene_auc"] = P.same_scene_auc(sims, same)
+        # The same after removing the mean feature of the pool: a direction shared by every caption (e.g. an
+        # LLM's massive activations) dominates raw cosines but carries no content, and a trained connector
+        # can remove it. Raw vs centred tells "information absent" from "information hidden by an offset".
+        centred = pool.double() - pool.double().mean(dim=0, keepdim=True)
+        rc = P.retrieval_discriminability(centred, probe.relevance, k=k, same_scene=probe.same_scene)
+        metrics["retrieval_centered/relevance_at_k"] = rc["relevance_at_k"]
+        metrics["retrieval_centered/exact_precision_at_k"] = rc["exact_precision_at_k"]
+        if same_cos.numel() and diff_cos.numel():
+            metrics["same_scene_auc_centered"] = P.same_scene_auc(P.cosine_matrix(centred), same)
 
     if probe.reduced:
         full_rows = enc.rows(probe.full)
