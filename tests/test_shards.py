@@ -245,6 +245,8 @@ def test_cli_shapes_folder_list_and_check(tmp_path, capsys):
     assert shards_main(["list", str(tmp_path / "l.jsonl"), "--out", str(tmp_path / "l/l-%06d.tar"),
                         "--image-field", "img", "--caption-field", "text"]) == 0
     capsys.readouterr()
+    assert shards_main(["shapes", "--out", str(tmp_path / "s"), "--split", "val", "--n", "2"]) == 0  # a folder
+    assert capsys.readouterr().out.split()[-1] == str(tmp_path / "s/val-000000.tar")
     assert shards_main(["check", str(tmp_path / "s/train-{000000..000002}.tar")]) == 0
     assert capsys.readouterr().out.strip() == "check: 5 samples, nothing skipped"
     assert shards_main(["list", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x-%06d.tar")]) == 2

@@ -3,6 +3,7 @@
 Examples::
 
     emf shards shapes --out shards/train-%06d.tar --split train --n 20000 --resolution 32 --seed 0
+    emf shards shapes --out shards --split val --n 512          # -> shards/val-000000.tar ...
     emf shards shapes --out shards/heldout-%06d.tar --split heldout --n 1000 --mix colors=2,position=1
     emf shards folder photos/ --out shards/photos-%06d.tar --image-size 256
     emf shards list captions.jsonl --out shards/list-%06d.tar --image-field path --caption-field text
@@ -20,6 +21,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from emf_lightning.data.health import SkipCounter, SkipTally
@@ -47,7 +49,9 @@ def parse_mix(text: str | None) -> dict[str, float] | None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="printf shard pattern, e.g. shards/train-%%06d.tar")
+    p.add_argument("--out", required=True,
+                   help="printf shard pattern (shards/train-%%06d.tar), or a folder: <folder>/<split>-%%06d.tar "
+                        "for shapes, <folder>/data-%%06d.tar otherwise")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard before starting a new one")
     p.add_argument("--encoder", default=None,
@@ -110,6 +114,14 @@ def _samples(args: argparse.Namespace, counter: SkipCounter) -> tuple[Iterator[S
              "caption_field": args.caption_field, "image_size": args.image_size})
 
 
+def output_pattern(args: argparse.Namespace) -> str:
+    """--out as a printf pattern: kept if it has an integer field (%06d), else taken as a folder."""
+    if "%" in args.out:
+        return args.out
+    name = args.split if args.source == "shapes" else "data"
+    return str(Path(args.out) / f"{name}-%06d.tar")
+
+
 def write(args: argparse.Namespace) -> WriteResult:
     """Run one writer subcommand; returns what was written."""
     counter = SkipCounter(f"emf shards {args.source}")
@@ -130,7 +142,7 @@ def write(args: argparse.Namespace) -> WriteResult:
                                   dtype=args.features_dtype)
         features = {"encoder": args.encoder, "cache_key": encoder.cache_key, "dim": encoder.dim,
                     "dtype": args.features_dtype, "caption": "primary"}
-    return write_shards(samples, args.out, maxcount=args.maxcount, maxsize=args.maxsize, source=source,
+    return write_shards(samples, output_pattern(args), maxcount=args.maxcount, maxsize=args.maxsize, source=source,
                         skipped=skipped, features=features)
 
 
