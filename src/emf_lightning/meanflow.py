@@ -22,6 +22,7 @@ from torch import Tensor
 from .models.attention import jvp_safe_attention
 
 Net = Callable[..., Tensor]
+JVP_STRATEGIES = ("joint", "detached")
 Cond = tuple[Tensor, ...]
 Schedule = float | Sequence[float]
 
@@ -380,6 +381,11 @@ class MeanFlowLoss(_ConditionalObjective):
         adaptive_p, adaptive_c: per-sample weight 1 / (loss + c)^p (p = 0 gives the plain squared error).
         selective_jvp: run the JVP only on samples with r != t (math attention) and a plain forward with
             fused attention on the others. False = the naive full-batch JVP (for benchmarks and reference).
+        jvp_strategy: how u gets its gradient. "joint": u is the primal output of ``torch.func.jvp`` (one
+            pass over the JVP rows; autograd also records the tangent computation, so those rows cost about
+            twice the activation memory). "detached": du/dt comes from a JVP under ``torch.no_grad`` (nothing
+            kept) and u from a plain fused-attention forward over the whole batch: one extra forward on the
+            JVP rows, activation memory of flow matching. Both give the same loss and gradients.
         guidance_omega, guidance_kappa, guidance_interval: official MeanFlow's training-time guidance;
             omega = 1, kappa = 0 disables it (EMF applies CFG only at sampling).
         cond_drop_prob: share of samples whose condition is replaced by ``null_cond`` (they keep target v).
@@ -395,11 +401,15 @@ class MeanFlowLoss(_ConditionalObjective):
         guidance_kappa: float = 0.0,
         guidance_interval: Sequence[float] = (0.0, 1.0),
         cond_drop_prob: float = 0.0,
+        jvp_strategy: str = "joint",
     ):
         super().__init__(
             time_sampler, adaptive_p, adaptive_c, guidance_omega, guidance_kappa, guidance_interval, cond_drop_prob
         )
+        if jvp_strategy not in JVP_STRATEGIES:
+            raise ValueError(f"unknown jvp_strategy '{jvp_strategy}'; choose one of {JVP_STRATEGIES}")
         self.selective_jvp = bool(selective_jvp)
+        self.jvp_strategy = jvp_strategy
 
     def __call__(
         self,
@@ -429,6 +439,8 @@ class MeanFlowLoss(_ConditionalObjective):
         With ``selective_jvp`` the r = t rows run a plain forward (fused attention) and get du/dt = 0 (it
         is multiplied by t - r = 0 anyway); the r != t rows run ``torch.func.jvp``. Rows come back in order.
         """
+        if self.jvp_strategy == "detached":
+            return self._predict_detached(net, z, r, t, tangent_z, cond)
         if not self.selective_jvp:
             return _jvp(net, z, r, t, tangent_z, cond)
         neq = r != t
@@ -446,6 +458,19 @@ class MeanFlowLoss(_ConditionalObjective):
         inverse = torch.argsort(torch.cat([idx_plain, idx_jvp]))
         u = torch.cat([u_plain, u_jvp.to(u_plain.dtype)]).index_select(0, inverse)
         dudt = torch.cat([torch.zeros_like(u_plain), dudt_jvp.to(u_plain.dtype)]).index_select(0, inverse)
+        return u, dudt
+
+    def _predict_detached(
+        self, net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Cond
+    ) -> tuple[Tensor, Tensor]:
+        """u from one fused forward over the batch; du/dt from a graph-free JVP (on the r != t rows)."""
+        u = net(z, r, t, *cond)
+        rows = (r != t).nonzero().squeeze(1) if self.selective_jvp else torch.arange(len(r), device=r.device)
+        dudt = torch.zeros_like(u)
+        if rows.numel():
+            with torch.no_grad():
+                _, dudt_rows = _jvp(net, z[rows], r[rows], t[rows], tangent_z[rows], _take(cond, rows))
+            dudt = dudt.index_copy(0, rows, dudt_rows.to(u.dtype))
         return u, dudt
 
     def compute(
