@@ -178,6 +178,16 @@ def test_generate_flow_matching_uses_euler_with_cfg():
     torch.testing.assert_close(x, z.clamp(-1, 1))
 
 
+def test_predict_step_samples_each_step_count_with_the_batch_seed():
+    module = tiny_module(sample_steps=(1, 2))
+    _perturb(module, 3)
+    batch = {"caption": ["a red circle", "two blue squares"], "key": ["k0", "k1"]}
+    out = module.predict_step(batch, batch_idx=5)
+    assert sorted(out["images"]) == [1, 2] and out["key"] == ["k0", "k1"]
+    for steps, images in out["images"].items():
+        assert torch.equal(images, module.generate(batch["caption"], steps=steps, seed=5))
+
+
 def test_generate_rejects_empty_prompt_list_and_bad_steps():
     module = tiny_module()
     with pytest.raises(ValueError, match="at least one caption"):

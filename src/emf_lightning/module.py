@@ -115,6 +115,8 @@ class EMFModule(pl.LightningModule):
         neq_ratio: share of samples with r != t, a number or (start, end).
         adaptive_p, adaptive_c: adaptive loss weight 1 / (loss + c)^p.
         selective_jvp: run the JVP only on the r != t samples.
+        jvp_strategy: "joint" (u from the JVP's primal pass) or "detached" (a graph-free JVP for du/dt plus
+            one ordinary forward for u: flow-matching activation memory); see ``MeanFlowLoss``.
         guidance_omega, guidance_kappa, guidance_interval: MeanFlow's guidance inside training
             (omega = 1, kappa = 0 disables it; EMF uses CFG only at sampling).
         cond_drop_prob: share of training samples whose condition is replaced by the null condition.
@@ -148,6 +150,7 @@ class EMFModule(pl.LightningModule):
         adaptive_p: float = 1.0,
         adaptive_c: float = 1e-3,
         selective_jvp: bool = True,
+        jvp_strategy: Literal["joint", "detached"] = "joint",
         guidance_omega: float = 1.0,
         guidance_kappa: float = 0.0,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
@@ -212,7 +215,8 @@ class EMFModule(pl.LightningModule):
             cond_drop_prob=hp.cond_drop_prob,
         )
         if self.objective == "meanflow":
-            return MeanFlowLoss(self.time_sampler, selective_jvp=hp.selective_jvp, **kwargs)
+            return MeanFlowLoss(self.time_sampler, selective_jvp=hp.selective_jvp,
+                                jvp_strategy=hp.jvp_strategy, **kwargs)
         return FlowMatchingLoss(self.time_sampler, **kwargs)
 
     @property
