@@ -365,3 +365,13 @@ def test_init_from_a_foreign_checkpoint(tmp_path: Path):
 def test_progress_defaults_to_zero_without_a_trainer():
     assert tiny_module().progress() == 0.0
     assert math.isclose(tiny_module(schedule_steps=10).progress(), 0.0)
+
+
+def test_bf16_mixed_precision_trains_with_fp32_weights():
+    # What the GPU configs use (precision: bf16-mixed); CPU autocast runs the same code path.
+    module = tiny_module()
+    trainer = quiet_trainer(max_steps=2, precision="bf16-mixed")
+    trainer.fit(module, loader([shapes_batch(2, 16, seed=s) for s in range(2)]))
+    assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert all(p.dtype == torch.float32 for p in module.generator.parameters())
+    assert all(p.dtype == torch.float32 for p in module.ema_generator.parameters())
