@@ -236,6 +236,21 @@ def _word_encoder(dim: int = 16):
     return encode
 
 
+def test_standardize_removes_rogue_channel():
+    from emf_lightning.metrics.probe_eval import standardize
+
+    g = torch.Generator().manual_seed(0)
+    content = torch.randn(200, 4, generator=g, dtype=torch.float64)
+    rogue = torch.cat([content, 100 + 10 * torch.randn(200, 1, generator=g, dtype=torch.float64)], dim=1)
+    z = standardize(rogue)
+    assert torch.allclose(z.mean(0), torch.zeros(5, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(z.std(0), torch.ones(5, dtype=torch.float64))
+    # Raw cosines are all near 1 (the rogue channel dominates); standardised ones follow the content.
+    assert P.anisotropy(rogue) > 0.98
+    assert abs(P.anisotropy(z)) < 0.05
+    assert torch.equal(standardize(torch.ones(3, 2)), torch.zeros(3, 2, dtype=torch.float64))
+
+
 def test_encode_captions_dedupes_and_pads():
     enc = encode_captions(_word_encoder(), ["a b", "c", "a b", "d e f"], batch_size=2)
     assert enc.captions == ["a b", "c", "d e f"]
@@ -263,17 +278,18 @@ def test_evaluate_probe_oracle_encoder_is_ideal():
     assert m["retrieval/relevance_at_k"] == pytest.approx(m["retrieval/ideal_relevance_at_k"])
     assert m["retrieval/exact_precision_at_k"] == 1.0
     assert m["same_scene_auc"] == 1.0
-    # Centring keeps an oracle perfect.
-    assert m["retrieval_centered/exact_precision_at_k"] == 1.0
-    assert m["same_scene_auc_centered"] == 1.0
+    # Standardising channels keeps an oracle perfect.
+    assert m["retrieval_standardized/exact_precision_at_k"] == 1.0
+    assert m["same_scene_auc_standardized"] == 1.0
 
 
 def test_evaluate_probe_word_encoder_reports_every_family():
     probe = S.shapes_probe_set(n=20, group=2, seed=2, n_pairs=4, n_reduce=4)
     res = evaluate_probe(probe, _word_encoder(), k=2)
     m = res.metrics
-    for key in ("retrieval/relevance_at_k", "same_scene_auc", "same_scene_auc_centered",
-                "retrieval_centered/relevance_at_k", "disentanglement/pooled", "disentanglement/token",
+    for key in ("retrieval/relevance_at_k", "same_scene_auc", "same_scene_auc_standardized",
+                "retrieval_standardized/relevance_at_k", "disentanglement/pooled",
+                "disentanglement/pooled_standardized", "disentanglement/token",
                 "minimal_pairs/accuracy", "minimal_pairs_token/accuracy", "minimal_pairs/accuracy/color",
                 "anisotropy/pooled", "anisotropy/token", "effective_rank/pooled", "effective_rank/token"):
         assert key in m and math.isfinite(m[key]), key

@@ -73,6 +73,21 @@ def encode_captions(encode: EncodeFn, captions: Sequence[str], batch_size: int =
     return EncodedCaptions(unique, tok, msk)
 
 
+def standardizer(reference: Tensor) -> Callable[[Tensor], Tensor]:
+    """A map that shifts each channel by the mean of ``reference`` [N, D] and divides it by the reference's
+    standard deviation (float64 out); channels constant over the reference map to 0."""
+    x = reference.double()
+    mean = x.mean(dim=0, keepdim=True)
+    std = x.std(dim=0, keepdim=True) if x.shape[0] > 1 else torch.ones_like(mean)
+    return lambda features: (features.double() - mean) / std.clamp_min(1e-12)
+
+
+def standardize(features: Tensor) -> Tensor:
+    """Each channel of ``features`` [N, D] shifted to mean 0 and scaled to unit standard deviation over the
+    N rows (float64); constant channels become 0."""
+    return standardizer(features)(features)
+
+
 @dataclass
 class ProbeResult:
     """Metrics of one encoder on one probe set, plus the pair cosines behind the histogram."""
@@ -87,8 +102,9 @@ def evaluate_probe(probe: ProbeSet, encode: EncodeFn, k: int = 2, batch_size: in
     """Encode every caption of ``probe`` with ``encode`` and compute all probe metrics.
 
     Metric names (flat, ``/``-separated, ready for a Lightning logger): ``retrieval/*``
-    (see :func:`probe.retrieval_discriminability`), ``same_scene_auc``, their mean-centred counterparts
-    ``retrieval_centered/{relevance_at_k,exact_precision_at_k}`` and ``same_scene_auc_centered``, ``disentanglement/{pooled,token}``,
+    (see :func:`probe.retrieval_discriminability`), ``same_scene_auc``, their counterparts on per-channel
+    standardised features ``retrieval_standardized/{relevance_at_k,exact_precision_at_k}`` and
+    ``same_scene_auc_standardized``, ``disentanglement/{pooled,pooled_standardized,token}``,
     ``minimal_pairs/{accuracy,margin}[/<kind>]`` and ``minimal_pairs_token/...``,
     ``anisotropy/{pooled,token}``, ``effective_rank/{pooled,token}``. Parts the probe set lacks are absent.
     """
@@ -110,21 +126,26 @@ def evaluate_encoded(probe: ProbeSet, enc: EncodedCaptions, k: int = 2, seed: in
         same_cos, diff_cos = P.split_pair_similarities(sims, same)
         if same_cos.numel() and diff_cos.numel():
             metrics["same_scene_auc"] = P.same_scene_auc(sims, same)
-        # The same after removing the mean feature of the pool: a direction shared by every caption (e.g. an
-        # LLM's massive activations) dominates raw cosines but carries no content, and a trained connector
-        # can remove it. Raw vs centred tells "information absent" from "information hidden by an offset".
-        centred = pool.double() - pool.double().mean(dim=0, keepdim=True)
-        rc = P.retrieval_discriminability(centred, probe.relevance, k=k, same_scene=probe.same_scene)
-        metrics["retrieval_centered/relevance_at_k"] = rc["relevance_at_k"]
-        metrics["retrieval_centered/exact_precision_at_k"] = rc["exact_precision_at_k"]
+        # The same after standardising each channel over the pool (z-score). A few channels with a large
+        # shared offset or scale (an LLM's "rogue dimensions") dominate raw cosines without carrying content,
+        # and a per-channel affine map (what the trained connector's first Linear can learn) removes them.
+        # Raw vs standardised tells "information absent" from "information hidden by a few channels".
+        z = standardizer(pool)(pool)
+        rz = P.retrieval_discriminability(z, probe.relevance, k=k, same_scene=probe.same_scene)
+        metrics["retrieval_standardized/relevance_at_k"] = rz["relevance_at_k"]
+        metrics["retrieval_standardized/exact_precision_at_k"] = rz["exact_precision_at_k"]
         if same_cos.numel() and diff_cos.numel():
-            metrics["same_scene_auc_centered"] = P.same_scene_auc(P.cosine_matrix(centred), same)
+            metrics["same_scene_auc_standardized"] = P.same_scene_auc(P.cosine_matrix(z), same)
 
     if probe.reduced:
         full_rows = enc.rows(probe.full)
         red_rows = enc.rows(probe.reduced)
         owner = torch.as_tensor(probe.reduced_owner, dtype=torch.long)
         metrics["disentanglement/pooled"] = P.disentanglement(enc.pooled[full_rows], enc.pooled[red_rows], owner)
+        # With channels standardised over the retrieval pool: a shared offset no longer makes every pair close.
+        z_of = standardizer(pool)
+        metrics["disentanglement/pooled_standardized"] = P.disentanglement(
+            z_of(enc.pooled[full_rows]), z_of(enc.pooled[red_rows]), owner)
         metrics["disentanglement/token"] = P.token_disentanglement(
             enc.tokens[full_rows], enc.mask[full_rows], enc.tokens[red_rows], enc.mask[red_rows], owner)
 
