@@ -325,7 +325,7 @@ def test_init_from_loads_weights_and_copies_time_into_interval_embedder(tmp_path
     _perturb(fm, 2)
     path = _save_generator_ckpt(fm, tmp_path / "fm.ckpt")
     mf = tiny_module(init_from=str(path), lr=0.0)
-    quiet_trainer(max_steps=1).fit(mf, loader([shapes_batch(2, 16)]))  # setup("fit") loads init_from
+    quiet_trainer(max_steps=1).fit(mf, loader([shapes_batch(2, 16)]))  # on_fit_start loads init_from
     src = fm.generator.state_dict()
     for name, value in mf.generator.state_dict().items():
         if name.startswith("backbone.interval_embedder."):
@@ -339,6 +339,20 @@ def test_init_from_loads_weights_and_copies_time_into_interval_embedder(tmp_path
     # Meaningful only because the source's two embedders differ.
     assert any(not torch.equal(v, src[k.replace("interval_embedder", "t_embedder")])
                for k, v in src.items() if k.startswith("backbone.interval_embedder."))
+
+
+def test_resume_does_not_reload_init_from(tmp_path: Path):
+    fm = tiny_module(objective="flow_matching")
+    init = _save_generator_ckpt(fm, tmp_path / "fm.ckpt")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    batches = loader([shapes_batch(2, 16, seed=s) for s in range(2)])
+    quiet_trainer(max_steps=1, callbacks=[ckpt], enable_checkpointing=True).fit(
+        tiny_module(init_from=str(init)), batches)
+    init.unlink()  # a resumed run must not need the init_from file any more
+    resumed = tiny_module(init_from=str(init))
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(resumed, batches, ckpt_path=str(tmp_path / "ckpts" / "step=1.ckpt"))
+    assert trainer.global_step == 2
 
 
 def test_init_from_another_architecture_lists_mismatches(tmp_path: Path):

@@ -205,6 +205,7 @@ class EMFModule(pl.LightningModule):
         self._nonfinite: str | None = None
         # Length of the schedules, fixed at fit start and kept in checkpoints (validate/test reuse it).
         self._schedule_total: int | None = None
+        self._restored = False  # set when weights come from a checkpoint (resume / load_from_checkpoint)
 
     # ------------------------------------------------------------------ construction helpers
     def _build_loss(self) -> MeanFlowLoss | FlowMatchingLoss:
@@ -274,7 +275,14 @@ class EMFModule(pl.LightningModule):
         self.feature_cache.save()
 
     def on_fit_start(self) -> None:
+        """Encoder to the device, schedule length, and ``init_from`` weights at the start of a fresh run.
+
+        Lightning restores a resumed checkpoint's weights before this hook (``on_load_checkpoint`` has run):
+        ``init_from`` is then skipped, the checkpoint already holds the trained weights.
+        """
         self._move_encoder()
+        if self.hparams.init_from and not self._restored:
+            self.load_init_weights(self.hparams.init_from)
         self._schedule_total = self._resolve_schedule_total()
         if self._schedule_total is None:
             warnings.warn("the run has no step limit (max_steps/max_epochs): time-sampler schedules stay at "
@@ -288,11 +296,6 @@ class EMFModule(pl.LightningModule):
 
     def on_fit_end(self) -> None:
         self.save_feature_cache()
-
-    def setup(self, stage: str) -> None:
-        """Load ``init_from`` weights at the start of a fresh fit (not when resuming from a checkpoint)."""
-        if stage == "fit" and self.hparams.init_from and not getattr(self.trainer, "ckpt_path", None):
-            self.load_init_weights(self.hparams.init_from)
 
     def load_init_weights(self, path: str) -> None:
         """Start from another run's generator (+ EMA) weights; time embedder -> interval embedder."""
@@ -408,6 +411,7 @@ class EMFModule(pl.LightningModule):
         if isinstance(saved, dict):
             self.hparams["encoder"] = saved
         self._schedule_total = checkpoint.get("emf_schedule_total", self._schedule_total)
+        self._restored = True
 
     # ------------------------------------------------------------------ evaluation
     def _eval_loss(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
