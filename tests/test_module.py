@@ -125,6 +125,17 @@ def test_feature_cache_is_saved_to_disk(tmp_path: Path):
     assert "a red circle" in again.feature_cache and len(again.feature_cache) == 2
 
 
+def test_without_the_feature_cache_every_call_reaches_the_encoder():
+    module = tiny_module(use_feature_cache=False)
+    calls = []
+    encode = module.encoder.encode
+    object.__setattr__(module.encoder, "encode", lambda caps: calls.append(list(caps)) or encode(caps))
+    first = module.encode_text(["a red circle", ""])
+    second = module.encode_text(["a red circle", ""])
+    assert calls == [["a red circle"], ["a red circle"]] and len(module.feature_cache) == 0
+    assert torch.equal(first.tokens, second.tokens)
+
+
 def test_all_empty_captions_never_reach_the_encoder():
     module = tiny_module()
     calls = []

@@ -128,6 +128,9 @@ class EMFModule(pl.LightningModule):
         init_from: a checkpoint (e.g. of flow-matching pre-training) whose generator and EMA weights start
             this run; its time embedder is copied into the interval embedder (EMF's fine-tuning recipe).
         feature_cache_dir: root of the on-disk text feature cache; None keeps the cache in memory only.
+        use_feature_cache: False encodes every batch with the encoder (as EMF does): the cache holds every
+            unique caption's token features in memory, too much for datasets of millions of captions
+            (precompute features into the shards for those instead, ``emf shards --encoder``).
         sample_steps: step counts used by ``predict_step``.
         cfg_scale: classifier-free guidance scale used by ``predict_step``.
         seed: base of the per-step random streams (time draws, noise, condition dropout), so that a resumed
@@ -163,6 +166,7 @@ class EMFModule(pl.LightningModule):
         ema_decay: float = 0.9999,
         init_from: str | None = None,
         feature_cache_dir: str | None = None,
+        use_feature_cache: bool = True,
         sample_steps: Sequence[int] = (1, 2, 4),
         cfg_scale: float = 1.0,
         seed: int = 0,
@@ -243,7 +247,8 @@ class EMFModule(pl.LightningModule):
     def encode_text(self, captions: Sequence[str]) -> TextFeatures:
         """Text features for ``captions`` through the feature cache; ``""`` gives the null condition."""
         self._move_encoder()
-        return encode_with_null(captions, self.feature_cache.encode, self.encoder.dim, device=self.device)
+        encode = self.feature_cache.encode if self.hparams.use_feature_cache else self.encoder.encode
+        return encode_with_null(captions, encode, self.encoder.dim, device=self.device)
 
     def batch_text_features(self, batch: dict[str, Any]) -> TextFeatures:
         """The batch's text condition: precomputed shard features when the batch has them, else the cache.
@@ -272,7 +277,8 @@ class EMFModule(pl.LightningModule):
     def save_feature_cache(self) -> None:
         """Persist newly computed caption features (no-op for an in-memory cache; part files are
         uniquely named, so every rank may save)."""
-        self.feature_cache.save()
+        if self.hparams.use_feature_cache:
+            self.feature_cache.save()
 
     def on_fit_start(self) -> None:
         """Encoder to the device, schedule length, and ``init_from`` weights at the start of a fresh run.
