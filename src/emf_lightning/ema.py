@@ -20,10 +20,13 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def make_ema_copy(model: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``model`` to hold its moving average (no grads, eval mode)."""
+    """A frozen deep copy of ``model`` to hold its moving average (no grads).
+
+    Its train/eval flag follows the parent module (Lightning warns about eval-mode submodules at fit
+    start); whoever samples with it switches it to eval, as ``EMFModule.generate`` and the val loop do.
+    """
     ema = copy.deepcopy(model)
     ema.requires_grad_(False)
-    ema.eval()
     return ema
 
 
