@@ -36,5 +36,8 @@ test-all: $(STAMP)
 probe-encoder: $(STAMP)
 	$(BIN)/emf probe --encoder $(ENC) --out runs/probe/$(ENC)
 
+bench: $(STAMP)
+	$(BIN)/python tools/bench_step.py $(BENCH_ARGS)
+
 clean:
 	rm -rf runs outputs .pytest_cache

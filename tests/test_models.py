@@ -190,20 +190,23 @@ def test_dit_output_depends_on_t_and_interval():
     model = tiny_model()
     perturb_zero_init(model)
     z, ctx, mask = inputs()
-    base = model(z, torch.tensor([0.2, 0.2]), torch.tensor([0.6, 0.6]), ctx, mask)
+    base = model(z, torch.tensor([0.0, 0.0]), torch.tensor([0.1, 0.1]), ctx, mask)
     # Same t - r, different t: only the t embedder sees the change.
-    shift_t = model(z, torch.tensor([0.3, 0.3]), torch.tensor([0.7, 0.7]), ctx, mask)
+    shift_t = model(z, torch.tensor([0.8, 0.8]), torch.tensor([0.9, 0.9]), ctx, mask)
     # Same t, different t - r: only the interval embedder sees the change.
-    shift_r = model(z, torch.tensor([0.1, 0.1]), torch.tensor([0.6, 0.6]), ctx, mask)
-    assert (shift_t - base).abs().max() > 1e-3
-    assert (shift_r - base).abs().max() > 1e-3
+    shift_r = model(z, torch.tensor([0.0, 0.0]), torch.tensor([0.9, 0.9]), ctx, mask)
+    shift_r_only = model(z, torch.tensor([0.8, 0.8]), torch.tensor([0.9, 0.9]), ctx, mask)
+    # Raw t through N(0, 0.02) time MLPs gives a small but exact dependence at init (no noise: same inputs
+    # give bit-identical outputs), so any change well above float rounding shows the path is wired.
+    assert (shift_t - base).abs().max() > 1e-5
+    assert (shift_r - shift_r_only).abs().max() > 1e-5
     # And each embedder alone is responsible: zero the interval embedder's output layer -> r has no effect.
     with torch.no_grad():
         model.interval_embedder.mlp[-1].weight.zero_()
         model.interval_embedder.mlp[-1].bias.zero_()
     torch.testing.assert_close(
-        model(z, torch.tensor([0.1, 0.1]), torch.tensor([0.6, 0.6]), ctx, mask),
-        model(z, torch.tensor([0.2, 0.2]), torch.tensor([0.6, 0.6]), ctx, mask),
+        model(z, torch.tensor([0.0, 0.0]), torch.tensor([0.9, 0.9]), ctx, mask),
+        model(z, torch.tensor([0.8, 0.8]), torch.tensor([0.9, 0.9]), ctx, mask),
     )
 
 
@@ -285,7 +288,7 @@ def test_dit_jvp_matches_finite_differences():
 
     with jvp_safe_attention():
         u, dudt = torch.func.jvp(f, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
-    # The time sinusoid runs at 1000 t, so the step must be small for a second-order-accurate difference.
+    # Small step: float64 keeps the round-off of a central difference near 1e-9 at h = 1e-7.
     h = 1e-7
     fd = (f(z + h * v, r, t + h) - f(z - h * v, r, t - h)) / (2 * h)
     torch.testing.assert_close(dudt, fd, atol=1e-7, rtol=1e-5)
