@@ -192,6 +192,20 @@ def test_sample_with_no_prompt_is_a_clear_error(trained, capsys):
     assert 'no prompts given: pass at least one --prompt "..."' in capsys.readouterr().err
 
 
+def test_sample_refuses_a_foreign_checkpoint(tmp_path, capsys):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, foreign)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sample", "--ckpt", str(foreign), "--prompt", "a red circle"])
+    assert info.value.code == 2
+    assert "is not an emf-lightning checkpoint" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--ckpt", str(garbage), "--prompt", "a red circle"])
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
 def test_validate_with_only_a_checkpoint(trained, tmp_path, capsys):
     # The model and data config come from the checkpoint; only where to write is given.
     rc = cli.main(["validate", "--ckpt", str(trained), "--trainer.logger=false",

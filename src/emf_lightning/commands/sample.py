@@ -47,6 +47,21 @@ def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> l
     return prompts
 
 
+def check_checkpoint(path: str, parser: argparse.ArgumentParser) -> None:
+    """Refuse, with a usage error, a file that is not an EMFModule checkpoint (before building anything)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # not a torch file, truncated, pickled code...
+        parser.error(f"cannot read checkpoint {path}: {err}")
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or "encoder" not in hparams or not isinstance(state, dict) or not any(
+        k.startswith("ema_generator.") for k in state
+    ):
+        parser.error(f"{path} is not an emf-lightning checkpoint (no EMFModule hyper-parameters and EMA "
+                     "weights); pass a checkpoint written by `emf fit`")
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present."""
     if name == "auto":
@@ -72,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if not Path(args.ckpt).is_file():
         parser.error(f"checkpoint not found: {args.ckpt}")
+    check_checkpoint(args.ckpt, parser)
 
     from emf_lightning.module import EMFModule
     from emf_lightning.utils.grids import save_grid
