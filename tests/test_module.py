@@ -38,7 +38,8 @@ def loader(batches: list[dict]) -> torch.utils.data.DataLoader:
 def quiet_trainer(**kwargs) -> pl.Trainer:
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+    kwargs.setdefault("devices", 1)
+    return pl.Trainer(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, **kwargs)
 
 
@@ -400,3 +401,22 @@ def test_bf16_mixed_precision_trains_with_fp32_weights():
     assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
     assert all(p.dtype == torch.float32 for p in module.generator.parameters())
     assert all(p.dtype == torch.float32 for p in module.ema_generator.parameters())
+
+
+class CheckRanksAgree(Callback):
+    """Inside a DDP run: weights and EMA equal on every rank; the encoder is not part of the DDP module."""
+
+    def on_train_end(self, trainer, pl_module):
+        ddp_params = {id(p) for p in trainer.strategy.model.parameters()}
+        assert not any(id(p) in ddp_params for p in pl_module.encoder.parameters())
+        for net in (pl_module.generator, pl_module.ema_generator):
+            flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+            gathered = trainer.strategy.all_gather(flat)
+            assert torch.equal(gathered[0], gathered[1])
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_keep_weights_and_ema_in_sync():
+    module = tiny_module()
+    trainer = quiet_trainer(devices=2, strategy="ddp_spawn", max_steps=2, callbacks=[CheckRanksAgree()])
+    trainer.fit(module, loader([shapes_batch(2, 16, seed=s) for s in range(2)]))
