@@ -200,6 +200,29 @@ def test_predict_step_samples_each_step_count_with_the_batch_seed():
         assert torch.equal(images, module.generate(batch["caption"], steps=steps, seed=5))
 
 
+def test_predict_writer_saves_one_png_per_caption_and_step_count(tmp_path: Path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from emf_lightning.predict_writer import SamplePNGWriter
+    from emf_lightning.utils.images import to_uint8
+
+    module = tiny_module(sample_steps=(1, 2))
+    _perturb(module, 4)
+    batch = {"caption": ["a red circle", "two blue squares"], "key": ["k0", "k1"]}
+    trainer = quiet_trainer(callbacks=[SamplePNGWriter(str(tmp_path))])
+    trainer.predict(module, loader([batch]), return_predictions=False)
+    for steps in (1, 2):
+        want = to_uint8(module.generate(batch["caption"], steps=steps, seed=0))
+        for i, key in enumerate(batch["key"]):
+            got = np.asarray(Image.open(tmp_path / f"steps{steps}" / f"{key}.png"))
+            assert np.array_equal(got, want[i])
+    index = [json.loads(line) for line in (tmp_path / "captions-rank0.jsonl").read_text().splitlines()]
+    assert len(index) == 4 and {r["caption"] for r in index} == set(batch["caption"])
+
+
 def test_generate_rejects_empty_prompt_list_and_bad_steps():
     module = tiny_module()
     with pytest.raises(ValueError, match="at least one caption"):
