@@ -8,7 +8,6 @@ representation the backbone reads more or less discriminative than what the enco
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,8 +16,6 @@ from torch import Tensor, nn
 
 from emf_lightning.metrics.probe_eval import EncodedCaptions, encode_captions, evaluate_encoded
 from emf_lightning.metrics.probe_sets import ProbeSet, shapes_probe_set
-
-log = logging.getLogger(__name__)
 
 
 class DiscriminabilityProbe(pl.Callback):
