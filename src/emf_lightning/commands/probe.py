@@ -142,7 +142,7 @@ def resolve_encoders(arg: str, kwargs: dict[str, Any], say) -> tuple[list[Encode
         return [EncoderChoice(label=n, name=n, kwargs=kwargs) for n in names], {}
     chosen, skipped, seen = [], {}, set()
     for name, cls in ENCODERS.items():
-        if cls in seen:  # an alias ("sentence" = "minilm"): probe each class once
+        if cls in seen or name == "precomputed":  # aliases once; a cache folder is no model to compare
             continue
         seen.add(cls)
         if cls.weights_available(**kwargs):

@@ -3,7 +3,7 @@
     enc = build_encoder("llm")                     # SmolLM2-135M-Instruct, offline
     feats = enc.encode(["a red circle left of a blue square"])   # TextFeatures(tokens, mask, pooled)
 
-Registry names: llm, qwen3, t5, clip, minilm, bow, label.
+Registry names: llm, qwen3, t5, clip, minilm, bow, label, precomputed (features from a cache folder).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from emf_lightning.encoders.cache import FeatureCache
 from emf_lightning.encoders.clip import CLIPTextEncoder
 from emf_lightning.encoders.label import LabelEncoder
 from emf_lightning.encoders.llm import EMF_PROMPT_TEMPLATE, LLMEncoder, Qwen3Encoder
+from emf_lightning.encoders.precomputed import PrecomputedEncoder
 from emf_lightning.encoders.sentence import SentenceEncoder
 from emf_lightning.encoders.t5 import T5Encoder
 
@@ -35,6 +36,7 @@ ENCODERS: dict[str, type[TextEncoder]] = {
     "minilm": SentenceEncoder,
     "bow": BagOfWordsEncoder,
     "label": LabelEncoder,
+    "precomputed": PrecomputedEncoder,
 }
 
 
@@ -80,6 +82,7 @@ __all__ = [
     "FeatureCache",
     "LLMEncoder",
     "LabelEncoder",
+    "PrecomputedEncoder",
     "Qwen3Encoder",
     "SentenceEncoder",
     "T5Encoder",
