@@ -500,9 +500,17 @@ def resolve(args: argparse.Namespace) -> tuple[torch.device, list[Workload], lis
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # callers (tests, notebooks) keep their setting
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     device, workloads, variants, amp = resolve(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
     if args.dry_run:
         print(json.dumps({"device": str(device), "precision": str(amp or "fp32"), "repeats": repeats,

@@ -1,0 +1,48 @@
+"""The step benchmark: its memory measure against known allocations, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from emf_lightning.commands.bench import cpu_peak_bytes, main, markdown_report
+
+
+def test_cpu_peak_bytes_replays_allocations_exactly():
+    def work():
+        a = torch.empty(1000, 1000)  # 4 MB
+        b = torch.empty(2000, 1000)  # 8 MB, live together with a: peak 12 MB
+        del a
+        c = torch.empty(500, 1000)  # 2 MB after a is gone: 10 MB
+        del b, c
+
+    cpu_peak_bytes(lambda: None)  # the first profiled call of a process is the warm-up (see bench_steps)
+    assert cpu_peak_bytes(work) == 12_000_000
+
+
+def test_dry_run_prints_resolved_setup(capsys):
+    assert main(["--dry-run", "--sizes", "tiny", "--batch", "4", "--variants", "mf_sel25"]) == 0
+    setup = json.loads(capsys.readouterr().out)
+    assert setup["device"] == "cpu" and setup["variants"] == ["fm", "mf_sel25"]  # FM is always the baseline
+    assert setup["workloads"][0]["batch"] == 4 and setup["workloads"][0]["size"] == "tiny"
+
+
+def test_tiny_benchmark_runs_and_reports_ratios(tmp_path):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = ["--sizes", "tiny", "--batch", "4", "--image-size", "8", "--patch-size", "4", "--text-len", "4",
+            "--text-dim", "8", "--repeats", "1", "--warmup", "1", "--fm-steps", "2", "--sample-repeats", "1",
+            "--no-loader", "--threads", "1", "--json", str(out_json), "--out", str(out_md)]
+    assert main(args) == 0
+    report = json.loads(out_json.read_text())
+    steps = {s["variant"]: s for s in report["workloads"][0]["steps"]}
+    assert set(steps) == {"fm", "mf_naive", "mf_sel25", "mf_sel75", "mf_det25", "mf_det75"}
+    assert steps["fm"]["time_ratio"] == 1.0 and steps["fm"]["memory_ratio"] == 1.0
+    for s in steps.values():
+        assert s["error"] is None and s["median_ms"] > 0 and s["peak_step_mib"] > 0
+        assert s["time_ratio"] == s["median_ms"] / steps["fm"]["median_ms"]
+    # Memory does not depend on machine load: the naive full-batch JVP keeps tangents for every row.
+    assert steps["mf_naive"]["peak_step_mib"] > steps["fm"]["peak_step_mib"]
+    assert set(report["workloads"][0]["sampling"]) == {"meanflow_1", "meanflow_2", "flow_matching_2"}
+    text = out_md.read_text()
+    assert text == markdown_report(report) and "| flow matching |" in text
