@@ -322,6 +322,8 @@ def test_time_sampler_share_order_and_counts():
         assert r.shape == t.shape == (8,) and r.dtype == torch.float32
         assert bool((r <= t).all()) and bool(((t >= 0) & (t <= 1)).all())
         assert int((r != t).sum()) == 2  # 8 * 0.25 exactly
+        r, t = TimeSampler(neq_ratio=0.3)(10, generator=torch.Generator().manual_seed(seed))
+        assert int((r != t).sum()) == 3  # 10 * 0.3 is 3.0000000000000004 in floating point
     # A fractional expected count is met on average: 2 * 0.25 = 0.5 samples per batch.
     counts = [int((torch.ne(*TimeSampler(neq_ratio=0.25)(2, generator=torch.Generator().manual_seed(s)))).sum())
               for s in range(400)]

@@ -160,7 +160,7 @@ class TimeSampler:
         b = self.draw(batch_size, progress, device, generator)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         share = self.params(progress)["neq_ratio"]
-        exact = batch_size * share
+        exact = round(batch_size * share, 9)  # 10 * 0.3 must give 3 rows, not 3 plus a coin flip
         n_neq = int(math.floor(exact))
         if float(_rand((1,), generator, None)) < exact - n_neq:
             n_neq += 1
