@@ -1,8 +1,8 @@
 """`ShardDataModule`: a LightningDataModule over WebDataset shards.
 
 Training reads an endless stream of shards drawn with replacement, shuffled, with exactly
-`epoch_length` samples per epoch (summed over ranks); validation and test read every shard once, in a
-fixed order, split between ranks and workers without duplicates or gaps (see `data/pipeline.py`).
+`epoch_length` samples per epoch (summed over ranks); validation, test and predict read every shard once,
+in a fixed order, split between ranks and workers without duplicates or gaps (see `data/pipeline.py`).
 Bad input is skipped and counted; each loader logs a one-line summary at the end of every epoch, and
 `callbacks.data_health.DataHealthCallback` sums the counts over ranks and logs them as metrics.
 """
@@ -33,11 +33,17 @@ class ShardLoader(DataLoader):
     Each `iter()` is one epoch: it sets the stream's epoch, sums every batch's "skipped" counts into
     `tally` (dropping the empty batches that only carry counts), and logs `tally.summary()` when the
     epoch ends. `len()` is exact for training streams and undefined (TypeError) for ordered passes.
+
+    `sampler` and `batch_sampler` exist only so that Lightning can re-create the loader (it does for
+    every predict loader, passing None for both with an iterable dataset); the stream batches itself.
     """
 
     def __init__(self, stream: ShardStream, label: str, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = False, prefetch_factor: int | None = None, start_epoch: int = 0,
-                 timeout: float = 0.0) -> None:
+                 timeout: float = 0.0, sampler: None = None, batch_sampler: None = None) -> None:
+        if sampler is not None or batch_sampler is not None:
+            raise ValueError("ShardLoader takes no sampler or batch_sampler: its ShardStream shards, shuffles "
+                             "and batches by itself")
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs["persistent_workers"] = persistent_workers
@@ -77,8 +83,10 @@ class ShardDataModule(LightningDataModule):
             path, any URL webdataset opens (pipe:, http://), or a list of those.
         val_shards: validation shards (same forms); optional for `fit`.
         test_shards: test shards; defaults to `val_shards`.
+        predict_shards: shards whose captions `emf predict` generates images for (one ordered pass, like
+            test); defaults to `val_shards`.
         batch_size: samples per training batch (per rank).
-        val_batch_size: samples per validation/test batch; defaults to `batch_size`.
+        val_batch_size: samples per validation/test/predict batch; defaults to `batch_size`.
         num_workers: DataLoader worker processes per rank.
         image_size: output side: resize the shorter side, centre crop, normalise to [-1, 1].
         shuffle_buffer: training samples (encoded) in the shuffle buffer; <= 1 disables shuffling.
@@ -99,7 +107,8 @@ class ShardDataModule(LightningDataModule):
     """
 
     def __init__(self, train_shards: ShardSpec | None = None, val_shards: ShardSpec | None = None,
-                 test_shards: ShardSpec | None = None, batch_size: int = 64, val_batch_size: int | None = None,
+                 test_shards: ShardSpec | None = None, predict_shards: ShardSpec | None = None,
+                 batch_size: int = 64, val_batch_size: int | None = None,
                  num_workers: int = 2, image_size: int = 32, shuffle_buffer: int = 1000, epoch_length: int = 10_000,
                  caption_sampling: str = "first", caption_dropout: float = 0.0, seed: int = 0,
                  load_features: bool = False, load_latents: bool = False, pin_memory: bool = False,
@@ -119,6 +128,7 @@ class ShardDataModule(LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
+        self.predict_shards = predict_shards
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.image_size = num_workers, image_size
         self.shuffle_buffer, self.epoch_length, self.seed = shuffle_buffer, epoch_length, seed
@@ -155,7 +165,8 @@ class ShardDataModule(LightningDataModule):
                            rank=self.rank, world_size=self.world_size)
 
     def setup(self, stage: str | None = None) -> None:
-        """Expand and check the shard lists needed for `stage` ("fit", "validate", "test"; None: all given)."""
+        """Expand and check the shard lists needed for `stage` ("fit", "validate", "test", "predict"; None: all
+        given)."""
         self.rank, self.world_size = self._distributed()
         if stage in ("fit", None) and (self.train_shards is not None or stage == "fit"):
             if self.train_shards is None:
@@ -176,12 +187,17 @@ class ShardDataModule(LightningDataModule):
             self.streams["test"] = self._eval_stream(test_shards, "test")
         if stage == "test" and "test" not in self.streams:
             raise ValueError("ShardDataModule: test_shards (or val_shards) is required to test")
+        predict_shards = self.predict_shards if self.predict_shards is not None else self.val_shards
+        if stage in ("predict", None) and predict_shards is not None:
+            self.streams["predict"] = self._eval_stream(predict_shards, "predict")
+        if stage == "predict" and "predict" not in self.streams:
+            raise ValueError("ShardDataModule: predict_shards (or val_shards) is required to predict")
 
     # -- loaders -----------------------------------------------------------------------------------------------
 
     def _loader(self, name: str) -> ShardLoader:
         if name not in self.streams:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[name])
+            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[name])
         trainer = self.trainer
         start = trainer.current_epoch if (trainer is not None and name == "train") else 0  # resume-aware
         loader = ShardLoader(self.streams[name], label=name, num_workers=self.num_workers, pin_memory=self.pin_memory,
@@ -204,3 +220,10 @@ class ShardDataModule(LightningDataModule):
     def test_dataloader(self) -> ShardLoader:
         """One ordered pass over the test shards (default: the validation shards)."""
         return self._loader("test")
+
+    def predict_dataloader(self) -> ShardLoader:
+        """One ordered pass over the predict shards (default: the validation shards), split by rank and
+        worker: every caption is generated for exactly once."""
+        # Lightning cannot index batches of an iterable dataset; the prediction writers use the batch keys.
+        warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices fetched from your dataloader.*")
+        return self._loader("predict")
