@@ -41,6 +41,38 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss (or its gradient) is NaN or infinite; training stops and no checkpoint is written."""
 
 
+class UnsupportedStrategyError(ValueError):
+    """The Trainer's strategy shards or partitions the weights, which EMFModule does not support."""
+
+
+SUPPORTED_STRATEGIES = (
+    "single device (strategy auto/single_device), ddp, ddp_spawn, ddp_fork, ddp_notebook, and their "
+    "_find_unused_parameters_false/_true variants"
+)
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse Lightning strategies that shard the weights (FSDP, DeepSpeed, ModelParallel): fail fast.
+
+    The EMA update, ``init_from`` loading and the sampler all read and write the generator's full,
+    unsharded tensors on every rank. Under a sharding strategy those would be flat shards or DTensors: the
+    EMA would silently average the wrong tensors and checkpoints would not load. Replicated strategies
+    (single device, every DDP variant) are supported; DDP keeps a full copy per rank, which fits every
+    ``BACKBONE_PRESETS`` size on a 40 GB+ GPU (XL: ~0.94 B parameters, ~19 GB of fp32 weights, gradients,
+    AdamW state and EMA, before activations).
+    """
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    # DeepSpeedStrategy subclasses DDPStrategy but partitions optimiser state and (stage 3) weights.
+    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        name = getattr(strategy, "strategy_name", None) or type(strategy).__name__
+        raise UnsupportedStrategyError(
+            f"EMFModule does not support the strategy {name!r} ({type(strategy).__name__}): its EMA copy and "
+            f"init_from loading need unsharded weights on every rank. Supported: {SUPPORTED_STRATEGIES}. "
+            "Use --trainer.strategy=ddp (see docs/scaling.md)."
+        )
+
+
 def _pair(value: Pair, name: str) -> tuple[float, float]:
     """A scheduled value as (start, end); a single number means a constant."""
     if isinstance(value, (int, float)):
@@ -279,6 +311,10 @@ class EMFModule(pl.LightningModule):
         uniquely named, so every rank may save)."""
         if self.hparams.use_feature_cache:
             self.feature_cache.save()
+
+    def setup(self, stage: str) -> None:
+        """Check the strategy before Lightning wraps the model (this hook runs before the wrapping)."""
+        check_strategy(self.trainer.strategy)
 
     def on_fit_start(self) -> None:
         """Encoder to the device, schedule length, and ``init_from`` weights at the start of a fresh run.

@@ -1,0 +1,58 @@
+"""EMFModule refuses weight-sharding strategies (FSDP, DeepSpeed, ModelParallel) with a clear error.
+
+Its EMA copy and ``init_from`` loading assume every rank holds the full generator; replicated strategies
+(single device, every DDP variant) are supported. See docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import shapes_batch, tiny_module
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, StrategyRegistry
+
+from emf_lightning.module import UnsupportedStrategyError, check_strategy
+
+REPLICATED = ["single_device", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_false",
+              "ddp_spawn_find_unused_parameters_true"]
+
+
+@pytest.mark.parametrize("name", REPLICATED)
+def test_replicated_strategies_are_accepted(name):
+    check_strategy(StrategyRegistry.get(name))
+
+
+@pytest.mark.parametrize("strategy", [StrategyRegistry.get("fsdp"), StrategyRegistry.get("fsdp_cpu_offload"),
+                                      ModelParallelStrategy()], ids=["fsdp", "fsdp_cpu_offload", "model_parallel"])
+def test_sharding_strategies_are_refused_with_the_supported_list(strategy):
+    with pytest.raises(UnsupportedStrategyError) as info:
+        check_strategy(strategy)
+    msg = str(info.value)
+    assert f"({type(strategy).__name__})" in msg
+    assert "need unsharded weights on every rank" in msg
+    for name in ("single device", "ddp", "ddp_spawn", "_find_unused_parameters_false"):
+        assert name in msg
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """FSDP as Lightning runs it, minus its GPU-only check (which tests `type(strategy) is FSDPStrategy`),
+    so the CPU test reaches the module's own check exactly where a GPU run would."""
+
+
+def test_fit_under_fsdp_fails_before_any_step():
+    module = tiny_module()
+    before = {k: v.clone() for k, v in module.generator.state_dict().items()}
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=CPUFSDPStrategy(), max_steps=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = torch.utils.data.DataLoader([shapes_batch(2, 16)], batch_size=None)
+    try:
+        with pytest.raises(UnsupportedStrategyError, match=r"strategy 'fsdp' \(CPUFSDPStrategy\)"):
+            trainer.fit(module, loader)
+    finally:  # FSDP set up a one-process group before the module's setup hook refused it
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    assert trainer.global_step == 0
+    assert type(module.generator).__name__ == "Generator"  # never wrapped
+    assert all(torch.equal(v, module.generator.state_dict()[k]) for k, v in before.items())
