@@ -393,8 +393,21 @@ class EMFModule(pl.LightningModule):
                 self._fail_nonfinite(f"loss ({err})", batch)
             raise
 
+    def _train_generator(self, batch_idx: int) -> torch.Generator:
+        """The training batch's random stream: one per optimiser step and, with gradient accumulation, per
+        micro-batch.
+
+        ``global_step`` advances only after the last micro-batch of a step, so keyed by the step alone every
+        micro-batch would draw the same noise, times and dropout. Lightning groups micro-batches by
+        ``batch_idx % accumulate_grad_batches``; the first keeps the plain "train" stream (runs without
+        accumulation draw as before).
+        """
+        accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
+        micro = batch_idx % accumulate
+        return self._step_generator("train" if micro == 0 else f"train.micro{micro}", self.global_step)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        gen = self._step_generator("train", self.global_step)
+        gen = self._train_generator(batch_idx)
         loss, stats = self.compute_loss(batch, self.generator, gen, train=True)
         if not torch.isfinite(loss):
             self._fail_nonfinite(f"loss is {loss.item()}", batch)
