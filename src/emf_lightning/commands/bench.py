@@ -114,10 +114,12 @@ class StepResult:
     variant: str
     label: str
     median_ms: float | None = None
+    min_ms: float | None = None
     times_ms: list[float] = field(default_factory=list)
     peak_step_mib: float | None = None
     error: str | None = None
     time_ratio: float | None = None
+    min_time_ratio: float | None = None
     memory_ratio: float | None = None
 
 
@@ -252,11 +254,13 @@ def bench_steps(
         measure(steps[live[0]])
     for key in live:
         results[key].median_ms = statistics.median(results[key].times_ms)
+        results[key].min_ms = min(results[key].times_ms)
         results[key].peak_step_mib = measure(steps[key]) / 2**20
     fm = results.get("fm")
     for r in results.values():
         if fm and fm.median_ms and r.median_ms:
             r.time_ratio = r.median_ms / fm.median_ms
+            r.min_time_ratio = r.min_ms / fm.min_ms
         if fm and fm.peak_step_mib and r.peak_step_mib:
             r.memory_ratio = r.peak_step_mib / fm.peak_step_mib
     info = {
@@ -332,20 +336,22 @@ def _verdict(key: str, r: StepResult) -> str:
 
 
 def step_rows(results: Sequence[StepResult]) -> list[list[str]]:
-    """Table rows: variant, median ms, time ratio, peak MiB, memory ratio, target check."""
+    """Table rows: variant, median and min ms and their ratios to FM, peak MiB, memory ratio, target check."""
     rows = []
     for r in results:
         if r.error:
-            rows.append([r.label, "failed", "", "", "", r.error])
+            rows.append([r.label, "failed", "", "", "", "", "", r.error])
             continue
         rows.append([
-            r.label, _fmt(r.median_ms, ".1f"), _fmt(r.time_ratio, ".2f", "x"), _fmt(r.peak_step_mib, ".1f"),
-            _fmt(r.memory_ratio, ".2f", "x"), _verdict(r.variant, r),
+            r.label, _fmt(r.median_ms, ".1f"), _fmt(r.time_ratio, ".2f", "x"), _fmt(r.min_ms, ".1f"),
+            _fmt(r.min_time_ratio, ".2f", "x"), _fmt(r.peak_step_mib, ".1f"), _fmt(r.memory_ratio, ".2f", "x"),
+            _verdict(r.variant, r),
         ])
     return rows
 
 
-STEP_HEADER = ["step", "median ms", "time vs FM", "peak step MiB", "memory vs FM", "target"]
+STEP_HEADER = ["step", "median ms", "vs FM", "min ms", "vs FM (min)", "peak step MiB", "memory vs FM",
+               "target (median)"]
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -358,7 +364,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"torch {env['torch']}, {env['device_name']}, {env['threads']} threads, precision {env['precision']}, "
         f"compile {env['compile']}, {env['date']}.",
         "",
-        "A step = loss + backward + AdamW update; median over interleaved rounds. Peak step memory = highest "
+        "A step = loss + backward + AdamW update, timed in interleaved rounds (median and minimum; on a "
+        "shared machine the minimum is the less disturbed estimate). Peak step memory = highest "
         "live tensor memory during one step minus the memory live before it (parameters and optimizer state). "
         + ("CUDA: torch.cuda.max_memory_allocated." if env["device"] == "cuda" else
            "CPU: replayed from torch.profiler allocator events."),
@@ -405,7 +412,7 @@ def print_report(report: dict[str, Any]) -> None:
         table = Table(title=f"{w['size']} ({wl['info']['parameters_m']:.1f}M params), batch {w['batch']}, "
                             f"{wl['info']['tokens']} tokens, {report['environment']['device']}")
         for h in STEP_HEADER:
-            table.add_column(h, justify="left" if h in ("step", "target") else "right")
+            table.add_column(h, justify="left" if h in ("step", "target (median)") else "right")
         for row in step_rows([StepResult(**r) for r in wl["steps"]]):
             table.add_row(*row)
         console.print(table)
