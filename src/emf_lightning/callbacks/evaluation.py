@@ -205,6 +205,8 @@ class EvaluationCallback(Callback):
         grid_prompts: rows of the sample grid (0: no grid).
         grid_upscale: magnification of grid cells; ``None`` makes cells at least 128 px.
         on_fit_validation: also evaluate at the end of every validation epoch during ``fit``.
+        on_train_end: also evaluate the final weights when training ends off the ``every_n_steps`` grid
+            (``max_time`` reached, interrupted, or ``max_steps`` not a multiple).
         reference_cache_dir: where real-image features are cached (default ``emf_cache_dir()/fid_refs``).
         output_dir: folder for grids and JSON (default ``<trainer.log_dir or default_root_dir>/eval``).
         print_table: print the rich table (``None``: only under ``validate``).
@@ -233,6 +235,7 @@ class EvaluationCallback(Callback):
         grid_prompts: int = 8,
         grid_upscale: int | None = None,
         on_fit_validation: bool = False,
+        on_train_end: bool = False,
         reference_cache_dir: str | None = None,
         output_dir: str | None = None,
         print_table: bool | None = None,
@@ -268,6 +271,7 @@ class EvaluationCallback(Callback):
         self.grid_prompts = grid_prompts
         self.grid_upscale = grid_upscale
         self.on_fit_validation = on_fit_validation
+        self.evaluate_on_train_end = on_train_end
         self.reference_cache = ReferenceFeatureCache(reference_cache_dir)
         self.output_dir = output_dir
         self.print_table = print_table
@@ -289,14 +293,23 @@ class EvaluationCallback(Callback):
         step = trainer.global_step
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or step == self._last_step:
             return
+        self._evaluate_and_log(trainer, pl_module)
+
+    def _evaluate_and_log(self, trainer: Trainer, pl_module: LightningModule) -> None:
         result = self.evaluate(trainer, pl_module)
         metrics = result.flat()
         if not metrics:  # every metric skipped: the grid and JSON are written, the logger gets no empty row
             return
         # Direct logger call: values logged from a train hook would wait for log_every_n_steps.
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """With ``on_train_end``, evaluate the final weights unless that step was just evaluated: a run cut
+        short by ``max_time`` or an interrupt still reports where it got to."""
+        if self.evaluate_on_train_end and trainer.global_step > 0 and trainer.global_step != self._last_step:
+            self._evaluate_and_log(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Evaluate under ``validate``, and during ``fit`` when ``on_fit_validation``."""

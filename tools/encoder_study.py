@@ -1,0 +1,279 @@
+"""`make study`: does the discriminability probe predict which text encoder gives the best few-step generator?
+
+The paper's central claim at small scale: train the same backbone, for the same budget, with each text
+encoder, under MeanFlow and under flow matching; judge ShapesEval at 1, 2 and 4 steps (and 50 for flow
+matching); put the encoders' probe scores beside it; rank-correlate the probe with 1-step quality.
+
+  python tools/encoder_study.py                                  # CPU scale: 32x32, tiny backbone
+  python tools/encoder_study.py --resolution 64 --backbone S --max-steps 3000 --batch-size 128 \
+      --precision bf16-mixed --parallel 8                        # GPU scale
+
+Every run is a plain `emf fit` with the offline default config plus a generated override file (saved in
+the run folder, so any run can be repeated by hand). Runs are independent processes, so `--parallel N`
+runs N at once (useful on a big GPU: small models leave most of it idle).
+`--precomputed DIR` trains from feature caches copied from elsewhere (DIR/<encoder>/, written by
+`emf cache-features` and exported with emf_lightning.encoders.precomputed.export_features): no text
+model is loaded, so the study runs where the encoders' weights are not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = ROOT / "configs" / "smollm_shapes.yaml"
+MIX = "colors=4,color_attr=1,position=1"
+
+# Each encoder as the training config names it. max_length matches the base config.
+ENCODER_SPECS = {
+    "llm": {"class_path": "emf_lightning.encoders.LLMEncoder", "init_args": {"model": "smollm2", "max_length": 64}},
+    "minilm": {"class_path": "emf_lightning.encoders.SentenceEncoder", "init_args": {"model": "minilm", "max_length": 64}},
+    "bow": {"class_path": "emf_lightning.encoders.BagOfWordsEncoder", "init_args": {}},
+    "label": {"class_path": "emf_lightning.encoders.LabelEncoder", "init_args": {}},
+}
+# The probe's headline numbers shown beside the generators (see docs/probe_results.md for all of them).
+PROBE_KEYS = {
+    "retrieval/exact_precision_at_k": "probe P@2",
+    "same_scene_auc": "probe AUC",
+    "minimal_pairs/accuracy": "probe min-pair",
+}
+
+
+def emf_command() -> list[str]:
+    exe = Path(sys.executable).with_name("emf")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "emf_lightning.cli"]
+
+
+def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
+    print("$ " + shlex.join(cmd), flush=True)
+    with open(log, "a") as out:
+        out.write("$ " + shlex.join(cmd) + "\n")
+        out.flush()
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
+    if code != 0:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise RuntimeError(f"failed (exit {code}): {shlex.join(cmd)}\n{tail}")
+
+
+def make_data(args: argparse.Namespace, data: Path, log: Path) -> dict[str, str]:
+    """Shapes-world shards at the study's resolution (reused when present)."""
+    urls = {}
+    for split, n in (("train", args.train_n), ("val", args.eval_n)):
+        if not (data / f"{split}.manifest.json").exists():
+            run(emf_command() + ["shards", "shapes", "--out", str(data / f"{split}-%06d.tar"), "--split", split,
+                                 "--n", str(n), "--mix", MIX, "--n-captions", "1", "--seed", "0",
+                                 "--resolution", str(args.resolution)], log)
+        urls[split] = str(data / f"{split}-*.tar")
+    return urls
+
+
+def encoder_spec(name: str, args: argparse.Namespace) -> dict:
+    if args.precomputed and name in ("llm", "minilm"):
+        return {"class_path": "emf_lightning.encoders.PrecomputedEncoder",
+                "init_args": {"cache_dir": str(Path(args.precomputed).resolve() / name)}}
+    return ENCODER_SPECS[name]
+
+
+def run_config(name: str, objective: str, args: argparse.Namespace, urls: dict, run_dir: Path, cache: Path) -> dict:
+    """The override file for one (encoder, objective) run: everything that differs from the base config."""
+    steps = [1, 2, 4, 50] if objective == "flow_matching" else [1, 2, 4]
+    return {
+        "seed_everything": args.seed,
+        "trainer": {
+            "max_steps": args.max_steps,
+            "max_time": f"00:{args.max_minutes // 60:02d}:{args.max_minutes % 60:02d}:00" if args.max_minutes else None,
+            "precision": args.precision,
+            "val_check_interval": None,
+            "limit_val_batches": 0,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "log"}},
+            "callbacks": [{
+                "class_path": "emf_lightning.callbacks.evaluation.EvaluationCallback",
+                "init_args": {"every_n_steps": args.max_steps, "num_samples": args.eval_n, "batch_size": 128,
+                              "steps": steps, "fid": False, "clip_score": False, "shapes_eval": True,
+                              "grid_prompts": 8, "output_dir": str(run_dir / "eval"), "on_train_end": True},
+            }],
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+        },
+        "model": {
+            "encoder": encoder_spec(name, args),
+            "objective": objective,
+            "backbone_size": args.backbone,
+            "image_size": args.resolution,
+            "patch_size": args.patch_size,
+            "feature_cache_dir": str(cache),
+        },
+        "data": {
+            "train_shards": urls["train"], "val_shards": urls["val"], "image_size": args.resolution,
+            "batch_size": args.batch_size, "caption_sampling": "first",
+            "epoch_length": args.batch_size * max(args.max_steps, 1),
+        },
+    }
+
+
+def train_one(name: str, objective: str, args, urls, out: Path, cache: Path) -> dict | None:
+    run_dir = out / "runs" / f"{name}-{objective}"
+    if collect(run_dir) is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = run_dir / "override.json"
+        config.write_text(json.dumps(run_config(name, objective, args, urls, run_dir, cache), indent=1))
+        start = time.perf_counter()
+        try:
+            run(emf_command() + ["fit", "--config", str(BASE_CONFIG), "--config", str(config)], run_dir / "fit.log")
+        except RuntimeError as err:  # one failed run must not cost the others' results
+            print(f"study: {name}/{objective} failed: {err}", file=sys.stderr)
+            return None
+        (run_dir / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+    return collect(run_dir)
+
+
+def collect(run_dir: Path) -> dict | None:
+    """A finished run's ShapesEval per step count (None if it has not finished)."""
+    done = sorted((run_dir / "eval").glob("metrics-*.json"))
+    if not done:
+        return None
+    payload = json.loads(done[-1].read_text())
+    seconds = float((run_dir / "seconds.txt").read_text()) if (run_dir / "seconds.txt").exists() else float("nan")
+    encoder, _, objective = run_dir.name.partition("-")
+    return {"encoder": encoder, "objective": objective, "seconds": seconds, "global_step": payload["global_step"],
+            "shapes": {s["steps"]: s["metrics"] for s in payload["settings"]}, "real": payload.get("real", {})}
+
+
+def probe_scores(names: list[str], args, out: Path, log: Path) -> dict[str, dict]:
+    """The probe's numbers per encoder: from --probe-json, or by running `emf probe` here."""
+    path = Path(args.probe_json) if args.probe_json else out / "probe" / "probe.json"
+    if not path.exists():
+        run(emf_command() + ["probe", "--encoder", ",".join(names), "--n", str(args.probe_n), "--k", "2",
+                             "--out", str(path.parent), "--feature-cache", str(out / "probe_features")], log)
+    encoders = json.loads(path.read_text())["encoders"]
+    return {n: encoders[n]["metrics"] for n in names if n in encoders}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
+
+
+def report(results: list[dict], probes: dict, args, out: Path) -> str:
+    lines = [f"Encoder study: {args.resolution}x{args.resolution}, backbone {args.backbone}, {args.max_steps} steps x "
+             f"batch {args.batch_size}, {args.eval_n} val scenes (ShapesEval overall / colors).", ""]
+    head = ["encoder", "objective", *PROBE_KEYS.values(), "1 step", "2 steps", "4 steps", "50 steps", "colors@1", "steps", "train s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        p = probes.get(r["encoder"], {})
+        cells = [r["encoder"], r["objective"], *[f"{p[k]:.3f}" if k in p else "-" for k in PROBE_KEYS]]
+        for s in (1, 2, 4, 50):
+            m = r["shapes"].get(s)
+            cells.append(f"{m['shapes_overall']:.3f}" if m else "-")
+        cells.append(f"{r['shapes'][1].get('shapes_colors', float('nan')):.3f}")
+        cells.append(str(r["global_step"]))
+        cells.append(f"{r['seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    mf = [r for r in results if r["objective"] == "meanflow" and r["encoder"] in probes]
+    if len(mf) >= 3:
+        one_step = [r["shapes"][1]["shapes_overall"] for r in mf]
+        for key, label in PROBE_KEYS.items():
+            rho = spearman([probes[r["encoder"]][key] for r in mf], one_step)
+            lines.append(f"- Spearman rank correlation of {label} with MeanFlow 1-step ShapesEval overall: {rho:+.2f} "
+                         f"(n = {len(mf)} encoders)")
+    text = "\n".join(lines) + "\n"
+    (out / "study.md").write_text(text)
+    (out / "study.json").write_text(json.dumps({"args": vars(args), "results": results, "probes": probes}, indent=1))
+    plot(results, probes, out)
+    return text
+
+
+def plot(results: list[dict], probes: dict, out: Path) -> None:
+    """Left: ShapesEval overall vs sampling steps per encoder/objective. Right: probe vs 1-step quality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        steps = sorted(r["shapes"])
+        style = "-o" if r["objective"] == "meanflow" else "--s"
+        left.plot(steps, [r["shapes"][s]["shapes_overall"] for s in steps], style, label=f"{r['encoder']} {r['objective']}")
+    left.set_xscale("log")
+    left.set_xlabel("sampling steps")
+    left.set_ylabel("ShapesEval overall")
+    left.legend(fontsize=7)
+    for r in results:
+        if r["objective"] == "meanflow" and r["encoder"] in probes:
+            x = probes[r["encoder"]]["same_scene_auc"]
+            y = r["shapes"][1]["shapes_overall"]
+            right.scatter([x], [y])
+            right.annotate(r["encoder"], (x, y))
+    right.set_xlabel("probe: same-scene AUC")
+    right.set_ylabel("MeanFlow 1-step ShapesEval overall")
+    fig.tight_layout()
+    fig.savefig(out / "study.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoders", default="llm,minilm,bow,label")
+    p.add_argument("--objectives", default="meanflow,flow_matching")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--backbone", default="tiny")
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--max-minutes", type=int, default=None,
+                   help="stop each run after this long (then it is evaluated where it got to)")
+    p.add_argument("--train-n", type=int, default=3000)
+    p.add_argument("--eval-n", type=int, default=256)
+    p.add_argument("--probe-n", type=int, default=500, help="captions in the probe's retrieval pool")
+    p.add_argument("--probe-json", default=None, help="reuse an `emf probe` JSON instead of running the probe")
+    p.add_argument("--precomputed", default=None, help="DIR with DIR/llm and DIR/minilm exported feature caches")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--report-only", action="store_true", help="tabulate the runs already finished in --out")
+    args = p.parse_args(argv)
+
+    out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "study.log"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    names = [n.strip() for n in args.encoders.split(",") if n.strip()]
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    unknown = [n for n in names if n not in ENCODER_SPECS]
+    if unknown:
+        p.error(f"unknown encoders {unknown}; the study knows {sorted(ENCODER_SPECS)}")
+    jobs = [(n, o) for n in names for o in objectives]
+    if args.report_only:  # e.g. after a time limit cut some runs short
+        results = [collect(out / "runs" / f"{n}-{o}") for n, o in jobs]
+        results = [r for r in results if r is not None]
+        print(report(results, probe_scores(names, args, out, log), args, out))
+        return 0
+    urls = make_data(args, out / f"shapes{args.resolution}", log)
+    cache = out / "feature_cache"
+    if not args.precomputed:  # each encoder's features once, before any training run needs them
+        for name in names:
+            spec_file = out / f"encoder-{name}.json"
+            spec_file.write_text(json.dumps({"encoder": ENCODER_SPECS[name]}))
+            run(emf_command() + ["cache-features", "--encoder", str(spec_file), "--shards",
+                                 f"{urls['train']}::{urls['val']}", "--root", str(cache), "--no-paraphrases"], log)
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        results = [r for r in pool.map(lambda job: train_one(*job, args, urls, out, cache), jobs) if r is not None]
+    probes = probe_scores(names, args, out, log)
+    print(report(results, probes, args, out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
