@@ -10,9 +10,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import shapes_batch, tiny_module
+from helpers import shapes_batch, tiny_module, write_shapes_shards
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, StrategyRegistry
 
+from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.module import UnsupportedStrategyError, check_strategy
 
 REPLICATED = ["single_device", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_false",
@@ -56,3 +57,19 @@ def test_fit_under_fsdp_fails_before_any_step():
     assert trainer.global_step == 0
     assert type(module.generator).__name__ == "Generator"  # never wrapped
     assert all(torch.equal(v, module.generator.state_dict()[k]) for k, v in before.items())
+
+
+# ---------------------------------------------------------------------------------------------- eval data under DDP
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_eval_shards_fewer_than_ranks_are_refused(stage, tmp_path, monkeypatch):
+    # One validation shard: under 2 DDP ranks, one rank would get no batch and the other would wait for it
+    # at the metric sync forever. A single process reads it fine.
+    urls = write_shapes_shards(tmp_path, n_train=2, n_val=2, resolution=8, per_shard=2)
+    single = ShardDataModule(val_shards=urls["val"], num_workers=0, image_size=8)
+    single.setup(stage)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"1 shard\(s\) for 2 ranks; every rank needs at least one shard"):
+        ShardDataModule(val_shards=urls["val"], num_workers=0, image_size=8).setup(stage)

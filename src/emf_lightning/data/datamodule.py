@@ -157,6 +157,11 @@ class ShardDataModule(LightningDataModule):
 
     def _eval_stream(self, spec: ShardSpec, label: str) -> ShardStream:
         urls = expand_shard_urls(spec)
+        if len(urls) < self.world_size:
+            # A rank with no batch never joins the other ranks' metric sync (sync_dist, all_gather), and they
+            # wait for it forever (seen with 1 val shard on 2 DDP ranks): refuse it up front.
+            raise ValueError(f"{label}: {len(urls)} shard(s) for {self.world_size} ranks; every rank needs at least "
+                             "one shard. Write more, smaller shards (emf shards --maxcount)")
         readers = self.world_size * max(1, self.num_workers)
         if len(urls) < readers:
             log.info("%s: %d shard(s) for %d rank(s) x %d worker(s): some readers get no shard (nothing is lost)",
