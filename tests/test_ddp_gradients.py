@@ -9,23 +9,32 @@ used (noise, (r, t), dropout mask) and the gradients Lightning hands to the opti
 * the gradients are bit-identical on both ranks, although the ranks saw different data and draws;
 * they equal the gradients of a single-process step on the concatenated batch with the same draws.
 
-The second point holds because the adaptive weight is per sample and both ranks have the same batch
+A second, lighter test wraps the generator itself in ``torch.nn.parallel.DistributedDataParallel`` and
+passes the wrapper to ``MeanFlowLoss``, so ``torch.func.jvp`` runs through DDP's forward, for each JVP
+strategy; the same two properties must hold.
+
+The equality with the concatenated batch holds because the adaptive weight is per sample and both ranks have the same batch
 size: the mean over the concatenated batch is the mean of the per-rank means, which is what DDP's
 gradient averaging computes.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from helpers import shapes_batch, tiny_module
 from lightning.pytorch.callbacks import Callback
 
 from emf_lightning.conditioning import null_condition
+from emf_lightning.meanflow import MeanFlowLoss, TimeSampler, concat_conditions
+from emf_lightning.models.generator import build_generator
 
 PER_RANK = 4
 # Half the rows with r != t and a high dropout share, so both JVP rows and dropped conditions occur on
@@ -144,3 +153,74 @@ def test_meanflow_step_gradients_under_lightning_ddp_match_the_concatenated_batc
     total = sum(float((local_grads[n] - grads[0][n]).norm() ** 2) for n in grads[0]) ** 0.5
     scale = sum(float(grads[0][n].norm() ** 2) for n in grads[0]) ** 0.5
     assert total > 0.05 * scale
+
+
+# ---------------------------------------------------------------------------------------------- DDP around the generator
+
+
+def _generator() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_generator("tiny", text_dim=16, input_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2)
+
+
+def _rank_inputs(rank: int, loss_fn: MeanFlowLoss) -> dict[str, Any]:
+    """Rank-specific data, text of a rank-specific length, and the loss's own draws from a per-rank seed."""
+    gen = torch.Generator().manual_seed(10 + rank)
+    x = torch.rand(PER_RANK, 3, 16, 16, generator=gen) * 2 - 1
+    length = 5 + 2 * rank  # the reference must pad the two ranks' conditions to one length
+    tokens = torch.randn(PER_RANK, length, 16, generator=gen)
+    mask = torch.arange(length)[None] < torch.randint(1, length + 1, (PER_RANK, 1), generator=gen)
+    e, r, t, drop = loss_fn.draw(x, 0.0, gen)
+    return {"x": x, "cond": (tokens * mask[..., None], mask), "e": e, "r": r, "t": t, "drop": drop}
+
+
+def _loss_fn(jvp_strategy: str, selective: bool) -> MeanFlowLoss:
+    return MeanFlowLoss(TimeSampler(neq_ratio=0.5), selective_jvp=selective, jvp_strategy=jvp_strategy,
+                        cond_drop_prob=0.3)
+
+
+def _direct_ddp_worker(rank: int, init_file: str, out_dir: str, jvp_strategy: str, selective: bool) -> None:
+    torch.set_num_threads(1)  # forked from pytest, which may have started intra-op threads
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        net = _generator()
+        # forward_sync_buffers=False: DDP's per-forward buffer broadcast is an in-place copy, which
+        # torch.func.jvp refuses inside its transform (a loud RuntimeError, not a silent skip). The buffers
+        # (sin-cos tables) are constant, so there is nothing to sync. Lightning's DDP wraps the whole
+        # LightningModule and broadcasts before the JVP, so it needs no such option.
+        ddp = torch.nn.parallel.DistributedDataParallel(net, forward_sync_buffers=False)
+        loss_fn = _loss_fn(jvp_strategy, selective)
+        inputs = _rank_inputs(rank, loss_fn)
+        loss, _ = loss_fn.compute(ddp, inputs["x"], inputs["e"], inputs["r"], inputs["t"], inputs["cond"],
+                                  null_condition(1, 16), inputs["drop"])
+        loss.backward()
+        grads = {name: None if p.grad is None else p.grad.clone() for name, p in net.named_parameters()}
+        torch.save({"grads": grads, "inputs": inputs}, os.path.join(out_dir, f"direct{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("jvp_strategy, selective", [("joint", True), ("detached", True), ("joint", False)])
+def test_jvp_through_a_ddp_wrapped_generator_syncs_gradients(jvp_strategy, selective, tmp_path: Path):
+    # fork: the two ranks need no fresh imports (seconds each on a busy machine)
+    mp.start_processes(_direct_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), jvp_strategy, selective),
+                       nprocs=2, join=True, start_method="fork")
+    records = [torch.load(tmp_path / f"direct{r}.pt", weights_only=False) for r in range(2)]
+    grads = [rec["grads"] for rec in records]
+    assert all(g is not None for g in grads[0].values())
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), f"{name}: gradients differ between ranks"
+
+    ins = [rec["inputs"] for rec in records]
+    neq = torch.cat([i["r"] != i["t"] for i in ins])
+    drop = torch.cat([i["drop"] for i in ins])
+    assert 0 < int(neq.sum()) < neq.numel() and 0 < int(drop.sum()) < drop.numel()
+
+    net = _generator()
+    cat = {k: torch.cat([i[k] for i in ins]) for k in ("x", "e", "r", "t", "drop")}
+    loss, _ = _loss_fn(jvp_strategy, selective).compute(
+        net, cat["x"], cat["e"], cat["r"], cat["t"], concat_conditions(ins[0]["cond"], ins[1]["cond"]),
+        null_condition(1, 16), cat["drop"])
+    loss.backward()
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(grads[0][name], p.grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
