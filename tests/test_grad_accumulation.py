@@ -4,7 +4,6 @@ noise, (r, t) and dropout, although they share one ``global_step``."""
 from __future__ import annotations
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from helpers import shapes_batch, tiny_module
 from lightning.pytorch.callbacks import Callback
@@ -42,7 +41,6 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow  # two Trainer runs: ~20 s on two busy cores
 def test_micro_batches_of_one_step_draw_independently():
     draws = run(accumulate=2, steps=2)
     assert len(draws) == 4
