@@ -10,7 +10,7 @@ ENC     ?= all
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install test test-slow test-all demo probe-encoder bench study shards clean
+.PHONY: install test test-slow test-all demo probe-encoder bench study clean
 
 install: $(STAMP)
 
@@ -38,6 +38,14 @@ probe-encoder: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_step.py $(BENCH_ARGS)
+
+# The offline default end to end: shards, SmolLM2 features, MeanFlow training, 1/2/4-step ShapesEval + grids.
+demo: $(STAMP)
+	$(BIN)/python tools/demo.py $(DEMO_ARGS)
+
+# Encoder study: every offline encoder x {MeanFlow, flow matching}, ShapesEval beside the probe.
+study: $(STAMP)
+	$(BIN)/python tools/encoder_study.py $(STUDY_ARGS)
 
 clean:
 	rm -rf runs outputs .pytest_cache

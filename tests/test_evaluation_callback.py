@@ -513,3 +513,14 @@ def test_validate_from_a_checkpoint_names_outputs_by_the_checkpoint_step():
     cb.on_load_checkpoint(validating, None, {"global_step": 1234})
     assert cb._model_step(validating) == 1234
     assert cb._model_step(fitting) == 7  # a resumed fit counts on from the trainer
+
+
+@pytest.mark.parametrize("max_steps, on_train_end, expected", [(5, True, [4, 5]), (5, False, [4]), (4, True, [4])])
+def test_on_train_end_evaluates_final_weights_once(tmp_path, max_steps, on_train_end, expected):
+    """A run that ends off the every_n_steps grid (max_time, interrupt) still reports its final weights,
+    and a run ending on the grid is not evaluated twice."""
+    items = _dataset()
+    callback = _callback(every_n_steps=4, on_train_end=on_train_end, output_dir=str(tmp_path / "eval"))
+    _trainer(tmp_path, callback, max_steps=max_steps).fit(StandInGenerator(items), ListDataModule(items))
+    written = sorted(int(p.stem.removeprefix("metrics-step")) for p in (tmp_path / "eval").glob("metrics-*.json"))
+    assert written == expected
