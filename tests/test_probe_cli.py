@@ -57,7 +57,8 @@ def test_resolve_all_lists_a_skip_line_for_every_absent_encoder():
     lines = []
     chosen, skipped = cmd.resolve_encoders("all", {}, lines.append)
     first = {c: n for n, c in reversed(list(ENCODERS.items()))}  # aliases are probed once, under the first name
-    absent = [n for n, c in ENCODERS.items() if first[c] == n and not c.weights_available()]
+    # a feature-cache folder ("precomputed") is not a model to compare: never listed
+    absent = [n for n, c in ENCODERS.items() if first[c] == n and n != "precomputed" and not c.weights_available()]
     assert sorted(skipped) == sorted(absent)
     assert lines == [f"skip {n}: pretrained weights not found on this machine" for n in ENCODERS if n in absent]
     assert "bow" in [c.name for c in chosen]
