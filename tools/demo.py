@@ -116,11 +116,61 @@ def main(argv: list[str] | None = None) -> int:
         times[f"evaluate ({name})"] = time.perf_counter() - start
         results[name] = json.loads(newest("metrics-*.json", eval_dir).read_text())
 
-    summarise(times, results, out)
+    start = time.perf_counter()
+    diagnosis = diagnose(ckpt, val, args.eval_n)
+    times["diagnose"] = time.perf_counter() - start
+    summarise(times, results, out, diagnosis)
     return 0
 
 
-def summarise(times: dict[str, float], results: dict[str, dict], out: Path) -> None:
+def diagnose(ckpt: Path, shards: str, n: int) -> dict:
+    """Why 1-step samples fail ShapesEval's colour category: colour alone vs shape, extra blobs, nothing.
+
+    ShapesEval passes a sample only when the prompted object is found with the right colour AND shape and
+    nothing else is there; this splits the failures so a miss can be explained."""
+    import glob
+    from collections import Counter
+
+    import webdataset as wds
+
+    from emf_lightning.metrics.shapes_eval import ShapesEval
+    from emf_lightning.module import EMFModule
+    from emf_lightning.utils.images import to_uint8
+
+    captions, specs = [], []
+    for sample in wds.WebDataset(sorted(glob.glob(shards)), shardshuffle=False):
+        captions.append(sample["txt"].decode())
+        specs.append(json.loads(sample["json"]))
+        if len(captions) == n:
+            break
+    module = EMFModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
+    images = to_uint8(torch_cat([module.generate(captions[i:i + 128], steps=1, seed=i) for i in range(0, n, 128)]))
+    judge = ShapesEval()
+    details = judge.evaluate_detailed(images, specs)
+    colour_right = 0
+    reasons: Counter = Counter()
+    for spec, d in zip(specs, details):
+        want = spec["objects"][0]["color"]
+        colours = [det["color"] for det in d["detections"]]
+        colour_right += int(want in colours)
+        if d["passed"]:
+            reasons["passed"] += 1
+        elif not colours:
+            reasons["nothing detected"] += 1
+        elif "objects detected" in d["reason"]:
+            reasons["extra objects"] += 1
+        else:
+            reasons["wrong shape or colour"] += 1
+    return {"n": n, "colour_present": colour_right / n, "reasons": dict(reasons.most_common(6))}
+
+
+def torch_cat(parts):
+    import torch
+
+    return torch.cat(parts)
+
+
+def summarise(times: dict[str, float], results: dict[str, dict], out: Path, diagnosis: dict) -> None:
     """Stage times, then ShapesEval per category and step count for each held-out set."""
     from rich.console import Console
     from rich.table import Table
@@ -146,6 +196,9 @@ def summarise(times: dict[str, float], results: dict[str, dict], out: Path) -> N
             t.add_row(label, *[f"{metrics.get(c, float('nan')):.3f}" for c in cats])
         console.print(t)
         summary[name] = payload
+    summary["diagnosis_1step_val"] = diagnosis
+    console.print(f"1-step val samples showing the prompted colour (any shape): {diagnosis['colour_present']:.3f}; "
+                  f"outcomes: {diagnosis['reasons']}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"grids and metrics: {out}/eval_val, {out}/eval_heldout; summary: {out}/summary.json")
 
