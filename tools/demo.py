@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             "init_args": {"num_samples": args.eval_n, "batch_size": 128, "fid": False, "clip_score": False,
                           "shapes_eval": True, "grid_prompts": 12, "output_dir": str(eval_dir)}}]}}))
         run(emf("validate", "--config", str(CONFIG), "--config", str(eval_config), "--ckpt", str(ckpt),
-                f"--data.val_shards={shard}", f"--model.feature_cache_dir={cache}", "--trainer.limit_val_batches=1"), log)
+                f"--data.val_shards={shard}", f"--model.feature_cache_dir={cache}", "--trainer.limit_val_batches=1",
+                f"--trainer.default_root_dir={eval_dir}"), log)  # LightningCLI saves its config.yaml there
         times[f"evaluate ({name})"] = time.perf_counter() - start
         results[name] = json.loads(newest("metrics-*.json", eval_dir).read_text())
 
