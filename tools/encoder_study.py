@@ -69,7 +69,7 @@ def make_data(args: argparse.Namespace, data: Path, log: Path) -> dict[str, str]
     for split, n in (("train", args.train_n), ("val", args.eval_n)):
         if not (data / f"{split}.manifest.json").exists():
             run(emf_command() + ["shards", "shapes", "--out", str(data / f"{split}-%06d.tar"), "--split", split,
-                                 "--n", str(n), "--mix", MIX, "--n-captions", "1", "--seed", "0",
+                                 "--n", str(n), "--mix", args.mix, "--n-captions", "1", "--seed", "0",
                                  "--resolution", str(args.resolution)], log)
         urls[split] = str(data / f"{split}-*.tar")
     return urls
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="32-true")
     p.add_argument("--max-minutes", type=int, default=None,
                    help="stop each run after this long (then it is evaluated where it got to)")
+    p.add_argument("--mix", default=MIX, help="shapes-world category weights of the study's data")
     p.add_argument("--train-n", type=int, default=3000)
     p.add_argument("--eval-n", type=int, default=256)
     p.add_argument("--probe-n", type=int, default=500, help="captions in the probe's retrieval pool")
