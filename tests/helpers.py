@@ -57,6 +57,19 @@ class HashWordEncoder(TextEncoder):
         return TextFeatures(tokens, mask, masked_mean(tokens, mask)), 0
 
 
+class FixedBatches(torch.utils.data.Dataset):
+    """Pre-made batches, one per index (DataLoader(batch_size=None) yields them as they are)."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batches[i]
+
+
 def tiny_module(**overrides: Any):
     """An EMFModule with HashWordEncoder and a one-block generator at 16x16 (fast on a CPU)."""
     from emf_lightning.module import EMFModule

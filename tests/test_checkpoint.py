@@ -7,23 +7,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import HashWordEncoder, shapes_batch, tiny_module
+from helpers import FixedBatches, HashWordEncoder, shapes_batch, tiny_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from emf_lightning.module import EMFModule
 
 STEPS = 3  # one epoch = STEPS fixed batches; the resumed run starts exactly at an epoch boundary
-
-
-class FixedBatches(torch.utils.data.Dataset):
-    def __init__(self, batches: list[dict]):
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.batches[i]
 
 
 def fresh_module() -> EMFModule:

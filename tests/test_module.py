@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import HashWordEncoder, shapes_batch, tiny_module
+from helpers import FixedBatches, HashWordEncoder, shapes_batch, tiny_module
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from emf_lightning.conditioning import null_condition
@@ -16,19 +16,6 @@ from emf_lightning.ema import ema_decay_at, update_ema
 from emf_lightning.generator_init import IncompatibleCheckpointError
 from emf_lightning.meanflow import make_noise
 from emf_lightning.module import EMFModule, NonFiniteLossError, encoder_spec
-
-
-class FixedBatches(torch.utils.data.Dataset):
-    """Pre-made batches, one per index (DataLoader(batch_size=None) yields them as they are)."""
-
-    def __init__(self, batches: list[dict]):
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.batches[i]
 
 
 def loader(batches: list[dict]) -> torch.utils.data.DataLoader:
