@@ -132,6 +132,7 @@ def diagnose(ckpt: Path, shards: str, n: int) -> dict:
     import glob
     from collections import Counter
 
+    import torch
     import webdataset as wds
 
     from emf_lightning.metrics.shapes_eval import ShapesEval
@@ -145,7 +146,7 @@ def diagnose(ckpt: Path, shards: str, n: int) -> dict:
         if len(captions) == n:
             break
     module = EMFModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
-    images = to_uint8(torch_cat([module.generate(captions[i:i + 128], steps=1, seed=i) for i in range(0, n, 128)]))
+    images = to_uint8(torch.cat([module.generate(captions[i:i + 128], steps=1, seed=i) for i in range(0, n, 128)]))
     judge = ShapesEval()
     details = judge.evaluate_detailed(images, specs)
     colour_right = 0
@@ -163,12 +164,6 @@ def diagnose(ckpt: Path, shards: str, n: int) -> dict:
         else:
             reasons["wrong shape or colour"] += 1
     return {"n": n, "colour_present": colour_right / n, "reasons": dict(reasons.most_common(6))}
-
-
-def torch_cat(parts):
-    import torch
-
-    return torch.cat(parts)
 
 
 def summarise(times: dict[str, float], results: dict[str, dict], out: Path, diagnosis: dict) -> None:

@@ -11,17 +11,11 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
 
 from emf_lightning.encoders.base import TextFeatures
+from emf_lightning.encoders.base import null_tokens as null_condition  # (tokens, mask) for a batch
 
-
-def null_condition(batch_size: int, dim: int, device: torch.device | str | None = None,
-                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """(tokens [B, 1, D] zeros, mask [B, 1] True): the null condition for a batch."""
-    tokens = torch.zeros(batch_size, 1, dim, device=device, dtype=dtype)
-    mask = torch.ones(batch_size, 1, device=device, dtype=torch.bool)
-    return tokens, mask
+__all__ = ["encode_with_null", "null_condition"]
 
 
 def encode_with_null(captions: Sequence[str], encode: Callable[[list[str]], TextFeatures], dim: int,

@@ -98,15 +98,19 @@ class TextFeatures:
         return TextFeatures(torch.cat(tokens), torch.cat(masks), torch.cat([p.pooled for p in parts]))
 
 
+def null_tokens(batch_size: int, dim: int, device: torch.device | str | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(tokens [B, 1, D] zeros, mask [B, 1] True): the one definition of the null condition's tokens."""
+    tokens = torch.zeros(batch_size, 1, dim, device=device, dtype=dtype)
+    mask = torch.ones(batch_size, 1, device=device, dtype=torch.bool)
+    return tokens, mask
+
+
 def null_features(like: TextFeatures) -> TextFeatures:
     """The null condition for `like`'s batch: one all-zero token per row, mask True, pooled zero."""
     b, d = like.tokens.shape[0], like.tokens.shape[-1]
-    device, dtype = like.tokens.device, like.tokens.dtype
-    return TextFeatures(
-        tokens=torch.zeros(b, 1, d, device=device, dtype=dtype),
-        mask=torch.ones(b, 1, device=device, dtype=torch.bool),
-        pooled=torch.zeros(b, d, device=device, dtype=dtype),
-    )
+    tokens, mask = null_tokens(b, d, device=like.tokens.device, dtype=like.tokens.dtype)
+    return TextFeatures(tokens=tokens, mask=mask, pooled=tokens[:, 0].clone())
 
 
 def pack_tokens(hidden: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
