@@ -299,7 +299,8 @@ def test_dit_jvp_matches_finite_differences():
 
 
 def test_build_generator_presets_and_overrides():
-    assert {k: (v["hidden_size"], v["depth"], v["num_heads"]) for k, v in BACKBONE_PRESETS.items()} == {
+    dits = {k: v for k, v in BACKBONE_PRESETS.items() if v["arch"] == "dit"}
+    assert {k: (v["hidden_size"], v["depth"], v["num_heads"]) for k, v in dits.items()} == {
         "tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16),
     }
     gen = build_generator("tiny", text_dim=10, input_size=16)
@@ -330,7 +331,7 @@ def test_build_generator_small_preset_parameter_count():
 def test_build_generator_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown backbone size 'M'"):
         build_generator("M", text_dim=4, input_size=8)
-    with pytest.raises(TypeError, match=r"unknown backbone option\(s\) \['widht'\]"):
+    with pytest.raises(TypeError, match=r"unknown dit backbone option\(s\) \['widht'\]"):
         build_generator("tiny", text_dim=4, input_size=8, widht=3)
 
 

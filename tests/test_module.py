@@ -281,6 +281,33 @@ def test_linear_lr_warmup():
     assert conf["lr_scheduler"]["interval"] == "step"
 
 
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_lr_decays_after_warmup_to_the_floor(decay):
+    # warm-up 2 steps, then 8 decay steps to 0.1 * lr at schedule_steps = 10 (hand-computed values).
+    module = tiny_module(lr=1.0, warmup_steps=2, lr_decay=decay, min_lr_ratio=0.1, schedule_steps=10)
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    fracs = [min(1.0, (s - 2) / 8) for s in range(2, 12)]
+    if decay == "cosine":
+        shape = [0.5 * (1 + math.cos(math.pi * f)) for f in fracs]
+    else:
+        shape = [1 - f for f in fracs]
+    assert seen == pytest.approx([0.5, 1.0] + [0.1 + 0.9 * s for s in shape])
+    assert seen[2] == pytest.approx(1.0) and seen[-2] == pytest.approx(0.1) and seen[-1] == pytest.approx(0.1)
+
+
+def test_bad_lr_decay_settings_are_refused():
+    with pytest.raises(ValueError, match="lr_decay must be one of"):
+        tiny_module(lr_decay="step")
+    with pytest.raises(ValueError, match=r"min_lr_ratio must be in \[0, 1\]"):
+        tiny_module(min_lr_ratio=1.5)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

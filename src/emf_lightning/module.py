@@ -34,6 +34,7 @@ from emf_lightning.meanflow import (
 from emf_lightning.models.generator import build_generator
 
 Pair = float | tuple[float, float]
+LR_DECAYS = ("constant", "cosine", "linear")
 OBJECTIVES = ("meanflow", "flow_matching")
 
 
@@ -154,6 +155,9 @@ class EMFModule(pl.LightningModule):
         cond_drop_prob: share of training samples whose condition is replaced by the null condition.
         lr, betas, weight_decay: AdamW.
         warmup_steps: linear learning-rate warm-up from 0 over this many optimiser steps.
+        lr_decay: after warm-up, "constant", or "cosine" / "linear" decay to ``min_lr_ratio * lr`` at the end
+            of the schedule (``schedule_steps``, else max_steps).
+        min_lr_ratio: the decayed learning rate's floor, as a fraction of ``lr``.
         schedule_steps: steps over which the time-sampler schedules run (progress = step / schedule_steps);
             None takes ``trainer.max_steps`` or else the trainer's estimated number of steps.
         ema_decay: EMA decay, with the warm-up ``min(ema_decay, (1 + step) / (10 + step))``.
@@ -194,6 +198,8 @@ class EMFModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_decay: Literal["constant", "cosine", "linear"] = "constant",
+        min_lr_ratio: float = 0.0,
         schedule_steps: int | None = None,
         ema_decay: float = 0.9999,
         init_from: str | None = None,
@@ -208,6 +214,10 @@ class EMFModule(pl.LightningModule):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        if lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {lr_decay!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         with warnings.catch_warnings():
@@ -446,13 +456,30 @@ class EMFModule(pl.LightningModule):
         update_ema(self.ema_generator, self.generator, ema_decay_at(self.global_step, self.hparams.ema_decay))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW on the generator only, with a linear learning-rate warm-up stepped every optimiser step."""
+        """AdamW on the generator only; linear warm-up, then ``lr_decay``, stepped every optimiser step."""
         hp = self.hparams
         opt = torch.optim.AdamW(self.generator.parameters(), lr=hp.lr, betas=tuple(hp.betas),
                                 weight_decay=hp.weight_decay)
-        warmup = max(0, int(hp.warmup_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` for optimiser step ``step`` (0-based).
+
+        Warm-up: (step + 1) / warmup_steps. After it, "constant" keeps 1; "cosine" and "linear" fall to
+        ``min_lr_ratio`` at the end of the schedule (``schedule_steps`` or the run's max_steps). A decayed
+        rate is what lets a short run's last weights (and their EMA) settle instead of jittering at the peak.
+        """
+        hp = self.hparams
+        warmup = max(0, int(hp.warmup_steps))
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        total = hp.schedule_steps or self._schedule_total
+        if hp.lr_decay == "constant" or not total or total <= warmup:
+            return 1.0
+        frac = min(1.0, (step - warmup) / (total - warmup))
+        shape = 0.5 * (1.0 + math.cos(math.pi * frac)) if hp.lr_decay == "cosine" else 1.0 - frac
+        return hp.min_lr_ratio + (1.0 - hp.min_lr_ratio) * shape
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Last line of defence: a run that saw a non-finite loss never writes a checkpoint."""

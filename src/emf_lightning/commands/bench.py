@@ -58,7 +58,7 @@ from emf_lightning.models import build_generator
 
 # Default workloads. CPU: pixel space 32x32, patch 4 (64 tokens). CUDA: SD-VAE latents of 256 px images
 # (32x32x4), patch 2 (256 tokens), as in DiT / MeanFlow on ImageNet 256.
-CPU_DEFAULTS = {"image_size": 32, "channels": 3, "patch_size": 4, "batch": {"tiny": 32, "S": 16}}
+CPU_DEFAULTS = {"image_size": 32, "channels": 3, "patch_size": 4, "batch": {"tiny": 32, "S": 16, "unet-tiny": 32}}
 CUDA_DEFAULTS = {"image_size": 32, "channels": 4, "patch_size": 2, "batch": {"tiny": 256, "S": 128, "B": 64, "L": 32, "XL": 32}}
 
 
@@ -70,7 +70,7 @@ class Workload:
     batch: int
     image_size: int
     channels: int
-    patch_size: int
+    patch_size: int | None  # None for U-Net presets (no patches)
     text_len: int
     text_dim: int
 
@@ -266,7 +266,8 @@ def bench_steps(
     info = {
         "parameters_m": sum(p.numel() for p in gen.parameters()) / 1e6,
         "resident_mib": resident_bytes(gen, opt) / 2**20,
-        "tokens": (w.image_size // w.patch_size) ** 2,
+        "layout": (f"patch {w.patch_size} ({(w.image_size // w.patch_size) ** 2} tokens)" if w.patch_size
+                   else "U-Net"),
     }
     return list(results.values()), info
 
@@ -375,8 +376,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         w = wl["workload"]
         lines += [
             f"## {w['size']}: {wl['info']['parameters_m']:.1f}M parameters, batch {w['batch']}, "
-            f"{w['channels']}x{w['image_size']}x{w['image_size']}, patch {w['patch_size']} "
-            f"({wl['info']['tokens']} tokens), text {w['text_len']}x{w['text_dim']}",
+            f"{w['channels']}x{w['image_size']}x{w['image_size']}, {wl['info']['layout']}, "
+            f"text {w['text_len']}x{w['text_dim']}",
             "",
             "| " + " | ".join(STEP_HEADER) + " |",
             "|" + "---|" * len(STEP_HEADER),
@@ -410,7 +411,7 @@ def print_report(report: dict[str, Any]) -> None:
     for wl in report["workloads"]:
         w = wl["workload"]
         table = Table(title=f"{w['size']} ({wl['info']['parameters_m']:.1f}M params), batch {w['batch']}, "
-                            f"{wl['info']['tokens']} tokens, {report['environment']['device']}")
+                            f"{wl['info']['layout']}, {report['environment']['device']}")
         for h in STEP_HEADER:
             table.add_column(h, justify="left" if h in ("step", "target (median)") else "right")
         for row in step_rows([StepResult(**r) for r in wl["steps"]]):
@@ -486,7 +487,7 @@ def resolve(args: argparse.Namespace) -> tuple[torch.device, list[Workload], lis
             batch=args.batch or defaults["batch"].get(s, 16),
             image_size=args.image_size or defaults["image_size"],
             channels=args.channels or defaults["channels"],
-            patch_size=args.patch_size or defaults["patch_size"],
+            patch_size=None if BACKBONE_PRESETS[s]["arch"] == "unet" else args.patch_size or defaults["patch_size"],
             text_len=args.text_len,
             text_dim=args.text_dim,
         )

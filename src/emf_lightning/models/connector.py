@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
+from .norms import Float32RMSNorm
+
 
 class TextConnector(nn.Module):
     """Linear -> GELU(tanh) -> Linear -> RMSNorm, applied per token.
@@ -23,7 +25,7 @@ class TextConnector(nn.Module):
         self.fc1 = nn.Linear(in_dim, out_dim)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(out_dim, out_dim)
-        self.norm = nn.RMSNorm(out_dim, eps=eps)
+        self.norm = Float32RMSNorm(out_dim, eps=eps)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """[B, L, in_dim] -> [B, L, out_dim]."""

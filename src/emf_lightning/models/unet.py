@@ -1,0 +1,236 @@
+"""Text-conditioned U-Net backbone for MeanFlow in pixel space: u(x, r, t, text).
+
+MeanFlow's own pixel-space experiments (CIFAR-10, 32x32) use a U-Net, not a DiT: at small resolutions a
+convolutional network learns edges and corners from far fewer samples than a patch-4 transformer, whose
+linear patch head paints every 4x4 patch from one token. Layout follows DDPM / ADM:
+
+- residual blocks (GroupNorm, SiLU, 3x3 conv) whose second norm is modulated by the conditioning vector
+  (scale and shift, "AdaGN"); the conditioning is embed(t) + embed(t - r) + a projection of the pooled
+  text, exactly as in the DiT backbone;
+- cross-attention from the image positions to the text tokens (under their padding mask) after each
+  block at the resolutions listed in ``attention_resolutions``, plus self-attention there;
+- every residual branch ends in a zero-initialised layer, and so does the output convolution, so a freshly
+  initialised network outputs exactly zero (as DiT's adaLN-Zero does).
+
+All attention goes through :func:`attention`, which takes its forward-mode-safe math path inside the
+MeanFlow JVP. GroupNorm, convolutions and nearest upsampling all have forward-mode AD rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import to_2tuple
+from torch import Tensor
+
+from .attention import attention
+from .dit import TimestepEmbedder
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups of at least 4 channels (small widths keep meaningful groups)."""
+    groups = min(32, max(1, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, AdaGN(cond)-SiLU-dropout-conv(zero init), plus a (1x1) skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = _group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.cond = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * out_ch))
+        self.norm2 = _group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.cond(c)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over positions, then cross-attention to the text tokens; both residual, zero-init."""
+
+    def __init__(self, channels: int, context_dim: int, head_dim: int = 32):
+        super().__init__()
+        if channels % head_dim:
+            raise ValueError(f"attention head_dim {head_dim} must divide the channels {channels}")
+        self.num_heads = channels // head_dim
+        self.head_dim = head_dim
+        self.norm_self = _group_norm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj_self = _zero(nn.Linear(channels, channels))
+        self.norm_cross = _group_norm(channels)
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj_cross = _zero(nn.Linear(channels, channels))
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, x: Tensor) -> Tensor:
+        b, _, n, _ = x.shape
+        return x.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        b, ch, hgt, wid = x.shape
+        tokens = self.norm_self(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        out = self._merge(attention(self._heads(q), self._heads(k), self._heads(v)))
+        x = x + self.proj_self(out).transpose(1, 2).reshape(b, ch, hgt, wid)
+
+        tokens = self.norm_cross(x).flatten(2).transpose(1, 2)
+        k, v = self.kv(context).chunk(2, dim=-1)
+        out = self._merge(attention(self._heads(self.q(tokens)), self._heads(k), self._heads(v), mask))
+        return x + self.proj_cross(out).transpose(1, 2).reshape(b, ch, hgt, wid)
+
+
+class UNet(nn.Module):
+    """Text-conditioned U-Net predicting MeanFlow's average velocity u(x, r, t | text).
+
+    Args:
+        input_size: spatial size of x (int for square, or (H, W)); divisible by 2**(len(channel_mult) - 1).
+        in_channels: channels of x; the output has the same.
+        base_channels: width of the first level; level i has ``base_channels * channel_mult[i]``.
+        channel_mult: width multipliers, one per resolution level (each level after the first halves H, W).
+        num_res_blocks: residual blocks per level on the way down (one more on the way up, as in DDPM).
+        attention_resolutions: downsampling factors (1 = full size) at which attention blocks run.
+        head_dim: channels per attention head.
+        context_dim: width of the text tokens (the connector's output width).
+        dropout: dropout inside the residual blocks.
+        time_scale, frequency_dim: as in the DiT's time embedders.
+    """
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = 32,
+        in_channels: int = 3,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attention_resolutions: Sequence[int] = (2, 4),
+        head_dim: int = 32,
+        context_dim: int = 128,
+        dropout: float = 0.0,
+        time_scale: float = 1.0,
+        frequency_dim: int = 256,
+    ):
+        super().__init__()
+        size = to_2tuple(input_size)
+        factor = 2 ** (len(channel_mult) - 1)
+        if size[0] % factor or size[1] % factor:
+            raise ValueError(f"input_size {size} must be divisible by {factor} for {len(channel_mult)} levels")
+        if num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+        self.input_size = size
+        self.in_channels = in_channels
+        self.context_dim = context_dim
+        cond_dim = 4 * base_channels
+        self.t_embedder = TimestepEmbedder(cond_dim, frequency_dim, time_scale)
+        self.interval_embedder = TimestepEmbedder(cond_dim, frequency_dim, time_scale)
+        self.context_embedder = nn.Sequential(nn.Linear(context_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        widths = [base_channels * m for m in channel_mult]
+        attn_at = set(attention_resolutions)
+
+        def attn(level: int, ch: int) -> nn.Module:
+            return AttentionBlock(ch, context_dim, head_dim) if 2**level in attn_at else nn.Identity()
+
+        self.down = nn.ModuleList()
+        skips, ch = [base_channels], base_channels
+        for level, width in enumerate(widths):
+            for _ in range(num_res_blocks):
+                self.down.append(nn.ModuleList([ResBlock(ch, width, cond_dim, dropout), attn(level, width)]))
+                ch = width
+                skips.append(ch)
+            if level < len(widths) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                skips.append(ch)
+        deepest = len(widths) - 1
+        self.mid = nn.ModuleList(
+            [ResBlock(ch, ch, cond_dim, dropout), AttentionBlock(ch, context_dim, head_dim), ResBlock(ch, ch, cond_dim, dropout)]
+        )
+        self.up = nn.ModuleList()
+        for level in range(deepest, -1, -1):
+            width = widths[level]
+            for i in range(num_res_blocks + 1):
+                block = [ResBlock(ch + skips.pop(), width, cond_dim, dropout), attn(level, width)]
+                ch = width
+                if level > 0 and i == num_res_blocks:
+                    block.append(nn.Conv2d(ch, ch, 3, padding=1))  # after nearest 2x upsampling
+                self.up.append(nn.ModuleList(block))
+        self.out_norm = _group_norm(ch)
+        self.out_conv = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+        for emb in (self.t_embedder, self.interval_embedder, self.context_embedder):
+            for layer in emb.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=0.02)
+        # Channels-last convolutions: oneDNN (CPU) and cuDNN (tensor cores) run NHWC without reorders.
+        self.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def copy_time_embedder_to_interval(self) -> None:
+        """Copy t_embedder's weights into interval_embedder (EMF's recipe when starting from a FM model)."""
+        self.interval_embedder.load_state_dict(self.t_embedder.state_dict())
+
+    def conditioning(self, r: Tensor, t: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        """[B, cond_dim]: embed(t) + embed(t - r) + projection of the (masked) mean text token."""
+        if mask is None:
+            pooled = context.mean(dim=1)
+        else:
+            w = mask.to(context.dtype)[..., None]
+            pooled = (context * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+        return self.t_embedder(t) + self.interval_embedder(t - r) + self.context_embedder(pooled)
+
+    def forward(
+        self, x: Tensor, r: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None
+    ) -> Tensor:
+        """Average velocity over [r, t]; shapes as :meth:`DiT.forward`."""
+        b = x.shape[0]
+        if x.shape[1:] != (self.in_channels, *self.input_size):
+            raise ValueError(
+                f"UNet expects x of shape [B, {self.in_channels}, {self.input_size[0]}, {self.input_size[1]}], "
+                f"got {tuple(x.shape)}"
+            )
+        if r.shape != (b,) or t.shape != (b,):
+            raise ValueError(f"r and t must have shape [{b}], got {tuple(r.shape)} and {tuple(t.shape)}")
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
+            raise ValueError(f"context must be [{b}, L, {self.context_dim}], got {tuple(context.shape)}")
+        c = self.conditioning(r, t, context, context_mask)
+        h = self.input_conv(x.contiguous(memory_format=torch.channels_last))
+        skips = [h]
+        for block in self.down:
+            if len(block) == 1:  # downsampling conv
+                h = block[0](h)
+            else:
+                h = block[1](block[0](h, c), context, context_mask) if isinstance(block[1], AttentionBlock) else block[0](h, c)
+            skips.append(h)
+        h = self.mid[0](h, c)
+        h = self.mid[1](h, context, context_mask)
+        h = self.mid[2](h, c)
+        for block in self.up:
+            h = block[0](torch.cat([h, skips.pop()], dim=1), c)
+            if isinstance(block[1], AttentionBlock):
+                h = block[1](h, context, context_mask)
+            if len(block) == 3:
+                h = block[2](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.out_conv(F.silu(self.out_norm(h))).contiguous()

@@ -1,0 +1,145 @@
+"""The U-Net backbone: zero init, conditioning paths, padding invariance, JVP, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
+from emf_lightning.models import BACKBONE_PRESETS, UNet, build_generator, jvp_safe_attention
+
+from test_models import perturb_zero_init
+
+
+def small_unet(**kw) -> UNet:
+    torch.manual_seed(0)
+    args = dict(input_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                head_dim=8, context_dim=12)
+    args.update(kw)
+    return UNet(**args)
+
+
+def inputs(b: int = 2, size: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, 3, size, size, generator=g)
+    ctx = torch.randn(b, 5, 12, generator=g)
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    return z, ctx, mask
+
+
+def test_unet_outputs_zero_at_init_and_has_input_shape():
+    model = small_unet()
+    z, ctx, mask = inputs()
+    u = model(z, torch.tensor([0.1, 0.2]), torch.tensor([0.5, 0.9]), ctx, mask)
+    assert u.shape == z.shape
+    assert torch.count_nonzero(u) == 0
+
+
+def test_unet_layout_has_skip_for_every_up_block():
+    # DDPM layout: (num_res_blocks + 1) up blocks per level, each consuming one skip; all skips are used.
+    for blocks, mult in ((1, (1, 2)), (2, (1, 2, 2)), (1, (1, 1, 2, 2))):
+        model = small_unet(input_size=16, num_res_blocks=blocks, channel_mult=mult)
+        assert len(model.up) == (blocks + 1) * len(mult)
+        perturb_zero_init(model)
+        z = torch.randn(1, 3, 16, 16)
+        u = model(z, torch.zeros(1), torch.ones(1), torch.randn(1, 2, 12), None)
+        assert u.shape == z.shape and u.abs().max() > 0
+
+
+def test_unet_output_depends_on_t_interval_and_text():
+    model = small_unet()
+    perturb_zero_init(model)
+    z, ctx, mask = inputs()
+    base = model(z, torch.tensor([0.0, 0.0]), torch.tensor([0.1, 0.1]), ctx, mask)
+    shift_t = model(z, torch.tensor([0.8, 0.8]), torch.tensor([0.9, 0.9]), ctx, mask)
+    assert (shift_t - base).abs().max() > 1e-5
+    r, t = torch.tensor([0.1, 0.3]), torch.tensor([0.5, 0.8])
+    flipped = model(z, r, t, ctx.flip(0), mask.flip(0))
+    assert (model(z, r, t, ctx, mask) - flipped).abs().max() > 1e-3
+    # Zeroing the interval embedder's output removes the dependence on r (same t).
+    with torch.no_grad():
+        model.interval_embedder.mlp[-1].weight.zero_()
+        model.interval_embedder.mlp[-1].bias.zero_()
+    torch.testing.assert_close(
+        model(z, torch.tensor([0.0, 0.0]), torch.tensor([0.9, 0.9]), ctx, mask),
+        model(z, torch.tensor([0.8, 0.8]), torch.tensor([0.9, 0.9]), ctx, mask),
+    )
+
+
+def test_unet_padded_text_tokens_do_not_change_output():
+    model = small_unet()
+    perturb_zero_init(model)
+    z, ctx, mask = inputs()
+    r, t = torch.tensor([0.1, 0.3]), torch.tensor([0.5, 0.8])
+    u = model(z, r, t, ctx, mask)
+    ctx2 = ctx.clone()
+    ctx2[0, 3:] = torch.randn(2, 12) * 10  # row 0 has 3 real tokens
+    padded = torch.cat([ctx2, torch.randn(2, 4, 12)], dim=1)
+    mask2 = torch.cat([mask, torch.zeros(2, 4, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(model(z, r, t, padded, mask2), u, atol=1e-5, rtol=1e-5)
+
+
+def test_unet_jvp_matches_finite_differences():
+    model = small_unet().double()
+    perturb_zero_init(model)
+    z, ctx, mask = inputs()
+    z, ctx = z.double(), ctx.double()
+    r, t = torch.tensor([0.1, 0.3], dtype=torch.float64), torch.tensor([0.5, 0.8], dtype=torch.float64)
+    v = torch.randn_like(z)
+
+    def f(z_, r_, t_):
+        return model(z_, r_, t_, ctx, mask)
+
+    with jvp_safe_attention():
+        u, dudt = torch.func.jvp(f, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    h = 1e-7
+    fd = (f(z + h * v, r, t + h) - f(z - h * v, r, t - h)) / (2 * h)
+    torch.testing.assert_close(dudt, fd, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(u, f(z, r, t))
+
+
+def test_unet_meanflow_selective_jvp_equals_full_batch():
+    # The loss's selective JVP (r != t rows only) must give the full-batch loss and gradients on a U-Net too.
+    gen = build_generator("unet-tiny", text_dim=12, input_size=8, base_channels=8, channel_mult=(1, 2),
+                          attention_resolutions=(2,), head_dim=8, context_dim=16)
+    perturb_zero_init(gen)
+    x = torch.randn(6, 3, 8, 8)
+    cond = (torch.randn(6, 4, 12), torch.ones(6, 4, dtype=torch.bool))
+    null = (torch.zeros(1, 1, 12), torch.ones(1, 1, dtype=torch.bool))
+    results = []
+    for selective in (True, False):
+        loss_fn = MeanFlowLoss(TimeSampler(neq_ratio=(0.5, 0.5)), selective_jvp=selective, cond_drop_prob=0.0)
+        gen.zero_grad()
+        loss, _ = loss_fn(gen, x, cond, null, 0.0, generator=torch.Generator().manual_seed(3))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in gen.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_unet_presets_build_and_run():
+    for name in ("unet-tiny", "unet-S", "unet-B"):
+        assert BACKBONE_PRESETS[name]["arch"] == "unet"
+    gen = build_generator("unet-tiny", text_dim=10, input_size=16)
+    assert isinstance(gen.backbone, UNet)
+    assert gen.connector.out_dim == gen.backbone.context_dim == BACKBONE_PRESETS["unet-tiny"]["context_dim"]
+    u = gen(torch.randn(2, 3, 16, 16), torch.zeros(2), torch.ones(2), torch.randn(2, 3, 10), None)
+    assert u.shape == (2, 3, 16, 16)
+
+
+def test_unet_rejects_bad_options_and_shapes():
+    with pytest.raises(TypeError, match="patch_size applies to DiT backbones only"):
+        build_generator("unet-tiny", text_dim=4, input_size=16, patch_size=2)
+    with pytest.raises(TypeError, match=r"unknown unet backbone option\(s\) \['depth'\]"):
+        build_generator("unet-tiny", text_dim=4, input_size=16, depth=3)
+    with pytest.raises(ValueError, match="must be divisible by 4"):
+        UNet(input_size=10, channel_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match="head_dim 12 must divide"):
+        small_unet(head_dim=12)
+    model = small_unet()
+    z, ctx, mask = inputs()
+    with pytest.raises(ValueError, match="expects x of shape"):
+        model(torch.randn(2, 3, 16, 16), torch.zeros(2), torch.ones(2), ctx, mask)
+    with pytest.raises(ValueError, match="context must be"):
+        model(z, torch.zeros(2), torch.ones(2), torch.randn(2, 5, 7), mask)
