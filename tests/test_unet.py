@@ -98,8 +98,9 @@ def test_unet_jvp_matches_finite_differences():
     torch.testing.assert_close(u, f(z, r, t))
 
 
-def test_unet_meanflow_selective_jvp_equals_full_batch():
-    # The loss's selective JVP (r != t rows only) must give the full-batch loss and gradients on a U-Net too.
+def test_unet_meanflow_selective_and_detached_jvp_equal_full_batch():
+    # Selective JVP (r != t rows only) and the detached strategy (hand-written tangent rules) must give the
+    # naive full-batch loss and gradients on a U-Net too.
     gen = build_generator("unet-tiny", text_dim=12, input_size=8, base_channels=8, channel_mult=(1, 2),
                           attention_resolutions=(2,), head_dim=8, context_dim=16)
     perturb_zero_init(gen)
@@ -107,15 +108,18 @@ def test_unet_meanflow_selective_jvp_equals_full_batch():
     cond = (torch.randn(6, 4, 12), torch.ones(6, 4, dtype=torch.bool))
     null = (torch.zeros(1, 1, 12), torch.ones(1, 1, dtype=torch.bool))
     results = []
-    for selective in (True, False):
-        loss_fn = MeanFlowLoss(TimeSampler(neq_ratio=(0.5, 0.5)), selective_jvp=selective, cond_drop_prob=0.0)
+    # naive full batch, selective joint (PyTorch's tangent rules), selective detached (the hand-written ones)
+    for selective, strategy in ((False, "joint"), (True, "joint"), (True, "detached")):
+        loss_fn = MeanFlowLoss(TimeSampler(neq_ratio=(0.5, 0.5)), selective_jvp=selective, jvp_strategy=strategy,
+                               cond_drop_prob=0.0)
         gen.zero_grad()
         loss, _ = loss_fn(gen, x, cond, null, 0.0, generator=torch.Generator().manual_seed(3))
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in gen.parameters()]))
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-5)
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for other in results[1:]:
+        torch.testing.assert_close(other[0], results[0][0], atol=1e-6, rtol=1e-5)
+        for a, b in zip(other[1], results[0][1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_unet_presets_build_and_run():

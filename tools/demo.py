@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = json.loads(newest("metrics-*.json", eval_dir).read_text())
 
     start = time.perf_counter()
-    diagnosis = diagnose(ckpt, val, args.eval_n)
+    diagnosis = {name: diagnose(ckpt, shard, args.eval_n) for name, shard in (("val", val), ("heldout", heldout))}
     times["diagnose"] = time.perf_counter() - start
     summarise(times, results, out, diagnosis)
     return 0
@@ -166,7 +166,7 @@ def diagnose(ckpt: Path, shards: str, n: int) -> dict:
     return {"n": n, "colour_present": colour_right / n, "reasons": dict(reasons.most_common(6))}
 
 
-def summarise(times: dict[str, float], results: dict[str, dict], out: Path, diagnosis: dict) -> None:
+def summarise(times: dict[str, float], results: dict[str, dict], out: Path, diagnosis: dict[str, dict]) -> None:
     """Stage times, then ShapesEval per category and step count for each held-out set."""
     from rich.console import Console
     from rich.table import Table
@@ -192,9 +192,10 @@ def summarise(times: dict[str, float], results: dict[str, dict], out: Path, diag
             t.add_row(label, *[f"{metrics.get(c, float('nan')):.3f}" for c in cats])
         console.print(t)
         summary[name] = payload
-    summary["diagnosis_1step_val"] = diagnosis
-    console.print(f"1-step val samples showing the prompted colour (any shape): {diagnosis['colour_present']:.3f}; "
-                  f"outcomes: {diagnosis['reasons']}")
+    summary["diagnosis_1step"] = diagnosis
+    for name, d in diagnosis.items():
+        console.print(f"1-step {name} samples showing the prompted colour (any shape): {d['colour_present']:.3f}; "
+                      f"outcomes: {d['reasons']}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"grids and metrics: {out}/eval_val, {out}/eval_heldout; summary: {out}/summary.json")
 
