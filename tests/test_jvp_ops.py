@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
 
-from emf_lightning.models import jvp_safe_attention
-from emf_lightning.models.jvp_ops import JvpConv2d, JvpGroupNorm
+from emf_lightning.models import build_generator, jvp_safe_attention
+from emf_lightning.models.jvp_ops import fast_tangents
 
 
-def _random_affine(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def _random_params(module: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -18,75 +20,116 @@ def _random_affine(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module.double()
 
 
-def _both_tangents(module: torch.nn.Module, x: torch.Tensor, tx: torch.Tensor):
-    """(tangent from the hand-written rule, tangent from PyTorch's generic rule) for the same module."""
-    with torch.no_grad(), jvp_safe_attention():
-        ours = torch.func.jvp(module, (x,), (tx,))
-    reference = torch.func.jvp(module, (x,), (tx,))  # outside the context: the plain nn layer
+def _both_tangents(fn, x: torch.Tensor, tx: torch.Tensor):
+    """(output, tangent) from the hand-written rules and from PyTorch's generic ones."""
+    with torch.no_grad(), fast_tangents():
+        ours = torch.func.jvp(fn, (x,), (tx,))
+    reference = torch.func.jvp(fn, (x,), (tx,))
     return ours, reference
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("groups,channels", [(4, 8), (1, 6), (6, 6)])
-def test_group_norm_tangent_matches_pytorch_and_finite_differences(groups, channels, channels_last):
-    norm = _random_affine(JvpGroupNorm(groups, channels, eps=1e-6))
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, channels, 5, 4, generator=g, dtype=torch.float64) * 3 + 1
-    tx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+def _inputs(*shape: int, channels_last: bool = False, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + 1
+    tx = torch.randn(*shape, generator=g, dtype=torch.float64)
     if channels_last:
         x, tx = x.contiguous(memory_format=torch.channels_last), tx.contiguous(memory_format=torch.channels_last)
-    (y, dy), (y_ref, dy_ref) = _both_tangents(norm, x, tx)
+    return x, tx
+
+
+MODULES = {
+    "linear": lambda: nn.Linear(6, 5),
+    "linear-nobias": lambda: nn.Linear(6, 5, bias=False),
+    "conv3x3": lambda: nn.Conv2d(6, 4, 3, padding=1),
+    "conv-stride2": lambda: nn.Conv2d(6, 4, 3, stride=2, padding=1),
+    "conv1x1-nobias": lambda: nn.Conv2d(6, 4, 1, bias=False),
+    "groupnorm": lambda: nn.GroupNorm(3, 6, eps=1e-6),
+    "groupnorm-1group": lambda: nn.GroupNorm(1, 6),
+    "groupnorm-noaffine": lambda: nn.GroupNorm(2, 6, affine=False),
+    "layernorm": lambda: nn.LayerNorm(6),
+    "layernorm-noaffine": lambda: nn.LayerNorm(6, elementwise_affine=False, eps=1e-6),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_rule_matches_pytorch_and_finite_differences(name, channels_last):
+    module = _random_params(MODULES[name]())
+    shape = (3, 7, 6) if "linear" in name or "layernorm" in name else (3, 6, 5, 4)
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels-last applies to images")
+    x, tx = _inputs(*shape, channels_last=channels_last)
+    (y, dy), (y_ref, dy_ref) = _both_tangents(module, x, tx)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(dy, dy_ref, atol=1e-10, rtol=1e-8)
     h = 1e-6
     with torch.no_grad():
-        fd = (norm(x + h * tx) - norm(x - h * tx)) / (2 * h)
+        fd = (module(x + h * tx) - module(x - h * tx)) / (2 * h)
     torch.testing.assert_close(dy, fd, atol=1e-7, rtol=1e-6)
 
 
-def test_group_norm_without_affine_and_under_forward_ad():
-    norm = JvpGroupNorm(2, 4, affine=False).double()
-    x, tx = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
-    (_, dy), (_, dy_ref) = _both_tangents(norm, x, tx)
+def test_keyword_arguments_and_forward_ad_api():
+    w, b = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    x, tx = _inputs(2, 6)
+
+    def fn(x_):
+        return F.layer_norm(F.linear(x_, weight=w, bias=b), normalized_shape=(4,), eps=1e-3)
+
+    (_, dy), (_, dy_ref) = _both_tangents(fn, x, tx)
     torch.testing.assert_close(dy, dy_ref, atol=1e-10, rtol=1e-8)
-    with torch.no_grad(), jvp_safe_attention(), fwAD.dual_level():
-        dy_fwad = fwAD.unpack_dual(norm(fwAD.make_dual(x, tx))).tangent
+    with torch.no_grad(), fast_tangents(), fwAD.dual_level():
+        dy_fwad = fwAD.unpack_dual(fn(fwAD.make_dual(x, tx))).tangent
     torch.testing.assert_close(dy_fwad, dy_ref, atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
-                                    dict(kernel_size=1), dict(kernel_size=3, padding=1, bias=False)])
-def test_conv_tangent_matches_pytorch(kwargs):
-    conv = _random_affine(JvpConv2d(4, 6, **kwargs))
-    x, tx = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
-    (y, dy), (y_ref, dy_ref) = _both_tangents(conv, x, tx)
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(dy, dy_ref, atol=1e-10, rtol=1e-8)
-    # Linear in x: the tangent is the bias-free convolution of the tangent.
-    torch.testing.assert_close(dy, torch.nn.functional.conv2d(tx, conv.weight, None, conv.stride, conv.padding))
-
-
 def test_parameter_tangents_are_included():
-    # torch.func.functional_call with dual parameters: the rule must add conv(x, dw) + db and x_hat * dw + db.
-    for module in (_random_affine(JvpConv2d(3, 4, 3, padding=1)), _random_affine(JvpGroupNorm(2, 4))):
-        x = torch.randn(2, module.weight.shape[1] if isinstance(module, JvpConv2d) else 4, 6, 6, dtype=torch.float64)
+    # Dual parameters (torch.func.functional_call): conv(x, dW) + db, x dW^T + db, x_hat dW + db.
+    for module, shape in ((nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)), (nn.GroupNorm(2, 4), (2, 4, 5, 5)),
+                          (nn.Linear(3, 4), (2, 3)), (nn.LayerNorm(4), (2, 4))):
+        module = _random_params(module)
+        x, _ = _inputs(*shape)
         params = dict(module.named_parameters())
         tangents = {k: torch.randn_like(v) for k, v in params.items()}
 
         def f(p):
             return torch.func.functional_call(module, p, (x,))
 
-        with torch.no_grad(), jvp_safe_attention():
+        with torch.no_grad(), fast_tangents():
             _, ours = torch.func.jvp(f, (params,), (tangents,))
         _, ref = torch.func.jvp(f, (params,), (tangents,))
         torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-8)
 
 
-def test_layers_are_plain_nn_layers_under_autograd():
-    # With gradients on (training forward, or the joint JVP strategy) the stock layers run and backprop works.
-    conv, norm = JvpConv2d(2, 4, 3, padding=1), JvpGroupNorm(2, 4)
-    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+@pytest.mark.parametrize("size", ["tiny", "unet-tiny"])
+def test_whole_backbone_jvp_matches_pytorch(size):
+    gen = build_generator(size, text_dim=12, input_size=16).double()
+    _random_params(gen)
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.mul_(0.1)
+    z, v = _inputs(2, 3, 16, 16)
+    r, t = torch.tensor([0.1, 0.3], dtype=torch.float64), torch.tensor([0.5, 0.8], dtype=torch.float64)
+    ctx, mask = torch.randn(2, 4, 12, dtype=torch.float64), torch.tensor([[True, True, False, False], [True] * 4])
+
+    def u(z_, t_):
+        return gen(z_, r, t_, ctx, mask)
+
     with jvp_safe_attention():
-        y = norm(conv(x))
-    y.sum().backward()
-    assert x.grad is not None and "GroupNormWithTangent" not in str(y.grad_fn)
+        ref = torch.func.jvp(u, (z, t), (v, torch.ones_like(t)))
+        with torch.no_grad(), fast_tangents():
+            ours = torch.func.jvp(u, (z, t), (v, torch.ones_like(t)))
+    torch.testing.assert_close(ours[0], ref[0])
+    torch.testing.assert_close(ours[1], ref[1], atol=1e-9, rtol=1e-7)
+
+
+def test_refuses_to_run_with_gradients_on():
+    with pytest.raises(RuntimeError, match="under torch.no_grad"):
+        with fast_tangents():
+            pass
+
+
+def test_same_padding_conv_falls_back_to_pytorch():
+    conv = _random_params(nn.Conv2d(2, 3, 3, padding="same"))
+    x, tx = _inputs(1, 2, 5, 5)
+    (_, dy), (_, dy_ref) = _both_tangents(conv, x, tx)
+    torch.testing.assert_close(dy, dy_ref)

@@ -17,9 +17,11 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .models.attention import jvp_safe_attention
+from .models.jvp_ops import fast_tangents
 
 Net = Callable[..., Tensor]
 JVP_STRATEGIES = ("joint", "detached")
@@ -473,8 +475,7 @@ class MeanFlowLoss(_ConditionalObjective):
         rows = (r != t).nonzero().squeeze(1)
         dudt = torch.zeros_like(u)
         if rows.numel():
-            with torch.no_grad():
-                _, dudt_rows = _jvp(net, z[rows], r[rows], t[rows], tangent_z[rows], _take(cond, rows))
+            dudt_rows = _graph_free_jvp(net, z[rows], r[rows], t[rows], tangent_z[rows], _take(cond, rows))
             dudt = dudt.index_copy(0, rows, dudt_rows.to(u.dtype))
         return u, dudt
 
@@ -516,6 +517,21 @@ def _jvp(net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Con
     with jvp_safe_attention():
         u, dudt = torch.func.jvp(u_fn, (z, r, t), tangents)
     return u, dudt.detach()
+
+
+def _graph_free_jvp(net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Cond) -> Tensor:
+    """du/dt along (tangent_z, 0, 1) with no autograd graph: dual tensors + closed-form tangent rules.
+
+    Same value as :func:`_jvp`'s tangent (tested), ~1.3x (DiT) to ~1.8x (U-Net) faster on a CPU: the
+    ``torch.autograd.forward_ad`` API skips functorch's per-op wrapping, and :func:`fast_tangents` replaces
+    PyTorch's generic rules for linear, conv and the norms. r carries no tangent, so it stays a plain tensor.
+    """
+    with torch.no_grad(), jvp_safe_attention(), fast_tangents(), fwAD.dual_level():
+        u = net(fwAD.make_dual(z, tangent_z.to(z.dtype)), r, fwAD.make_dual(t, torch.ones_like(t)), *cond)
+        dudt = fwAD.unpack_dual(u).tangent
+    if dudt is None:  # the output does not depend on z or t (e.g. a zero-initialised network's last layer)
+        dudt = torch.zeros_like(u)
+    return dudt
 
 
 class FlowMatchingLoss(_ConditionalObjective):

@@ -1,135 +1,215 @@
-"""Layers with hand-written forward-mode (JVP) rules, for MeanFlow's graph-free JVP through a U-Net.
+"""Hand-written forward-mode (JVP) rules for MeanFlow's graph-free JVP, for any backbone.
 
 PyTorch's generic forward-AD formulas are correct but slow on a CPU: ``native_group_norm``'s costs ~100x
-its forward (dozens of full-size elementwise ops), and a convolution's runs three convolutions where two
-suffice. The layers below are the plain nn layers everywhere except inside
-:func:`~emf_lightning.models.attention.jvp_safe_attention` with gradients off (the "detached" JVP
-strategy, the default), where an autograd.Function with a closed-form ``jvp`` takes over. The "joint"
-strategy, which backpropagates through the JVP, keeps PyTorch's own rules. Tested against them to 1e-5.
+its forward (dozens of full-size elementwise ops), and a linear layer's or a convolution's runs three
+matrix products where two suffice. MeanFlow's JVP goes through every one of these layers.
+
+:func:`fast_tangents` is a ``TorchFunctionMode``: while it is active, calls of ``F.linear``, ``F.conv2d``,
+``F.group_norm`` and ``F.layer_norm`` (whoever makes them: nn layers, timm's Mlp, our blocks) run as an
+autograd.Function with a closed-form ``jvp``. It is for graph-free JVPs only (the "detached" strategy,
+under ``torch.no_grad``); the functions have no backward. Everything else, including the "joint" strategy
+that backpropagates through the JVP, keeps PyTorch's rules. Tested against them to 1e-8 in float64.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-
-from .attention import jvp_safe_attention_active
-
-
-def _graph_free_jvp() -> bool:
-    return jvp_safe_attention_active() and not torch.is_grad_enabled()
+from torch.overrides import TorchFunctionMode
 
 
-class _GroupNormWithTangent(torch.autograd.Function):
-    """GroupNorm whose forward-mode rule is written out (used only for graph-free JVPs).
+def _no_backward(name: str):
+    def backward(ctx, *grads):  # pragma: no cover - only used under torch.no_grad
+        raise RuntimeError(f"{name} is for graph-free JVPs (fast_tangents under torch.no_grad)")
 
-    PyTorch's generic forward-AD formula for ``native_group_norm`` costs ~100x the forward on a CPU (it runs
-    dozens of full-size elementwise ops); MeanFlow's JVP goes through every norm of a U-Net, so that formula
-    was half of the whole JVP. The tangent in closed form, per group g with x_hat = (x - mean_g) * rstd_g:
+    return staticmethod(backward)
 
-        dy = weight * rstd_g * (dx_c - x_hat * mean_g(dx_c * x_hat)) + dweight * x_hat + dbias,
-        dx_c = dx - mean_g(dx)
 
-    a handful of full-size ops. No backward: this path runs only under ``torch.no_grad``.
-    """
+def _add(a: Tensor | None, b: Tensor) -> Tensor:
+    return b if a is None else a + b
+
+
+class _Linear(torch.autograd.Function):
+    """y = x W^T + b;  dy = dx W^T (+ x dW^T + db)."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float) -> Tensor:
-        return F.group_norm(x, groups, weight, bias, eps)
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, groups, eps = inputs
+        x, weight, _ = inputs
         ctx.save_for_forward(x, weight)
-        ctx.groups, ctx.eps = groups, eps
+        ctx.set_materialize_grads(False)  # absent tangents stay None: no products with zero tensors
 
     @staticmethod
-    def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, *_: None) -> Tensor:
+    def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None) -> Tensor:
         x, weight = ctx.saved_tensors
-        groups, eps = ctx.groups, ctx.eps
-        n, c = x.shape[:2]
-        hw = x[0, 0].numel()
-        # The fused kernel returns per-group means and reciprocal std next to its output, so every
-        # per-group reduction below is one fused call instead of a reshape (a copy for channels-last input).
-        x_hat, _, rstd = torch.native_group_norm(x, None, None, n, c, hw, groups, eps)
-
-        def per_channel(stat: Tensor) -> Tensor:  # [N, G] -> [N, C, 1, ...]
-            return stat.repeat_interleave(c // groups, dim=1).reshape(n, c, *(1,) * (x.ndim - 2))
-
-        def group_mean(t: Tensor) -> Tensor:
-            return per_channel(torch.native_group_norm(t, None, None, n, c, hw, groups, eps)[1])
-
-        out = torch.zeros_like(x)
+        out = None
         if dx is not None:
-            scale = per_channel(rstd)
-            if weight is not None:
-                scale = scale * weight.reshape(1, c, *(1,) * (x.ndim - 2)).to(scale.dtype)
-            out = (dx - group_mean(dx) - x_hat * group_mean(dx * x_hat)) * scale.to(x.dtype)
+            out = F.linear(dx, weight)
         if dweight is not None:
-            out = out + x_hat * dweight.reshape(1, c, *(1,) * (x.ndim - 2))
-        if dbias is not None:
-            out = out + dbias.reshape(1, c, *(1,) * (x.ndim - 2))
-        return out
+            out = _add(out, F.linear(x, dweight))
+        if out is None:
+            out = torch.zeros_like(F.linear(x, weight))
+        return out if dbias is None else out + dbias
+
+    backward = _no_backward("_Linear")
+
+
+class _Conv2d(torch.autograd.Function):
+    """y = conv(x, W) + b;  dy = conv(dx, W) (+ conv(x, dW) + db)."""
 
     @staticmethod
-    def backward(ctx, *grads):  # pragma: no cover - the class is only used without autograd
-        raise RuntimeError("_GroupNormWithTangent is for graph-free JVPs; use nn.GroupNorm under autograd")
-
-
-class JvpGroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that takes a closed-form tangent inside graph-free MeanFlow JVPs.
-
-    Inside :func:`~emf_lightning.models.attention.jvp_safe_attention` with gradients off (the "detached"
-    JVP strategy) it runs :class:`_GroupNormWithTangent`; everywhere else it is exactly nn.GroupNorm, so
-    the gradient path and the "joint" strategy (which backpropagates through the JVP) are untouched.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if _graph_free_jvp():
-            return _GroupNormWithTangent.apply(x, self.weight, self.bias, self.num_groups, self.eps)
-        return super().forward(x)
-
-
-class _Conv2dWithTangent(torch.autograd.Function):
-    """conv2d whose tangent is conv(dx, w) (+ conv(x, dw) + db when the parameters carry tangents)."""
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups) -> Tensor:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, stride, padding, dilation, groups = inputs
+        x, weight, _, *args = inputs
         ctx.save_for_forward(x, weight)
-        ctx.args = (stride, padding, dilation, groups)
+        ctx.set_materialize_grads(False)  # absent tangents stay None: no products with zero tensors
+        ctx.args = args
 
     @staticmethod
-    def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, *_: None) -> Tensor:
+    def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, *_) -> Tensor:
         x, weight = ctx.saved_tensors
         out = None
         if dx is not None:
             out = F.conv2d(dx, weight, None, *ctx.args)
         if dweight is not None:
-            term = F.conv2d(x, dweight, None, *ctx.args)
-            out = term if out is None else out + term
+            out = _add(out, F.conv2d(x, dweight, None, *ctx.args))
         if out is None:
             out = torch.zeros_like(F.conv2d(x, weight, None, *ctx.args))
-        if dbias is not None:
-            out = out + dbias.reshape(1, -1, 1, 1)
-        return out
+        return out if dbias is None else out + dbias.reshape(1, -1, 1, 1)
+
+    backward = _no_backward("_Conv2d")
+
+
+def _normalised_tangent(dx: Tensor, x_hat: Tensor, mean, scale: Tensor) -> Tensor:
+    """Tangent of (x - mean(x)) * rstd at x along dx: scale * (dx - mean(dx) - x_hat * mean(dx * x_hat))."""
+    return (dx - mean(dx) - x_hat * mean(dx * x_hat)) * scale
+
+
+class _GroupNorm(torch.autograd.Function):
+    """GroupNorm; per group, dy = weight * rstd * (dx - mean(dx) - x_hat mean(dx x_hat)) + dweight x_hat + dbias."""
 
     @staticmethod
-    def backward(ctx, *grads):  # pragma: no cover - the class is only used without autograd
-        raise RuntimeError("_Conv2dWithTangent is for graph-free JVPs; use nn.Conv2d under autograd")
+    def forward(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+        return F.group_norm(x, groups, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, groups, weight, _, eps = inputs
+        ctx.save_for_forward(x, weight)
+        ctx.set_materialize_grads(False)  # absent tangents stay None: no products with zero tensors
+        ctx.groups, ctx.eps = groups, eps
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, _groups, dweight: Tensor | None, dbias: Tensor | None, _eps) -> Tensor:
+        x, weight = ctx.saved_tensors
+        n, c, groups = x.shape[0], x.shape[1], ctx.groups
+        hw = x[0, 0].numel()
+        channel_shape = (1, c, *(1,) * (x.ndim - 2))
+        # The fused kernel returns per-group mean and 1/std beside its output, so every per-group reduction
+        # is one fused call (a reshape to [N, G, -1] would copy a channels-last tensor).
+        x_hat, _, rstd = torch.native_group_norm(x, None, None, n, c, hw, groups, ctx.eps)
+
+        def per_channel(stat: Tensor) -> Tensor:  # [N, G] -> [N, C, 1, ...]
+            return stat.repeat_interleave(c // groups, dim=1).reshape(n, c, *channel_shape[2:])
+
+        def group_mean(t: Tensor) -> Tensor:
+            return per_channel(torch.native_group_norm(t, None, None, n, c, hw, groups, ctx.eps)[1])
+
+        out = None
+        if dx is not None:
+            scale = per_channel(rstd)
+            if weight is not None:
+                scale = scale * weight.reshape(channel_shape).to(scale.dtype)
+            out = _normalised_tangent(dx, x_hat, group_mean, scale.to(x.dtype))
+        if dweight is not None:
+            out = _add(out, x_hat * dweight.reshape(channel_shape))
+        if out is None:
+            out = torch.zeros_like(x)
+        return out if dbias is None else out + dbias.reshape(channel_shape)
+
+    backward = _no_backward("_GroupNorm")
 
 
-class JvpConv2d(nn.Conv2d):
-    """nn.Conv2d with a two-convolution tangent inside graph-free MeanFlow JVPs (zeros padding only)."""
+class _LayerNorm(torch.autograd.Function):
+    """LayerNorm over the trailing ``normalized_shape`` dims; the same closed form as GroupNorm."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        if _graph_free_jvp() and self.padding_mode == "zeros":
-            return _Conv2dWithTangent.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                            self.groups)
-        return super().forward(x)
+    @staticmethod
+    def forward(x: Tensor, shape, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+        return F.layer_norm(x, shape, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, shape, weight, _, eps = inputs
+        ctx.save_for_forward(x, weight)
+        ctx.set_materialize_grads(False)  # absent tangents stay None: no products with zero tensors
+        ctx.shape, ctx.eps = tuple(shape), eps
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, _shape, dweight: Tensor | None, dbias: Tensor | None, _eps) -> Tensor:
+        x, weight = ctx.saved_tensors
+        dims = tuple(range(x.ndim - len(ctx.shape), x.ndim))
+        x_hat, _, rstd = torch.native_layer_norm(x, ctx.shape, None, None, ctx.eps)
+        out = None
+        if dx is not None:
+            scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
+            out = _normalised_tangent(dx, x_hat, lambda t: t.mean(dims, keepdim=True), scale.to(x.dtype))
+        if dweight is not None:
+            out = _add(out, x_hat * dweight)
+        if out is None:
+            out = torch.zeros_like(x)
+        return out if dbias is None else out + dbias
+
+    backward = _no_backward("_LayerNorm")
+
+
+def _arguments(defaults: dict, args: tuple, kwargs: dict) -> list:
+    """A call's positional + keyword arguments -> every argument in order, defaults filled in."""
+    values = list(args) + list(defaults.values())[len(args):]
+    names = list(defaults)
+    for key, value in kwargs.items():
+        values[names.index(key)] = value
+    return values
+
+
+# torch function -> (rule, its parameters with defaults, in order)
+_RULES = {
+    F.linear: (_Linear, {"input": None, "weight": None, "bias": None}),
+    F.conv2d: (_Conv2d, {"input": None, "weight": None, "bias": None, "stride": 1, "padding": 0, "dilation": 1,
+                         "groups": 1}),
+    F.group_norm: (_GroupNorm, {"input": None, "num_groups": None, "weight": None, "bias": None, "eps": 1e-5}),
+    F.layer_norm: (_LayerNorm, {"input": None, "normalized_shape": None, "weight": None, "bias": None,
+                                "eps": 1e-5}),
+}
+
+
+class _FastTangentMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        rule = _RULES.get(func)
+        if rule is not None:
+            fn, defaults = rule
+            values = _arguments(defaults, args, kwargs or {})
+            if fn is not _Conv2d or not isinstance(values[4], str):  # padding="same"/"valid": PyTorch's rule
+                return fn.apply(*values)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def fast_tangents() -> Iterator[None]:
+    """Route linear, conv2d, group_norm and layer_norm through hand-written tangent rules (no backward).
+
+    Use only around a JVP under ``torch.no_grad`` (MeanFlowLoss's "detached" strategy does).
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError("fast_tangents() has no backward rules: use it under torch.no_grad()")
+    with _FastTangentMode():
+        yield

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
 
 class Float32RMSNorm(nn.RMSNorm):
-    """RMSNorm computed in float32 and returned in the input's dtype.
+    """RMSNorm computed in (at least) float32 and returned in the input's dtype.
 
     Under bf16 autocast a bf16 input meets the float32 weight, and ``torch.rms_norm`` then warns and leaves
     its fused kernel; the mean of squares is also where bf16 loses most. Same parameters and state-dict keys
@@ -15,5 +16,5 @@ class Float32RMSNorm(nn.RMSNorm):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
 
