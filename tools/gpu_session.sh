@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU (an H200 here), within ~9 minutes:
 #   1. environment and a bf16 MeanFlow smoke step (falls back to fp32 if bf16 JVP fails)
-#   2. the step benchmark on CUDA (S, B; bf16), alone on the GPU so its timings are clean
-#   3. the encoder study at 64 px (DiT-S), MeanFlow, the four offline encoders, 4 runs at a time
+#   2. the step benchmark on CUDA (DiT-S, DiT-B, unet-S; bf16), alone on the GPU so its timings are clean
+#   3. the encoder study at 64 px (unet-S), MeanFlow and flow matching, the four offline encoders, 4 runs at a time
 # Text features come precomputed (.devdata/precomputed, written on a CPU machine where SmolLM2 and MiniLM
 # are installed) so no text model is needed there. Results: $RESULTS, packed into $OUT/gpu_results.tgz.
 set -u
@@ -26,7 +26,7 @@ PREC=bf16-mixed
 timeout 90 python3 tools/gpu_smoke.py > "$RESULTS/smoke.txt" 2>&1 || PREC=32-true
 echo "study precision: $PREC (after $(( $(date +%s) - START )) s)" | tee -a "$RESULTS/smoke.txt"
 
-timeout 240 python3 tools/bench_step.py --device cuda --sizes S,B --repeats 10 --out "$RESULTS/bench_gpu.md" \
+timeout 240 python3 tools/bench_step.py --device cuda --sizes S,B,unet-S --repeats 10 --out "$RESULTS/bench_gpu.md" \
   --json "$RESULTS/bench_gpu.json" > "$RESULTS/bench.log" 2>&1
 echo "bench done (after $(( $(date +%s) - START )) s)" | tee -a "$RESULTS/smoke.txt"
 
@@ -40,8 +40,8 @@ study() {  # study <name> <args...>
   timeout "$T" python3 tools/encoder_study.py --out "$RESULTS/$name" "${COMMON[@]}" "$@" > "$RESULTS/$name.log" 2>&1
   python3 tools/encoder_study.py --out "$RESULTS/$name" "${COMMON[@]}" "$@" --report-only >> "$RESULTS/$name.log" 2>&1
 }
-study study64 --resolution 64 --backbone S --patch-size 4 --max-steps 3000 --batch-size 64 --precision "$PREC" \
-  --objectives meanflow &
+study study64 --resolution 64 --backbone unet-S --max-steps 3000 --batch-size 64 --precision "$PREC" \
+  --objectives meanflow,flow_matching &
 wait
 echo "studies done (after $(( $(date +%s) - START )) s)" | tee -a "$RESULTS/smoke.txt"
 tar czf "$OUT/gpu_results.tgz" --exclude='*.tar' --exclude='feature_cache' --exclude='*.ckpt' "$RESULTS"
