@@ -146,7 +146,9 @@ def diagnose(ckpt: Path, shards: str, n: int) -> dict:
         if len(captions) == n:
             break
     module = EMFModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
-    images = to_uint8(torch.cat([module.generate(captions[i:i + 128], steps=1, seed=i) for i in range(0, n, 128)]))
+    # The evaluation's noise: batch b of 128 uses seed b (EvaluationCallback), so these are the table's samples.
+    images = to_uint8(torch.cat([module.generate(captions[i:i + 128], steps=1, seed=b)
+                                 for b, i in enumerate(range(0, n, 128))]))
     judge = ShapesEval()
     details = judge.evaluate_detailed(images, specs)
     colour_right = 0
