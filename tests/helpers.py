@@ -113,3 +113,27 @@ def shapes_batch(n: int = 4, resolution: int = 16, seed: int = 0) -> dict[str, A
         "spec": [s.spec for s in items],
         "key": [s.key for s in items],
     }
+
+
+def assert_backbone_jvp_matches_finite_differences(model: torch.nn.Module, z: torch.Tensor, ctx: torch.Tensor,
+                                                   mask: torch.Tensor | None) -> None:
+    """du/dt along (v, 0, 1) by forward-mode AD equals a float64 central difference, and u the plain forward.
+
+    ``model`` must already be float64 with non-zero weights (zero-initialised branches give a trivial 0 = 0).
+    """
+    from emf_lightning.models import jvp_safe_attention
+
+    z, ctx = z.double(), ctx.double()
+    r, t = torch.tensor([0.1, 0.3], dtype=torch.float64), torch.tensor([0.5, 0.8], dtype=torch.float64)
+    v = torch.randn_like(z)
+
+    def f(z_, r_, t_):
+        return model(z_, r_, t_, ctx, mask)
+
+    with jvp_safe_attention():
+        u, dudt = torch.func.jvp(f, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    # Small step: float64 keeps the round-off of a central difference near 1e-9 at h = 1e-7.
+    h = 1e-7
+    fd = (f(z + h * v, r, t + h) - f(z - h * v, r, t - h)) / (2 * h)
+    torch.testing.assert_close(dudt, fd, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(u, f(z, r, t))

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
-from emf_lightning.models import BACKBONE_PRESETS, UNet, build_generator, jvp_safe_attention
+from emf_lightning.models import BACKBONE_PRESETS, UNet, build_generator
 
+from helpers import assert_backbone_jvp_matches_finite_differences
 from test_models import perturb_zero_init
 
 
@@ -82,20 +83,7 @@ def test_unet_padded_text_tokens_do_not_change_output():
 def test_unet_jvp_matches_finite_differences():
     model = small_unet().double()
     perturb_zero_init(model)
-    z, ctx, mask = inputs()
-    z, ctx = z.double(), ctx.double()
-    r, t = torch.tensor([0.1, 0.3], dtype=torch.float64), torch.tensor([0.5, 0.8], dtype=torch.float64)
-    v = torch.randn_like(z)
-
-    def f(z_, r_, t_):
-        return model(z_, r_, t_, ctx, mask)
-
-    with jvp_safe_attention():
-        u, dudt = torch.func.jvp(f, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
-    h = 1e-7
-    fd = (f(z + h * v, r, t + h) - f(z - h * v, r, t - h)) / (2 * h)
-    torch.testing.assert_close(dudt, fd, atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(u, f(z, r, t))
+    assert_backbone_jvp_matches_finite_differences(model, *inputs())
 
 
 def test_unet_meanflow_selective_and_detached_jvp_equal_full_batch():
