@@ -137,3 +137,15 @@ def assert_backbone_jvp_matches_finite_differences(model: torch.nn.Module, z: to
     fd = (f(z + h * v, r, t + h) - f(z - h * v, r, t - h)) / (2 * h)
     torch.testing.assert_close(dudt, fd, atol=1e-7, rtol=1e-5)
     torch.testing.assert_close(u, f(z, r, t))
+
+
+def assert_padded_text_tokens_do_not_change_output(model: torch.nn.Module, z: torch.Tensor, ctx: torch.Tensor,
+                                                   mask: torch.Tensor) -> None:
+    """Masked-out tokens (row 0 has 3 real ones), however large, and extra padding leave u unchanged."""
+    r, t = torch.tensor([0.1, 0.3]), torch.tensor([0.5, 0.8])
+    u = model(z, r, t, ctx, mask)
+    ctx2 = ctx.clone()
+    ctx2[0, 3:] = torch.randn(ctx.shape[1] - 3, ctx.shape[2]) * 10
+    padded = torch.cat([ctx2, torch.randn(ctx.shape[0], 4, ctx.shape[2])], dim=1)
+    mask2 = torch.cat([mask, torch.zeros(mask.shape[0], 4, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(model(z, r, t, padded, mask2), u, atol=1e-5, rtol=1e-5)
