@@ -126,6 +126,25 @@ def test_whole_backbone_jvp_matches_pytorch(size):
     torch.testing.assert_close(ours[1], ref[1], atol=1e-9, rtol=1e-7)
 
 
+def test_a_bias_tangent_alone_is_broadcast_to_the_output():
+    # Only the bias is dual: the rule's tangent is db spread over every position, as PyTorch's.
+    for module, shape in ((nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)), (nn.Linear(3, 4), (2, 5, 3)),
+                          (nn.GroupNorm(2, 4), (2, 4, 5, 5)), (nn.LayerNorm(4), (2, 4))):
+        module = _random_params(module)
+        x, _ = _inputs(*shape)
+        bias = {"bias": module.bias}
+        tangent = {"bias": torch.randn_like(module.bias)}
+
+        def f(p):
+            return torch.func.functional_call(module, p, (x,))
+
+        with torch.no_grad(), fast_tangents():
+            out, ours = torch.func.jvp(f, (bias,), (tangent,))
+        _, ref = torch.func.jvp(f, (bias,), (tangent,))
+        assert ours.shape == out.shape
+        torch.testing.assert_close(ours, ref)
+
+
 def test_refuses_to_run_with_gradients_on():
     with pytest.raises(RuntimeError, match="under torch.no_grad"):
         with fast_tangents():

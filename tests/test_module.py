@@ -268,30 +268,29 @@ def test_training_ema_follows_the_warmup_formula_and_progress_schedule():
     assert not all(torch.equal(a, b) for a, b in zip(init, rec.params[-1]))
 
 
-def test_linear_lr_warmup():
-    module = tiny_module(lr=1e-2, warmup_steps=4)
+def _learning_rates(module: EMFModule, steps: int) -> list[float]:
+    """The learning rate of each of the first ``steps`` optimiser steps (the scheduler stepped every step)."""
     conf = module.configure_optimizers()
+    assert conf["lr_scheduler"]["interval"] == "step"
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     seen = []
-    for _ in range(6):
+    for _ in range(steps):
         seen.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return seen
+
+
+def test_linear_lr_warmup():
+    seen = _learning_rates(tiny_module(lr=1e-2, warmup_steps=4), 6)
     assert seen == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
-    assert conf["lr_scheduler"]["interval"] == "step"
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear"])
 def test_lr_decays_after_warmup_to_the_floor(decay):
     # warm-up 2 steps, then 8 decay steps to 0.1 * lr at schedule_steps = 10 (hand-computed values).
     module = tiny_module(lr=1.0, warmup_steps=2, lr_decay=decay, min_lr_ratio=0.1, schedule_steps=10)
-    conf = module.configure_optimizers()
-    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-    seen = []
-    for _ in range(12):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    seen = _learning_rates(module, 12)
     fracs = [min(1.0, (s - 2) / 8) for s in range(2, 12)]
     if decay == "cosine":
         shape = [0.5 * (1 + math.cos(math.pi * f)) for f in fracs]

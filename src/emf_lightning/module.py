@@ -354,9 +354,13 @@ class EMFModule(pl.LightningModule):
         load_generator_weights(self, path, copy_time_to_interval=True)
 
     # ------------------------------------------------------------------ training
+    def schedule_length(self) -> int | None:
+        """Steps the schedules (time sampler, lr decay) span: schedule_steps, else the run's length."""
+        return self.hparams.schedule_steps or self._schedule_total
+
     def progress(self) -> float:
         """Training progress in [0, 1] for the time-sampler schedules: global_step / schedule length."""
-        total = self.hparams.schedule_steps or self._schedule_total
+        total = self.schedule_length()
         if not total:
             return 0.0
         return min(1.0, self.global_step / total)
@@ -474,7 +478,7 @@ class EMFModule(pl.LightningModule):
         warmup = max(0, int(hp.warmup_steps))
         if warmup and step < warmup:
             return (step + 1) / warmup
-        total = hp.schedule_steps or self._schedule_total
+        total = self.schedule_length()
         if hp.lr_decay == "constant" or not total or total <= warmup:
             return 1.0
         frac = min(1.0, (step - warmup) / (total - warmup))

@@ -58,7 +58,8 @@ from emf_lightning.models import build_generator
 
 # Default workloads. CPU: pixel space 32x32, patch 4 (64 tokens). CUDA: SD-VAE latents of 256 px images
 # (32x32x4), patch 2 (256 tokens), as in DiT / MeanFlow on ImageNet 256.
-CPU_DEFAULTS = {"image_size": 32, "channels": 3, "patch_size": 4, "batch": {"tiny": 32, "S": 16, "unet-tiny": 32, "unet-S": 16}}
+CPU_DEFAULTS = {"image_size": 32, "channels": 3, "patch_size": 4,
+                "batch": {"tiny": 32, "S": 16, "unet-tiny": 32, "unet-S": 16}}
 CUDA_DEFAULTS = {"image_size": 32, "channels": 4, "patch_size": 2,
                  "batch": {"tiny": 256, "S": 128, "B": 64, "L": 32, "XL": 32, "unet-S": 128, "unet-B": 64}}
 

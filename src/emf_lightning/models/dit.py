@@ -40,6 +40,26 @@ def sincos_2d(grid_size: tuple[int, int], dim: int) -> Tensor:
     return emb.float()
 
 
+def pooled_context(context: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of the text tokens [B, L, D] over the real ones (mask True) -> [B, D]."""
+    if mask is None:
+        return context.mean(dim=1)
+    w = mask.to(context.dtype)[..., None]
+    return (context * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+
+
+def check_backbone_inputs(backbone: nn.Module, x: Tensor, r: Tensor, t: Tensor, context: Tensor) -> None:
+    """The forward contract shared by the backbones: x [B, C, H, W], r and t [B], context [B, L, context_dim]."""
+    b = x.shape[0]
+    c, (h, w) = backbone.in_channels, backbone.input_size
+    if x.shape[1:] != (c, h, w):
+        raise ValueError(f"{type(backbone).__name__} expects x of shape [B, {c}, {h}, {w}], got {tuple(x.shape)}")
+    if r.shape != (b,) or t.shape != (b,):
+        raise ValueError(f"r and t must have shape [{b}], got {tuple(r.shape)} and {tuple(t.shape)}")
+    if context.ndim != 3 or context.shape[0] != b or context.shape[2] != backbone.context_dim:
+        raise ValueError(f"context must be [{b}, L, {backbone.context_dim}], got {tuple(context.shape)}")
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation of tokens [B, N, D] by per-sample shift/scale [B, D]."""
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
@@ -270,12 +290,7 @@ class DiT(nn.Module):
         """adaLN conditioning [B, D]: embed(t) + embed(t - r) (+ projection of the pooled text)."""
         c = self.t_embedder(t) + self.interval_embedder(t - r)
         if self.context_embedder is not None:
-            if mask is None:
-                pooled = context.mean(dim=1)
-            else:
-                w = mask.to(context.dtype)[..., None]
-                pooled = (context * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
-            c = c + self.context_embedder(pooled)
+            c = c + self.context_embedder(pooled_context(context, mask))
         return c
 
     def forward(
@@ -292,16 +307,7 @@ class DiT(nn.Module):
         Returns:
             u: [B, C, H, W], same shape as x.
         """
-        b = x.shape[0]
-        if x.shape[1:] != (self.in_channels, *self.input_size):
-            raise ValueError(
-                f"DiT expects x of shape [B, {self.in_channels}, {self.input_size[0]}, {self.input_size[1]}], "
-                f"got {tuple(x.shape)}"
-            )
-        if r.shape != (b,) or t.shape != (b,):
-            raise ValueError(f"r and t must have shape [{b}], got {tuple(r.shape)} and {tuple(t.shape)}")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
-            raise ValueError(f"context must be [{b}, L, {self.context_dim}], got {tuple(context.shape)}")
+        check_backbone_inputs(self, x, r, t, context)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.conditioning(r, t, context, context_mask)
         for block in self.blocks:

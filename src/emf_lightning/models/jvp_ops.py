@@ -29,8 +29,21 @@ def _no_backward(name: str):
     return staticmethod(backward)
 
 
-def _add(a: Tensor | None, b: Tensor) -> Tensor:
-    return b if a is None else a + b
+def _save(ctx, x: Tensor, weight: Tensor | None, output: Tensor) -> None:
+    ctx.save_for_forward(x, weight)
+    ctx.set_materialize_grads(False)  # absent tangents stay None: no products with zero tensors
+    ctx.out_shape, ctx.out_dtype, ctx.out_device = output.shape, output.dtype, output.device
+
+
+def _sum_tangents(ctx, *terms: Tensor | None) -> Tensor:
+    """Sum of the tangent terms that are present, with the output's shape (zeros when none is)."""
+    out = None
+    for term in terms:
+        if term is not None:
+            out = term if out is None else out + term
+    if out is None:
+        return torch.zeros(ctx.out_shape, dtype=ctx.out_dtype, device=ctx.out_device)
+    return out if out.shape == ctx.out_shape else out.expand(ctx.out_shape).clone()  # a bias tangent alone
 
 
 class _Linear(torch.autograd.Function):
@@ -43,20 +56,13 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, weight, _ = inputs
-        ctx.save_for_forward(x, weight)
-        ctx.set_materialize_grads(False)  # absent tangents stay None: no products with zero tensors
+        _save(ctx, x, weight, output)
 
     @staticmethod
     def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None) -> Tensor:
         x, weight = ctx.saved_tensors
-        out = None
-        if dx is not None:
-            out = F.linear(dx, weight)
-        if dweight is not None:
-            out = _add(out, F.linear(x, dweight))
-        if out is None:
-            out = torch.zeros_like(F.linear(x, weight))
-        return out if dbias is None else out + dbias
+        return _sum_tangents(ctx, None if dx is None else F.linear(dx, weight),
+                             None if dweight is None else F.linear(x, dweight), dbias)
 
     backward = _no_backward("_Linear")
 
@@ -71,21 +77,15 @@ class _Conv2d(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, weight, _, *args = inputs
-        ctx.save_for_forward(x, weight)
-        ctx.set_materialize_grads(False)  # absent tangents stay None: no products with zero tensors
+        _save(ctx, x, weight, output)
         ctx.args = args
 
     @staticmethod
     def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, *_) -> Tensor:
         x, weight = ctx.saved_tensors
-        out = None
-        if dx is not None:
-            out = F.conv2d(dx, weight, None, *ctx.args)
-        if dweight is not None:
-            out = _add(out, F.conv2d(x, dweight, None, *ctx.args))
-        if out is None:
-            out = torch.zeros_like(F.conv2d(x, weight, None, *ctx.args))
-        return out if dbias is None else out + dbias.reshape(1, -1, 1, 1)
+        return _sum_tangents(ctx, None if dx is None else F.conv2d(dx, weight, None, *ctx.args),
+                             None if dweight is None else F.conv2d(x, dweight, None, *ctx.args),
+                             None if dbias is None else dbias.reshape(1, -1, 1, 1))
 
     backward = _no_backward("_Conv2d")
 
@@ -105,8 +105,7 @@ class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, groups, weight, _, eps = inputs
-        ctx.save_for_forward(x, weight)
-        ctx.set_materialize_grads(False)  # absent tangents stay None: no products with zero tensors
+        _save(ctx, x, weight, output)
         ctx.groups, ctx.eps = groups, eps
 
     @staticmethod
@@ -125,17 +124,14 @@ class _GroupNorm(torch.autograd.Function):
         def group_mean(t: Tensor) -> Tensor:
             return per_channel(torch.native_group_norm(t, None, None, n, c, hw, groups, ctx.eps)[1])
 
-        out = None
+        d_norm = None
         if dx is not None:
             scale = per_channel(rstd)
             if weight is not None:
                 scale = scale * weight.reshape(channel_shape).to(scale.dtype)
-            out = _normalised_tangent(dx, x_hat, group_mean, scale.to(x.dtype))
-        if dweight is not None:
-            out = _add(out, x_hat * dweight.reshape(channel_shape))
-        if out is None:
-            out = torch.zeros_like(x)
-        return out if dbias is None else out + dbias.reshape(channel_shape)
+            d_norm = _normalised_tangent(dx, x_hat, group_mean, scale.to(x.dtype))
+        return _sum_tangents(ctx, d_norm, None if dweight is None else x_hat * dweight.reshape(channel_shape),
+                             None if dbias is None else dbias.reshape(channel_shape))
 
     backward = _no_backward("_GroupNorm")
 
@@ -150,8 +146,7 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, shape, weight, _, eps = inputs
-        ctx.save_for_forward(x, weight)
-        ctx.set_materialize_grads(False)  # absent tangents stay None: no products with zero tensors
+        _save(ctx, x, weight, output)
         ctx.shape, ctx.eps = tuple(shape), eps
 
     @staticmethod
@@ -159,15 +154,11 @@ class _LayerNorm(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dims = tuple(range(x.ndim - len(ctx.shape), x.ndim))
         x_hat, _, rstd = torch.native_layer_norm(x, ctx.shape, None, None, ctx.eps)
-        out = None
+        d_norm = None
         if dx is not None:
             scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-            out = _normalised_tangent(dx, x_hat, lambda t: t.mean(dims, keepdim=True), scale.to(x.dtype))
-        if dweight is not None:
-            out = _add(out, x_hat * dweight)
-        if out is None:
-            out = torch.zeros_like(x)
-        return out if dbias is None else out + dbias
+            d_norm = _normalised_tangent(dx, x_hat, lambda t: t.mean(dims, keepdim=True), scale.to(x.dtype))
+        return _sum_tangents(ctx, d_norm, None if dweight is None else x_hat * dweight, dbias)
 
     backward = _no_backward("_LayerNorm")
 

@@ -17,4 +17,3 @@ class Float32RMSNorm(nn.RMSNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
-

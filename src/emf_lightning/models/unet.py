@@ -28,7 +28,7 @@ from timm.layers import to_2tuple
 from torch import Tensor
 
 from .attention import attention
-from .dit import TimestepEmbedder
+from .dit import TimestepEmbedder, check_backbone_inputs, pooled_context
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -104,6 +104,23 @@ class AttentionBlock(nn.Module):
         return x + self.proj_cross(out).transpose(1, 2).reshape(b, ch, hgt, wid)
 
 
+class UNetStep(nn.Module):
+    """One block of a level: a residual block, then attention (where the level has it), then, at the end of an
+    up level, nearest 2x upsampling and a 3x3 conv."""
+
+    def __init__(self, res: ResBlock, attn: AttentionBlock | None = None, upsample: nn.Conv2d | None = None):
+        super().__init__()
+        self.res, self.attn, self.upsample = res, attn, upsample
+
+    def forward(self, h: Tensor, c: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        h = self.res(h, c)
+        if self.attn is not None:
+            h = self.attn(h, context, mask)
+        if self.upsample is not None:
+            h = self.upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return h
+
+
 class UNet(nn.Module):
     """Text-conditioned U-Net predicting MeanFlow's average velocity u(x, r, t | text).
 
@@ -147,38 +164,40 @@ class UNet(nn.Module):
         cond_dim = 4 * base_channels
         self.t_embedder = TimestepEmbedder(cond_dim, frequency_dim, time_scale)
         self.interval_embedder = TimestepEmbedder(cond_dim, frequency_dim, time_scale)
-        self.context_embedder = nn.Sequential(nn.Linear(context_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.context_embedder = nn.Sequential(
+            nn.Linear(context_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
 
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         widths = [base_channels * m for m in channel_mult]
-        attn_at = set(attention_resolutions)
 
-        def attn(level: int, ch: int) -> nn.Module:
-            return AttentionBlock(ch, context_dim, head_dim) if 2**level in attn_at else nn.Identity()
+        def attn(level: int, ch: int) -> AttentionBlock | None:
+            return AttentionBlock(ch, context_dim, head_dim) if 2**level in attention_resolutions else None
 
+        # Down: steps, and a strided conv between levels; every output is a skip for the way up.
         self.down = nn.ModuleList()
         skips, ch = [base_channels], base_channels
         for level, width in enumerate(widths):
             for _ in range(num_res_blocks):
-                self.down.append(nn.ModuleList([ResBlock(ch, width, cond_dim, dropout), attn(level, width)]))
+                self.down.append(UNetStep(ResBlock(ch, width, cond_dim, dropout), attn(level, width)))
                 ch = width
                 skips.append(ch)
             if level < len(widths) - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
                 skips.append(ch)
-        deepest = len(widths) - 1
-        self.mid = nn.ModuleList(
-            [ResBlock(ch, ch, cond_dim, dropout), AttentionBlock(ch, context_dim, head_dim), ResBlock(ch, ch, cond_dim, dropout)]
-        )
+        self.mid = nn.ModuleList([
+            UNetStep(ResBlock(ch, ch, cond_dim, dropout), AttentionBlock(ch, context_dim, head_dim)),
+            UNetStep(ResBlock(ch, ch, cond_dim, dropout)),
+        ])
+        # Up: one more step per level than down, each taking one skip; a level ends by upsampling.
         self.up = nn.ModuleList()
-        for level in range(deepest, -1, -1):
+        for level in reversed(range(len(widths))):
             width = widths[level]
             for i in range(num_res_blocks + 1):
-                block = [ResBlock(ch + skips.pop(), width, cond_dim, dropout), attn(level, width)]
+                upsample = nn.Conv2d(width, width, 3, padding=1) if level > 0 and i == num_res_blocks else None
+                self.up.append(UNetStep(ResBlock(ch + skips.pop(), width, cond_dim, dropout), attn(level, width),
+                                        upsample))
                 ch = width
-                if level > 0 and i == num_res_blocks:
-                    block.append(nn.Conv2d(ch, ch, 3, padding=1))  # after nearest 2x upsampling
-                self.up.append(nn.ModuleList(block))
         self.out_norm = _group_norm(ch)
         self.out_conv = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
         for emb in (self.t_embedder, self.interval_embedder, self.context_embedder):
@@ -195,43 +214,22 @@ class UNet(nn.Module):
 
     def conditioning(self, r: Tensor, t: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
         """[B, cond_dim]: embed(t) + embed(t - r) + projection of the (masked) mean text token."""
-        if mask is None:
-            pooled = context.mean(dim=1)
-        else:
-            w = mask.to(context.dtype)[..., None]
-            pooled = (context * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
-        return self.t_embedder(t) + self.interval_embedder(t - r) + self.context_embedder(pooled)
+        pooled = self.context_embedder(pooled_context(context, mask))
+        return self.t_embedder(t) + self.interval_embedder(t - r) + pooled
 
     def forward(
         self, x: Tensor, r: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None
     ) -> Tensor:
         """Average velocity over [r, t]; shapes as :meth:`DiT.forward`."""
-        b = x.shape[0]
-        if x.shape[1:] != (self.in_channels, *self.input_size):
-            raise ValueError(
-                f"UNet expects x of shape [B, {self.in_channels}, {self.input_size[0]}, {self.input_size[1]}], "
-                f"got {tuple(x.shape)}"
-            )
-        if r.shape != (b,) or t.shape != (b,):
-            raise ValueError(f"r and t must have shape [{b}], got {tuple(r.shape)} and {tuple(t.shape)}")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
-            raise ValueError(f"context must be [{b}, L, {self.context_dim}], got {tuple(context.shape)}")
+        check_backbone_inputs(self, x, r, t, context)
         c = self.conditioning(r, t, context, context_mask)
         h = self.input_conv(x.contiguous(memory_format=torch.channels_last))
         skips = [h]
         for block in self.down:
-            if len(block) == 1:  # downsampling conv
-                h = block[0](h)
-            else:
-                h = block[1](block[0](h, c), context, context_mask) if isinstance(block[1], AttentionBlock) else block[0](h, c)
+            h = block(h) if isinstance(block, nn.Conv2d) else block(h, c, context, context_mask)
             skips.append(h)
-        h = self.mid[0](h, c)
-        h = self.mid[1](h, context, context_mask)
-        h = self.mid[2](h, c)
+        for block in self.mid:
+            h = block(h, c, context, context_mask)
         for block in self.up:
-            h = block[0](torch.cat([h, skips.pop()], dim=1), c)
-            if isinstance(block[1], AttentionBlock):
-                h = block[1](h, context, context_mask)
-            if len(block) == 3:
-                h = block[2](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            h = block(torch.cat([h, skips.pop()], dim=1), c, context, context_mask)
         return self.out_conv(F.silu(self.out_norm(h))).contiguous()
