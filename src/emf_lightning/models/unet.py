@@ -194,9 +194,10 @@ class UNet(nn.Module):
         for level in reversed(range(len(widths))):
             width = widths[level]
             for i in range(num_res_blocks + 1):
+                res, level_attn = ResBlock(ch + skips.pop(), width, cond_dim, dropout), attn(level, width)
+                # Built after the block (as before UNetStep existed): the same seed gives the same weights.
                 upsample = nn.Conv2d(width, width, 3, padding=1) if level > 0 and i == num_res_blocks else None
-                self.up.append(UNetStep(ResBlock(ch + skips.pop(), width, cond_dim, dropout), attn(level, width),
-                                        upsample))
+                self.up.append(UNetStep(res, level_attn, upsample))
                 ch = width
         self.out_norm = _group_norm(ch)
         self.out_conv = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
