@@ -53,14 +53,15 @@ def linear_setup(b=6, seed=0):
     return net, x, e, r, t, y
 
 
-def linear_reference_loss(net, x, e, r, t, y, p=1.0, c=1e-3, v_target=None):
-    """The MeanFlow loss written out with the closed-form du/dt = A v + c."""
+def linear_reference_loss(net, x, e, r, t, y, p=1.0, c=1e-3, v_target=None, tangent=None):
+    """The MeanFlow loss written out with the closed-form du/dt = A w + c along (w, 0, 1), w = v by default."""
     tb = t[:, None]
     xf, ef = x.flatten(1), e.flatten(1)
     z = (1 - tb) * xf + tb * ef
     v = ef - xf if v_target is None else v_target.flatten(1)
     u = z @ net.A.T + r[:, None] * net.b + tb * net.c + y @ net.M
-    dudt = v @ net.A.T + net.c
+    w = v if tangent is None else tangent.flatten(1)
+    dudt = w @ net.A.T + net.c
     target = (v - (t - r)[:, None] * dudt).detach()
     per = ((u - target) ** 2).sum(1)
     w = 1.0 / (per.detach() + c) ** p
@@ -182,8 +183,52 @@ def test_flow_matching_loss_formula_and_call_uses_r_equal_t():
 
 
 @pytest.mark.parametrize("strategy", ["joint", "detached"])
+@pytest.mark.parametrize("selective", [True, False])
+def test_predicted_tangent_equals_closed_form_for_linear_model(selective, strategy):
+    # Improved MeanFlow: du/dt along the network's own instantaneous velocity u(z, t, t), not e - x.
+    net, x, e, r, t, y = linear_setup()
+    # p = 0 (plain squared error): with p = 1 every loss is close to 1 and would hide a wrong tangent.
+    loss_fn = MeanFlowLoss(adaptive_p=0.0, selective_jvp=selective, jvp_strategy=strategy, jvp_tangent="predicted")
+    loss, _ = loss_fn.compute(net, x, e, r, t, (y,))
+    tb = t[:, None, None, None]
+    z = (1 - tb) * x + tb * e
+    with torch.no_grad():
+        u_inst = net(z, t, t, y)
+    ref = linear_reference_loss(net, x, e, r, t, y, p=0.0, tangent=u_inst)
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-10)
+    # ... and it is a different loss from MeanFlow's (the tangent matters on the r != t rows).
+    assert not torch.isclose(loss, linear_reference_loss(net, x, e, r, t, y, p=0.0), rtol=1e-3)
+    (g_ours,) = torch.autograd.grad(loss, [net.A])
+    (g_ref,) = torch.autograd.grad(linear_reference_loss(net, x, e, r, t, y, p=0.0, tangent=u_inst), [net.A])
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-12, rtol=1e-10)
+
+
+def test_predicted_tangent_is_guided_like_the_target_and_respects_dropout():
+    net, x, e, r, t, y = linear_setup()
+    y_null = torch.full((1, 3), 0.5, dtype=torch.float64)
+    omega, kappa, lo, hi = 1.5, 0.3, 0.0, 0.6
+    drop = torch.tensor([False, True, False, False, False, True])
+    loss_fn = MeanFlowLoss(adaptive_p=0.0, guidance_omega=omega, guidance_kappa=kappa, guidance_interval=(lo, hi),
+                           jvp_tangent="predicted")
+    loss, _ = loss_fn.compute(net, x, e, r, t, (y,), (y_null,), drop)
+    y_eff = torch.where(drop[:, None], y_null.expand(6, 3), y)
+    tb = t[:, None, None, None]
+    z, v = (1 - tb) * x + tb * e, e - x
+    with torch.no_grad():
+        u_null = net(z, t, t, y_null.expand(6, 3))
+        u_cond = net(z, t, t, y_eff)
+    guided = (((t >= lo) & (t <= hi)) & ~drop)[:, None, None, None]
+    assert guided.any() and not guided.all()
+    v_g = torch.where(guided, omega * v + (1 - omega - kappa) * u_null + kappa * u_cond, v)
+    tangent = torch.where(guided, (omega + kappa) * u_cond + (1 - omega - kappa) * u_null, u_cond)
+    ref = linear_reference_loss(net, x, e, r, t, y_eff, p=0.0, v_target=v_g, tangent=tangent)
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("tangent", ["conditional", "predicted"])
+@pytest.mark.parametrize("strategy", ["joint", "detached"])
 @pytest.mark.parametrize("neq_rows", [[1, 3, 4], [0, 1, 2, 3, 4, 5], [2], []])
-def test_selective_jvp_loss_and_gradients_equal_full_batch(neq_rows, strategy):
+def test_selective_jvp_loss_and_gradients_equal_full_batch(neq_rows, strategy, tangent):
     gen = tiny_generator()
     x, cond = text_batch()
     g = torch.Generator().manual_seed(3)
@@ -196,7 +241,9 @@ def test_selective_jvp_loss_and_gradients_equal_full_batch(neq_rows, strategy):
     for selective in (True, False):
         gen.zero_grad()
         # The reference is always the naive full-batch joint JVP.
-        loss_fn = MeanFlowLoss(selective_jvp=selective, jvp_strategy=strategy if selective else "joint")
+        loss_fn = MeanFlowLoss(
+            selective_jvp=selective, jvp_strategy=strategy if selective else "joint", jvp_tangent=tangent
+        )
         loss, stats = loss_fn.compute(gen, x, e, r, t, cond)
         loss.backward()
         results[selective] = (loss.detach(), grads(gen), stats)
@@ -298,6 +345,8 @@ def test_bad_inputs_give_clear_errors():
         MeanFlowLoss().compute(net, x, e, t, r, (y,))
     with pytest.raises(ValueError, match="null_cond is required"):
         MeanFlowLoss(guidance_omega=2.0)(net, x, (y,))
+    with pytest.raises(ValueError, match="unknown jvp_tangent 'model'"):
+        MeanFlowLoss(jvp_tangent="model")
     with pytest.raises(ValueError, match="null_cond is required"):
         FlowMatchingLoss(cond_drop_prob=0.1)(net, x, (y,))
     with pytest.raises(ValueError, match="cond_drop_prob must lie in"):

@@ -25,6 +25,7 @@ from .models.jvp_ops import fast_tangents
 
 Net = Callable[..., Tensor]
 JVP_STRATEGIES = ("joint", "detached")
+JVP_TANGENTS = ("conditional", "predicted")
 Cond = tuple[Tensor, ...]
 Schedule = float | Sequence[float]
 
@@ -304,33 +305,54 @@ class _ConditionalObjective:
         return e, r, t, drop
 
     @torch.no_grad()
-    def guided_velocity(
-        self, net: Net, z: Tensor, t: Tensor, v: Tensor, cond: Cond, null_cond: Cond | None, dropped: Tensor | None
-    ) -> Tensor:
-        """v_g = omega v + (1 - omega - kappa) u(z, t, t, null) + kappa u(z, t, t, c) inside the t-interval.
-
-        Outside the interval, and for samples whose condition was dropped, the target velocity stays v.
-        The network's velocities are constants of the target (no gradient), and run with fused attention.
-        """
-        if not self.uses_guidance:
-            return v
-        assert null_cond is not None
+    def own_velocities(
+        self, net: Net, z: Tensor, t: Tensor, cond: Cond, null_cond: Cond | None, with_cond: bool, with_null: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The network's instantaneous velocities u(z, t, t, c) and/or u(z, t, t, null): constants of the
+        target (no gradient), run with fused attention, both in one batch when both are asked for."""
         b = z.shape[0]
-        omega, kappa = self.guidance_omega, self.guidance_kappa
-        null = _expand_rows(null_cond, b)
-        if kappa != 0.0:
+        if with_cond and with_null:
+            assert null_cond is not None
+            null = _expand_rows(null_cond, b)
             both = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]), *concat_conditions(cond, null))
             u_cond, u_null = _acc(both).chunk(2)
-        else:
-            u_cond, u_null = None, _acc(net(z, t, t, *null))
-        v_g = omega * v + (1.0 - omega - kappa) * u_null
-        if u_cond is not None:
+            return u_cond, u_null
+        if with_null:
+            assert null_cond is not None
+            return None, _acc(net(z, t, t, *_expand_rows(null_cond, b)))
+        if with_cond:
+            return _acc(net(z, t, t, *cond)), None
+        return None, None
+
+    def guide(
+        self, v: Tensor, u_cond: Tensor | None, u_null: Tensor | None, t: Tensor, dropped: Tensor | None
+    ) -> Tensor:
+        """omega v + (1 - omega - kappa) u_null + kappa u_cond inside the guidance t-interval, v elsewhere and
+        for samples whose condition was dropped."""
+        if not self.uses_guidance:
+            return v
+        assert u_null is not None and (u_cond is not None or self.guidance_kappa == 0.0)
+        omega, kappa = self.guidance_omega, self.guidance_kappa
+        v_g = omega * _acc(v) + (1.0 - omega - kappa) * u_null
+        if kappa != 0.0:
             v_g = v_g + kappa * u_cond
         lo, hi = self.guidance_interval
         apply = (t >= lo) & (t <= hi)
         if dropped is not None:
             apply = apply & ~dropped
         return torch.where(_bcast(apply, v), v_g.to(v.dtype), v)
+
+    def guided_velocity(
+        self, net: Net, z: Tensor, t: Tensor, v: Tensor, cond: Cond, null_cond: Cond | None, dropped: Tensor | None
+    ) -> Tensor:
+        """v_g = omega v + (1 - omega - kappa) u(z, t, t, null) + kappa u(z, t, t, c) inside the t-interval.
+
+        Outside the interval, and for samples whose condition was dropped, the target velocity stays v.
+        """
+        if not self.uses_guidance:
+            return v
+        u_cond, u_null = self.own_velocities(net, z, t, cond, null_cond, self.guidance_kappa != 0.0, True)
+        return self.guide(v, u_cond, u_null, t, dropped)
 
     def weighted(self, per_sample: Tensor) -> tuple[Tensor, Tensor]:
         """Adaptive weighting: mean of l / (l.detach() + c)^p; returns (loss, weights)."""
@@ -340,7 +362,7 @@ class _ConditionalObjective:
     def _prepare(
         self, net: Net, x: Tensor, e: Tensor, t: Tensor, cond: Cond, null_cond: Cond | None, drop: Tensor | None
     ) -> tuple[Tensor, Tensor, Cond]:
-        """Path point z_t, (guided) velocity target and the conditions after dropout."""
+        """Path point z_t, the sample's velocity v = e - x and the conditions after dropout."""
         if e.shape != x.shape:
             raise ValueError(f"noise shape {tuple(e.shape)} != data shape {tuple(x.shape)}")
         if drop is not None and drop.any():
@@ -348,9 +370,7 @@ class _ConditionalObjective:
             cond = merge_conditions(cond, null_cond, drop)
         tb = _bcast(t.to(x.dtype), x)
         z = (1.0 - tb) * x + tb * e
-        v = e - x
-        v_g = self.guided_velocity(net, z, t, v, cond, null_cond, drop)
-        return z, v_g, cond
+        return z, e - x, cond
 
     @staticmethod
     def _stats(
@@ -385,6 +405,12 @@ class MeanFlowLoss(_ConditionalObjective):
             elsewhere. False = the naive reference: ``torch.func.jvp`` over the whole batch with math
             attention everywhere and u from its primal, as public implementations do (``jvp_strategy`` is
             then ignored); kept for benchmarks and as the reference in tests.
+        jvp_tangent: the z-direction of du/dt. "conditional" (MeanFlow): the sample's own velocity
+            v = e - x (or the guided v_g). "predicted" (improved MeanFlow, Geng et al. 2025, arXiv 2512.02012):
+            the network's instantaneous velocity u(z, t, t, c), no gradient, guided like v when guidance is
+            on. e - x is one noisy draw of the marginal velocity at z; the network's estimate of it is not,
+            so the target stops carrying that noise into du/dt. Costs one no-gradient forward on the r != t
+            rows (shared with guidance's own forward when guidance is on).
         jvp_strategy: how u gets its gradient; both give the same loss and gradients. "detached"
             (default): du/dt from a JVP under ``torch.no_grad`` (nothing kept) and u from one plain
             fused-attention forward over the whole batch: one extra forward on the JVP rows, but the
@@ -408,14 +434,18 @@ class MeanFlowLoss(_ConditionalObjective):
         guidance_interval: Sequence[float] = (0.0, 1.0),
         cond_drop_prob: float = 0.0,
         jvp_strategy: str = "detached",
+        jvp_tangent: str = "conditional",
     ):
         super().__init__(
             time_sampler, adaptive_p, adaptive_c, guidance_omega, guidance_kappa, guidance_interval, cond_drop_prob
         )
         if jvp_strategy not in JVP_STRATEGIES:
             raise ValueError(f"unknown jvp_strategy '{jvp_strategy}'; choose one of {JVP_STRATEGIES}")
+        if jvp_tangent not in JVP_TANGENTS:
+            raise ValueError(f"unknown jvp_tangent '{jvp_tangent}'; choose one of {JVP_TANGENTS}")
         self.selective_jvp = bool(selective_jvp)
         self.jvp_strategy = jvp_strategy
+        self.jvp_tangent = jvp_tangent
 
     def __call__(
         self,
@@ -479,6 +509,27 @@ class MeanFlowLoss(_ConditionalObjective):
             dudt = dudt.index_copy(0, rows, dudt_rows.to(u.dtype))
         return u, dudt
 
+    def velocity_and_tangent(
+        self, net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Cond, null_cond: Cond | None,
+        drop: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """The (guided) target velocity v_g and the z-tangent of du/dt (see ``jvp_tangent``)."""
+        if self.jvp_tangent == "conditional":
+            v_g = self.guided_velocity(net, z, t, v, cond, null_cond, drop)
+            return v_g, v_g
+        if self.uses_guidance:  # guidance needs u(z, t, t, .) on every row anyway: one forward serves both
+            u_cond, u_null = self.own_velocities(net, z, t, cond, null_cond, True, True)
+            assert u_cond is not None
+            return self.guide(v, u_cond, u_null, t, drop), self.guide(u_cond.to(v.dtype), u_cond, u_null, t, drop)
+        # Only the r != t rows use the tangent: elsewhere du/dt is multiplied by t - r = 0.
+        tangent = v.clone()
+        rows = (r != t).nonzero().squeeze(1)
+        if rows.numel():
+            u_rows, _ = self.own_velocities(net, z[rows], t[rows], _take(cond, rows), None, True, False)
+            assert u_rows is not None
+            tangent = tangent.index_copy(0, rows, u_rows.to(v.dtype))
+        return v, tangent
+
     def compute(
         self,
         net: Net,
@@ -493,8 +544,9 @@ class MeanFlowLoss(_ConditionalObjective):
         """The loss for given data x, noise e, times r <= t and dropout mask (all batch-first)."""
         if bool((r > t).any()):
             raise ValueError("MeanFlowLoss needs r <= t for every sample")
-        z, v_g, cond = self._prepare(net, x, e, t, cond, null_cond, drop)
-        u, dudt = self.predict(net, z, r, t, v_g, cond)
+        z, v, cond = self._prepare(net, x, e, t, cond, null_cond, drop)
+        v_g, tangent = self.velocity_and_tangent(net, z, r, t, v, cond, null_cond, drop)
+        u, dudt = self.predict(net, z, r, t, tangent, cond)
         # Stop-gradient target, in float32 even when the network ran under bf16 autocast.
         u_tgt = (_acc(v_g) - _acc(_bcast(t - r, x)) * _acc(dudt)).detach()
         sq = (_acc(u) - u_tgt) ** 2
@@ -569,7 +621,8 @@ class FlowMatchingLoss(_ConditionalObjective):
         drop: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss for given data x, noise e, times t and dropout mask."""
-        z, v_g, cond = self._prepare(net, x, e, t, cond, null_cond, drop)
+        z, v, cond = self._prepare(net, x, e, t, cond, null_cond, drop)
+        v_g = self.guided_velocity(net, z, t, v, cond, null_cond, drop)
         u = net(z, t, t, *cond)
         sq = (_acc(u) - _acc(v_g)) ** 2
         per_sample = sq.flatten(1).sum(1)

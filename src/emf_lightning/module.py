@@ -149,7 +149,9 @@ class EMFModule(pl.LightningModule):
         adaptive_p, adaptive_c: adaptive loss weight 1 / (loss + c)^p.
         selective_jvp: run the JVP only on the r != t samples.
         jvp_strategy: "joint" (u from the JVP's primal pass) or "detached" (a graph-free JVP for du/dt plus
-            one ordinary forward for u: flow-matching activation memory); see ``MeanFlowLoss``.
+            one ordinary forward for u: flow-matching activation memory, and the faster JVP); see ``MeanFlowLoss``.
+        jvp_tangent: "conditional" (MeanFlow: du/dt along the sample's v = e - x) or "predicted" (improved
+            MeanFlow: along the network's own u(z, t, t), one extra no-gradient forward); see ``MeanFlowLoss``.
         guidance_omega, guidance_kappa, guidance_interval: MeanFlow's guidance inside training
             (omega = 1, kappa = 0 disables it; EMF uses CFG only at sampling).
         cond_drop_prob: share of training samples whose condition is replaced by the null condition.
@@ -189,7 +191,8 @@ class EMFModule(pl.LightningModule):
         adaptive_p: float = 1.0,
         adaptive_c: float = 1e-3,
         selective_jvp: bool = True,
-        jvp_strategy: Literal["joint", "detached"] = "joint",
+        jvp_strategy: Literal["joint", "detached"] = "detached",
+        jvp_tangent: Literal["conditional", "predicted"] = "conditional",
         guidance_omega: float = 1.0,
         guidance_kappa: float = 0.0,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
@@ -263,7 +266,8 @@ class EMFModule(pl.LightningModule):
         )
         if self.objective == "meanflow":
             return MeanFlowLoss(self.time_sampler, selective_jvp=hp.selective_jvp,
-                                jvp_strategy=hp.jvp_strategy, **kwargs)
+                                jvp_strategy=hp.jvp_strategy, jvp_tangent=hp.get("jvp_tangent", "conditional"),
+                                **kwargs)
         return FlowMatchingLoss(self.time_sampler, **kwargs)
 
     @property
