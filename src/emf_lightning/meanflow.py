@@ -500,12 +500,18 @@ class MeanFlowLoss(_ConditionalObjective):
     def _predict_detached(
         self, net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Cond
     ) -> tuple[Tensor, Tensor]:
-        """u from one fused forward over the batch; du/dt from a graph-free JVP (on the r != t rows)."""
-        u = net(z, r, t, *cond)
+        """u from one fused forward over the batch; du/dt from a graph-free JVP (on the r != t rows).
+
+        The JVP runs first: its primal and tangent activations are freed before the forward that keeps its
+        autograd graph starts, so the two peaks do not stack (the step's peak stays the backward's).
+        """
         rows = (r != t).nonzero().squeeze(1)
-        dudt = torch.zeros_like(u)
+        dudt_rows = None
         if rows.numel():
             dudt_rows = _graph_free_jvp(net, z[rows], r[rows], t[rows], tangent_z[rows], _take(cond, rows))
+        u = net(z, r, t, *cond)
+        dudt = torch.zeros_like(u)
+        if dudt_rows is not None:
             dudt = dudt.index_copy(0, rows, dudt_rows.to(u.dtype))
         return u, dudt
 
