@@ -381,9 +381,9 @@ def test_time_sampler_share_order_and_counts():
 
 def test_time_sampler_schedule_endpoints_and_distribution():
     sampler = TimeSampler(mu=(-0.5, 0.5), sigma=(1.0, 2.0), neq_ratio=(0.25, 0.75))
-    assert sampler.params(0.0) == {"mu": -0.5, "sigma": 1.0, "neq_ratio": 0.25}
-    assert sampler.params(1.0) == {"mu": 0.5, "sigma": 2.0, "neq_ratio": 0.75}
-    assert sampler.params(0.5) == {"mu": 0.0, "sigma": 1.5, "neq_ratio": 0.5}
+    assert sampler.params(0.0) == {"mu": -0.5, "sigma": 1.0, "neq_ratio": 0.25, "one_step_share": 0.0}
+    assert sampler.params(1.0) == {"mu": 0.5, "sigma": 2.0, "neq_ratio": 0.75, "one_step_share": 0.0}
+    assert sampler.params(0.5) == {"mu": 0.0, "sigma": 1.5, "neq_ratio": 0.5, "one_step_share": 0.0}
     assert sampler.params(3.0) == sampler.params(1.0)  # progress is clamped
     g = torch.Generator().manual_seed(0)
     for progress, (mu, sigma) in [(0.0, (-0.5, 1.0)), (1.0, (0.5, 2.0))]:
@@ -396,6 +396,26 @@ def test_time_sampler_schedule_endpoints_and_distribution():
     # t = max of two uniforms has mean 2/3, r = min has mean 1/3.
     r, t = TimeSampler("uniform", neq_ratio=1.0)(20000, generator=g)
     assert abs(t.mean().item() - 2 / 3) < 0.01 and abs(r.mean().item() - 1 / 3) < 0.01
+
+
+def test_one_step_share_puts_that_share_of_r_neq_t_rows_on_the_full_interval():
+    sampler = TimeSampler(mu=0.0, sigma=1.0, neq_ratio=(0.5, 0.5), one_step_share=(0.0, 0.5))
+    g = torch.Generator().manual_seed(0)
+    for progress, want in [(0.0, 0), (0.5, 125), (1.0, 250)]:  # of 500 r != t rows: 0, 25 % and 50 %
+        r, t = sampler(1000, progress, generator=g)
+        ends = (r == 0) & (t == 1)
+        assert int((r != t).sum()) == 500 and int(ends.sum()) == want
+        # The other rows keep their logit-normal draws (never exactly 0 or 1): r = t rows are untouched.
+        others = ~ends
+        assert bool(((t[others] > 0) & (t[others] < 1) & (r[others] > 0)).all())
+    # Off (the default), the draws are exactly those of a sampler without the option: old seeds reproduce.
+    plain = TimeSampler(mu=0.0, sigma=1.0, neq_ratio=0.5)
+    off = TimeSampler(mu=0.0, sigma=1.0, neq_ratio=0.5, one_step_share=0.0)
+    a = plain(64, 0.3, generator=torch.Generator().manual_seed(5))
+    b = off(64, 0.3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="one_step_share must lie in"):
+        TimeSampler(one_step_share=1.5)
 
 
 def test_time_sampler_rejects_bad_settings():

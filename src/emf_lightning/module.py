@@ -146,6 +146,8 @@ class EMFModule(pl.LightningModule):
         time_distribution: "logit_normal" or "uniform" draw of (r, t).
         time_mu, time_sigma: logit-normal parameters, a number or (start, end) over training progress.
         neq_ratio: share of samples with r != t, a number or (start, end).
+        one_step_share: share of the r != t samples drawn as exactly (r, t) = (0, 1), the 1-step sampler's
+            interval, a number or (start, end); 0 (the papers) leaves it to extrapolation.
         adaptive_p, adaptive_c: adaptive loss weight 1 / (loss + c)^p.
         selective_jvp: run the JVP only on the r != t samples.
         jvp_strategy: "joint" (u from the JVP's primal pass) or "detached" (a graph-free JVP for du/dt plus
@@ -188,6 +190,7 @@ class EMFModule(pl.LightningModule):
         time_mu: Pair = -0.4,
         time_sigma: Pair = 1.0,
         neq_ratio: Pair = 0.25,
+        one_step_share: Pair = 0.0,
         adaptive_p: float = 1.0,
         adaptive_c: float = 1e-3,
         selective_jvp: bool = True,
@@ -248,7 +251,7 @@ class EMFModule(pl.LightningModule):
         self.ema_generator = make_ema_copy(self.generator)
         self.time_sampler = TimeSampler(
             distribution=time_distribution, mu=_pair(time_mu, "time_mu"), sigma=_pair(time_sigma, "time_sigma"),
-            neq_ratio=_pair(neq_ratio, "neq_ratio"),
+            neq_ratio=_pair(neq_ratio, "neq_ratio"), one_step_share=_pair(one_step_share, "one_step_share"),
         )
         self.loss_fn = self._build_loss()
         self._nonfinite: str | None = None
