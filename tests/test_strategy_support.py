@@ -1,7 +1,8 @@
-"""EMFModule refuses weight-sharding strategies (FSDP, DeepSpeed, ModelParallel) with a clear error.
+"""Which Lightning strategies EMFModule runs, and the clear error for the others.
 
-Its EMA copy and ``init_from`` loading assume every rank holds the full generator; replicated strategies
-(single device, every DDP variant) are supported. See docs/scaling.md.
+Replicated strategies (single device, every DDP variant) and FSDP2 (``ModelParallelStrategy``, data-parallel
+only; tests/test_fsdp.py runs it) are supported; FSDP1 and DeepSpeed are refused before any step. See
+docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -25,16 +26,27 @@ def test_replicated_strategies_are_accepted(name):
     check_strategy(StrategyRegistry.get(name))
 
 
-@pytest.mark.parametrize("strategy", [StrategyRegistry.get("fsdp"), StrategyRegistry.get("fsdp_cpu_offload"),
-                                      ModelParallelStrategy()], ids=["fsdp", "fsdp_cpu_offload", "model_parallel"])
-def test_sharding_strategies_are_refused_with_the_supported_list(strategy):
+@pytest.mark.parametrize("strategy", [StrategyRegistry.get("fsdp"), StrategyRegistry.get("fsdp_cpu_offload")],
+                         ids=["fsdp", "fsdp_cpu_offload"])
+def test_fsdp1_is_refused_with_the_supported_list(strategy):
     with pytest.raises(UnsupportedStrategyError) as info:
         check_strategy(strategy)
     msg = str(info.value)
     assert f"({type(strategy).__name__})" in msg
-    assert "need unsharded weights on every rank" in msg
-    for name in ("single device", "ddp", "ddp_spawn", "_find_unused_parameters_false"):
+    assert "EMA copy must be sharded exactly like the generator" in msg
+    for name in ("single device", "ddp", "ddp_spawn", "_find_unused_parameters_false", "ModelParallelStrategy",
+                 "tensor_parallel_size=1"):
         assert name in msg
+
+
+def test_fsdp2_is_accepted_data_parallel_only_and_with_the_detached_jvp():
+    check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    check_strategy(ModelParallelStrategy())  # "auto" sizes: resolved before the module's setup hook runs
+    with pytest.raises(UnsupportedStrategyError, match="tensor_parallel_size=2: EMFModule shards data-parallel only"):
+        check_strategy(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
+    with pytest.raises(UnsupportedStrategyError, match="jvp_strategy='joint' cannot run under FSDP2"):
+        check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "joint")
+    check_strategy(StrategyRegistry.get("ddp"), "joint")  # the joint JVP is fine with replicated weights
 
 
 class CPUFSDPStrategy(FSDPStrategy):

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from emf_lightning.sharding import load_full_state_dict
+
 
 class IncompatibleCheckpointError(ValueError):
     """A checkpoint's generator does not match this model's architecture."""
@@ -73,12 +75,21 @@ def load_generator_weights(module: Any, path: str | Path, copy_time_to_interval:
             f"Checkpoint {path} was trained with another generator architecture than this model "
             f"(backbone_size / image_size / patch_size / encoder dim must match):\n  " + "\n  ".join(problems)
         )
-    module.generator.load_state_dict(gen_state)
     ema_state = _sub_state(state, "ema_generator.")
-    if ema_state and not describe_mismatch(module.ema_generator, ema_state):
-        module.ema_generator.load_state_dict(ema_state)
-    else:
-        module.ema_generator.load_state_dict(module.generator.state_dict())
+    if not ema_state or describe_mismatch(module.ema_generator, ema_state):
+        ema_state = gen_state
     if copy_time_to_interval:
-        module.generator.copy_time_embedder_to_interval()
-        module.ema_generator.copy_time_embedder_to_interval()
+        gen_state, ema_state = _time_to_interval(gen_state), _time_to_interval(ema_state)
+    # Full state dicts in, whether the modules are plain or FSDP2-sharded (then each rank keeps its shard).
+    load_full_state_dict(module.generator, gen_state)
+    load_full_state_dict(module.ema_generator, ema_state)
+
+
+def _time_to_interval(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state with the interval (t - r) embedder's weights replaced by the time embedder's."""
+    src, dst = "backbone.t_embedder.", "backbone.interval_embedder."
+    out = dict(state)
+    for key, value in state.items():
+        if key.startswith(src):
+            out[dst + key[len(src):]] = value.clone()
+    return out

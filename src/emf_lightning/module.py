@@ -32,6 +32,7 @@ from emf_lightning.meanflow import (
     sample_meanflow,
 )
 from emf_lightning.models.generator import build_generator
+from emf_lightning.sharding import grad_norm, is_sharded, shard_generator
 
 Pair = float | tuple[float, float]
 LR_DECAYS = ("constant", "cosine", "linear")
@@ -43,34 +44,49 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class UnsupportedStrategyError(ValueError):
-    """The Trainer's strategy shards or partitions the weights, which EMFModule does not support."""
+    """The Trainer's strategy (or its settings) is one EMFModule does not support."""
 
 
 SUPPORTED_STRATEGIES = (
     "single device (strategy auto/single_device), ddp, ddp_spawn, ddp_fork, ddp_notebook, and their "
-    "_find_unused_parameters_false/_true variants"
+    "_find_unused_parameters_false/_true variants (replicated weights); FSDP2 as "
+    "lightning.pytorch.strategies.ModelParallelStrategy with tensor_parallel_size=1 (sharded weights)"
 )
 
 
-def check_strategy(strategy: Any) -> None:
-    """Refuse Lightning strategies that shard the weights (FSDP, DeepSpeed, ModelParallel): fail fast.
+def check_strategy(strategy: Any, jvp_strategy: str = "detached") -> None:
+    """Fail fast on strategies the module cannot run correctly.
 
-    The EMA update, ``init_from`` loading and the sampler all read and write the generator's full,
-    unsharded tensors on every rank. Under a sharding strategy those would be flat shards or DTensors: the
-    EMA would silently average the wrong tensors and checkpoints would not load. Replicated strategies
-    (single device, every DDP variant) are supported; DDP keeps a full copy per rank, which fits every
-    ``BACKBONE_PRESETS`` size on a 40 GB+ GPU (XL: ~0.94 B parameters, ~19 GB of fp32 weights, gradients,
-    AdamW state and EMA, before activations).
+    Replicated strategies (single device, every DDP variant) keep full weights on every rank. FSDP2 runs through
+    Lightning's ``ModelParallelStrategy`` (``configure_model`` shards the generator and its EMA copy alike, see
+    ``sharding.py``), data-parallel only: tensor parallelism would need a plan for every layer. Refused:
+    ``FSDPStrategy`` (FSDP1: its flat parameters give the generator and its EMA copy different shard
+    boundaries, so the EMA could not be a local update; FSDP2 does the same job) and DeepSpeed (partitions
+    optimiser state and, at stage 3, weights behind the module's back). Under FSDP2 the "joint" JVP strategy is
+    refused too: ``torch.func.jvp`` cannot trace FSDP2's parameter swaps; "detached" (the default) can.
     """
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
+    name = getattr(strategy, "strategy_name", None) or type(strategy).__name__
+    if isinstance(strategy, ModelParallelStrategy):
+        tp = getattr(strategy, "_tensor_parallel_size", 1)
+        if tp not in (1, "auto"):
+            raise UnsupportedStrategyError(
+                f"ModelParallelStrategy with tensor_parallel_size={tp}: EMFModule shards data-parallel only "
+                "(FSDP2); set tensor_parallel_size=1 and data_parallel_size to the number of processes."
+            )
+        if jvp_strategy != "detached":
+            raise UnsupportedStrategyError(
+                f"jvp_strategy={jvp_strategy!r} cannot run under FSDP2 (torch.func.jvp does not trace FSDP2's "
+                "parameter all-gathers); use model.jvp_strategy=detached (the default)."
+            )
+        return
     # DeepSpeedStrategy subclasses DDPStrategy but partitions optimiser state and (stage 3) weights.
     if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        name = getattr(strategy, "strategy_name", None) or type(strategy).__name__
         raise UnsupportedStrategyError(
-            f"EMFModule does not support the strategy {name!r} ({type(strategy).__name__}): its EMA copy and "
-            f"init_from loading need unsharded weights on every rank. Supported: {SUPPORTED_STRATEGIES}. "
-            "Use --trainer.strategy=ddp (see docs/scaling.md)."
+            f"EMFModule does not support the strategy {name!r} ({type(strategy).__name__}): its EMA copy must "
+            f"be sharded exactly like the generator. Supported: {SUPPORTED_STRATEGIES}. "
+            "Use --trainer.strategy=ddp, or ModelParallelStrategy for sharded weights (see docs/scaling.md)."
         )
 
 
@@ -331,7 +347,26 @@ class EMFModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Check the strategy before Lightning wraps the model (this hook runs before the wrapping)."""
-        check_strategy(self.trainer.strategy)
+        check_strategy(self.trainer.strategy, self.hparams.jvp_strategy)
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (Lightning's ModelParallelStrategy): shard the generator and its EMA copy alike.
+
+        Lightning calls this after ``setup`` and before the optimiser is built; outside that strategy the
+        module has no device mesh and nothing changes. Idempotent (validate after fit calls it again).
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        shard_generator(self.generator, dp_mesh)
+        shard_generator(self.ema_generator, dp_mesh)
+
+    @property
+    def generation_is_collective(self) -> bool:
+        """Whether every forward of the generators is a collective (sharded weights): all ranks must call
+        ``generate`` equally often."""
+        return is_sharded(self.generator)
 
     def on_fit_start(self) -> None:
         """Encoder to the device, schedule length, and ``init_from`` weights at the start of a fresh run.
@@ -452,10 +487,9 @@ class EMFModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient norm (before clipping) and refuse to step on a non-finite gradient."""
-        grads = [p.grad for p in self.generator.parameters() if p.grad is not None]
-        if not grads:
+        norm = grad_norm(self.generator.parameters())
+        if norm is None:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         if not torch.isfinite(norm):
             self._fail_nonfinite(f"gradient norm is {norm.item()}", {"key": None})
         self.log("train/grad_norm", norm)

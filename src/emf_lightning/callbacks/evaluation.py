@@ -534,6 +534,13 @@ class EvaluationCallback(Callback):
                 scores.append(clip.scores(x, captions))
             index.extend(range(start, stop))
         n = len(held)
+        if getattr(pl_module, "generation_is_collective", False):
+            # Sharded weights (FSDP2): every forward all-gathers, so a rank with fewer batches than another
+            # runs (and discards) one-caption batches until all ranks have called the generator equally often.
+            bs = self._batch_size(n, trainer.world_size)
+            most = max(len(batch_plan(n, bs, r, trainer.world_size)) for r in range(trainer.world_size))
+            for _ in range(most - len(plan)):
+                pl_module.generate(held.captions[:1], steps=steps, cfg_scale=cfg, seed=self.seed, use_ema=True)
         images = self._gather(trainer, imgs, index, n).numpy()
         return (
             images,

@@ -8,6 +8,7 @@ representation the backbone reads more or less discriminative than what the enco
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from emf_lightning.metrics.probe_eval import EncodedCaptions, encode_captions, evaluate_encoded
 from emf_lightning.metrics.probe_sets import ProbeSet, shapes_probe_set
+from emf_lightning.sharding import unsharded
 
 
 class DiscriminabilityProbe(pl.Callback):
@@ -92,8 +94,15 @@ class DiscriminabilityProbe(pl.Callback):
             logger.log_metrics(metrics, step=step)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, include_frozen: bool) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Under FSDP2 the connector's weights are shards: every rank joins gathering them, rank 0 probes.
+        with ExitStack() as stack:
+            for attr in ("generator", "ema_generator"):
+                if getattr(pl_module, attr, None) is not None:
+                    stack.enter_context(unsharded(getattr(pl_module, attr)))
+            if trainer.is_global_zero:
+                self._probe_on_rank_zero(trainer, pl_module, include_frozen)
+
+    def _probe_on_rank_zero(self, trainer: pl.Trainer, pl_module: pl.LightningModule, include_frozen: bool) -> None:
         probe = self._probe()
         out: dict[str, float] = {}
         if self._frozen is None:

@@ -1,0 +1,115 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for the generator and its EMA copy.
+
+Lightning runs FSDP2 through ``ModelParallelStrategy`` (data-parallel size = number of processes, tensor-parallel
+size 1): it builds the device mesh and calls ``EMFModule.configure_model``, which shards here. Both copies are
+sharded the same way, unit by unit, so every parameter of the EMA copy is a DTensor with exactly the placement of
+its training twin: the EMA update is then a purely local lerp of the shards, with no communication.
+
+Units: every module held in an ``nn.ModuleList`` of the backbone (the DiT's blocks, the U-Net's down/mid/up
+steps), then the whole generator (connector, embedders, final layer). A forward all-gathers a unit's parameters
+just before it runs and frees them after, so peak parameter memory is one unit plus the shards. Every forward is
+a collective: all ranks must call the sharded network the same number of times (the evaluation pads its
+generation plan for that, see ``callbacks/evaluation.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["grad_norm", "is_sharded", "load_full_state_dict", "shard_generator", "sharding_units", "unsharded"]
+
+
+def _dtensor_cls() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        return None
+    return DTensor
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` is a DTensor (FSDP2 shard)."""
+    dtensor = _dtensor_cls()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
+
+
+def sharding_units(generator: nn.Module) -> list[nn.Module]:
+    """The modules sharded as their own FSDP2 units: every entry of the backbone's ``nn.ModuleList``s that
+    holds parameters (DiT blocks; U-Net down, mid and up steps)."""
+    units: list[nn.Module] = []
+    for child in generator.modules():
+        if isinstance(child, nn.ModuleList):
+            units.extend(m for m in child if any(True for _ in m.parameters()))
+    return units
+
+
+def shard_generator(generator: nn.Module, mesh, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard ``generator`` in place over the 1-D data-parallel ``mesh``: each unit, then the root.
+
+    FSDP2 shards along dim 0 and needs contiguous parameters: the U-Net keeps its conv weights channels-last
+    (faster convolutions), so they are made contiguous first; the forward's outputs do not change.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if is_sharded(generator):
+        return generator
+    for p in generator.parameters():
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
+    for unit in sharding_units(generator):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(generator, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return generator
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load an ordinary (full, unsharded) state dict into ``module``, sharded or not (strict)."""
+    if not is_sharded(module):
+        module.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+@contextmanager
+def unsharded(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside, the root unit's parameters of a sharded ``module`` are full, plain tensors, so its direct
+    children outside the block units (the text connector) can be called on their own. A collective: every
+    rank must enter. A no-op for an unsharded module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield module
+        return
+    module.unshard()
+    try:
+        yield module
+    finally:
+        module.reshard()
+
+
+def grad_norm(params: Iterable[nn.Parameter]) -> Tensor | None:
+    """The global L2 norm of the gradients (float32); sharded gradients are reduced over their mesh."""
+    dtensor = _dtensor_cls()
+    local_sq: Tensor | None = None
+    group = None
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if dtensor is not None and isinstance(g, dtensor):
+            group = g.device_mesh.get_group()
+            g = g.to_local()
+        sq = g.detach().float().pow(2).sum()
+        local_sq = sq if local_sq is None else local_sq + sq
+    if local_sq is None:
+        return None
+    if group is not None:
+        dist.all_reduce(local_sq, group=group)
+    return local_sq.sqrt()
