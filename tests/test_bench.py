@@ -36,7 +36,8 @@ def test_tiny_benchmark_runs_and_reports_ratios(tmp_path):
     assert main(args) == 0
     report = json.loads(out_json.read_text())
     steps = {s["variant"]: s for s in report["workloads"][0]["steps"]}
-    assert set(steps) == {"fm", "mf_naive", "mf_sel25", "mf_sel75", "mf_det25", "mf_det75"}
+    assert set(steps) == {"fm", "mf_naive", "mf_sel25", "mf_sel75", "mf_det25", "mf_det75", "mf_pred25",
+                          "mf_pred75"}
     assert steps["fm"]["time_ratio"] == 1.0 and steps["fm"]["memory_ratio"] == 1.0
     for s in steps.values():
         assert s["error"] is None and s["median_ms"] > 0 and s["peak_step_mib"] > 0

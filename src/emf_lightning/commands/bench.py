@@ -87,13 +87,15 @@ class Variant:
     neq_ratio: float = 0.25
     selective: bool = True
     strategy: str = "joint"
+    tangent: str = "conditional"
 
     def loss(self) -> FlowMatchingLoss | MeanFlowLoss:
         """The loss object for this variant (same time distribution everywhere)."""
         sampler = TimeSampler(neq_ratio=self.neq_ratio)
         if self.objective == "fm":
             return FlowMatchingLoss(sampler)
-        return MeanFlowLoss(sampler, selective_jvp=self.selective, jvp_strategy=self.strategy)
+        return MeanFlowLoss(sampler, selective_jvp=self.selective, jvp_strategy=self.strategy,
+                            jvp_tangent=self.tangent)
 
 
 VARIANTS = [
@@ -103,6 +105,11 @@ VARIANTS = [
     Variant("mf_sel75", "MeanFlow selective, 75% r!=t", "mf", 0.75),
     Variant("mf_det25", "MeanFlow selective detached, 25% r!=t", "mf", 0.25, strategy="detached"),
     Variant("mf_det75", "MeanFlow selective detached, 75% r!=t", "mf", 0.75, strategy="detached"),
+    # improved MeanFlow's tangent: one more no-gradient forward on the r != t rows (its cost, no target)
+    Variant("mf_pred25", "MeanFlow detached, predicted tangent, 25% r!=t", "mf", 0.25, strategy="detached",
+            tangent="predicted"),
+    Variant("mf_pred75", "MeanFlow detached, predicted tangent, 75% r!=t", "mf", 0.75, strategy="detached",
+            tangent="predicted"),
 ]
 
 TARGETS = {"mf_sel25": 1.3, "mf_det25": 1.3, "mf_sel75": 1.7, "mf_det75": 1.7}
