@@ -108,6 +108,8 @@ def run_config(name: str, objective: str, args: argparse.Namespace, urls: dict, 
             "objective": objective,
             "image_size": args.resolution,
             "feature_cache_dir": str(cache),
+            # MeanFlow as the paper has it unless --jvp-tangent predicted (improved MeanFlow); FM ignores it.
+            "jvp_tangent": args.jvp_tangent,
             # The base config's backbone unless --backbone names another (patch size: DiT presets only).
             **({"backbone_size": args.backbone} if args.backbone else {}),
             **({"patch_size": args.patch_size} if args.patch_size else {}),
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoders", default="llm,minilm,bow,label")
     p.add_argument("--objectives", default="meanflow,flow_matching")
     p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--jvp-tangent", default="conditional", choices=["conditional", "predicted"],
+                   help="MeanFlow's du/dt tangent: the paper's e - x (default) or improved MeanFlow's u(z, t, t)")
     p.add_argument("--backbone", default=None, help="a backbone preset (default: the base config's, unet-tiny)")
     p.add_argument("--patch-size", type=int, default=None, help="DiT patch size (DiT presets only)")
     p.add_argument("--max-steps", type=int, default=600)
