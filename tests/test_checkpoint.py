@@ -92,3 +92,24 @@ def test_load_from_checkpoint_accepts_an_encoder_instance(runs):
     loaded = EMFModule.load_from_checkpoint(runs["ckpt"], map_location="cpu", encoder=HashWordEncoder())
     assert loaded.hparams["encoder"]["class_path"] == "helpers.HashWordEncoder"
     _assert_same_weights(loaded.generator, runs["first"].generator)
+
+
+@pytest.mark.parametrize("max_steps", [5, 6])
+def test_last_checkpoint_holds_the_final_weights_when_max_steps_is_off_the_interval(max_steps, tmp_path):
+    from emf_lightning.callbacks.checkpoint import FinalModelCheckpoint
+
+    torch.manual_seed(0)
+    module = tiny_module()
+    ckpt = FinalModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=3, save_last=True,
+                                save_top_k=-1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, callbacks=[ckpt],
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    batches = [shapes_batch(2, 16, seed=s) for s in range(3)]
+    trainer.fit(module, torch.utils.data.DataLoader(FixedBatches(batches), batch_size=None))
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert last["global_step"] == max_steps  # 5: after the step-3 file; 6: written once, on the interval
+    saved = {k.removeprefix("generator."): v for k, v in last["state_dict"].items() if k.startswith("generator.")}
+    for name, value in module.generator.state_dict().items():
+        assert torch.equal(saved[name], value), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["last.ckpt", "step=3.ckpt"] + (["step=6.ckpt"] if max_steps == 6 else []))

@@ -108,8 +108,10 @@ def run_config(name: str, objective: str, args: argparse.Namespace, urls: dict, 
             "objective": objective,
             "image_size": args.resolution,
             "feature_cache_dir": str(cache),
-            # MeanFlow as the paper has it unless --jvp-tangent predicted (improved MeanFlow); FM ignores it.
+            # MeanFlow as EMF has it (its r != t schedule; the paper's tangent unless --jvp-tangent
+            # predicted), whatever the demo config tunes; flow matching ignores both.
             "jvp_tangent": args.jvp_tangent,
+            "neq_ratio": [0.25, 0.75],
             # The base config's backbone unless --backbone names another (patch size: DiT presets only).
             **({"backbone_size": args.backbone} if args.backbone else {}),
             **({"patch_size": args.patch_size} if args.patch_size else {}),
