@@ -7,6 +7,7 @@ text generator: ``(text_tokens, text_mask)``), sliced together with the batch wh
 
 MeanFlow target (MeanFlow identity): u_tgt = v - (t - r) du/dt, with du/dt the total derivative along
 (dz/dt, dr/dt, dt/dt) = (v, 0, 1), computed by forward-mode AD (``torch.func.jvp``) and treated as a constant.
+Improved MeanFlow (``jvp_tangent="predicted"``) takes dz/dt = the network's own u(z, t, t) instead of v.
 Where r = t the target is v itself, so those samples need no JVP: the *selective* JVP runs the JVP only on
 the r != t subset (through the JVP-safe math attention) and a plain forward with fused attention on the rest.
 """
