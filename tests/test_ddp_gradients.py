@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import shapes_batch, tiny_module
+from helpers import FixedBatches, shapes_batch, tiny_module
 from lightning.pytorch.callbacks import Callback
 
 from emf_lightning.conditioning import null_condition
@@ -40,19 +40,6 @@ PER_RANK = 4
 # Half the rows with r != t and a high dropout share, so both JVP rows and dropped conditions occur on
 # 8 rows (asserted below: the draws are a fixed function of the module seed, step and rank).
 MODULE_KWARGS: dict[str, Any] = dict(neq_ratio=0.5, cond_drop_prob=0.3, selective_jvp=True, seed=0)
-
-
-class FixedBatches(torch.utils.data.Dataset):
-    """One pre-made batch per index; under DDP, Lightning's DistributedSampler gives rank k index k."""
-
-    def __init__(self, batches: list[dict[str, Any]]):
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.batches[i]
 
 
 class RecordFirstStep(Callback):
@@ -122,6 +109,7 @@ def test_meanflow_step_gradients_under_lightning_ddp_match_the_concatenated_batc
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=[RecordFirstStep(str(tmp_path))])
+    # Lightning's DistributedSampler gives rank k the batch at index k.
     trainer.fit(module, torch.utils.data.DataLoader(FixedBatches(batches), batch_size=None))
     records = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 

@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import shapes_batch, tiny_module
+from helpers import FixedBatches, shapes_batch, tiny_module
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -101,17 +101,6 @@ class Record(Callback):
         ))
 
 
-class Batches(torch.utils.data.Dataset):
-    def __init__(self, batches: list[dict[str, Any]]):
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.batches[i]
-
-
 def _worker(rank: int, port: int, out_dir: str, backbone: str) -> None:
     # What torchrun sets: Lightning then joins these processes instead of launching its own.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
@@ -120,9 +109,9 @@ def _worker(rank: int, port: int, out_dir: str, backbone: str) -> None:
     torch.manual_seed(0)
     module = tiny_module(**module_kwargs(backbone))
     # Train: two steps, rank k takes batches k and 2 + k (Lightning's DistributedSampler, no shuffling).
-    train = Batches([shapes_batch(PER_RANK, 16, seed=s) for s in range(4)])
+    train = FixedBatches([shapes_batch(PER_RANK, 16, seed=s) for s in range(4)])
     # Held-out: 5 captions in batches of 2 -> batches 0, 2 on rank 0 and batch 1 on rank 1 (unequal).
-    val = Batches([shapes_batch(5, 16, seed=9)])
+    val = FixedBatches([shapes_batch(5, 16, seed=9)])
     evaluation = EvaluationCallback(every_n_steps=0, num_samples=5, batch_size=2, steps=(1,), fid=False,
                                     clip_score=False, shapes_eval=True, grid_prompts=0, on_train_end=True)
     record = Record()

@@ -285,7 +285,7 @@ class EMFModule(pl.LightningModule):
         )
         if self.objective == "meanflow":
             return MeanFlowLoss(self.time_sampler, selective_jvp=hp.selective_jvp,
-                                jvp_strategy=hp.jvp_strategy, jvp_tangent=hp.get("jvp_tangent", "conditional"),
+                                jvp_strategy=hp.jvp_strategy, jvp_tangent=hp.jvp_tangent,
                                 **kwargs)
         return FlowMatchingLoss(self.time_sampler, **kwargs)
 

@@ -44,7 +44,7 @@ def sharding_units(generator: nn.Module) -> list[nn.Module]:
     units: list[nn.Module] = []
     for child in generator.modules():
         if isinstance(child, nn.ModuleList):
-            units.extend(m for m in child if any(True for _ in m.parameters()))
+            units.extend(m for m in child if next(m.parameters(), None) is not None)
     return units
 
 
