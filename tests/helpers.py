@@ -72,7 +72,7 @@ class FixedBatches(torch.utils.data.Dataset):
 
 def tiny_module(**overrides: Any):
     """An EMFModule with HashWordEncoder and a one-block generator at 16x16 (fast on a CPU)."""
-    from emf_lightning.module import EMFModule
+    from emf_lightning.training import EMFModule
 
     kwargs: dict[str, Any] = dict(
         encoder=HashWordEncoder(), image_size=16, patch_size=4, backbone_overrides=dict(TINY_BACKBONE),

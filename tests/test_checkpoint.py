@@ -10,7 +10,7 @@ import torch
 from helpers import FixedBatches, HashWordEncoder, shapes_batch, tiny_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from emf_lightning.module import EMFModule
+from emf_lightning.training import EMFModule
 
 STEPS = 3  # one epoch = STEPS fixed batches; the resumed run starts exactly at an epoch boundary
 

@@ -14,7 +14,7 @@ from helpers import write_shapes_shards
 from PIL import Image
 
 from emf_lightning import cli
-from emf_lightning.module import EMFModule
+from emf_lightning.training import EMFModule
 from emf_lightning.utils.grids import make_labelled_grid
 from emf_lightning.utils.weights import MissingWeightsError
 

@@ -181,7 +181,7 @@ def test_fsdp2_meanflow_steps_match_a_single_process_and_round_trip(backbone: st
         assert all(torch.equal(a[0][n], b[0][n]) for n in a[0]) and all(torch.equal(a[1][n], b[1][n]) for n in a[1])
 
     # The full checkpoint loads into a plain single-process module with exactly the trained weights.
-    from emf_lightning.module import EMFModule
+    from emf_lightning.training import EMFModule
 
     plain = EMFModule.load_from_checkpoint(tmp_path / "fsdp.ckpt", map_location="cpu")
     weights, ema = recs[0]["after"][-1]

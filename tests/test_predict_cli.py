@@ -18,7 +18,7 @@ from PIL import Image
 from emf_lightning import cli
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.data.shapes import ShapesWorld
-from emf_lightning.module import EMFModule
+from emf_lightning.training import EMFModule
 from emf_lightning.utils.images import to_uint8
 
 BOW = {"class_path": "emf_lightning.encoders.BagOfWordsEncoder", "init_args": {"dim": 16}}

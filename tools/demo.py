@@ -136,7 +136,7 @@ def diagnose(ckpt: Path, shards: str, n: int) -> dict:
     import webdataset as wds
 
     from emf_lightning.metrics.shapes_eval import ShapesEval
-    from emf_lightning.module import EMFModule
+    from emf_lightning.training import EMFModule
     from emf_lightning.utils.images import to_uint8
 
     captions, specs = [], []

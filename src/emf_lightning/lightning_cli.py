@@ -7,7 +7,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 from emf_lightning.data.datamodule import ShardDataModule
-from emf_lightning.module import EMFModule
+from emf_lightning.training import EMFModule
 
 
 class EMFLightningCLI(LightningCLI):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from emf_lightning.metrics.probe_eval import EncodedCaptions, encode_captions, evaluate_encoded
 from emf_lightning.metrics.probe_sets import ProbeSet, shapes_probe_set
-from emf_lightning.sharding import unsharded
+from emf_lightning.training.sharding import unsharded
 
 
 class DiscriminabilityProbe(pl.Callback):

@@ -63,9 +63,10 @@ class EncoderChoice:
     def build(self):
         """Instantiate the encoder (may raise MissingWeightsError)."""
         if self.spec is not None:
-            from emf_lightning.module import build_encoder_from_spec
+            from emf_lightning.encoders.base import TextEncoder
+            from emf_lightning.utils.specs import build
 
-            return build_encoder_from_spec(self.spec)
+            return build(self.spec, TextEncoder)
         from emf_lightning.encoders import build_encoder
 
         return build_encoder(self.name, **{**PROBE_DEFAULTS.get(self.name, {}), **(self.kwargs or {})})

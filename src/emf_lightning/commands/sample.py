@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"checkpoint not found: {args.ckpt}")
     check_checkpoint(args.ckpt, parser)
 
-    from emf_lightning.module import EMFModule
+    from emf_lightning.training import EMFModule
     from emf_lightning.utils.grids import save_grid
 
     device = resolve_device(args.device)

@@ -16,7 +16,6 @@ from emf_lightning.encoders.base import (
     TextEncoder,
     TextFeatures,
     masked_mean,
-    null_features,
     pack_tokens,
 )
 from emf_lightning.encoders.bow import BagOfWordsEncoder
@@ -92,6 +91,5 @@ __all__ = [
     "build_encoder_from_config",
     "encoder_class",
     "masked_mean",
-    "null_features",
     "pack_tokens",
 ]

@@ -7,9 +7,7 @@ a pooled vector. Subclasses implement `_encode_batch`; the base class does input
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
@@ -17,6 +15,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from emf_lightning.utils.specs import RecordsInitArgs
 
 
 class CaptionTruncationWarning(UserWarning):
@@ -98,21 +98,6 @@ class TextFeatures:
         return TextFeatures(torch.cat(tokens), torch.cat(masks), torch.cat([p.pooled for p in parts]))
 
 
-def null_tokens(batch_size: int, dim: int, device: torch.device | str | None = None,
-                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """(tokens [B, 1, D] zeros, mask [B, 1] True): the one definition of the null condition's tokens."""
-    tokens = torch.zeros(batch_size, 1, dim, device=device, dtype=dtype)
-    mask = torch.ones(batch_size, 1, device=device, dtype=torch.bool)
-    return tokens, mask
-
-
-def null_features(like: TextFeatures) -> TextFeatures:
-    """The null condition for `like`'s batch: one all-zero token per row, mask True, pooled zero."""
-    b, d = like.tokens.shape[0], like.tokens.shape[-1]
-    tokens, mask = null_tokens(b, d, device=like.tokens.device, dtype=like.tokens.dtype)
-    return TextFeatures(tokens=tokens, mask=mask, pooled=tokens[:, 0].clone())
-
-
 def pack_tokens(hidden: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     """Move the kept positions of each row to the front, in order; zero the rest.
 
@@ -169,50 +154,23 @@ def check_captions(captions: Any) -> list[str]:
             raise TypeError(f"caption {i} is {type(caption).__name__}, not str")
         if caption == "":
             raise ValueError(
-                f"caption {i} is empty: the empty caption is the null condition; use null_features() "
+                f"caption {i} is empty: the empty caption is the null condition; use emf_lightning.meanflow.null_condition "
                 "instead of encoding it"
             )
     return out
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(RecordsInitArgs, nn.Module):
     """A frozen text encoder: `encode(list[str]) -> TextFeatures`.
 
     Subclasses set `name`, implement `_encode_batch` (returning features and the number of captions cut
     at `max_length`), `dim` and `_key_parts`. Parameters never require grad and the module stays in eval
     mode even when a parent calls `.train()`. Features are returned as float32 on the encoder's device,
-    whatever dtype the model computes in, so cached and fresh features are interchangeable.
+    whatever dtype the model computes in, so cached and fresh features are interchangeable. The constructor
+    arguments are recorded in `init_args` (`utils.specs`): checkpoints keep them instead of the weights.
     """
 
     name: ClassVar[str] = ""
-    init_args: dict[str, Any]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Wrap each subclass __init__ so the outermost call records its arguments in `self.init_args`:
-        {"class_path": ..., "init_args": encoder.init_args} rebuilds the encoder (checkpoints keep that
-        spec instead of the encoder's weights)."""
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            return
-        signature = inspect.signature(init)
-
-        @functools.wraps(init)
-        def recording_init(self: "TextEncoder", *args: Any, **kw: Any) -> None:
-            outermost = "_recording_init" not in self.__dict__
-            if outermost:
-                self.__dict__["_recording_init"] = True
-            init(self, *args, **kw)
-            if outermost:
-                del self.__dict__["_recording_init"]
-                bound = signature.bind(self, *args, **kw)
-                bound.apply_defaults()
-                skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-                self.init_args = {
-                    k: v for k, v in bound.arguments.items() if k != "self" and signature.parameters[k].kind not in skip
-                }
-
-        cls.__init__ = recording_init  # type: ignore[method-assign]
 
     def __init__(
         self,

@@ -3,16 +3,19 @@
 from .attention import attention, jvp_safe_attention, math_attention
 from .connector import TextConnector
 from .dit import DiT
-from .generator import BACKBONE_PRESETS, Generator, build_generator
+from .generator import BACKBONES, Generator, build_backbone, build_generator
+from .layers import Backbone
 from .unet import UNet
 
 __all__ = [
-    "BACKBONE_PRESETS",
+    "BACKBONES",
+    "Backbone",
     "DiT",
     "Generator",
     "TextConnector",
     "UNet",
     "attention",
+    "build_backbone",
     "build_generator",
     "jvp_safe_attention",
     "math_attention",

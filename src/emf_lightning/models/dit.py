@@ -8,7 +8,6 @@ adaLN-Zero gate, so a freshly initialised network outputs exactly zero.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
@@ -17,6 +16,7 @@ from timm.layers import Mlp, PatchEmbed, to_2tuple
 from torch import Tensor
 
 from .attention import attention
+from .layers import Backbone, TimestepEmbedder, init_linears_normal, pooled_context
 from .norms import Float32RMSNorm
 
 
@@ -40,62 +40,9 @@ def sincos_2d(grid_size: tuple[int, int], dim: int) -> Tensor:
     return emb.float()
 
 
-def pooled_context(context: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of the text tokens [B, L, D] over the real ones (mask True) -> [B, D]."""
-    if mask is None:
-        return context.mean(dim=1)
-    w = mask.to(context.dtype)[..., None]
-    return (context * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
-
-
-def check_backbone_inputs(backbone: nn.Module, x: Tensor, r: Tensor, t: Tensor, context: Tensor) -> None:
-    """The forward contract shared by the backbones: x [B, C, H, W], r and t [B], context [B, L, context_dim]."""
-    b = x.shape[0]
-    c, (h, w) = backbone.in_channels, backbone.input_size
-    if x.shape[1:] != (c, h, w):
-        raise ValueError(f"{type(backbone).__name__} expects x of shape [B, {c}, {h}, {w}], got {tuple(x.shape)}")
-    if r.shape != (b,) or t.shape != (b,):
-        raise ValueError(f"r and t must have shape [{b}], got {tuple(r.shape)} and {tuple(t.shape)}")
-    if context.ndim != 3 or context.shape[0] != b or context.shape[2] != backbone.context_dim:
-        raise ValueError(f"context must be [{b}, L, {backbone.context_dim}], got {tuple(context.shape)}")
-
-
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation of tokens [B, N, D] by per-sample shift/scale [B, D]."""
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
-
-
-class TimestepEmbedder(nn.Module):
-    """Scalar time in [0, 1] -> vector: sinusoid of ``scale * t`` followed by a 2-layer MLP.
-
-    The default feeds raw t (scale 1). DiT's 1000x scale (integer diffusion timesteps) would make
-    du/dt, and with it the MeanFlow target v - (t - r) du/dt, up to ~1000x larger in the fast channels: in
-    our overfit runs (tiny DiT, 4 images) training diverged with scale 1000 (target MSE ~1e4) and
-    converged with scale 1.
-    """
-
-    def __init__(self, hidden_size: int, frequency_dim: int = 256, scale: float = 1.0):
-        super().__init__()
-        if frequency_dim % 2:
-            raise ValueError(f"frequency_dim must be even, got {frequency_dim}")
-        self.frequency_dim = frequency_dim
-        self.scale = scale
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
-        half = frequency_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("freqs", freqs, persistent=False)
-
-    def sinusoid(self, t: Tensor) -> Tensor:
-        """[B] -> [B, frequency_dim] (cos, sin); at least float32, so bf16 inputs do not quantise time."""
-        t = t.to(torch.promote_types(t.dtype, torch.float32))
-        args = (t * self.scale)[:, None] * self.freqs[None, :].to(t.dtype)
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-    def forward(self, t: Tensor) -> Tensor:
-        """[B] -> [B, hidden_size]."""
-        return self.mlp(self.sinusoid(t))
 
 
 class SelfAttention(nn.Module):
@@ -180,18 +127,20 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(Backbone):
     """Text-conditioned DiT predicting MeanFlow's average velocity u(x, r, t | text).
 
     Args:
+        preset: a named size of ``PRESETS`` (DiT's S, B, L, XL, and "tiny" for CPU runs): the defaults of the
+            size arguments below that are left as None.
         input_size: spatial size of x (int for square, or (H, W)).
+        in_channels: channels of x (3 for pixels, the autoencoder's latent channels otherwise); u has the same.
         patch_size: side of the square patches; must divide input_size.
-        in_channels: channels of x (3 for pixels, the VAE's latent channels otherwise); output has the same.
         hidden_size: token width D.
         depth: number of blocks.
         num_heads: attention heads; must divide hidden_size.
         mlp_ratio: MLP hidden width / D.
-        context_dim: width of the text tokens (default D: the connector already maps to D).
+        context_dim: width of the text tokens (default D: the connector maps the encoder's width to it).
         qk_norm: per-head RMSNorm on queries and keys (stabilises attention logits at scale).
         pool_context: also add a projection of the masked mean of the text tokens into the adaLN
             conditioning, so global prompt content modulates every block, not only cross-attention.
@@ -199,21 +148,35 @@ class DiT(nn.Module):
         frequency_dim: sinusoid width of the time embedders.
     """
 
+    # DiT's sizes (Peebles & Xie, table 1); "tiny" runs a training step on a laptop CPU at 32x32.
+    PRESETS = {
+        "tiny": {"hidden_size": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0, "patch_size": 4},
+        "S": {"hidden_size": 384, "depth": 12, "num_heads": 6, "mlp_ratio": 4.0, "patch_size": 2},
+        "B": {"hidden_size": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0, "patch_size": 2},
+        "L": {"hidden_size": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4.0, "patch_size": 2},
+        "XL": {"hidden_size": 1152, "depth": 28, "num_heads": 16, "mlp_ratio": 4.0, "patch_size": 2},
+    }
+
     def __init__(
         self,
+        preset: str | None = "S",
         input_size: int | tuple[int, int] = 32,
-        patch_size: int = 2,
         in_channels: int = 3,
-        hidden_size: int = 384,
-        depth: int = 12,
-        num_heads: int = 6,
-        mlp_ratio: float = 4.0,
+        patch_size: int | None = None,
+        hidden_size: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float | None = None,
         context_dim: int | None = None,
         qk_norm: bool = True,
         pool_context: bool = True,
         time_scale: float = 1.0,
         frequency_dim: int = 256,
     ):
+        cfg = self.preset_args(preset, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
+                               num_heads=num_heads, mlp_ratio=mlp_ratio)
+        patch_size, hidden_size, depth = cfg["patch_size"], cfg["hidden_size"], cfg["depth"]
+        num_heads, mlp_ratio = cfg["num_heads"], cfg["mlp_ratio"]
         super().__init__()
         size = to_2tuple(input_size)
         if size[0] % patch_size or size[1] % patch_size:
@@ -258,13 +221,9 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        embedders = [self.t_embedder, self.interval_embedder]
-        if self.context_embedder is not None:
-            embedders.append(self.context_embedder)
-        for emb in embedders:
-            for layer in emb.modules():
-                if isinstance(layer, nn.Linear):
-                    nn.init.normal_(layer.weight, std=0.02)
+        for emb in (self.t_embedder, self.interval_embedder, self.context_embedder):
+            if emb is not None:
+                init_linears_normal(emb)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -307,7 +266,7 @@ class DiT(nn.Module):
         Returns:
             u: [B, C, H, W], same shape as x.
         """
-        check_backbone_inputs(self, x, r, t, context)
+        self.check_inputs(x, r, t, context)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.conditioning(r, t, context, context_mask)
         for block in self.blocks:

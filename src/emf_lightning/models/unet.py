@@ -13,8 +13,8 @@ linear patch head paints every 4x4 patch from one token. Layout follows DDPM / A
   initialised network outputs exactly zero (as DiT's adaLN-Zero does).
 
 All attention goes through :func:`attention`, which takes its forward-mode-safe math path inside the
-MeanFlow JVP; in the graph-free ("detached") JVP its GroupNorms, convolutions and linears take the
-hand-written tangent rules of ``jvp_ops``, much faster on a CPU than PyTorch's generic formulas.
+MeanFlow JVP; there its GroupNorms, convolutions and linears take the hand-written tangent rules of
+``meanflow.tangent_rules``, much faster on a CPU than PyTorch's generic formulas.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from timm.layers import to_2tuple
 from torch import Tensor
 
 from .attention import attention
-from .dit import TimestepEmbedder, check_backbone_inputs, pooled_context
+from .layers import Backbone, TimestepEmbedder, init_linears_normal, pooled_context, zero_init
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -37,12 +37,6 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     while channels % groups:
         groups -= 1
     return nn.GroupNorm(groups, channels, eps=1e-6)
-
-
-def _zero(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
 
 
 class ResBlock(nn.Module):
@@ -55,7 +49,7 @@ class ResBlock(nn.Module):
         self.cond = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * out_ch))
         self.norm2 = _group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
@@ -77,11 +71,11 @@ class AttentionBlock(nn.Module):
         self.head_dim = head_dim
         self.norm_self = _group_norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj_self = _zero(nn.Linear(channels, channels))
+        self.proj_self = zero_init(nn.Linear(channels, channels))
         self.norm_cross = _group_norm(channels)
         self.q = nn.Linear(channels, channels)
         self.kv = nn.Linear(context_dim, 2 * channels)
-        self.proj_cross = _zero(nn.Linear(channels, channels))
+        self.proj_cross = zero_init(nn.Linear(channels, channels))
 
     def _heads(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
@@ -121,10 +115,12 @@ class UNetStep(nn.Module):
         return h
 
 
-class UNet(nn.Module):
+class UNet(Backbone):
     """Text-conditioned U-Net predicting MeanFlow's average velocity u(x, r, t | text).
 
     Args:
+        preset: a named size of ``PRESETS`` ("tiny", "S", "B"): the defaults of the size arguments below that
+            are left as None.
         input_size: spatial size of x (int for square, or (H, W)); divisible by 2**(len(channel_mult) - 1).
         in_channels: channels of x; the output has the same.
         base_channels: width of the first level; level i has ``base_channels * channel_mult[i]``.
@@ -137,20 +133,35 @@ class UNet(nn.Module):
         time_scale, frequency_dim: as in the DiT's time embedders.
     """
 
+    PRESETS = {
+        "tiny": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1, "attention_resolutions": (4,),
+                 "head_dim": 32, "context_dim": 128},
+        "S": {"base_channels": 64, "channel_mult": (1, 2, 2), "num_res_blocks": 2, "attention_resolutions": (2, 4),
+              "head_dim": 32, "context_dim": 256},
+        "B": {"base_channels": 128, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2, "attention_resolutions": (2,),
+              "head_dim": 64, "context_dim": 512},
+    }
+
     def __init__(
         self,
+        preset: str | None = "tiny",
         input_size: int | tuple[int, int] = 32,
         in_channels: int = 3,
-        base_channels: int = 64,
-        channel_mult: Sequence[int] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        attention_resolutions: Sequence[int] = (2, 4),
-        head_dim: int = 32,
-        context_dim: int = 128,
+        base_channels: int | None = None,
+        channel_mult: Sequence[int] | None = None,
+        num_res_blocks: int | None = None,
+        attention_resolutions: Sequence[int] | None = None,
+        head_dim: int | None = None,
+        context_dim: int | None = None,
         dropout: float = 0.0,
         time_scale: float = 1.0,
         frequency_dim: int = 256,
     ):
+        cfg = self.preset_args(preset, base_channels=base_channels, channel_mult=channel_mult,
+                               num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
+                               head_dim=head_dim, context_dim=context_dim)
+        base_channels, channel_mult, num_res_blocks = cfg["base_channels"], cfg["channel_mult"], cfg["num_res_blocks"]
+        attention_resolutions, head_dim, context_dim = cfg["attention_resolutions"], cfg["head_dim"], cfg["context_dim"]
         super().__init__()
         size = to_2tuple(input_size)
         factor = 2 ** (len(channel_mult) - 1)
@@ -200,11 +211,9 @@ class UNet(nn.Module):
                 self.up.append(UNetStep(res, level_attn, upsample))
                 ch = width
         self.out_norm = _group_norm(ch)
-        self.out_conv = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.out_conv = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
         for emb in (self.t_embedder, self.interval_embedder, self.context_embedder):
-            for layer in emb.modules():
-                if isinstance(layer, nn.Linear):
-                    nn.init.normal_(layer.weight, std=0.02)
+            init_linears_normal(emb)
         # Channels-last convolutions: oneDNN (CPU) and cuDNN (tensor cores) run NHWC without reorders.
         self.to(memory_format=torch.channels_last)
 
@@ -222,7 +231,7 @@ class UNet(nn.Module):
         self, x: Tensor, r: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None
     ) -> Tensor:
         """Average velocity over [r, t]; shapes as :meth:`DiT.forward`."""
-        check_backbone_inputs(self, x, r, t, context)
+        self.check_inputs(x, r, t, context)
         c = self.conditioning(r, t, context, context_mask)
         h = self.input_conv(x.contiguous(memory_format=torch.channels_last))
         skips = [h]

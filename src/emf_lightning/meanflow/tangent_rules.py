@@ -6,9 +6,9 @@ matrix products where two suffice. MeanFlow's JVP goes through every one of thes
 
 :func:`fast_tangents` is a ``TorchFunctionMode``: while it is active, calls of ``F.linear``, ``F.conv2d``,
 ``F.group_norm`` and ``F.layer_norm`` (whoever makes them: nn layers, timm's Mlp, our blocks) run as an
-autograd.Function with a closed-form ``jvp``. It is for graph-free JVPs only (the "detached" strategy,
-under ``torch.no_grad``); the functions have no backward. Everything else, including the "joint" strategy
-that backpropagates through the JVP, keeps PyTorch's rules. Tested against them to 1e-8 in float64.
+autograd.Function with a closed-form ``jvp``. It is for graph-free JVPs only (``meanflow.jvp``, under
+``torch.no_grad``); the functions have no backward. Everything else keeps PyTorch's rules. Tested against
+them to 1e-8 in float64.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ class _FastTangentMode(TorchFunctionMode):
 def fast_tangents() -> Iterator[None]:
     """Route linear, conv2d, group_norm and layer_norm through hand-written tangent rules (no backward).
 
-    Use only around a JVP under ``torch.no_grad`` (MeanFlowLoss's "detached" strategy does).
+    Use only around a JVP under ``torch.no_grad`` (``meanflow.jvp.du_dt`` does).
     """
     if torch.is_grad_enabled():
         raise RuntimeError("fast_tangents() has no backward rules: use it under torch.no_grad()")

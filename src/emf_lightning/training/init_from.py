@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emf_lightning.sharding import load_full_state_dict
+from emf_lightning.training.sharding import load_full_state_dict
 
 
 class IncompatibleCheckpointError(ValueError):

@@ -1,150 +1,40 @@
 """EMFModule: the LightningModule that trains a text-conditioned one-step generator with MeanFlow.
 
-What is trained: ``generator`` (text connector + DiT backbone). What is not: the text encoder, which is kept
+What is trained: ``generator`` (text connector + backbone). What is not: the text encoder, which is kept
 outside the module tree on purpose (no weights in ``state_dict``, the optimiser or DDP) and rebuilt from its
 ``class_path``/``init_args`` stored in the hyper-parameters. ``ema_generator`` holds the moving average used
-for sampling and validation, and is part of the checkpoint.
+for sampling and validation, and is part of the checkpoint. The loss (``meanflow.MeanFlowLoss`` or
+``FlowMatchingLoss``) and the backbone are named by class in the config; so is the encoder.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 import warnings
-from typing import Any, Literal, Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from emf_lightning.conditioning import encode_with_null, null_condition
-from emf_lightning.ema import ema_decay_at, make_ema_copy, update_ema
 from emf_lightning.encoders.base import TextEncoder, TextFeatures
 from emf_lightning.encoders.cache import FeatureCache
-from emf_lightning.generator_init import load_generator_weights
-from emf_lightning.meanflow import (
-    FlowMatchingLoss,
-    MeanFlowLoss,
-    TimeSampler,
-    make_noise,
-    sample_flow_matching,
-    sample_meanflow,
-)
-from emf_lightning.models.generator import build_generator
-from emf_lightning.sharding import grad_norm, is_sharded, shard_generator
-
-Pair = float | tuple[float, float]
-LR_DECAYS = ("constant", "cosine", "linear")
-OBJECTIVES = ("meanflow", "flow_matching")
+from emf_lightning.meanflow import MeanFlowLoss, Objective, encode_with_null, make_noise, null_condition
+from emf_lightning.models.generator import Generator
+from emf_lightning.models.layers import Backbone
+from emf_lightning.training.checkpoint_format import FORMAT_KEY, FORMAT_VERSION, module_hyperparameters
+from emf_lightning.training.ema import ema_decay_at, make_ema_copy, update_ema
+from emf_lightning.training.init_from import load_generator_weights
+from emf_lightning.training.optim import OptimConfig
+from emf_lightning.training.sharding import grad_norm, is_sharded, shard_generator
+from emf_lightning.training.strategies import check_strategy
+from emf_lightning.utils.specs import build, to_spec
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss (or its gradient) is NaN or infinite; training stops and no checkpoint is written."""
-
-
-class UnsupportedStrategyError(ValueError):
-    """The Trainer's strategy (or its settings) is one EMFModule does not support."""
-
-
-SUPPORTED_STRATEGIES = (
-    "single device (strategy auto/single_device), ddp, ddp_spawn, ddp_fork, ddp_notebook, and their "
-    "_find_unused_parameters_false/_true variants (replicated weights); FSDP2 as "
-    "lightning.pytorch.strategies.ModelParallelStrategy with tensor_parallel_size=1 (sharded weights)"
-)
-
-
-def check_strategy(strategy: Any, jvp_strategy: str = "detached") -> None:
-    """Fail fast on strategies the module cannot run correctly.
-
-    Replicated strategies (single device, every DDP variant) keep full weights on every rank. FSDP2 runs through
-    Lightning's ``ModelParallelStrategy`` (``configure_model`` shards the generator and its EMA copy alike, see
-    ``sharding.py``), data-parallel only: tensor parallelism would need a plan for every layer. Refused:
-    ``FSDPStrategy`` (FSDP1: its flat parameters give the generator and its EMA copy different shard
-    boundaries, so the EMA could not be a local update; FSDP2 does the same job) and DeepSpeed (partitions
-    optimiser state and, at stage 3, weights behind the module's back). Under FSDP2 the "joint" JVP strategy is
-    refused too: ``torch.func.jvp`` cannot trace FSDP2's parameter swaps; "detached" (the default) can.
-    """
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, SingleDeviceStrategy
-
-    name = getattr(strategy, "strategy_name", None) or type(strategy).__name__
-    if isinstance(strategy, ModelParallelStrategy):
-        tp = getattr(strategy, "_tensor_parallel_size", 1)
-        if tp not in (1, "auto"):
-            raise UnsupportedStrategyError(
-                f"ModelParallelStrategy with tensor_parallel_size={tp}: EMFModule shards data-parallel only "
-                "(FSDP2); set tensor_parallel_size=1 and data_parallel_size to the number of processes."
-            )
-        if jvp_strategy != "detached":
-            raise UnsupportedStrategyError(
-                f"jvp_strategy={jvp_strategy!r} cannot run under FSDP2 (torch.func.jvp does not trace FSDP2's "
-                "parameter all-gathers); use model.jvp_strategy=detached (the default)."
-            )
-        return
-    # DeepSpeedStrategy subclasses DDPStrategy but partitions optimiser state and (stage 3) weights.
-    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        raise UnsupportedStrategyError(
-            f"EMFModule does not support the strategy {name!r} ({type(strategy).__name__}): its EMA copy must "
-            f"be sharded exactly like the generator. Supported: {SUPPORTED_STRATEGIES}. "
-            "Use --trainer.strategy=ddp, or ModelParallelStrategy for sharded weights (see docs/scaling.md)."
-        )
-
-
-def _pair(value: Pair, name: str) -> tuple[float, float]:
-    """A scheduled value as (start, end); a single number means a constant."""
-    if isinstance(value, (int, float)):
-        return float(value), float(value)
-    if len(value) != 2:
-        raise ValueError(f"{name} must be a number or a (start, end) pair, got {value!r}")
-    return float(value[0]), float(value[1])
-
-
-def encoder_spec(encoder: TextEncoder | dict) -> dict[str, Any]:
-    """``{"class_path", "init_args"}`` that rebuilds ``encoder``; stored instead of the encoder's weights.
-
-    A dict is returned as is. An instance gives the constructor arguments it recorded (``TextEncoder``
-    records them in ``init_args``); torch dtypes/devices become strings. Arguments that are not plain data
-    are left out (their defaults apply on rebuild) and listed under ``"unrecorded"``.
-    """
-    if isinstance(encoder, dict):
-        return encoder
-    cls = type(encoder)
-    init_args: dict[str, Any] = {}
-    unrecorded: list[str] = []
-    for name, value in dict(getattr(encoder, "init_args", None) or {}).items():
-        if isinstance(value, (torch.device, torch.dtype)):
-            value = str(value).removeprefix("torch.")
-        if _is_plain(value):
-            init_args[name] = list(value) if isinstance(value, tuple) else value
-        else:
-            unrecorded.append(name)
-    spec: dict[str, Any] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
-    if unrecorded:
-        spec["unrecorded"] = unrecorded
-    return spec
-
-
-def _is_plain(value: Any) -> bool:
-    """JSON-like values only: the checkpoint's hyper-parameters must stay loadable with weights_only."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
-
-
-def build_encoder_from_spec(spec: dict[str, Any]) -> TextEncoder:
-    """Instantiate a TextEncoder from ``{"class_path", "init_args"}``; other classes are refused."""
-    class_path = spec.get("class_path")
-    if not isinstance(class_path, str) or "." not in class_path:
-        raise ValueError(f"encoder spec needs a dotted 'class_path', got {spec!r}")
-    module_name, _, cls_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, TextEncoder)):
-        raise ValueError(f"encoder class_path {class_path!r} is not a TextEncoder subclass")
-    return cls(**dict(spec.get("init_args") or {}))
 
 
 class EMFModule(pl.LightningModule):
@@ -153,34 +43,11 @@ class EMFModule(pl.LightningModule):
     Args:
         encoder: the frozen text encoder (``class_path``/``init_args`` in YAML; an instance or such a dict in
             Python). Its weights are never saved; it is rebuilt from this spec.
-        backbone_size: a ``models.BACKBONE_PRESETS`` name (tiny, S, B, L, XL).
-        image_size: side of the (square) images or latents the generator sees.
-        in_channels: channels of those images (3 for pixels).
-        patch_size: DiT patch size; None takes the preset's.
-        backbone_overrides: extra keyword arguments for ``build_generator`` (depth, width, heads, ...).
-        objective: "meanflow" (average velocity, one-step sampling) or "flow_matching" (the baseline).
-        time_distribution: "logit_normal" or "uniform" draw of (r, t).
-        time_mu, time_sigma: logit-normal parameters, a number or (start, end) over training progress.
-        neq_ratio: share of samples with r != t, a number or (start, end).
-        one_step_share: share of the r != t samples drawn as exactly (r, t) = (0, 1), the 1-step sampler's
-            interval, a number or (start, end); 0 (the papers) leaves it to extrapolation.
-        adaptive_p, adaptive_c: adaptive loss weight 1 / (loss + c)^p.
-        selective_jvp: run the JVP only on the r != t samples.
-        jvp_strategy: "joint" (u from the JVP's primal pass) or "detached" (a graph-free JVP for du/dt plus
-            one ordinary forward for u: flow-matching activation memory, and the faster JVP); see ``MeanFlowLoss``.
-        jvp_tangent: "conditional" (MeanFlow: du/dt along the sample's v = e - x) or "predicted" (improved
-            MeanFlow: along the network's own u(z, t, t), one extra no-gradient forward); see ``MeanFlowLoss``.
-        guidance_omega, guidance_kappa, guidance_interval: MeanFlow's guidance inside training
-            (omega = 1, kappa = 0 disables it; EMF uses CFG only at sampling).
-        cond_drop_prob: share of training samples whose condition is replaced by the null condition.
-        lr, betas, weight_decay: AdamW.
-        warmup_steps: linear learning-rate warm-up from 0 over this many optimiser steps.
-        lr_decay: after warm-up, "constant", or "cosine" / "linear" decay to ``min_lr_ratio * lr`` at the end
-            of the schedule (``schedule_steps``, else max_steps).
-        min_lr_ratio: the decayed learning rate's floor, as a fraction of ``lr``.
-        schedule_steps: steps over which the time-sampler schedules run (progress = step / schedule_steps);
-            None takes ``trainer.max_steps`` or else the trainer's estimated number of steps.
-        ema_decay: EMA decay, with the warm-up ``min(ema_decay, (1 + step) / (10 + step))``.
+        backbone: the network u(z, r, t | text) (``models.DiT``, ``models.UNet``, ... by class; named sizes
+            through their ``preset``). Its input shape is the shape of the images (or latents) it trains on.
+        loss: the objective, ``meanflow.MeanFlowLoss`` (default) or ``meanflow.FlowMatchingLoss``, with its
+            time sampler, adaptive weight, guidance and condition dropout; its class also picks the sampler.
+        optim: optimiser, learning-rate schedule and EMA settings (``training.OptimConfig``).
         init_from: a checkpoint (e.g. of flow-matching pre-training) whose generator and EMA weights start
             this run; its time embedder is copied into the interval embedder (EMF's fine-tuning recipe).
         feature_cache_dir: root of the on-disk text feature cache; None keeps the cache in memory only.
@@ -196,34 +63,9 @@ class EMFModule(pl.LightningModule):
     def __init__(
         self,
         encoder: TextEncoder,
-        backbone_size: str = "tiny",
-        image_size: int = 32,
-        in_channels: int = 3,
-        patch_size: int | None = None,
-        backbone_overrides: dict[str, Any] | None = None,
-        objective: Literal["meanflow", "flow_matching"] = "meanflow",
-        time_distribution: Literal["logit_normal", "uniform"] = "logit_normal",
-        time_mu: Pair = -0.4,
-        time_sigma: Pair = 1.0,
-        neq_ratio: Pair = 0.25,
-        one_step_share: Pair = 0.0,
-        adaptive_p: float = 1.0,
-        adaptive_c: float = 1e-3,
-        selective_jvp: bool = True,
-        jvp_strategy: Literal["joint", "detached"] = "detached",
-        jvp_tangent: Literal["conditional", "predicted"] = "conditional",
-        guidance_omega: float = 1.0,
-        guidance_kappa: float = 0.0,
-        guidance_interval: tuple[float, float] = (0.0, 1.0),
-        cond_drop_prob: float = 0.1,
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.95),
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        lr_decay: Literal["constant", "cosine", "linear"] = "constant",
-        min_lr_ratio: float = 0.0,
-        schedule_steps: int | None = None,
-        ema_decay: float = 0.9999,
+        backbone: Backbone,
+        loss: Objective | None = None,
+        optim: OptimConfig | None = None,
         init_from: str | None = None,
         feature_cache_dir: str | None = None,
         use_feature_cache: bool = True,
@@ -232,62 +74,33 @@ class EMFModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        if not 0.0 <= cond_drop_prob < 1.0:
-            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
-        if lr_decay not in LR_DECAYS:
-            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {lr_decay!r}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         with warnings.catch_warnings():
-            # Lightning suggests ignoring nn.Module arguments; we replace the encoder by its spec just below.
-            warnings.filterwarnings("ignore", message=".*Attribute 'encoder' is an instance of `nn.Module`.*")
+            # Lightning suggests ignoring nn.Module arguments; they are replaced by their specs just below.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
-        # The checkpoint keeps how to rebuild the encoder, never its weights (or a pickled module).
-        if isinstance(encoder, dict):
-            encoder = build_encoder_from_spec(encoder)
-        if not isinstance(self.hparams.get("encoder"), dict):
-            self.hparams["encoder"] = encoder_spec(encoder)
-        if not isinstance(encoder, TextEncoder):
-            raise TypeError(f"encoder must be a TextEncoder, got {type(encoder).__name__}")
+        encoder = build(encoder, TextEncoder)
+        backbone = build(backbone, Backbone)
+        self.loss_fn = build(loss, Objective) if loss is not None else MeanFlowLoss()
+        self.optim = OptimConfig.from_any(optim)
+        if not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
+        # The checkpoint keeps how to rebuild every object (plain data), never a pickled module.
+        self.hparams.pop("_instantiator", None)
+        self.hparams.update(encoder=to_spec(encoder), backbone=to_spec(backbone), loss=to_spec(self.loss_fn),
+                            optim=self.optim.to_dict())
         encoder.eval().requires_grad_(False)
         # object.__setattr__ bypasses nn.Module registration: not a submodule, so not saved, optimised or
         # wrapped by DDP, and not moved by .to(); encode_text moves it lazily to the module's device.
         object.__setattr__(self, "_encoder", encoder)
         object.__setattr__(self, "_feature_cache", FeatureCache(encoder, root=feature_cache_dir))
 
-        self.objective = objective
-        self.generator = build_generator(
-            backbone_size, text_dim=encoder.dim, input_size=image_size, in_channels=in_channels,
-            patch_size=patch_size, **(backbone_overrides or {}),
-        )
+        self.objective = self.loss_fn.objective
+        self.generator = Generator.for_backbone(backbone, encoder.dim)
         self.ema_generator = make_ema_copy(self.generator)
-        self.time_sampler = TimeSampler(
-            distribution=time_distribution, mu=_pair(time_mu, "time_mu"), sigma=_pair(time_sigma, "time_sigma"),
-            neq_ratio=_pair(neq_ratio, "neq_ratio"), one_step_share=_pair(one_step_share, "one_step_share"),
-        )
-        self.loss_fn = self._build_loss()
         self._nonfinite: str | None = None
         # Length of the schedules, fixed at fit start and kept in checkpoints (validate/test reuse it).
         self._schedule_total: int | None = None
         self._restored = False  # set when weights come from a checkpoint (resume / load_from_checkpoint)
-
-    # ------------------------------------------------------------------ construction helpers
-    def _build_loss(self) -> MeanFlowLoss | FlowMatchingLoss:
-        hp = self.hparams
-        kwargs = dict(
-            adaptive_p=hp.adaptive_p, adaptive_c=hp.adaptive_c, guidance_omega=hp.guidance_omega,
-            guidance_kappa=hp.guidance_kappa, guidance_interval=tuple(hp.guidance_interval),
-            cond_drop_prob=hp.cond_drop_prob,
-        )
-        if self.objective == "meanflow":
-            return MeanFlowLoss(self.time_sampler, selective_jvp=hp.selective_jvp,
-                                jvp_strategy=hp.jvp_strategy, jvp_tangent=hp.jvp_tangent,
-                                **kwargs)
-        return FlowMatchingLoss(self.time_sampler, **kwargs)
 
     @property
     def encoder(self) -> TextEncoder:
@@ -298,6 +111,30 @@ class EMFModule(pl.LightningModule):
     def feature_cache(self) -> FeatureCache:
         """The text feature cache in front of the encoder."""
         return self._feature_cache
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the generator models: the backbone's input."""
+        backbone = self.generator.backbone
+        return (backbone.in_channels, *backbone.input_size)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, **overrides: Any) -> EMFModule:
+        """The module saved in a checkpoint (any format version this installation reads), weights included.
+
+        ``overrides`` replace saved constructor arguments (e.g. ``cfg_scale``). The encoder is rebuilt from its
+        spec, so its weights must be on this machine.
+        """
+        if hparams_file is not None:
+            raise ValueError("EMFModule.load_from_checkpoint takes the hyper-parameters from the checkpoint itself")
+        checkpoint = torch.load(checkpoint_path, map_location=map_location or "cpu", weights_only=True)
+        module = cls(**{**module_hyperparameters(checkpoint), **overrides})
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=True if strict is None else strict)
+        if isinstance(map_location, (str, torch.device)):
+            module.to(map_location)
+        return module
 
     # ------------------------------------------------------------------ text
     def _move_encoder(self) -> None:
@@ -347,7 +184,7 @@ class EMFModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Check the strategy before Lightning wraps the model (this hook runs before the wrapping)."""
-        check_strategy(self.trainer.strategy, self.hparams.jvp_strategy)
+        check_strategy(self.trainer.strategy)
 
     def configure_model(self) -> None:
         """Under FSDP2 (Lightning's ModelParallelStrategy): shard the generator and its EMA copy alike.
@@ -398,7 +235,7 @@ class EMFModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def schedule_length(self) -> int | None:
         """Steps the schedules (time sampler, lr decay) span: schedule_steps, else the run's length."""
-        return self.hparams.schedule_steps or self._schedule_total
+        return self.optim.schedule_steps or self._schedule_total
 
     def progress(self) -> float:
         """Training progress in [0, 1] for the time-sampler schedules: global_step / schedule length."""
@@ -409,8 +246,8 @@ class EMFModule(pl.LightningModule):
 
     def _resolve_schedule_total(self) -> int | None:
         """``schedule_steps``, else the trainer's max_steps, else its estimate of the run's optimiser steps."""
-        if self.hparams.schedule_steps:
-            return int(self.hparams.schedule_steps)
+        if self.optim.schedule_steps:
+            return int(self.optim.schedule_steps)
         if self.trainer.max_steps and self.trainer.max_steps > 0:
             return int(self.trainer.max_steps)
         est = self.trainer.estimated_stepping_batches
@@ -432,11 +269,11 @@ class EMFModule(pl.LightningModule):
         evaluation always uses the real conditions.
         """
         images = batch["image"]
-        expected = (self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size)
+        expected = self.data_shape
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"batch images have shape {tuple(images.shape)}, but the model expects [B, {expected[0]}, "
-                f"{expected[1]}, {expected[2]}]: make data.image_size match model.image_size"
+                f"{expected[1]}, {expected[2]}]: make data.image_size match the backbone's input_size"
             )
         feats = self.batch_text_features(batch)
         cond = (feats.tokens.to(images.dtype), feats.mask)
@@ -498,45 +335,28 @@ class EMFModule(pl.LightningModule):
         """The optimiser step, then the EMA update (once per optimiser step, also with accumulation)."""
         super().optimizer_step(*args, **kwargs)
         # global_step is incremented after this hook returns, so it is the 0-based index of this step.
-        update_ema(self.ema_generator, self.generator, ema_decay_at(self.global_step, self.hparams.ema_decay))
+        update_ema(self.ema_generator, self.generator, ema_decay_at(self.global_step, self.optim.ema_decay))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW on the generator only; linear warm-up, then ``lr_decay``, stepped every optimiser step."""
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.generator.parameters(), lr=hp.lr, betas=tuple(hp.betas),
-                                weight_decay=hp.weight_decay)
+        """AdamW on the generator only; linear warm-up, then ``optim.lr_decay``, stepped every optimiser step."""
+        o = self.optim
+        opt = torch.optim.AdamW(self.generator.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of ``lr`` for optimiser step ``step`` (0-based).
-
-        Warm-up: (step + 1) / warmup_steps. After it, "constant" keeps 1; "cosine" and "linear" fall to
-        ``min_lr_ratio`` at the end of the schedule (``schedule_steps`` or the run's max_steps). A decayed
-        rate is what lets a short run's last weights (and their EMA) settle instead of jittering at the peak.
-        """
-        hp = self.hparams
-        warmup = max(0, int(hp.warmup_steps))
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        total = self.schedule_length()
-        if hp.lr_decay == "constant" or not total or total <= warmup:
-            return 1.0
-        frac = min(1.0, (step - warmup) / (total - warmup))
-        shape = 0.5 * (1.0 + math.cos(math.pi * frac)) if hp.lr_decay == "cosine" else 1.0 - frac
-        return hp.min_lr_ratio + (1.0 - hp.min_lr_ratio) * shape
+        """Multiplier of ``optim.lr`` for optimiser step ``step`` (0-based), over the run's schedule length."""
+        return self.optim.lr_factor(step, self.schedule_length())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Last line of defence: a run that saw a non-finite loss never writes a checkpoint."""
         if self._nonfinite is not None:
             raise NonFiniteLossError("Refusing to write a checkpoint. " + self._nonfinite)
         checkpoint["emf_schedule_total"] = self._schedule_total
+        checkpoint[FORMAT_KEY] = FORMAT_VERSION
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the encoder spec exactly as saved, and the schedule length of the run."""
-        saved = (checkpoint.get("hyper_parameters") or {}).get("encoder")
-        if isinstance(saved, dict):
-            self.hparams["encoder"] = saved
+        """The schedule length of the run (validate/test of a checkpoint reuse it)."""
         self._schedule_total = checkpoint.get("emf_schedule_total", self._schedule_total)
         self._restored = True
 
@@ -587,13 +407,11 @@ class EMFModule(pl.LightningModule):
         try:
             feats = self.encode_text(captions)
             b = len(captions)
-            size = self.hparams.image_size
             # Drawn on the CPU from the seed: the same seed gives the same images on any device.
-            noise = make_noise((b, self.hparams.in_channels, size, size), int(seed), device=self.device)
+            noise = make_noise((b, *self.data_shape), int(seed), device=self.device)
             cond = (feats.tokens, feats.mask)
             null = null_condition(1, self.encoder.dim, device=self.device) if cfg_scale != 1.0 else None
-            sampler = sample_meanflow if self.objective == "meanflow" else sample_flow_matching
-            x = sampler(net, noise, cond, steps=steps, cfg_scale=cfg_scale, null_cond=null)
+            x = self.loss_fn.sampler(net, noise, cond, steps=steps, cfg_scale=cfg_scale, null_cond=null)
         finally:
             net.train(was_training)
         return x.float().clamp(-1.0, 1.0)

@@ -1,0 +1,49 @@
+"""du/dt for the MeanFlow target: the one production path.
+
+The target u_tgt = v - (t - r) du/dt needs the total derivative of u(z, r, t) along (dz/dt, dr/dt, dt/dt) =
+(tangent, 0, 1). Three facts make it cheap:
+
+- where r = t the derivative is multiplied by t - r = 0, so only the r != t rows run the JVP;
+- du/dt is a stop-gradient constant, so the JVP keeps no autograd graph: it runs under ``torch.no_grad``
+  with ``torch.autograd.forward_ad`` dual tensors, before the forward that keeps its graph, so the two
+  activation peaks never stack (a MeanFlow step needs the memory of a flow-matching step);
+- PyTorch's generic forward-AD rules for linear, conv and the norms are slow; ``tangent_rules`` gives them
+  closed forms, and attention takes a JVP-safe path (fused SDPA kernels have no forward-mode rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+from emf_lightning.meanflow.conditions import Cond, take_rows
+from emf_lightning.meanflow.tangent_rules import fast_tangents
+from emf_lightning.models.attention import jvp_safe_attention
+
+Net = Callable[..., Tensor]
+
+
+def du_dt(net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Cond) -> Tensor:
+    """du/dt along (tangent_z, 0, 1) on the rows with r != t, zeros elsewhere; no autograd graph, z's dtype."""
+    out = torch.zeros_like(z)
+    rows = (r != t).nonzero().squeeze(1)
+    if rows.numel():
+        rows_dudt = graph_free_jvp(net, z[rows], r[rows], t[rows], tangent_z[rows], take_rows(cond, rows))
+        out = out.index_copy(0, rows, rows_dudt.to(out.dtype))
+    return out
+
+
+def graph_free_jvp(net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Cond) -> Tensor:
+    """du/dt along (tangent_z, 0, 1) for every row: dual tensors + closed-form tangent rules, no graph.
+
+    r carries no tangent, so it stays a plain tensor; so do the text conditions.
+    """
+    with torch.no_grad(), jvp_safe_attention(), fast_tangents(), fwAD.dual_level():
+        u = net(fwAD.make_dual(z, tangent_z.to(z.dtype)), r, fwAD.make_dual(t, torch.ones_like(t)), *cond)
+        dudt = fwAD.unpack_dual(u).tangent
+    if dudt is None:  # the output does not depend on z or t (e.g. a zero-initialised last layer)
+        dudt = torch.zeros_like(u)
+    return dudt
