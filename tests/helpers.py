@@ -70,14 +70,23 @@ class FixedBatches(torch.utils.data.Dataset):
         return self.batches[i]
 
 
-def tiny_module(**overrides: Any):
-    """An EMFModule with HashWordEncoder and a one-block generator at 16x16 (fast on a CPU)."""
+def tiny_backbone(**overrides: Any):
+    """A one-block DiT at 16x16 with patch 4 (fast on a CPU)."""
+    from emf_lightning.models import DiT
+
+    return DiT(**{"preset": "tiny", "input_size": 16, "patch_size": 4, **TINY_BACKBONE, **overrides})
+
+
+def tiny_module(optim: dict[str, Any] | None = None, **overrides: Any):
+    """An EMFModule with HashWordEncoder and ``tiny_backbone`` (fast on a CPU).
+
+    ``optim`` updates the OptimConfig fields on top of lr 1e-3 and EMA decay 0.99; other keyword arguments go to
+    EMFModule (``loss=FlowMatchingLoss()``, ``backbone=...``, ``encoder=...``).
+    """
     from emf_lightning.training import EMFModule
 
-    kwargs: dict[str, Any] = dict(
-        encoder=HashWordEncoder(), image_size=16, patch_size=4, backbone_overrides=dict(TINY_BACKBONE),
-        lr=1e-3, ema_decay=0.99,
-    )
+    kwargs: dict[str, Any] = dict(encoder=HashWordEncoder(), backbone=tiny_backbone(),
+                                  optim={"lr": 1e-3, "ema_decay": 0.99, **(optim or {})})
     kwargs.update(overrides)
     return EMFModule(**kwargs)
 

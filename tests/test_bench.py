@@ -22,9 +22,9 @@ def test_cpu_peak_bytes_replays_allocations_exactly():
 
 
 def test_dry_run_prints_resolved_setup(capsys):
-    assert main(["--dry-run", "--sizes", "tiny", "--batch", "4", "--variants", "mf_sel25"]) == 0
+    assert main(["--dry-run", "--sizes", "tiny", "--batch", "4", "--variants", "mf25"]) == 0
     setup = json.loads(capsys.readouterr().out)
-    assert setup["device"] == "cpu" and setup["variants"] == ["fm", "mf_sel25"]  # FM is always the baseline
+    assert setup["device"] == "cpu" and setup["variants"] == ["fm", "mf25"]  # FM is always the baseline
     assert setup["workloads"][0]["batch"] == 4 and setup["workloads"][0]["size"] == "tiny"
 
 
@@ -36,8 +36,7 @@ def test_tiny_benchmark_runs_and_reports_ratios(tmp_path):
     assert main(args) == 0
     report = json.loads(out_json.read_text())
     steps = {s["variant"]: s for s in report["workloads"][0]["steps"]}
-    assert set(steps) == {"fm", "mf_naive", "mf_sel25", "mf_sel75", "mf_det25", "mf_det75", "mf_pred25",
-                          "mf_pred75"}
+    assert set(steps) == {"fm", "mf_naive", "mf25", "mf75", "mf_pred25", "mf_pred75"}
     assert steps["fm"]["time_ratio"] == 1.0 and steps["fm"]["memory_ratio"] == 1.0
     for s in steps.values():
         assert s["error"] is None and s["median_ms"] > 0 and s["peak_step_mib"] > 0

@@ -10,6 +10,7 @@ import torch
 from helpers import FixedBatches, HashWordEncoder, shapes_batch, tiny_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
 from emf_lightning.training import EMFModule
 
 STEPS = 3  # one epoch = STEPS fixed batches; the resumed run starts exactly at an epoch boundary
@@ -18,7 +19,8 @@ STEPS = 3  # one epoch = STEPS fixed batches; the resumed run starts exactly at 
 def fresh_module() -> EMFModule:
     # Same initial weights for every run; progress schedules over the full 2N steps in all runs.
     torch.manual_seed(0)
-    return tiny_module(schedule_steps=2 * STEPS, warmup_steps=2, time_mu=(-0.5, 0.5), neq_ratio=(0.25, 0.75))
+    return tiny_module(optim={"schedule_steps": 2 * STEPS, "warmup_steps": 2},
+                       loss=MeanFlowLoss(TimeSampler(mu=(-0.5, 0.5), neq_ratio=(0.25, 0.75))))
 
 
 def run(module: EMFModule, max_steps: int, ckpt_dir: Path | None = None, ckpt_path: str | None = None) -> pl.Trainer:

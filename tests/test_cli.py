@@ -27,6 +27,8 @@ NO_OFFLINE_WEIGHTS = {
     "clip_meanflow.yaml": "ViT-L-14",
 }
 BOW = '{"class_path": "emf_lightning.encoders.BagOfWordsEncoder", "init_args": {"dim": 16}}'
+TINY_DIT = ('{"class_path": "emf_lightning.models.DiT", "init_args": {"preset": "tiny", "input_size": 16, '
+            '"patch_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}}')
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,7 @@ def small_run_args(shards: dict[str, str], root: Path) -> list[str]:
     return [
         f"--data.train_shards={shards['train']}", f"--data.val_shards={shards['val']}",
         "--data.batch_size=2", "--data.val_batch_size=2", "--data.num_workers=0", "--data.image_size=16",
-        "--data.epoch_length=8", "--data.pin_memory=false", "--model.image_size=16", "--model.backbone_size=tiny",
-        '--model.backbone_overrides={"hidden_size": 32, "depth": 1, "num_heads": 2}',
+        "--data.epoch_length=8", "--data.pin_memory=false", f"--model.backbone={TINY_DIT}",
         "--model.feature_cache_dir=null", "--trainer.accelerator=cpu", "--trainer.devices=1",
         "--trainer.precision=32-true", f"--trainer.default_root_dir={root}",
         f"--trainer.logger.init_args.save_dir={root}", "--trainer.enable_progress_bar=false",
@@ -102,7 +103,7 @@ def test_unknown_config_key_on_the_command_line(capsys, shards, tmp_path):
 
 def test_unknown_config_key_in_a_yaml_file(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((CONFIGS / "smollm_shapes.yaml").read_text().replace("  lr: 0.001", "  learning_rate: 0.001"))
+    bad.write_text(f"extends: {CONFIGS / 'smollm_shapes.yaml'}\nmodel:\n  optim:\n    learning_rate: 0.001\n")
     with pytest.raises(SystemExit) as info:
         cli.main(["fit", "--config", str(bad)])
     assert info.value.code == 2
@@ -162,10 +163,11 @@ def trained(shards, tmp_path_factory) -> Path:
 def test_cli_checkpoint_rebuilds_the_module_with_its_encoder(trained):
     ckpt = torch.load(trained, weights_only=True)
     assert ckpt["global_step"] == 2
-    # The exact parsed config; max_length 64 is carried over from the config's LLMEncoder init_args
-    # (jsonargparse keeps init_args the new class accepts when a class_path is overridden).
+    # The encoder's recorded arguments under its defining class path; max_length 64 is carried over from the
+    # config's LLMEncoder init_args (jsonargparse keeps init_args the new class accepts when a class_path is
+    # overridden).
     assert ckpt["hyper_parameters"]["encoder"] == {
-        "class_path": "emf_lightning.encoders.BagOfWordsEncoder",
+        "class_path": "emf_lightning.encoders.bow.BagOfWordsEncoder",
         "init_args": {"dim": 16, "seed": 0, "max_length": 64, "batch_size": 256, "device": None, "dtype": None},
     }
     assert not any(k.startswith("encoder") for k in ckpt["state_dict"])

@@ -10,8 +10,8 @@ used (noise, (r, t), dropout mask) and the gradients Lightning hands to the opti
 * they equal the gradients of a single-process step on the concatenated batch with the same draws.
 
 A second, lighter test wraps the generator itself in ``torch.nn.parallel.DistributedDataParallel`` and
-passes the wrapper to ``MeanFlowLoss``, so ``torch.func.jvp`` runs through DDP's forward, for each JVP
-strategy; the same two properties must hold.
+passes the wrapper to the production ``MeanFlowLoss`` (graph-free JVP, then a plain forward) and to the
+naive reference (``torch.func.jvp`` through DDP's forward); the same two properties must hold.
 
 The equality with the concatenated batch holds because the adaptive weight is per sample and both ranks have the same batch
 size: the mean over the concatenated batch is the mean of the per-rank means, which is what DDP's
@@ -32,14 +32,15 @@ import torch.multiprocessing as mp
 from helpers import FixedBatches, shapes_batch, tiny_module
 from lightning.pytorch.callbacks import Callback
 
-from emf_lightning.conditioning import null_condition
-from emf_lightning.meanflow import MeanFlowLoss, TimeSampler, concat_conditions
+from emf_lightning.meanflow import MeanFlowLoss, TimeSampler, concat_conditions, null_condition
 from emf_lightning.models.generator import build_generator
+from reference_meanflow import ReferenceMeanFlowLoss
 
 PER_RANK = 4
 # Half the rows with r != t and a high dropout share, so both JVP rows and dropped conditions occur on
 # 8 rows (asserted below: the draws are a fixed function of the module seed, step and rank).
-MODULE_KWARGS: dict[str, Any] = dict(neq_ratio=0.5, cond_drop_prob=0.3, selective_jvp=True, seed=0)
+def module_kwargs() -> dict[str, Any]:
+    return dict(loss=MeanFlowLoss(TimeSampler(neq_ratio=0.5), cond_drop_prob=0.3), seed=0)
 
 
 class RecordFirstStep(Callback):
@@ -89,7 +90,7 @@ def reference_gradients(init: dict[str, torch.Tensor], records: list[dict[str, A
     The captions are encoded afresh as one batch (padded to the longest caption of both ranks), so the
     reference shares no tensor with the DDP run except the data and the draws.
     """
-    module = tiny_module(**MODULE_KWARGS)
+    module = tiny_module(**module_kwargs())
     module.generator.load_state_dict(init)
     cat = {k: torch.cat([rec[k] for rec in records]) for k in ("x", "e", "r", "t", "drop")}
     captions = [c for rec in records for c in rec["caption"]]
@@ -104,7 +105,7 @@ def reference_gradients(init: dict[str, torch.Tensor], records: list[dict[str, A
 @pytest.mark.slow
 def test_meanflow_step_gradients_under_lightning_ddp_match_the_concatenated_batch(tmp_path: Path):
     torch.manual_seed(0)
-    module = tiny_module(**MODULE_KWARGS)
+    module = tiny_module(**module_kwargs())
     batches = [shapes_batch(PER_RANK, 16, seed=s) for s in range(2)]
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -162,12 +163,14 @@ def _rank_inputs(rank: int, loss_fn: MeanFlowLoss) -> dict[str, Any]:
     return {"x": x, "cond": (tokens * mask[..., None], mask), "e": e, "r": r, "t": t, "drop": drop}
 
 
-def _loss_fn(jvp_strategy: str, selective: bool) -> MeanFlowLoss:
-    return MeanFlowLoss(TimeSampler(neq_ratio=0.5), selective_jvp=selective, jvp_strategy=jvp_strategy,
-                        cond_drop_prob=0.3)
+LOSSES = {"production": MeanFlowLoss, "reference": ReferenceMeanFlowLoss}
 
 
-def _direct_ddp_worker(rank: int, init_file: str, out_dir: str, jvp_strategy: str, selective: bool) -> None:
+def _loss_fn(kind: str) -> MeanFlowLoss:
+    return LOSSES[kind](TimeSampler(neq_ratio=0.5), cond_drop_prob=0.3)
+
+
+def _direct_ddp_worker(rank: int, init_file: str, out_dir: str, kind: str) -> None:
     torch.set_num_threads(1)  # forked from pytest, which may have started intra-op threads
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -177,7 +180,7 @@ def _direct_ddp_worker(rank: int, init_file: str, out_dir: str, jvp_strategy: st
         # (sin-cos tables) are constant, so there is nothing to sync. Lightning's DDP wraps the whole
         # LightningModule and broadcasts before the JVP, so it needs no such option.
         ddp = torch.nn.parallel.DistributedDataParallel(net, forward_sync_buffers=False)
-        loss_fn = _loss_fn(jvp_strategy, selective)
+        loss_fn = _loss_fn(kind)
         inputs = _rank_inputs(rank, loss_fn)
         loss, _ = loss_fn.compute(ddp, inputs["x"], inputs["e"], inputs["r"], inputs["t"], inputs["cond"],
                                   null_condition(1, 16), inputs["drop"])
@@ -188,10 +191,10 @@ def _direct_ddp_worker(rank: int, init_file: str, out_dir: str, jvp_strategy: st
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("jvp_strategy, selective", [("joint", True), ("detached", True), ("joint", False)])
-def test_jvp_through_a_ddp_wrapped_generator_syncs_gradients(jvp_strategy, selective, tmp_path: Path):
+@pytest.mark.parametrize("kind", sorted(LOSSES))
+def test_jvp_through_a_ddp_wrapped_generator_syncs_gradients(kind, tmp_path: Path):
     # fork: the two ranks need no fresh imports (seconds each on a busy machine)
-    mp.start_processes(_direct_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), jvp_strategy, selective),
+    mp.start_processes(_direct_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), kind),
                        nprocs=2, join=True, start_method="fork")
     records = [torch.load(tmp_path / f"direct{r}.pt", weights_only=False) for r in range(2)]
     grads = [rec["grads"] for rec in records]
@@ -206,7 +209,7 @@ def test_jvp_through_a_ddp_wrapped_generator_syncs_gradients(jvp_strategy, selec
 
     net = _generator()
     cat = {k: torch.cat([i[k] for i in ins]) for k in ("x", "e", "r", "t", "drop")}
-    loss, _ = _loss_fn(jvp_strategy, selective).compute(
+    loss, _ = _loss_fn(kind).compute(
         net, cat["x"], cat["e"], cat["r"], cat["t"], concat_conditions(ins[0]["cond"], ins[1]["cond"]),
         null_condition(1, 16), cat["drop"])
     loss.backward()

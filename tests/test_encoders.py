@@ -22,9 +22,9 @@ from emf_lightning.encoders import (
     TextFeatures,
     build_encoder,
     build_encoder_from_config,
-    null_features,
     pack_tokens,
 )
+from emf_lightning.meanflow import null_features
 from emf_lightning.encoders.hub import hf_weights_available
 from emf_lightning.encoders.label import hash_class
 from emf_lightning.utils.weights import MissingWeightsError

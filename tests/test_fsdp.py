@@ -32,25 +32,26 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from emf_lightning.callbacks.evaluation import EvaluationCallback
 from emf_lightning.callbacks.probe import DiscriminabilityProbe
-from emf_lightning.conditioning import null_condition
-from emf_lightning.ema import ema_decay_at
+from emf_lightning.meanflow import null_condition
+from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
+from emf_lightning.models import DiT, UNet
+from emf_lightning.training.ema import ema_decay_at
 
 pytestmark = pytest.mark.slow
 
 PER_RANK = 4
-BACKBONES: dict[str, dict[str, Any]] = {
+BACKBONES: dict[str, Any] = {
     # two DiT blocks: two block units plus the root unit
-    "dit": dict(backbone_size="tiny", patch_size=4,
-                backbone_overrides=dict(hidden_size=32, depth=2, num_heads=2)),
+    "dit": lambda: DiT(preset="tiny", input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2),
     # channels-last conv weights (made contiguous for FSDP2), GroupNorm, skips
-    "unet": dict(backbone_size="unet-tiny", patch_size=None,
-                 backbone_overrides=dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                                         attention_resolutions=(2,), head_dim=16, context_dim=32)),
+    "unet": lambda: UNet(preset="tiny", input_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                         attention_resolutions=(2,), head_dim=16, context_dim=32),
 }
 
 
 def module_kwargs(backbone: str) -> dict[str, Any]:
-    return dict(neq_ratio=0.5, cond_drop_prob=0.3, seed=0, ema_decay=0.99, lr=1e-3, **BACKBONES[backbone])
+    return dict(loss=MeanFlowLoss(TimeSampler(neq_ratio=0.5), cond_drop_prob=0.3), seed=0,
+                optim={"ema_decay": 0.99, "lr": 1e-3}, backbone=BACKBONES[backbone]())
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,12 @@ from emf_lightning.meanflow import (
     sample_flow_matching,
     sample_meanflow,
 )
-from emf_lightning.models import build_generator
+from emf_lightning.meanflow.jvp import du_dt
+from emf_lightning.models import build_generator, jvp_safe_attention
+from reference_meanflow import ReferenceMeanFlowLoss
+
+# The production loss and the naive reference (full-batch torch.func.jvp, as public code) must agree.
+LOSSES = [MeanFlowLoss, ReferenceMeanFlowLoss]
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -101,11 +106,11 @@ def grads(module):
 # ---------------------------------------------------------------------------------------------- loss values
 
 
-@pytest.mark.parametrize("selective", [True, False])
+@pytest.mark.parametrize("loss_cls", LOSSES)
 @pytest.mark.parametrize("p", [1.0, 0.5, 0.0])
-def test_loss_equals_closed_form_for_linear_model(selective, p):
+def test_loss_equals_closed_form_for_linear_model(loss_cls, p):
     net, x, e, r, t, y = linear_setup()
-    loss_fn = MeanFlowLoss(adaptive_p=p, adaptive_c=1e-2, selective_jvp=selective)
+    loss_fn = loss_cls(adaptive_p=p, adaptive_c=1e-2)
     loss, stats = loss_fn.compute(net, x, e, r, t, (y,))
     ref = linear_reference_loss(net, x, e, r, t, y, p=p, c=1e-2)
     torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-10)
@@ -145,10 +150,10 @@ def test_r_equal_t_samples_get_exactly_the_flow_matching_target():
     g = torch.Generator().manual_seed(2)
     e = torch.randn(x.shape, generator=g)
     t = torch.rand(6, generator=g)
-    fm_loss, fm_stats = FlowMatchingLoss().compute(gen, x, e, t, cond)
-    for selective in (True, False):
-        loss, stats = MeanFlowLoss(selective_jvp=selective).compute(gen, x, e, t.clone(), t, cond)
-        if selective:  # same forward, same target: bit-identical
+    fm_loss, fm_stats = FlowMatchingLoss().compute(gen, x, e, t, t, cond)
+    for loss_cls in LOSSES:
+        loss, stats = loss_cls().compute(gen, x, e, t.clone(), t, cond)
+        if loss_cls is MeanFlowLoss:  # same forward, same target: bit-identical
             assert torch.equal(loss, fm_loss)
         else:  # full-batch JVP runs math attention: same up to float rounding, target v exactly
             torch.testing.assert_close(loss, fm_loss, atol=1e-6, rtol=1e-5)
@@ -158,13 +163,13 @@ def test_r_equal_t_samples_get_exactly_the_flow_matching_target():
     r[1::2] = 0.5 * t[1::2]
     _, stats = MeanFlowLoss().compute(gen, x, e, r, t, cond)
     rows = torch.arange(0, 6, 2)
-    _, fm_rows = FlowMatchingLoss().compute(gen, x[rows], e[rows], t[rows], (cond[0][rows], cond[1][rows]))
+    _, fm_rows = FlowMatchingLoss().compute(gen, x[rows], e[rows], t[rows], t[rows], (cond[0][rows], cond[1][rows]))
     torch.testing.assert_close(stats["mse_r_eq_t"], fm_rows["mse"], atol=1e-7, rtol=1e-6)
 
 
 def test_flow_matching_loss_formula_and_call_uses_r_equal_t():
     net, x, e, _, t, y = linear_setup()
-    loss, _ = FlowMatchingLoss(adaptive_p=0.0).compute(net, x, e, t, (y,))
+    loss, _ = FlowMatchingLoss(adaptive_p=0.0).compute(net, x, e, t, t, (y,))
     tb = t[:, None, None, None]
     z = (1 - tb) * x + tb * e
     ref = ((net(z, t, t, y) - (e - x)) ** 2).flatten(1).sum(1).mean()
@@ -175,20 +180,19 @@ def test_flow_matching_loss_formula_and_call_uses_r_equal_t():
         seen.append(torch.equal(r, t))
         return net(z, r, t, y)
 
-    FlowMatchingLoss()(spy, x, (y,), generator=torch.Generator().manual_seed(0))
+    FlowMatchingLoss(cond_drop_prob=0.0)(spy, x, (y,), generator=torch.Generator().manual_seed(0))
     assert seen == [True]
 
 
-# ---------------------------------------------------------------------------------------------- selective JVP
+# ---------------------------------------------------------------------------------------------- the JVP
 
 
-@pytest.mark.parametrize("strategy", ["joint", "detached"])
-@pytest.mark.parametrize("selective", [True, False])
-def test_predicted_tangent_equals_closed_form_for_linear_model(selective, strategy):
+@pytest.mark.parametrize("loss_cls", LOSSES)
+def test_predicted_tangent_equals_closed_form_for_linear_model(loss_cls):
     # Improved MeanFlow: du/dt along the network's own instantaneous velocity u(z, t, t), not e - x.
     net, x, e, r, t, y = linear_setup()
     # p = 0 (plain squared error): with p = 1 every loss is close to 1 and would hide a wrong tangent.
-    loss_fn = MeanFlowLoss(adaptive_p=0.0, selective_jvp=selective, jvp_strategy=strategy, jvp_tangent="predicted")
+    loss_fn = loss_cls(adaptive_p=0.0, jvp_tangent="predicted")
     loss, _ = loss_fn.compute(net, x, e, r, t, (y,))
     tb = t[:, None, None, None]
     z = (1 - tb) * x + tb * e
@@ -226,9 +230,8 @@ def test_predicted_tangent_is_guided_like_the_target_and_respects_dropout():
 
 
 @pytest.mark.parametrize("tangent", ["conditional", "predicted"])
-@pytest.mark.parametrize("strategy", ["joint", "detached"])
 @pytest.mark.parametrize("neq_rows", [[1, 3, 4], [0, 1, 2, 3, 4, 5], [2], []])
-def test_selective_jvp_loss_and_gradients_equal_full_batch(neq_rows, strategy, tangent):
+def test_production_loss_and_gradients_equal_the_naive_full_batch_jvp(neq_rows, tangent):
     gen = tiny_generator()
     x, cond = text_batch()
     g = torch.Generator().manual_seed(3)
@@ -238,35 +241,33 @@ def test_selective_jvp_loss_and_gradients_equal_full_batch(neq_rows, strategy, t
     r[neq_rows] = t[neq_rows] * torch.rand(len(neq_rows), generator=g)
 
     results = {}
-    for selective in (True, False):
+    for loss_cls in LOSSES:
         gen.zero_grad()
-        # The reference is always the naive full-batch joint JVP.
-        loss_fn = MeanFlowLoss(
-            selective_jvp=selective, jvp_strategy=strategy if selective else "joint", jvp_tangent=tangent
-        )
-        loss, stats = loss_fn.compute(gen, x, e, r, t, cond)
+        loss, stats = loss_cls(jvp_tangent=tangent).compute(gen, x, e, r, t, cond)
         loss.backward()
-        results[selective] = (loss.detach(), grads(gen), stats)
-    (l_sel, g_sel, s_sel), (l_full, g_full, s_full) = results[True], results[False]
-    torch.testing.assert_close(l_sel, l_full, atol=1e-5, rtol=1e-5)
-    assert g_sel.keys() == g_full.keys() and len(g_sel) == len(list(gen.parameters()))
-    for name in g_full:
-        assert torch.isfinite(g_sel[name]).all()
-        torch.testing.assert_close(g_sel[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert s_sel.keys() == s_full.keys()
-    for key in s_full:
-        torch.testing.assert_close(s_sel[key], s_full[key], atol=1e-5, rtol=1e-4, msg=key)
+        results[loss_cls] = (loss.detach(), grads(gen), stats)
+    (l_ours, g_ours, s_ours), (l_ref, g_ref, s_ref) = results[MeanFlowLoss], results[ReferenceMeanFlowLoss]
+    torch.testing.assert_close(l_ours, l_ref, atol=1e-5, rtol=1e-5)
+    assert g_ours.keys() == g_ref.keys() and len(g_ours) == len(list(gen.parameters()))
+    for name in g_ref:
+        assert torch.isfinite(g_ours[name]).all()
+        torch.testing.assert_close(g_ours[name], g_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    # The reference does not compute du/dt's size; every other statistic must match.
+    assert s_ours.keys() - {"dudt_rms"} == s_ref.keys()
+    for key in s_ref:
+        torch.testing.assert_close(s_ours[key], s_ref[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
 def test_jvp_primal_carries_parameter_gradients():
-    # py-meanflow relies on the primal output of torch.func.jvp keeping its autograd graph.
+    # The reference loss (py-meanflow's shape) relies on the primal of torch.func.jvp keeping its graph.
     gen = tiny_generator()
     x, cond = text_batch(b=4)
     r, t = torch.tensor([0.1, 0.2, 0.0, 0.3]), torch.tensor([0.5, 0.9, 1.0, 0.4])
     w = torch.randn_like(x)
-    loss_fn = MeanFlowLoss(selective_jvp=False)
-    u, dudt = loss_fn.predict(gen, x, r, t, torch.randn_like(x), cond)
-    assert u.requires_grad and not dudt.requires_grad
+    with jvp_safe_attention():
+        u, dudt = torch.func.jvp(lambda z_, r_, t_: gen(z_, r_, t_, *cond), (x, r, t),
+                                 (torch.randn_like(x), torch.zeros_like(r), torch.ones_like(t)))
+    assert u.requires_grad
     (u * w).sum().backward()
     via_jvp = grads(gen)
     gen.zero_grad()
@@ -276,16 +277,18 @@ def test_jvp_primal_carries_parameter_gradients():
         torch.testing.assert_close(via_jvp[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_selective_predict_matches_jvp_on_rows_and_returns_zero_elsewhere():
+def test_du_dt_matches_the_full_jvp_on_r_neq_t_rows_and_is_zero_elsewhere():
     gen = tiny_generator()
     x, cond = text_batch(b=4)
     r, t = torch.tensor([0.5, 0.2, 0.7, 0.1]), torch.tensor([0.5, 0.9, 0.7, 0.4])
     tangent = torch.randn_like(x)
-    u_s, d_s = MeanFlowLoss(selective_jvp=True).predict(gen, x, r, t, tangent, cond)
-    u_f, d_f = MeanFlowLoss(selective_jvp=False).predict(gen, x, r, t, tangent, cond)
-    torch.testing.assert_close(u_s, u_f, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(d_s[[1, 3]], d_f[[1, 3]], atol=1e-5, rtol=1e-4)
-    assert torch.count_nonzero(d_s[[0, 2]]) == 0
+    ours = du_dt(gen, x, r, t, tangent, cond)
+    assert not ours.requires_grad
+    with jvp_safe_attention():
+        _, full = torch.func.jvp(lambda z_, r_, t_: gen(z_, r_, t_, *cond), (x, r, t),
+                                 (tangent, torch.zeros_like(r), torch.ones_like(t)))
+    torch.testing.assert_close(ours[[1, 3]], full[[1, 3]], atol=1e-5, rtol=1e-4)
+    assert torch.count_nonzero(ours[[0, 2]]) == 0
 
 
 # ---------------------------------------------------------------------------------------------- guidance, dropout
@@ -344,15 +347,13 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="needs r <= t"):
         MeanFlowLoss().compute(net, x, e, t, r, (y,))
     with pytest.raises(ValueError, match="null_cond is required"):
-        MeanFlowLoss(guidance_omega=2.0)(net, x, (y,))
+        MeanFlowLoss(guidance_omega=2.0, cond_drop_prob=0.0)(net, x, (y,))
     with pytest.raises(ValueError, match="unknown jvp_tangent 'model'"):
         MeanFlowLoss(jvp_tangent="model")
     with pytest.raises(ValueError, match="null_cond is required"):
         FlowMatchingLoss(cond_drop_prob=0.1)(net, x, (y,))
     with pytest.raises(ValueError, match="cond_drop_prob must lie in"):
         MeanFlowLoss(cond_drop_prob=1.0)
-    with pytest.raises(ValueError, match="unknown jvp_strategy 'fast'"):
-        MeanFlowLoss(jvp_strategy="fast")
     with pytest.raises(ValueError, match="guidance_interval"):
         MeanFlowLoss(guidance_interval=(0.8, 0.2))
     with pytest.raises(ValueError, match="noise shape"):
@@ -513,3 +514,21 @@ def test_bf16_autocast_loss_runs_and_stays_close():
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in gen.parameters())
     torch.testing.assert_close(loss.detach(), ref, rtol=5e-2, atol=0.0)
+
+
+def test_float64_data_gives_float64_times_loss_and_samples():
+    # Times follow the data's dtype: a float64 network is not handed float32 times (issue 13).
+    net, x, _, _, _, y = linear_setup()
+    seen = []
+
+    def spy(z, r, t, y_):
+        seen.append((z.dtype, r.dtype, t.dtype))
+        return net(z, r, t, y_)
+
+    for loss_fn in (MeanFlowLoss(TimeSampler(neq_ratio=0.5), cond_drop_prob=0.0), FlowMatchingLoss(cond_drop_prob=0.0)):
+        loss, _ = loss_fn(spy, x, (y,), generator=torch.Generator().manual_seed(0))
+        assert loss.dtype == torch.float64
+    e = make_noise(x.shape, seed=0, dtype=torch.float64)
+    for sampler in (sample_meanflow, sample_flow_matching):
+        assert sampler(spy, e, (y,), steps=2).dtype == torch.float64
+    assert seen and all(dtypes == (torch.float64,) * 3 for dtypes in seen)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from emf_lightning.models import (
-    BACKBONE_PRESETS,
+    BACKBONES,
     DiT,
     Generator,
     TextConnector,
@@ -20,7 +20,8 @@ from emf_lightning.models import (
     math_attention,
 )
 from emf_lightning.models.attention import jvp_safe_attention_active
-from emf_lightning.models.dit import TimestepEmbedder, sincos_2d
+from emf_lightning.models.dit import sincos_2d
+from emf_lightning.models.layers import TimestepEmbedder
 from helpers import assert_backbone_jvp_matches_finite_differences, assert_padded_text_tokens_do_not_change_output
 
 
@@ -279,7 +280,7 @@ def test_dit_jvp_matches_finite_differences():
 
 
 def test_build_generator_presets_and_overrides():
-    dits = {k: v for k, v in BACKBONE_PRESETS.items() if v["arch"] == "dit"}
+    dits = {k: DiT.PRESETS[preset] for k, (cls, preset) in BACKBONES.items() if cls is DiT}
     assert {k: (v["hidden_size"], v["depth"], v["num_heads"]) for k, v in dits.items()} == {
         "tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16),
     }
@@ -309,9 +310,11 @@ def test_build_generator_small_preset_parameter_count():
 
 
 def test_build_generator_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown backbone size 'M'"):
+    with pytest.raises(ValueError, match="unknown backbone 'M'"):
         build_generator("M", text_dim=4, input_size=8)
-    with pytest.raises(TypeError, match=r"unknown dit backbone option\(s\) \['widht'\]"):
+    with pytest.raises(ValueError, match="unknown DiT preset 'M'"):
+        DiT(preset="M")
+    with pytest.raises(TypeError, match=r"unknown DiT option\(s\) \['widht'\]"):
         build_generator("tiny", text_dim=4, input_size=8, widht=3)
 
 

@@ -38,7 +38,7 @@ def test_tiny_generator_overfits_four_captioned_images():
         mask[0, 2] = False
         tokens[0, 2] = 0.0
         gen = build_generator("tiny", text_dim=16, input_size=16, patch_size=4, depth=2)
-        loss_fn = MeanFlowLoss(TimeSampler("uniform", neq_ratio=0.75))
+        loss_fn = MeanFlowLoss(TimeSampler("uniform", neq_ratio=0.75), cond_drop_prob=0.0)
         steps, reps = 500, 2
         opt = torch.optim.AdamW(gen.parameters(), lr=2e-3, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))

@@ -47,8 +47,10 @@ def write_config(root: Path, shards: dict[str, str], out_dir: Path) -> Path:
             "callbacks": [{"class_path": WRITER, "init_args": {"output_dir": str(out_dir)}}],
         },
         "model": {
-            "encoder": BOW, "image_size": 16, "patch_size": 4, "sample_steps": [1, 2], "feature_cache_dir": None,
-            "backbone_overrides": {"hidden_size": 32, "depth": 1, "num_heads": 2},
+            "encoder": BOW, "sample_steps": [1, 2], "feature_cache_dir": None,
+            "backbone": {"class_path": "emf_lightning.models.DiT",
+                         "init_args": {"preset": "tiny", "input_size": 16, "patch_size": 4, "hidden_size": 32,
+                                       "depth": 1, "num_heads": 2}},
         },
         "data": {"val_shards": shards["val"], "val_batch_size": 2, "num_workers": 0, "image_size": 16},
     }

@@ -76,7 +76,7 @@ def test_probe_unknown_encoder_and_bad_arguments():
 def test_probe_encoder_from_yaml_config(tmp_path):
     cls = ENCODERS["bow"]
     config = tmp_path / "bow_run.yaml"
-    config.write_text(yaml.safe_dump({"model": {"class_path": "emf_lightning.module.EMFModule", "init_args": {
+    config.write_text(yaml.safe_dump({"model": {"class_path": "emf_lightning.training.EMFModule", "init_args": {
         "encoder": {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {}}}}}))
     out = tmp_path / "cfg"
     assert cmd.main(["--encoder", str(config), *SMALL, "--out", str(out), "--no-figure"]) == 0

@@ -15,7 +15,7 @@ from helpers import shapes_batch, tiny_module, write_shapes_shards
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, StrategyRegistry
 
 from emf_lightning.data.datamodule import ShardDataModule
-from emf_lightning.module import UnsupportedStrategyError, check_strategy
+from emf_lightning.training import UnsupportedStrategyError, check_strategy
 
 REPLICATED = ["single_device", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_false",
               "ddp_spawn_find_unused_parameters_true"]
@@ -39,14 +39,11 @@ def test_fsdp1_is_refused_with_the_supported_list(strategy):
         assert name in msg
 
 
-def test_fsdp2_is_accepted_data_parallel_only_and_with_the_detached_jvp():
+def test_fsdp2_is_accepted_data_parallel_only():
     check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
     check_strategy(ModelParallelStrategy())  # "auto" sizes: resolved before the module's setup hook runs
     with pytest.raises(UnsupportedStrategyError, match="tensor_parallel_size=2: EMFModule shards data-parallel only"):
         check_strategy(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
-    with pytest.raises(UnsupportedStrategyError, match="jvp_strategy='joint' cannot run under FSDP2"):
-        check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "joint")
-    check_strategy(StrategyRegistry.get("ddp"), "joint")  # the joint JVP is fine with replicated weights
 
 
 class CPUFSDPStrategy(FSDPStrategy):

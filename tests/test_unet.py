@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
-from emf_lightning.models import BACKBONE_PRESETS, UNet, build_generator
+from emf_lightning.models import UNet, build_generator
+from reference_meanflow import ReferenceMeanFlowLoss
 
 from helpers import assert_backbone_jvp_matches_finite_differences, assert_padded_text_tokens_do_not_change_output
 from test_models import perturb_zero_init
@@ -79,9 +80,9 @@ def test_unet_jvp_matches_finite_differences():
     assert_backbone_jvp_matches_finite_differences(model, *inputs())
 
 
-def test_unet_meanflow_selective_and_detached_jvp_equal_full_batch():
-    # Selective JVP (r != t rows only) and the detached strategy (hand-written tangent rules) must give the
-    # naive full-batch loss and gradients on a U-Net too.
+def test_unet_meanflow_loss_and_gradients_equal_the_naive_full_batch_jvp():
+    # The production JVP (r != t rows only, graph-free, hand-written tangent rules for GroupNorm and conv)
+    # must give the naive full-batch loss and gradients on a U-Net too.
     gen = build_generator("unet-tiny", text_dim=12, input_size=8, base_channels=8, channel_mult=(1, 2),
                           attention_resolutions=(2,), head_dim=8, context_dim=16)
     perturb_zero_init(gen)
@@ -89,34 +90,30 @@ def test_unet_meanflow_selective_and_detached_jvp_equal_full_batch():
     cond = (torch.randn(6, 4, 12), torch.ones(6, 4, dtype=torch.bool))
     null = (torch.zeros(1, 1, 12), torch.ones(1, 1, dtype=torch.bool))
     results = []
-    # naive full batch, selective joint (PyTorch's tangent rules), selective detached (the hand-written ones)
-    for selective, strategy in ((False, "joint"), (True, "joint"), (True, "detached")):
-        loss_fn = MeanFlowLoss(TimeSampler(neq_ratio=(0.5, 0.5)), selective_jvp=selective, jvp_strategy=strategy,
-                               cond_drop_prob=0.0)
+    for loss_cls in (ReferenceMeanFlowLoss, MeanFlowLoss):
+        loss_fn = loss_cls(TimeSampler(neq_ratio=(0.5, 0.5)), cond_drop_prob=0.0)
         gen.zero_grad()
         loss, _ = loss_fn(gen, x, cond, null, 0.0, generator=torch.Generator().manual_seed(3))
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in gen.parameters()]))
-    for other in results[1:]:
-        torch.testing.assert_close(other[0], results[0][0], atol=1e-6, rtol=1e-5)
-        for a, b in zip(other[1], results[0][1]):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_unet_presets_build_and_run():
-    for name in ("unet-tiny", "unet-S", "unet-B"):
-        assert BACKBONE_PRESETS[name]["arch"] == "unet"
+    assert sorted(UNet.PRESETS) == ["B", "S", "tiny"]
     gen = build_generator("unet-tiny", text_dim=10, input_size=16)
     assert isinstance(gen.backbone, UNet)
-    assert gen.connector.out_dim == gen.backbone.context_dim == BACKBONE_PRESETS["unet-tiny"]["context_dim"]
+    assert gen.connector.out_dim == gen.backbone.context_dim == UNet.PRESETS["tiny"]["context_dim"]
     u = gen(torch.randn(2, 3, 16, 16), torch.zeros(2), torch.ones(2), torch.randn(2, 3, 10), None)
     assert u.shape == (2, 3, 16, 16)
 
 
 def test_unet_rejects_bad_options_and_shapes():
-    with pytest.raises(TypeError, match="patch_size applies to DiT backbones only"):
+    with pytest.raises(TypeError, match=r"unknown UNet option\(s\) \['patch_size'\]"):
         build_generator("unet-tiny", text_dim=4, input_size=16, patch_size=2)
-    with pytest.raises(TypeError, match=r"unknown unet backbone option\(s\) \['depth'\]"):
+    with pytest.raises(TypeError, match=r"unknown UNet option\(s\) \['depth'\]"):
         build_generator("unet-tiny", text_dim=4, input_size=16, depth=3)
     with pytest.raises(ValueError, match="must be divisible by 4"):
         UNet(input_size=10, channel_mult=(1, 2, 2))

@@ -89,11 +89,11 @@ def config_from_checkpoint(path: str | Path) -> dict:
     """The ``model:`` (and ``data:``) config sections saved in a Lightning checkpoint's hyper-parameters."""
     import torch  # imported here: `emf --help` and the tool commands should not pay for torch
 
+    from emf_lightning.training.checkpoint_format import module_hyperparameters
+
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     config: dict = {}
-    model = dict(ckpt.get("hyper_parameters") or {})
-    model.pop("_instantiator", None)
-    model.pop("_class_path", None)
+    model = module_hyperparameters(ckpt)
     if model:
         config["model"] = model
     data = dict(ckpt.get("datamodule_hyper_parameters") or {})
@@ -110,9 +110,12 @@ def run_lightning(argv: list[str]) -> int:
 
     from emf_lightning.lightning_cli import EMFLightningCLI
 
+    from emf_lightning.config_files import expand_config_args
+
     argv = _rename_ckpt_alias(argv)
     ckpt = _ckpt_path(argv)
-    with tempfile.TemporaryDirectory(prefix="emf-ckpt-config-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="emf-config-") as tmp:
+        argv = expand_config_args(argv, Path(tmp))
         if ckpt is not None:
             if not Path(ckpt).is_file():
                 print(f"emf {argv[0]}: checkpoint not found: {ckpt}", file=sys.stderr)

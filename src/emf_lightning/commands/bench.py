@@ -4,10 +4,11 @@ In one process, with the same generator, batch and data, it times a full trainin
 AdamW update) of
 
 * flow matching (the floor: one forward and one backward),
-* naive MeanFlow (``torch.func.jvp`` over the whole batch, math attention everywhere, as public code does),
-* our MeanFlow: selective JVP (JVP only on the r != t rows, fused attention elsewhere), at 25 % and 75 %
-  r != t, in both JVP strategies ("joint": u from the JVP's primal; "detached": graph-free JVP plus one
-  fused forward),
+* naive MeanFlow (``torch.func.jvp`` over the whole batch, math attention everywhere, u from the JVP's
+  primal, as public code does: the reference loss of the test suite, ``tests/reference_meanflow.py``, run
+  when the repository's tests folder is present),
+* our MeanFlow (``meanflow.MeanFlowLoss``: a graph-free JVP on the r != t rows only, then one fused forward)
+  at 25 % and 75 % r != t, with MeanFlow's tangent and with improved MeanFlow's predicted one,
 
 and reports the median time, the peak memory of a step and their ratios to flow matching; then sampling
 throughput (1- and 2-step MeanFlow against an n-step flow-matching Euler sampler) and, when the data
@@ -77,42 +78,52 @@ class Workload:
     text_dim: int
 
 
+def reference_loss_class() -> type[MeanFlowLoss] | None:
+    """The naive reference loss of the test suite, when this is a checkout with its ``tests`` folder."""
+    tests = Path(__file__).resolve().parents[3] / "tests"
+    if not (tests / "reference_meanflow.py").is_file():
+        return None
+    if str(tests) not in sys.path:
+        sys.path.insert(0, str(tests))
+    from reference_meanflow import ReferenceMeanFlowLoss
+
+    return ReferenceMeanFlowLoss
+
+
 @dataclass
 class Variant:
     """One training objective / JVP configuration."""
 
     key: str
     label: str
-    objective: str  # "fm" | "mf"
+    objective: str  # "fm" | "mf" | "naive"
     neq_ratio: float = 0.25
-    selective: bool = True
-    strategy: str = "joint"
     tangent: str = "conditional"
 
     def loss(self) -> FlowMatchingLoss | MeanFlowLoss:
         """The loss object for this variant (same time distribution everywhere)."""
         sampler = TimeSampler(neq_ratio=self.neq_ratio)
         if self.objective == "fm":
-            return FlowMatchingLoss(sampler)
-        return MeanFlowLoss(sampler, selective_jvp=self.selective, jvp_strategy=self.strategy,
-                            jvp_tangent=self.tangent)
+            return FlowMatchingLoss(sampler, cond_drop_prob=0.0)
+        cls = MeanFlowLoss
+        if self.objective == "naive":
+            cls = reference_loss_class()
+            if cls is None:
+                raise RuntimeError("the reference loss lives in the repository's tests/ folder (not installed)")
+        return cls(sampler, cond_drop_prob=0.0, jvp_tangent=self.tangent)
 
 
 VARIANTS = [
     Variant("fm", "flow matching", "fm"),
-    Variant("mf_naive", "MeanFlow naive (full-batch JVP)", "mf", 0.25, selective=False),
-    Variant("mf_sel25", "MeanFlow selective, 25% r!=t", "mf", 0.25),
-    Variant("mf_sel75", "MeanFlow selective, 75% r!=t", "mf", 0.75),
-    Variant("mf_det25", "MeanFlow selective detached, 25% r!=t", "mf", 0.25, strategy="detached"),
-    Variant("mf_det75", "MeanFlow selective detached, 75% r!=t", "mf", 0.75, strategy="detached"),
-    # improved MeanFlow's tangent: one more no-gradient forward on the r != t rows (its cost, no target)
-    Variant("mf_pred25", "MeanFlow detached, predicted tangent, 25% r!=t", "mf", 0.25, strategy="detached",
-            tangent="predicted"),
-    Variant("mf_pred75", "MeanFlow detached, predicted tangent, 75% r!=t", "mf", 0.75, strategy="detached",
-            tangent="predicted"),
+    Variant("mf_naive", "MeanFlow naive (full-batch JVP, as public code)", "naive", 0.25),
+    Variant("mf25", "MeanFlow, 25% r!=t", "mf", 0.25),
+    Variant("mf75", "MeanFlow, 75% r!=t", "mf", 0.75),
+    # improved MeanFlow's tangent: one more no-gradient forward on the r != t rows
+    Variant("mf_pred25", "MeanFlow, predicted tangent, 25% r!=t", "mf", 0.25, tangent="predicted"),
+    Variant("mf_pred75", "MeanFlow, predicted tangent, 75% r!=t", "mf", 0.75, tangent="predicted"),
 ]
 
-TARGETS = {"mf_sel25": 1.3, "mf_det25": 1.3, "mf_sel75": 1.7, "mf_det75": 1.7}
+TARGETS = {"mf25": 1.3, "mf75": 1.7}
 MEMORY_TARGET = 1.3
 
 
@@ -485,18 +496,18 @@ def resolve(args: argparse.Namespace) -> tuple[torch.device, list[Workload], lis
             raise SystemExit("emf bench: --device cuda but no CUDA device is available")
     defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     sizes = (args.sizes or ("S,B,L" if device.type == "cuda" else "tiny,S")).split(",")
-    from emf_lightning.models import BACKBONE_PRESETS
+    from emf_lightning.models import BACKBONES, UNet
 
-    unknown = [s for s in sizes if s not in BACKBONE_PRESETS]
+    unknown = [s for s in sizes if s not in BACKBONES]
     if unknown:
-        raise SystemExit(f"emf bench: unknown size(s) {unknown}; choose from {sorted(BACKBONE_PRESETS)}")
+        raise SystemExit(f"emf bench: unknown size(s) {unknown}; choose from {sorted(BACKBONES)}")
     workloads = [
         Workload(
             size=s,
             batch=args.batch or defaults["batch"].get(s, 16),
             image_size=args.image_size or defaults["image_size"],
             channels=args.channels or defaults["channels"],
-            patch_size=None if BACKBONE_PRESETS[s]["arch"] == "unet" else args.patch_size or defaults["patch_size"],
+            patch_size=None if BACKBONES[s][0] is UNet else args.patch_size or defaults["patch_size"],
             text_len=args.text_len,
             text_dim=args.text_dim,
         )

@@ -106,13 +106,19 @@ class Objective(RecordsInitArgs):
             raise ValueError(
                 "null_cond is required for training-time guidance (omega != 1 or kappa != 0) and for condition dropout"
             )
+        e, r, t, drop = self.draw(x, progress, generator)
+        if drop_mask is not None:
+            drop = drop_mask.to(device=x.device, dtype=torch.bool)
+        return self.compute(net, x, e, r, t, cond, null_cond, drop)
+
+    def draw(self, x: Tensor, progress: float = 0.0,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Noise e, times (r, t) in x's dtype and, when cond_drop_prob > 0, the per-sample dropout mask."""
         b = x.shape[0]
         r, t = self.time_sampler(b, progress, x.device, generator, dtype=x.dtype)
         e = randn(x.shape, generator, x.device, x.dtype)
         drop = rand((b,), generator, x.device) < self.cond_drop_prob if self.cond_drop_prob > 0 else None
-        if drop_mask is not None:
-            drop = drop_mask.to(device=x.device, dtype=torch.bool)
-        return self.compute(net, x, e, r, t, cond, null_cond, drop)
+        return e, r, t, drop
 
     def compute(self, net: Net, x: Tensor, e: Tensor, r: Tensor, t: Tensor, cond: Cond,
                 null_cond: Cond | None = None, drop: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:

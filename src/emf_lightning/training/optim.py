@@ -33,8 +33,8 @@ class OptimConfig:
     """EMA decay, with the warm-up min(ema_decay, (1 + step) / (10 + step))."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            raise ValueError(f"optim.lr must be a positive finite number, got {self.lr}")
+        if self.lr < 0 or not math.isfinite(self.lr):
+            raise ValueError(f"optim.lr must be a finite number >= 0, got {self.lr}")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"optim.lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

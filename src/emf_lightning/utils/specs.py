@@ -139,7 +139,7 @@ def build(spec: Any, expected: type[T]) -> T:
         raise TypeError(f"expected a {expected.__name__} or a {{class_path, init_args}} dict, got {spec!r}")
     cls = import_class(spec["class_path"])
     if not issubclass(cls, expected):
-        raise ValueError(f"class_path {spec['class_path']!r} is not a {expected.__name__}")
+        raise ValueError(f"class_path {spec['class_path']!r} does not name a subclass of {expected.__name__}")
     init_args = {k: _build_nested(v) for k, v in dict(spec.get("init_args") or {}).items()}
     return cls(**init_args)
 

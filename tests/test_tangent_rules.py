@@ -1,4 +1,4 @@
-"""Hand-written tangent rules (models.jvp_ops) against PyTorch's own forward-mode AD and finite differences."""
+"""Hand-written tangent rules (meanflow.tangent_rules) against PyTorch's own forward-mode AD and finite differences."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from emf_lightning.models import build_generator, jvp_safe_attention
-from emf_lightning.models.jvp_ops import fast_tangents
+from emf_lightning.meanflow.tangent_rules import fast_tangents
 
 
 def _random_params(module: nn.Module, seed: int = 0) -> nn.Module:

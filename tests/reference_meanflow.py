@@ -1,0 +1,26 @@
+"""The naive MeanFlow loss, shaped like public code (py-meanflow): the reference for tests and ``emf bench``.
+
+``torch.func.jvp`` over the whole batch with math attention everywhere, u taken from the JVP's primal (its
+autograd graph kept). The production loss (``meanflow.MeanFlowLoss``) must give the same loss and gradients.
+Only the JVP differs: the path, guidance, tangent choice and weighting are the production ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from emf_lightning.meanflow import MeanFlowLoss
+from emf_lightning.models import jvp_safe_attention
+
+
+class ReferenceMeanFlowLoss(MeanFlowLoss):
+    """MeanFlowLoss with the full-batch, graph-keeping JVP of public implementations."""
+
+    def compute(self, net, x, e, r, t, cond, null_cond=None, drop=None):
+        z, v, cond = self.path(x, e, t, cond, null_cond, drop)
+        v_g, dz_dt = self.velocity_and_tangent(net, z, r, t, v, cond, null_cond, drop)
+        with jvp_safe_attention():
+            u, dudt = torch.func.jvp(lambda z_, r_, t_: net(z_, r_, t_, *cond), (z, r, t),
+                                     (dz_dt, torch.zeros_like(r), torch.ones_like(t)))
+        interval = (t - r).view(-1, *[1] * (x.ndim - 1))
+        return self.regress(u, (v_g - interval * dudt).detach(), r, t, drop)
