@@ -400,3 +400,29 @@ def test_probe_on_img2dataset_shards_takes_relevance_from_images_not_specs(tmp_p
     probe = shard_probe_set(str(tmp_path / "00000.tar"), n=4, image_encoder="pixels", resolution=16)
     assert probe.relevance_source == "image features (pixels) cosine, clamped to [0, 1]"
     assert probe.relevance.shape == (4, 4) and probe.relevance.min() < 1.0
+
+
+def test_a_held_out_read_failure_on_rank_0_reaches_every_rank():
+    """Rank 0 alone reads the held-out set; the others wait in its broadcast. They must get its error (and fail
+    or, during fit, recover alike) instead of receiving nothing and evaluating on None."""
+    from types import SimpleNamespace
+
+    sent = []
+
+    def broadcast(obj, src=0):
+        sent.append(obj)
+        return obj
+
+    class NoData:
+        def __iter__(self):
+            raise OSError("val shard vanished")
+
+    rank0 = SimpleNamespace(is_global_zero=True, world_size=2, strategy=SimpleNamespace(broadcast=broadcast),
+                            datamodule=SimpleNamespace(val_dataloader=NoData))
+    with pytest.raises(OSError, match="vanished"):
+        EvaluationCallback()._held_out_set(rank0)
+    assert sent == [(None, "OSError: val shard vanished")]
+    rank1 = SimpleNamespace(is_global_zero=False, world_size=2,
+                            strategy=SimpleNamespace(broadcast=lambda obj, src=0: sent[0]))
+    with pytest.raises(RuntimeError, match="rank 0 could not read the held-out set: OSError: val shard vanished"):
+        EvaluationCallback()._held_out_set(rank1)

@@ -26,7 +26,10 @@ other datasets' metadata) and says once how many of the held-out samples it judg
 Failures during ``fit`` never cost the run: an evaluation that raises is reported in one error line (the
 traceback at DEBUG level), counted in ``eval/failed_evaluations``, and training and checkpointing go on; the
 end-of-training evaluation runs after the checkpoint callbacks have written the final checkpoint. Under
-``validate`` evaluation is the job, and its errors propagate.
+``validate`` evaluation is the job, and its errors propagate. With several processes this holds for errors
+every rank meets (the metrics are computed from gathered data; a failure to read the held-out set is
+broadcast from rank 0); an error on one rank only (out of memory while generating) leaves the others
+waiting in a collective, as it would without the catch.
 
 Distributed: rank 0 reads the held-out set and broadcasts it; generation, Inception features and CLIP
 scores are split by batch over ranks and gathered in order (``strategy.all_gather``), so every rank
@@ -441,13 +444,25 @@ class EvaluationCallback(Callback):
 
     def _held_out_set(self, trainer: Trainer) -> HeldOutSet:
         if self._held_out is None:
-            held = None
+            held, failure = None, None
             if trainer.is_global_zero:
-                held = collect_held_out(self._val_batches(trainer), self.num_samples)
-                if len(held) < self.num_samples:
+                try:
+                    held = collect_held_out(self._val_batches(trainer), self.num_samples)
+                except Exception as err:  # noqa: BLE001 - sent to the other ranks, then raised everywhere
+                    if trainer.world_size == 1:
+                        raise
+                    failure = err
+                if held is not None and len(held) < self.num_samples:
                     log.info("evaluation uses %d held-out samples (num_samples=%d)", len(held), self.num_samples)
             if trainer.world_size > 1:
-                held = trainer.strategy.broadcast(held, src=0)
+                # The other ranks wait in this broadcast: they get rank 0's error too, so that every rank fails
+                # (and, during fit, recovers) alike instead of some waiting forever in a collective.
+                held, message = trainer.strategy.broadcast(
+                    (held, None if failure is None else f"{type(failure).__name__}: {failure}"), src=0)
+                if failure is not None:
+                    raise failure
+                if message is not None:
+                    raise RuntimeError(f"rank 0 could not read the held-out set: {message}")
             self._held_out = held
         return self._held_out
 

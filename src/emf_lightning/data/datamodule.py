@@ -5,6 +5,8 @@ Training reads an endless stream of shards drawn with replacement, shuffled, wit
 in a fixed order, split between ranks and workers without duplicates or gaps (see `data/pipeline.py`).
 Bad input is skipped and counted; each loader logs a one-line summary at the end of every epoch, and
 `callbacks.data_health.DataHealthCallback` sums the counts over ranks and logs them as metrics.
+The training loader is resumable: a fit resumed from a mid-epoch checkpoint continues with exactly the
+batches an uninterrupted run would have seen (`ShardLoader.state_dict`).
 """
 
 from __future__ import annotations
@@ -124,7 +126,10 @@ class ShardLoader(DataLoader):
 
 
 class ShardDataModule(LightningDataModule):
-    """WebDataset shards -> batches {"image" [B,3,H,W] in [-1,1], "caption", "spec", "key", "skipped"}.
+    """WebDataset shards -> batches {"image" [B,3,H,W] in [-1,1], "caption", "spec", "meta", "key", "skipped"}.
+
+    "meta" is each sample's .json (without "captions"), "spec" the same dict when it is a shapes-world scene
+    spec and None otherwise (other datasets' metadata, e.g. img2dataset's url/width/height/status).
 
     Args:
         train_shards: training shards: a brace pattern ("data/train-{000000..000099}.tar"), a glob, a
@@ -139,7 +144,8 @@ class ShardDataModule(LightningDataModule):
         image_size: output side: resize the shorter side, centre crop, normalise to [-1, 1].
         shuffle_buffer: training samples (encoded) in the shuffle buffer; <= 1 disables shuffling.
         epoch_length: training samples per epoch, summed over all ranks (must divide by world size);
-            the stream is endless, so this only sets where an epoch ends.
+            the stream is endless, so this only sets where an epoch ends. A fit resumed mid-epoch replays
+            that epoch's data loading up to where it stopped (see `ShardLoader`), so this also bounds that.
         caption_sampling: "first" = the primary caption (.txt); "random" = a random one among the
             primary caption and the paraphrases in the .json "captions".
         caption_dropout: training only: probability of replacing the caption with "" (the null
