@@ -14,7 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 from torch import nn
 
@@ -426,3 +426,38 @@ def test_a_held_out_read_failure_on_rank_0_reaches_every_rank():
                             strategy=SimpleNamespace(broadcast=lambda obj, src=0: sent[0]))
     with pytest.raises(RuntimeError, match="rank 0 could not read the held-out set: OSError: val shard vanished"):
         EvaluationCallback()._held_out_set(rank1)
+
+
+class RankKeys(Callback):
+    """Every rank writes the keys of the batches it trained on (spawned processes share no memory)."""
+
+    def __init__(self, out: Path):
+        self.out, self.keys = out, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.keys.append(tuple(batch["key"]))
+
+    def on_train_end(self, trainer, pl_module):
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.keys))
+
+
+@pytest.mark.slow
+def test_resumed_ddp_fit_sees_the_batches_of_an_uninterrupted_fit_on_every_rank(tmp_path, train_urls):
+    """Two gloo ranks: rank 0's loader position in the checkpoint serves both ranks (same batches per epoch)."""
+
+    def fit(out: Path, ckpt_path: str | None = None) -> list[list[list[str]]]:
+        # 16 samples per epoch over 2 ranks in batches of 3: 3 batches (3, 3, 2) per rank and epoch
+        dm = ShardDataModule(train_shards=train_urls, batch_size=3, num_workers=1, image_size=8, epoch_length=16,
+                             shuffle_buffer=4, seed=7)
+        every = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        trainer = Trainer(default_root_dir=tmp_path, max_steps=7, accelerator="cpu", devices=2, strategy="ddp_spawn",
+                          callbacks=[every, RankKeys(out)], logger=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+        trainer.fit(KeyRecorder(), datamodule=dm, ckpt_path=ckpt_path)
+        return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+    whole = fit(tmp_path / "whole")
+    assert [len(w) for w in whole] == [7, 7] and whole[0][:3] != whole[1][:3]
+    resumed = fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt"))  # mid-epoch 1
+    assert resumed == [w[4:] for w in whole]
