@@ -95,6 +95,17 @@ def _module_level(tree: ast.Module):
             stack.extend(s for handler in getattr(node, "handlers", []) for s in handler.body)
 
 
+def require_calls() -> list[tuple[str, str, str]]:
+    """(file name, module, extra) of every ``require(...)`` call in src/ and tools/."""
+    calls = []
+    for path in list(SRC.rglob("*.py")) + list(TOOLS.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "require":
+                extra = next(k.value.value for k in node.keywords if k.arg == "extra")
+                calls.append((path.name, node.args[0].value, extra))
+    return calls
+
+
 def test_the_name_map_agrees_with_the_installed_distributions():
     from importlib.metadata import packages_distributions
 
@@ -115,7 +126,7 @@ def test_every_third_party_import_is_declared():
 
 
 def test_every_core_dependency_is_imported_or_explained():
-    imported = {distribution(m) for m in third_party_imports(SRC)}
+    imported = {distribution(m) for m in third_party_imports(SRC)} | {distribution(m) for _, m, _ in require_calls()}
     unused = core() - imported - set(USED_INDIRECTLY)
     assert not unused, f"core dependencies nothing in src/ imports (drop them or move them to an extra): {unused}"
     for extra, dists in extras().items():
@@ -135,13 +146,7 @@ def test_extras_are_not_imported_at_module_level():
 
 
 def test_every_require_call_names_an_extra_that_provides_its_module():
-    calls = []
-    for path in list(SRC.rglob("*.py")) + list(TOOLS.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "require":
-                module = node.args[0].value
-                extra = next(k.value.value for k in node.keywords if k.arg == "extra")
-                calls.append((path.name, module, extra))
+    calls = require_calls()
     assert len(calls) >= 5  # gguf, accelerate, cleanfid, matplotlib twice
     provided = extras()
     for file, module, extra in calls:
