@@ -239,11 +239,13 @@ def save_figure(results: dict[str, dict[str, Any]], histograms: dict[str, tuple]
     plt.close(fig)
 
 
-def _counting(encode, advance):
-    """``encode`` that also advances a progress bar by the number of captions it was given."""
+def _counting(encode, advance, total: int, label: str):
+    """``encode`` that also advances a progress bar by the number of captions it was given, and relabels it
+    once all ``total`` are encoded (the metrics come next, under the same bar)."""
     def counted(captions: list[str]):
         out = encode(captions)
-        advance(len(captions))
+        advance(len(captions), description=f"metrics ({label})" if advance.completed + len(captions) >= total
+                else None)
         return out
     return counted
 
@@ -303,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
 
             cache = FeatureCache(encoder, root=args.feature_cache)
             encode = cache.encode
-        with progress(f"encoding ({choice.label})", total=len(probe.all_captions())) as advance:
-            result = evaluate_probe(probe, _counting(encode, advance), k=args.k, batch_size=args.batch_size,
-                                    seed=args.seed)
+        n_captions = len(probe.all_captions())
+        with progress(f"encoding ({choice.label})", total=n_captions) as advance:
+            result = evaluate_probe(probe, _counting(encode, advance, n_captions, choice.label), k=args.k,
+                                    batch_size=args.batch_size, seed=args.seed)
         if args.feature_cache:
             cache.save()
         results[choice.label] = {"dim": encoder.dim, "cache_key": encoder.cache_key,
