@@ -61,6 +61,7 @@ from emf_lightning.metrics.fid import (
 )
 from emf_lightning.utils.grids import save_grid
 from emf_lightning.utils.images import to_uint8
+from emf_lightning.utils.progress import progress
 from emf_lightning.utils.report import print_metrics_table, write_metrics_json
 from emf_lightning.utils.weights import MissingWeightsError
 
@@ -409,10 +410,14 @@ class EvaluationCallback(Callback):
         result.rows[REAL] = self._real_metrics(trainer, held, clip, shapes)
 
         grid_columns: list[np.ndarray] = []
-        for steps, cfg in result.settings:
-            images, feats, clip_scores = self._generate_and_measure(
-                trainer, pl_module, held, steps, cfg, extractor, clip
-            )
+        n_batches = len(self._plan(trainer, len(held)))
+        bar = progress("evaluation", total=n_batches * len(result.settings), enabled=trainer.is_global_zero)
+        with bar as advance:
+            measured = [
+                self._generate_and_measure(trainer, pl_module, held, steps, cfg, extractor, clip, advance)
+                for steps, cfg in result.settings
+            ]
+        for (steps, cfg), (images, feats, clip_scores) in zip(result.settings, measured):
             row: dict[str, float] = {}
             if feats is not None and real_feats is not None:
                 if len(held) < 2:
@@ -585,10 +590,14 @@ class EvaluationCallback(Callback):
         cfg: float,
         extractor: nn.Module | None,
         clip: nn.Module | None,
+        advance: Callable[..., None] | None = None,
     ) -> tuple[np.ndarray, Tensor | None, Tensor | None]:
-        """Generate every held-out caption (this rank's batches), measure, gather in order."""
+        """Generate every held-out caption (this rank's batches), measure, gather in order; ``advance``
+        (a progress counter) moves once per generation batch."""
         plan = self._plan(trainer, len(held))
         imgs, feats, scores, index = [], [], [], []
+        if advance is not None:
+            advance(0, description=f"evaluation: {setting_label(steps, cfg)}")
         for b, start, stop in plan:
             captions = held.captions[start:stop]
             x = pl_module.generate(captions, steps=steps, cfg_scale=cfg, seed=self.seed + b, use_ema=True)
@@ -601,6 +610,8 @@ class EvaluationCallback(Callback):
             if clip is not None:
                 scores.append(clip.scores(x, captions))
             index.extend(range(start, stop))
+            if advance is not None:
+                advance(1)
         n = len(held)
         if getattr(pl_module, "generation_is_collective", False):
             # Sharded weights (FSDP2): every forward all-gathers, so a rank with fewer batches than another
