@@ -153,9 +153,11 @@ class IdentityAutoencoder(LatentAutoencoder):
 
     name = "none"
 
-    def __init__(self, batch_size: int = 64):
-        super().__init__(batch_size=batch_size)
-        self.init_args = {"batch_size": batch_size}
+    def __init__(self, batch_size: int = 64, device: torch.device | str | None = None,
+                 dtype: torch.dtype | str | None = None):
+        super().__init__(batch_size=batch_size, device=device, dtype=dtype)
+        self.init_args = {"batch_size": batch_size, "device": None if device is None else str(device),
+                          "dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
         self._finish_init()
 
     @property

@@ -24,7 +24,7 @@ UNDECODABLE_IMAGE = "undecodable_image"
 EMPTY_CAPTION = "empty_caption"  # no .txt and no caption in the .json, or only whitespace
 BAD_JSON = "bad_json"
 BAD_FEATURES = "bad_features"  # precomputed text features missing (when required) or unreadable
-BAD_LATENT = "bad_latent"  # precomputed latent missing (when required) or unreadable
+BAD_LATENT = "bad_latent"  # precomputed latent unreadable (a missing one raises MissingLatentsError)
 
 SHARD_REASONS = frozenset({UNREADABLE_SHARD, CORRUPT_SHARD})
 # Every reason the datamodule counts, in a fixed order (ranks sum them as one vector).
