@@ -158,6 +158,7 @@ def test_trainable_selection_emf_and_patterns():
 
 
 def test_lora_trains_only_the_adapters_and_starts_as_the_base_model():
+    pytest.importorskip("peft")
     plain = SanaMeanFlowBackbone.from_config("tiny", seed=0)
     lora = SanaMeanFlowBackbone.from_config("tiny", seed=0, lora={"r": 4})
     names = lora.trainable_parameter_names()

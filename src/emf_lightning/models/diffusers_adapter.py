@@ -307,7 +307,10 @@ class SanaMeanFlowBackbone(nn.Module):
             block.attn1.set_processor(PreciseLinearAttnProcessor())
 
     def _add_lora(self, lora: dict[str, Any], seed: int) -> None:
-        from peft import LoraConfig
+        try:
+            from peft import LoraConfig
+        except ImportError as err:
+            raise ImportError("LoRA needs peft: pip install 'emf-lightning[lora]' (or pip install peft)") from err
 
         unknown = set(lora) - _LORA_KEYS
         if unknown:
