@@ -119,6 +119,18 @@ def test_a_rerun_skips_finished_shards(tmp_path, source, capsys):
         _run(source, out, "--flip")
 
 
+def test_an_unreadable_shard_is_counted_and_retried(tmp_path, source, capsys):
+    first = expand_shard_urls(source)[0]
+    missing = tmp_path / "not-yet.tar"
+    shards = f"{first}::pipe:cat {missing}"  # e.g. a network shard that failed this time
+    assert _run(shards, tmp_path / "lat") == 0
+    assert "skipped      1 shards: unreadable_shard" in capsys.readouterr().out
+    missing.write_bytes(Path(expand_shard_urls(source)[1]).read_bytes())  # it is there now
+    assert _run(shards, tmp_path / "lat") == 0
+    printed = capsys.readouterr().out
+    assert "1 already done" in printed and "wrote        1 shard(s); 5 samples" in printed
+
+
 def test_missing_vae_weights_exit_with_the_message(tmp_path, source, capsys):
     code = main(["--vae", "sd-vae", "--shards", source, "--out", str(tmp_path / "x-%06d.tar"), "--device", "cpu"])
     assert code == 2

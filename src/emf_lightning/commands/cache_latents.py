@@ -7,7 +7,8 @@ and centre-cropped exactly as the data module does (`data/pipeline.decode_sample
 would skip (undecodable image, no caption, bad JSON, damaged shard) is skipped here, counted and summarised.
 
 Resumable: the manifest next to the output (``<out stem>.manifest.json``) lists every finished shard and is
-rewritten after each one; a rerun skips those. Shards are written to a temporary name and renamed when complete.
+rewritten after each one; a rerun skips those (except shards that could not be opened: they are tried again).
+Shards are written to a temporary name and renamed when complete.
 
 Examples::
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 import yaml
 
+from emf_lightning.data.health import UNREADABLE_SHARD
 from emf_lightning.utils.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -162,7 +164,9 @@ def finished_shards(path: Path, settings: dict[str, Any], out_dir: Path) -> dict
         raise SystemExit(f"emf cache-latents: {path} records latents made with different settings "
                          f"({earlier.get('cache_key')}, image size {earlier.get('image_size')}, flip "
                          f"{earlier.get('flip')}); write to another --out or delete that folder first")
-    return {s["source"]: s for s in doc.get("shards", []) if (out_dir / s["name"]).is_file()}
+    # a shard that could not be opened (network, failing pipe) is tried again
+    return {s["source"]: s for s in doc.get("shards", [])
+            if (out_dir / s["name"]).is_file() and UNREADABLE_SHARD not in (s.get("skipped") or {})}
 
 
 # -- main ------------------------------------------------------------------------------------------
