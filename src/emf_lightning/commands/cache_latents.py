@@ -38,7 +38,6 @@ import yaml
 from emf_lightning.data.health import UNREADABLE_SHARD
 from emf_lightning.utils.weights import MissingWeightsError
 
-log = logging.getLogger(__name__)
 LATENT_MEMBERS = ("latent.npy", "latent.pth", "latent_flip.npy")  # replaced: they belong to another autoencoder
 
 
@@ -211,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shards       {len(urls)} in, {sum(u in done for u in urls)} already done, writing {args.out}")
     counter, skipped = SkipCounter("cache-latents"), Counter()
     entries: list[dict[str, Any]] = []
-    doc = {"format": MANIFEST_FORMAT, "pattern": args.out, "urls": str(out_dir / brace_url(outputs_pattern.name, len(urls))), "total": 0,
+    urls_out = str(out_dir / brace_url(outputs_pattern.name, len(urls)))
+    doc = {"format": MANIFEST_FORMAT, "pattern": args.out, "urls": urls_out, "total": 0,
            "shards": entries, "source": {"kind": "cache-latents", "shards": args.shards}, "skipped": skipped,
            "latent": settings, "complete": False}
     encoded = 0

@@ -78,7 +78,7 @@ def locate_diffusers(model: str, subfolder: str | None = None,
 
 def load_diffusers(cls: Any, model: str, subfolder: str | None = None, variant: str | None = None,
                    **kwargs: Any) -> Any:
-    """`cls.from_pretrained(...)` offline for `model` (see `locate_diffusers`); a missing file -> MissingWeightsError."""
+    """`cls.from_pretrained(...)` offline for `model` (see `locate_diffusers`); missing files -> MissingWeightsError."""
     source, sub = locate_diffusers(model, subfolder, variant)
     try:
         return cls.from_pretrained(source, subfolder=sub, variant=variant, local_files_only=True, **kwargs)
