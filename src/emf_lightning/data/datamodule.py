@@ -156,7 +156,8 @@ class ShardDataModule(LightningDataModule):
             batch["features"] = {"tokens" [B,L,D], "mask" [B,L], "pooled" [B,D]}; they belong to the
             primary caption, so this needs caption_sampling="first". A dropped caption ("") keeps its
             features: use the null condition for those rows.
-        load_latents: read precomputed latents (<key>.latent.npy/.pth) into batch["latent"].
+        load_latents: read precomputed latents (<key>.latent.npy/.pth, written by `emf cache-latents`) into
+            batch["latent"]; a sample without one raises `MissingLatentsError` (the shards lack latents).
         pin_memory, persistent_workers, prefetch_factor: passed to the DataLoader.
     """
 

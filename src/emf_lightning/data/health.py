@@ -25,7 +25,7 @@ EMPTY_CAPTION = "empty_caption"  # no .txt and no caption in the .json, or only 
 UNDECODABLE_CAPTION = "undecodable_caption"  # the .txt is not valid UTF-8
 BAD_JSON = "bad_json"
 BAD_FEATURES = "bad_features"  # precomputed text features missing (when required) or unreadable
-BAD_LATENT = "bad_latent"  # precomputed latent missing (when required) or unreadable
+BAD_LATENT = "bad_latent"  # precomputed latent unreadable (a missing one raises MissingLatentsError)
 
 SHARD_REASONS = frozenset({UNREADABLE_SHARD, CORRUPT_SHARD})
 # Every reason the datamodule counts, in a fixed order (ranks sum them as one vector).

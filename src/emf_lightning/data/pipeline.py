@@ -119,6 +119,10 @@ class DecodeOptions:
     load_latents: bool = False
 
 
+class MissingLatentsError(ValueError):
+    """A sample has no precomputed latent although the data module was asked to load latents."""
+
+
 def _first_key(raw: dict[str, Any], keys: Iterable[str]) -> str | None:
     return next((k for k in keys if k in raw), None)
 
@@ -192,9 +196,12 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, 
             return None
     if opts.load_latents:
         lkey = _first_key(raw, LATENT_KEYS)
+        if lkey is None:  # not bad data but the wrong shards: stop with what to do instead of skipping everything
+            raise MissingLatentsError(
+                f"{where}: no precomputed latent ({', '.join(LATENT_KEYS)}) but latents were asked for "
+                "(load_latents=True): these shards were written without latents. Encode them once with "
+                "`emf cache-latents --vae NAME --shards URLS --out PATTERN` and train on its output shards")
         try:
-            if lkey is None:
-                raise KeyError(f"no precomputed latent ({', '.join(LATENT_KEYS)})")
             latent = _load_array(raw[lkey], lkey)
             if not isinstance(latent, torch.Tensor):
                 raise ValueError(f"latent must be a tensor, got {type(latent).__name__}")
@@ -398,5 +405,5 @@ def _decode_all(raw: Iterable[dict[str, Any]], opts: DecodeOptions, rng: random.
             yield sample
 
 
-__all__ = ["ShardStream", "DecodeOptions", "expand_shard_urls", "split_shards", "worker_share", "decode_sample",
+__all__ = ["ShardStream", "DecodeOptions", "MissingLatentsError", "expand_shard_urls", "split_shards", "worker_share", "decode_sample",
            "collate", "batches", "IMAGE_KEYS"]
