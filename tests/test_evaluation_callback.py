@@ -524,3 +524,34 @@ def test_on_train_end_evaluates_final_weights_once(tmp_path, max_steps, on_train
     _trainer(tmp_path, callback, max_steps=max_steps).fit(StandInGenerator(items), ListDataModule(items))
     written = sorted(int(p.stem.removeprefix("metrics-step")) for p in (tmp_path / "eval").glob("metrics-*.json"))
     assert written == expected
+
+
+def test_sampling_progress_advances_once_per_generation_batch_and_names_each_setting(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    import emf_lightning.callbacks.evaluation as evaluation
+    from emf_lightning.utils.progress import Advance
+
+    bars = []
+
+    class Recording(Advance):
+        def __call__(self, n=1, description=None):
+            super().__call__(n, description)
+            if description:
+                self.descriptions.append(description)
+
+    @contextmanager
+    def recording_progress(description, total=None, **kwargs):
+        advance = Recording()
+        advance.descriptions = [description]
+        bars.append((total, kwargs, advance))
+        yield advance
+
+    monkeypatch.setattr(evaluation, "progress", recording_progress)
+    items = _dataset()
+    _trainer(tmp_path, _callback(every_n_steps=4)).fit(StandInGenerator(items), datamodule=ListDataModule(items))
+    # 5 prompts in batches of 2 -> 3 generation batches, for each of 1, 2 and 4 steps.
+    ((total, kwargs, advance),) = bars
+    assert total == 9 and advance.completed == 9 and kwargs == {"enabled": True}
+    assert advance.descriptions == ["evaluation", "evaluation: 1 step, cfg 1.0", "evaluation: 2 steps, cfg 1.0",
+                                    "evaluation: 4 steps, cfg 1.0"]

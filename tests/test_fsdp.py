@@ -32,10 +32,10 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from emf_lightning.callbacks.evaluation import EvaluationCallback
 from emf_lightning.callbacks.probe import DiscriminabilityProbe
-from emf_lightning.meanflow import null_condition
-from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
+from emf_lightning.meanflow import MeanFlowLoss, TimeSampler, null_condition
 from emf_lightning.models import DiT, UNet
 from emf_lightning.training.ema import ema_decay_at
+from emf_lightning.training.sharding import grad_norm
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +94,7 @@ class Record(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = {n: _full(p.grad) for n, p in pl_module.generator.named_parameters()}  # collective
         self.rec.setdefault("grads", grads)
+        self.rec.setdefault("grad_norm", grad_norm(pl_module.generator.parameters()))  # collective
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.rec["after"].append((
@@ -168,6 +169,11 @@ def test_fsdp2_meanflow_steps_match_a_single_process_and_round_trip(backbone: st
         for rec in recs:
             torch.testing.assert_close(rec["grads"][name], p.grad, rtol=1e-4, atol=1e-6 * scale,
                                        msg=lambda m: f"{name}: {m}")
+    # grad_norm on the DTensor shards (reduced over both ranks) == the norm of the full gradient.
+    full_norm = torch.cat([p.grad.flatten() for p in ref.generator.parameters()]).norm()
+    for rec in recs:
+        assert not hasattr(rec["grad_norm"], "to_local")  # a plain tensor, the same global value on every rank
+        torch.testing.assert_close(rec["grad_norm"], full_norm, rtol=1e-4, atol=0)
 
     # The EMA, updated shard by shard, is the warm-up lerp of the full tensors after every step.
     ema_prev = recs[0]["init_ema"]

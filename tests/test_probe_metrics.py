@@ -143,6 +143,34 @@ def test_effective_rank_known_values():
     assert P.effective_rank(shifted, center=True) > 15.5
 
 
+def _mann_whitney_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Reference AUC: Mann-Whitney U from average ranks of the pooled sample (ties count one half)."""
+    values = torch.cat([pos, neg]).double()
+    uniq, inverse = torch.unique(values, return_inverse=True)
+    order = values.argsort()
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(1, values.numel() + 1, dtype=values.dtype)
+    rank_sum = torch.zeros_like(uniq).index_add_(0, inverse, ranks)
+    count = torch.zeros_like(uniq).index_add_(0, inverse, torch.ones_like(ranks))
+    u = (rank_sum / count)[inverse][: pos.numel()].sum() - pos.numel() * (pos.numel() + 1) / 2
+    return float(u / (pos.numel() * neg.numel()))
+
+
+@pytest.mark.parametrize("decimals", [1, 2, 6])
+def test_same_scene_auc_equals_the_rank_statistic_on_tied_and_negative_cosines(decimals):
+    g = torch.Generator().manual_seed(decimals)
+    feats = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    sims = P.cosine_matrix(feats)
+    sims = torch.round(sims * 10**decimals) / 10**decimals  # negatives included
+    same = torch.rand(40, 40, generator=g) < 0.2
+    same = same | same.T
+    pos, neg = P.split_pair_similarities(sims, same)
+    assert (neg < 0).any()
+    if decimals < 6:  # coarse rounding: ties across the two groups
+        assert len(torch.unique(torch.cat([pos, neg]))) < len(torch.unique(pos)) + len(torch.unique(neg))
+    assert P.same_scene_auc(sims, same) == pytest.approx(_mann_whitney_auc(pos, neg), abs=1e-6)
+
+
 def test_same_scene_auc_hand_computed_with_ties():
     # Pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3); same-scene: (0,1) and (2,3).
     pair_sims = {(0, 1): 0.9, (0, 2): 0.6, (0, 3): 0.1, (1, 2): 0.5, (1, 3): 0.5, (2, 3): 0.5}

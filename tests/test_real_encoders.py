@@ -73,6 +73,7 @@ def test_minilm_loads_offline_and_matches_a_plain_transformers_mean_pool() -> No
 
     enc = SentenceEncoder()
     assert enc.dim == 384
+    assert enc.pooling == "mean" and ":pool-mean:" in enc.cache_key  # what its 1_Pooling/config.json declares
     a, b = enc.encode(CAPTIONS), enc.encode(CAPTIONS)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.pooled, b.pooled)
     sim = cosine(a.pooled)

@@ -22,12 +22,16 @@ import sys
 import time
 from pathlib import Path
 
+from emf_lightning.utils.progress import progress
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm_shapes.yaml"
 # Single objects with a prompted colour, shape and size: the category the demo's target is set on (1-step
 # colour accuracy). Its heldout split asks for colour-shape pairs never seen in training (e.g. a red
 # triangle). `emf shards shapes --mix ...` makes the other GenEval-like categories.
 MIX = "colors=1"
+# The stages, in order, as the progress bar names them.
+STAGES = ("shards", "features", "fit", "evaluate (val)", "evaluate (heldout)", "diagnose")
 
 
 def emf(*args: str) -> list[str]:
@@ -66,10 +70,22 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "demo.log"
-    shards, cache, runs = out / "shapes", out / "feature_cache", out / "runs"
     times: dict[str, float] = {}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    with progress("demo: shards", total=len(STAGES)) as advance:
+        results, diagnosis = stages(args, out, log, times, advance)
+    summarise(times, results, out, diagnosis)
+    return 0
+
+
+def stages(args: argparse.Namespace, out: Path, log: Path, times: dict[str, float], advance) -> tuple[dict, dict]:
+    """Run every stage, timing each into `times` and advancing the stage bar after it."""
+    shards, cache, runs = out / "shapes", out / "feature_cache", out / "runs"
+
+    def done(stage: str) -> None:
+        following = STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else stage
+        advance(1, description=f"demo: {following}")
 
     # 1. shards (reused when present: they are a pure function of the seed)
     start = time.perf_counter()
@@ -78,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             run(emf("shards", "shapes", "--out", str(shards / f"{split}-%06d.tar"), "--split", split, "--n", str(n),
                     "--mix", MIX, "--n-captions", "1", "--seed", "0"), log)
     times["shards"] = time.perf_counter() - start
+    done("shards")
     train, val, heldout = (str(shards / f"{s}-*.tar") for s in ("train", "val", "heldout"))
 
     # 2. text features, once per caption (SmolLM2 converts its GGUF on first use: ~30 s)
@@ -85,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     run(emf("cache-features", "--encoder", str(CONFIG), "--shards", f"{train}::{val}::{heldout}", "--root", str(cache),
             "--no-paraphrases"), log)
     times["features"] = time.perf_counter() - start
+    done("features")
 
     # 3. training
     start = time.perf_counter()
@@ -99,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = newest("**/last.ckpt", runs)
     if ckpt is None:
         sys.exit(f"demo: no last.ckpt under {runs}; see {log}")
+    done("fit")
 
     # 4. evaluation on both held-out sets, from the checkpoint (config: the training one + an evaluation-only
     #    callback list written here, so each set gets its own output folder)
@@ -116,12 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"--trainer.default_root_dir={eval_dir}"), log)  # LightningCLI saves its config.yaml there
         times[f"evaluate ({name})"] = time.perf_counter() - start
         results[name] = json.loads(newest("metrics-*.json", eval_dir).read_text())
+        done(f"evaluate ({name})")
 
     start = time.perf_counter()
     diagnosis = {name: diagnose(ckpt, shard, args.eval_n) for name, shard in (("val", val), ("heldout", heldout))}
     times["diagnose"] = time.perf_counter() - start
-    summarise(times, results, out, diagnosis)
-    return 0
+    done("diagnose")
+    return results, diagnosis
 
 
 def diagnose(ckpt: Path, shards: str, n: int) -> dict:

@@ -28,6 +28,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from emf_lightning.utils.optional import MissingExtraError, require
+from emf_lightning.utils.progress import progress
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "smollm_shapes.yaml"
 MIX = "colors=4,color_attr=1,position=1"
@@ -214,8 +217,11 @@ def report(results: list[dict], probes: dict, args, out: Path) -> str:
 
 def plot(results: list[dict], probes: dict, out: Path) -> None:
     """Left: ShapesEval overall vs sampling steps per encoder/objective. Right: probe vs 1-step quality."""
-    import matplotlib
-
+    try:
+        matplotlib = require("matplotlib", extra="plot", purpose="The study's figure")
+    except MissingExtraError as err:
+        print(f"study: figure skipped: {err}", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -289,8 +295,14 @@ def main(argv: list[str] | None = None) -> int:
             spec_file.write_text(json.dumps({"encoder": ENCODER_SPECS[name]}))
             run(emf_command() + ["cache-features", "--encoder", str(spec_file), "--shards",
                                  f"{urls['train']}::{urls['val']}", "--root", str(cache), "--no-paraphrases"], log)
-    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        results = [r for r in pool.map(lambda job: train_one(*job, args, urls, out, cache), jobs) if r is not None]
+    with progress("study: training runs", total=len(jobs)) as advance:
+        def one(job: tuple[str, str]) -> dict | None:
+            result = train_one(*job, args, urls, out, cache)
+            advance(1, description=f"study: {job[0]}/{job[1]} done")
+            return result
+
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+            results = [r for r in pool.map(one, jobs) if r is not None]
     probes = probe_scores(names, args, out, log)
     print(report(results, probes, args, out))
     return 0

@@ -31,6 +31,7 @@ EXTRA_COMMANDS = {
     "shards": "Write WebDataset shards (shapes world, image folder, JSONL/CSV)",
     "bench": "Benchmark the training step, sampling and data loading",
     "cache-features": "Precompute the text feature cache for a dataset",
+    "cache-latents": "Encode shard images once with an autoencoder into shards with latents",
 }
 
 

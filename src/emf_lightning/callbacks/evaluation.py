@@ -20,6 +20,17 @@ What it does at each evaluation (every ``every_n_steps`` optimiser steps during 
 Missing Inception or CLIP weights: one warning naming the file and the places looked, then that metric
 is skipped for the rest of the run; every other metric still comes out.
 
+ShapesEval judges only samples whose ``batch["spec"]`` is a scene spec (the datamodule leaves it None for
+other datasets' metadata) and says once how many of the held-out samples it judges.
+
+Failures during ``fit`` never cost the run: an evaluation that raises is reported in one error line (the
+traceback at DEBUG level), counted in ``eval/failed_evaluations``, and training and checkpointing go on; the
+end-of-training evaluation runs after the checkpoint callbacks have written the final checkpoint. Under
+``validate`` evaluation is the job, and its errors propagate. With several processes this holds for errors
+every rank meets (the metrics are computed from gathered data; a failure to read the held-out set is
+broadcast from rank 0); an error on one rank only (out of memory while generating) leaves the others
+waiting in a collective, as it would without the catch.
+
 Distributed: rank 0 reads the held-out set and broadcasts it; generation, Inception features and CLIP
 scores are split by batch over ranks and gathered in order (``strategy.all_gather``), so every rank
 computes the same numbers from the full set and logs them without a further reduction. Files, tables
@@ -37,7 +48,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from emf_lightning.metrics.fid import (
@@ -49,6 +61,7 @@ from emf_lightning.metrics.fid import (
 )
 from emf_lightning.utils.grids import save_grid
 from emf_lightning.utils.images import to_uint8
+from emf_lightning.utils.progress import progress
 from emf_lightning.utils.report import print_metrics_table, write_metrics_json
 from emf_lightning.utils.weights import MissingWeightsError
 
@@ -280,6 +293,8 @@ class EvaluationCallback(Callback):
         self._clip = clip_scorer
         self._shapes = shapes_evaluator
         self._disabled: dict[str, str] = {}  # metric -> reason, filled once (one warning each)
+        self._shapes_announced = False
+        self.failed_evaluations = 0  # evaluations during fit that raised (caught: they never stop training)
         self._held_out: HeldOutSet | None = None
         self._real_features: Tensor | None = None
         self._real_row: dict[str, float] | None = None
@@ -295,8 +310,29 @@ class EvaluationCallback(Callback):
             return
         self._evaluate_and_log(trainer, pl_module)
 
+    def _evaluate_during_fit(self, trainer: Trainer, pl_module: LightningModule) -> EvaluationResult | None:
+        """``evaluate``, but an error is reported, counted and logged instead of raised: during ``fit`` an
+        evaluation is a by-product, and it must never stop the run or cost it a checkpoint. (Under
+        ``validate`` evaluation is the job, and errors propagate.)"""
+        try:
+            return self.evaluate(trainer, pl_module)
+        except Exception as err:  # noqa: BLE001 - any evaluation failure, reported below
+            self.failed_evaluations += 1
+            where = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
+            log.error("EvaluationCallback: evaluation at step %d failed%s: %s: %s. Training goes on and "
+                      "checkpoints are still written (traceback at DEBUG level, logger %r).",
+                      trainer.global_step, where, type(err).__name__, err, log.name)
+            log.debug("evaluation at step %d failed", trainer.global_step, exc_info=True)
+            failed = {"eval/failed_evaluations": float(self.failed_evaluations)}
+            for logger in trainer.loggers:
+                logger.log_metrics(failed, step=trainer.global_step)
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in failed.items()})
+            return None
+
     def _evaluate_and_log(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        result = self.evaluate(trainer, pl_module)
+        result = self._evaluate_during_fit(trainer, pl_module)
+        if result is None:
+            return
         metrics = result.flat()
         if not metrics:  # every metric skipped: the grid and JSON are written, the logger gets no empty row
             return
@@ -309,15 +345,33 @@ class EvaluationCallback(Callback):
         """With ``on_train_end``, evaluate the final weights unless that step was just evaluated: a run cut
         short by ``max_time`` or an interrupt still reports where it got to."""
         if self.evaluate_on_train_end and trainer.global_step > 0 and trainer.global_step != self._last_step:
+            self._save_final_checkpoints(trainer, pl_module)
             self._evaluate_and_log(trainer, pl_module)
+
+    @staticmethod
+    def _save_final_checkpoints(trainer: Trainer, pl_module: LightningModule) -> None:
+        """Let the checkpoint callbacks write the final checkpoint before the final evaluation.
+
+        Lightning runs checkpoint callbacks after every other callback, so without this a long final evaluation
+        that is killed (or crashes the process) would leave no ``last.ckpt``. A ModelCheckpoint's train-end save
+        happens once: it remembers the step it last wrote, so Lightning's own call after this one writes nothing.
+        """
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                callback.on_train_end(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Evaluate under ``validate``, and during ``fit`` when ``on_fit_validation``."""
         if trainer.sanity_checking:
             return
         fn = getattr(trainer.state.fn, "value", trainer.state.fn)
-        if fn == "validate" or (fn == "fit" and self.on_fit_validation and trainer.global_step != self._last_step):
-            result = self.evaluate(trainer, pl_module)
+        if fn == "validate":
+            result = self.evaluate(trainer, pl_module)  # evaluation is the job here: errors propagate
+        elif fn == "fit" and self.on_fit_validation and trainer.global_step != self._last_step:
+            result = self._evaluate_during_fit(trainer, pl_module)
+        else:
+            return
+        if result is not None:
             # Same values on every rank (computed from gathered data): no reduction needed.
             pl_module.log_dict(result.flat(), sync_dist=False)
 
@@ -356,10 +410,14 @@ class EvaluationCallback(Callback):
         result.rows[REAL] = self._real_metrics(trainer, held, clip, shapes)
 
         grid_columns: list[np.ndarray] = []
-        for steps, cfg in result.settings:
-            images, feats, clip_scores = self._generate_and_measure(
-                trainer, pl_module, held, steps, cfg, extractor, clip
-            )
+        n_batches = len(self._plan(trainer, len(held)))
+        bar = progress("evaluation", total=n_batches * len(result.settings), enabled=trainer.is_global_zero)
+        with bar as advance:
+            measured = [
+                self._generate_and_measure(trainer, pl_module, held, steps, cfg, extractor, clip, advance)
+                for steps, cfg in result.settings
+            ]
+        for (steps, cfg), (images, feats, clip_scores) in zip(result.settings, measured):
             row: dict[str, float] = {}
             if feats is not None and real_feats is not None:
                 if len(held) < 2:
@@ -391,13 +449,25 @@ class EvaluationCallback(Callback):
 
     def _held_out_set(self, trainer: Trainer) -> HeldOutSet:
         if self._held_out is None:
-            held = None
+            held, failure = None, None
             if trainer.is_global_zero:
-                held = collect_held_out(self._val_batches(trainer), self.num_samples)
-                if len(held) < self.num_samples:
+                try:
+                    held = collect_held_out(self._val_batches(trainer), self.num_samples)
+                except Exception as err:  # noqa: BLE001 - sent to the other ranks, then raised everywhere
+                    if trainer.world_size == 1:
+                        raise
+                    failure = err
+                if held is not None and len(held) < self.num_samples:
                     log.info("evaluation uses %d held-out samples (num_samples=%d)", len(held), self.num_samples)
             if trainer.world_size > 1:
-                held = trainer.strategy.broadcast(held, src=0)
+                # The other ranks wait in this broadcast: they get rank 0's error too, so that every rank fails
+                # (and, during fit, recovers) alike instead of some waiting forever in a collective.
+                held, message = trainer.strategy.broadcast(
+                    (held, None if failure is None else f"{type(failure).__name__}: {failure}"), src=0)
+                if failure is not None:
+                    raise failure
+                if message is not None:
+                    raise RuntimeError(f"rank 0 could not read the held-out set: {message}")
             self._held_out = held
         return self._held_out
 
@@ -441,10 +511,13 @@ class EvaluationCallback(Callback):
     def _shapes_evaluator(self, held: HeldOutSet) -> Any | None:
         if not self.shapes_eval or "shapes" in self._disabled:
             return None
-        if not any(spec for spec in held.specs):
-            if "shapes" not in self._disabled:
-                self._disabled["shapes"] = "the held-out samples carry no shapes-world spec"
-                log.info("ShapesEval skipped: the held-out samples carry no shapes-world spec")
+        judged = sum(1 for spec in held.specs if spec)
+        if not self._shapes_announced:  # the held-out set is fixed for the run: say it once
+            self._shapes_announced = True
+            rank_zero_info(f"ShapesEval judges {judged} of {len(held)} held-out samples"
+                           + (" (the others carry no shapes-world scene spec)" if judged < len(held) else ""))
+        if not judged:
+            self._disabled["shapes"] = "the held-out samples carry no shapes-world scene spec"
             return None
         if self._shapes is None:
             from emf_lightning.metrics.shapes_eval import ShapesEval
@@ -517,10 +590,14 @@ class EvaluationCallback(Callback):
         cfg: float,
         extractor: nn.Module | None,
         clip: nn.Module | None,
+        advance: Callable[..., None] | None = None,
     ) -> tuple[np.ndarray, Tensor | None, Tensor | None]:
-        """Generate every held-out caption (this rank's batches), measure, gather in order."""
+        """Generate every held-out caption (this rank's batches), measure, gather in order; ``advance``
+        (a progress counter) moves once per generation batch."""
         plan = self._plan(trainer, len(held))
         imgs, feats, scores, index = [], [], [], []
+        if advance is not None:
+            advance(0, description=f"evaluation: {setting_label(steps, cfg)}")
         for b, start, stop in plan:
             captions = held.captions[start:stop]
             x = pl_module.generate(captions, steps=steps, cfg_scale=cfg, seed=self.seed + b, use_ema=True)
@@ -533,6 +610,8 @@ class EvaluationCallback(Callback):
             if clip is not None:
                 scores.append(clip.scores(x, captions))
             index.extend(range(start, stop))
+            if advance is not None:
+                advance(1)
         n = len(held)
         if getattr(pl_module, "generation_is_collective", False):
             # Sharded weights (FSDP2): every forward all-gathers, so a rank with fewer batches than another

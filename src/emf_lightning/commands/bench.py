@@ -56,6 +56,7 @@ from emf_lightning.meanflow import (
     sample_meanflow,
 )
 from emf_lightning.models import build_generator
+from emf_lightning.utils.progress import progress
 
 # Default workloads. CPU: pixel space 32x32, patch 4 (64 tokens). CUDA: SD-VAE latents of 256 px images
 # (32x32x4), patch 2 (256 tokens), as in DiT / MeanFlow on ImageNet 256.
@@ -230,8 +231,11 @@ def bench_steps(
     compile_model: bool,
     seed: int,
     log: Callable[[str], None],
+    advance: Callable[..., None] | None = None,
 ) -> tuple[list[StepResult], dict[str, Any]]:
-    """Time and measure every variant on one workload, rounds interleaved so load drift hits all alike."""
+    """Time and measure every variant on one workload, rounds interleaved so load drift hits all alike.
+    ``advance`` (a progress counter) moves once after the warm-up, once per round and once after memory."""
+    advance = advance or (lambda *a, **k: None)
     torch.manual_seed(seed)
     gen = build_generator(w.size, text_dim=w.text_dim, input_size=w.image_size, in_channels=w.channels,
                           patch_size=w.patch_size).to(device)
@@ -263,10 +267,12 @@ def bench_steps(
         except Exception as exc:  # noqa: BLE001 - the table shows the reason
             results[v.key].error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             log(f"  {v.key}: failed: {results[v.key].error}")
+    advance(1, description=f"bench {w.size}: timing")
     for i in range(repeats):
         for key in live:
             results[key].times_ms.append(1e3 * timer.time(steps[key]))
         log(f"  {w.size}: round {i + 1}/{repeats}")
+        advance(1, description=f"bench {w.size}: timing" if i + 1 < repeats else f"bench {w.size}: memory")
     measure = cuda_peak_bytes if device.type == "cuda" else cpu_peak_bytes
     if live:
         # The first profiled step of a process over-counts on the CPU (by about the parameter size:
@@ -276,6 +282,7 @@ def bench_steps(
         results[key].median_ms = statistics.median(results[key].times_ms)
         results[key].min_ms = min(results[key].times_ms)
         results[key].peak_step_mib = measure(steps[key]) / 2**20
+    advance(1)
     fm = results.get("fm")
     for r in results.values():
         if fm and fm.median_ms and r.median_ms:
@@ -564,10 +571,16 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     }
     for w in workloads:
         log(f"benchmarking {w.size} (batch {w.batch}) on {device}")
-        steps, info = bench_steps(w, variants, device, amp, repeats, args.warmup, args.compile, args.seed, log)
-        entry: dict[str, Any] = {"workload": asdict(w), "info": info, "steps": [asdict(s) for s in steps]}
-        if not args.no_sampling:
-            entry["sampling"] = bench_sampling(w, device, amp, args.fm_steps, args.sample_repeats, args.seed)
+        # One bar per case: warm-up, each timing round, memory, then sampling.
+        total = 1 + repeats + 1 + (0 if args.no_sampling else 1)
+        with progress(f"bench {w.size}: warm-up", total=total) as advance:
+            steps, info = bench_steps(w, variants, device, amp, repeats, args.warmup, args.compile, args.seed, log,
+                                      advance)
+            entry: dict[str, Any] = {"workload": asdict(w), "info": info, "steps": [asdict(s) for s in steps]}
+            if not args.no_sampling:
+                advance(0, description=f"bench {w.size}: sampling")
+                entry["sampling"] = bench_sampling(w, device, amp, args.fm_steps, args.sample_repeats, args.seed)
+                advance(1)
         report["workloads"].append(entry)
     if not args.no_loader:
         w0 = workloads[0]

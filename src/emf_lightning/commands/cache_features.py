@@ -25,6 +25,8 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
+from emf_lightning.utils.optional import MissingExtraError
+from emf_lightning.utils.progress import progress
 from emf_lightning.utils.weights import MissingWeightsError, emf_cache_dir
 
 log = logging.getLogger(__name__)
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         encoder = build_from_args(args)
-    except MissingWeightsError as err:
+    except (MissingWeightsError, MissingExtraError) as err:
         print(f"emf cache-features: {err}", file=sys.stderr)
         return 2
     cache = FeatureCache(encoder, args.root or default_root())
@@ -205,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run or not todo:
         return 0
     start = time.perf_counter()
-    computed = cache.precompute(captions, batch_size=args.batch_size)
+    with progress("encoding captions", total=todo) as advance:
+        # The bar replaces the every-10-batches log line where it is drawn.
+        computed = cache.precompute(captions, batch_size=args.batch_size, advance=advance,
+                                    log_every=0 if advance.drawn else 10)
     elapsed = time.perf_counter() - start
     if not args.no_compact:
         cache.compact()

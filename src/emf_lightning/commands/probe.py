@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from emf_lightning.utils.optional import MissingExtraError, require
+from emf_lightning.utils.progress import progress
 from emf_lightning.utils.weights import MissingWeightsError
 
 # Columns of the summary table: (metric key, header). Missing metrics show as "-".
@@ -190,9 +192,9 @@ def print_tables(results: dict[str, dict[str, Any]], k: int, console) -> None:
 
 
 def save_figure(results: dict[str, dict[str, Any]], histograms: dict[str, tuple], path: Path) -> None:
-    """Same-scene vs different-scene cosine histograms per encoder, and minimal-pair accuracy per edit."""
-    import matplotlib
-
+    """Same-scene vs different-scene cosine histograms per encoder, and minimal-pair accuracy per edit.
+    Raises MissingExtraError without matplotlib (the `plot` extra)."""
+    matplotlib = require("matplotlib", extra="plot", purpose="The probe figure")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -238,6 +240,17 @@ def save_figure(results: dict[str, dict[str, Any]], histograms: dict[str, tuple]
     plt.close(fig)
 
 
+def _counting(encode, advance, total: int, label: str):
+    """``encode`` that also advances a progress bar by the number of captions it was given, and relabels it
+    once all ``total`` are encoded (the metrics come next, under the same bar)."""
+    def counted(captions: list[str]):
+        out = encode(captions)
+        advance(len(captions), description=f"metrics ({label})" if advance.completed + len(captions) >= total
+                else None)
+        return out
+    return counted
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the probe; returns the process exit code (0 ok, 2 nothing could be probed)."""
     args = parse_args(argv)
@@ -279,12 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             encoder = choice.build()
-        except MissingWeightsError as err:
+        except (MissingWeightsError, MissingExtraError) as err:
             if args.encoder == "all":
                 skipped[choice.label] = str(err)
-                say(f"skip {choice.label}: {err}")
+                say(f"skip {choice.label}: {err}", markup=False)  # messages hold [extra] brackets
                 continue
-            console.print(f"emf probe: {err}")
+            console.print(f"emf probe: {err}", markup=False)
             return 2
         say(f"encoding {len(probe.all_captions())} captions with {choice.label} ({encoder.cache_key}) ...")
         encode = encoder.encode
@@ -293,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
 
             cache = FeatureCache(encoder, root=args.feature_cache)
             encode = cache.encode
-        result = evaluate_probe(probe, encode, k=args.k, batch_size=args.batch_size, seed=args.seed)
+        n_captions = len(probe.all_captions())
+        with progress(f"encoding ({choice.label})", total=n_captions) as advance:
+            result = evaluate_probe(probe, _counting(encode, advance, n_captions, choice.label), k=args.k,
+                                    batch_size=args.batch_size, seed=args.seed)
         if args.feature_cache:
             cache.save()
         results[choice.label] = {"dim": encoder.dim, "cache_key": encoder.cache_key,
@@ -310,8 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "probe.json").write_text(json.dumps(report, indent=2, sort_keys=False))
     written = [out / "probe.json"]
     if not args.no_figure:
-        save_figure(results, histograms, out / "probe.png")
-        written.append(out / "probe.png")
+        try:
+            save_figure(results, histograms, out / "probe.png")
+            written.append(out / "probe.png")
+        except MissingExtraError as err:  # the numbers are written; only the picture is missing
+            say(f"figure skipped: {err}", markup=False)
     say("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -27,6 +27,7 @@ from typing import Any
 from emf_lightning.data.health import SkipCounter, SkipTally
 from emf_lightning.data.shards import ShardSample, WriteResult, attach_features, write_shards
 from emf_lightning.data.sources import folder_samples, list_samples, shapes_samples
+from emf_lightning.utils.progress import counted, progress
 
 
 def parse_mix(text: str | None) -> dict[str, float] | None:
@@ -142,8 +143,10 @@ def write(args: argparse.Namespace) -> WriteResult:
                                   dtype=args.features_dtype)
         features = {"encoder": args.encoder, "cache_key": encoder.cache_key, "dim": encoder.dim,
                     "dtype": args.features_dtype, "caption": "primary"}
-    return write_shards(samples, output_pattern(args), maxcount=args.maxcount, maxsize=args.maxsize, source=source,
-                        skipped=skipped, features=features)
+    total = args.n if args.source == "shapes" else None  # folders and lists are not counted up front
+    with progress(f"writing {args.source} shards", total=total) as advance:
+        return write_shards(counted(samples, advance), output_pattern(args), maxcount=args.maxcount,
+                            maxsize=args.maxsize, source=source, skipped=skipped, features=features)
 
 
 def check(args: argparse.Namespace) -> SkipTally:
@@ -153,8 +156,10 @@ def check(args: argparse.Namespace) -> SkipTally:
     stream = ShardStream(expand_shard_urls(args.shards), batch_size=256, train=False,
                          options=DecodeOptions(image_size=args.image_size))
     tally = SkipTally()
-    for batch in stream:
-        tally.add(batch["skipped"], len(batch["key"]))
+    with progress("checking shards (samples)") as advance:
+        for batch in stream:
+            tally.add(batch["skipped"], len(batch["key"]))
+            advance(len(batch["key"]))
     return tally
 
 

@@ -5,10 +5,13 @@ Training reads an endless stream of shards drawn with replacement, shuffled, wit
 in a fixed order, split between ranks and workers without duplicates or gaps (see `data/pipeline.py`).
 Bad input is skipped and counted; each loader logs a one-line summary at the end of every epoch, and
 `callbacks.data_health.DataHealthCallback` sums the counts over ranks and logs them as metrics.
+The training loader is resumable: a fit resumed from a mid-epoch checkpoint continues with exactly the
+batches an uninterrupted run would have seen (`ShardLoader.state_dict`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -36,6 +39,13 @@ class ShardLoader(DataLoader):
 
     `sampler` and `batch_sampler` exist only so that Lightning can re-create the loader (it does for
     every predict loader, passing None for both with an iterable dataset); the stream batches itself.
+
+    Resumable (Lightning's stateful-loader protocol): `state_dict()` is the position, (epoch, batches handed
+    out in it), which Lightning stores in every checkpoint of a fit; `load_state_dict()` on resume makes the
+    next `iter()` replay that epoch and drop the batches already trained on. The stream is a pure function of
+    (seed, epoch, rank, worker) and batches arrive from the workers in a fixed round-robin, so the resumed
+    run sees exactly the batches an uninterrupted run would have (same data layout assumed: a different
+    number of workers, ranks, batch size or shards is warned about and resumes at the same position only).
     """
 
     def __init__(self, stream: ShardStream, label: str, num_workers: int = 0, pin_memory: bool = False,
@@ -56,6 +66,8 @@ class ShardLoader(DataLoader):
         self.tally = SkipTally()
         self.next_epoch = start_epoch
         self._length = stream.num_batches(num_workers)
+        self._position = (start_epoch, 0)  # (epoch, batches handed out in it): what a checkpoint saves
+        self._replay = 0  # batches of the next epoch to drop on resume (a restored checkpoint trained on them)
 
     def __len__(self) -> int:
         if self._length is None:
@@ -64,19 +76,60 @@ class ShardLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         stream: ShardStream = self.dataset  # type: ignore[assignment]
-        stream.set_epoch(self.next_epoch)
-        self.next_epoch += 1
+        epoch, replay = self.next_epoch, self._replay
+        stream.set_epoch(epoch)
+        self.next_epoch, self._replay = epoch + 1, 0
+        self._position = (epoch, 0)
         self.tally.reset()
+        if replay:
+            log.info("%s: resuming epoch %d after %d batches: replaying the stream to that point", self.label,
+                     epoch, replay)
         for batch in super().__iter__():
             self.tally.add(batch.get("skipped"), len(batch["key"]))
             if batch["key"]:
+                self._position = (epoch, self._position[1] + 1)
+                if self._position[1] <= replay:
+                    continue  # trained on before the checkpoint this run resumed from
                 yield batch
         message = self.tally.summary(f"{self.label} epoch {stream.epoch}")
         log.log(logging.WARNING if self.tally.counts else logging.INFO, message)
 
+    def _layout(self) -> dict[str, Any]:
+        """What, besides (seed, epoch, rank, worker), decides which batch comes when."""
+        stream: ShardStream = self.dataset  # type: ignore[assignment]
+        return {"seed": stream.seed, "shards": len(stream.urls), "batch_size": stream.batch_size,
+                "num_workers": self.num_workers, "world_size": stream.world_size,
+                "samples_per_rank": stream.samples_per_rank, "shuffle_buffer": stream.shuffle_buffer,
+                "options": dataclasses.asdict(stream.options)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's position: {"epoch", "batches" handed out in that epoch, "layout"}. Every rank is at the
+        same position (same batches per epoch), so rank 0's copy in the checkpoint serves all ranks."""
+        epoch, batches = self._position
+        return {"epoch": epoch, "batches": batches, "layout": self._layout()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position: the next `iter()` replays its epoch and drops the batches handed out."""
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if self._length is not None and batches >= self._length:
+            epoch, batches = epoch + 1, 0  # the saved epoch was complete
+        if epoch < self.next_epoch:
+            return  # the trainer has moved past that epoch already (e.g. limit_train_batches ended it)
+        saved = state.get("layout")
+        now = self._layout()
+        if saved is not None and saved != now:
+            changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            log.warning("%s: resuming at epoch %d batch %d, but the data layout changed since the checkpoint (%s): "
+                        "the stream continues from the same position, not with the samples an uninterrupted run "
+                        "would have seen", self.label, epoch, batches, ", ".join(changed))
+        self.next_epoch, self._replay = epoch, batches
+
 
 class ShardDataModule(LightningDataModule):
-    """WebDataset shards -> batches {"image" [B,3,H,W] in [-1,1], "caption", "spec", "key", "skipped"}.
+    """WebDataset shards -> batches {"image" [B,3,H,W] in [-1,1], "caption", "spec", "meta", "key", "skipped"}.
+
+    "meta" is each sample's .json (without "captions"), "spec" the same dict when it is a shapes-world scene
+    spec and None otherwise (other datasets' metadata, e.g. img2dataset's url/width/height/status).
 
     Args:
         train_shards: training shards: a brace pattern ("data/train-{000000..000099}.tar"), a glob, a
@@ -91,7 +144,8 @@ class ShardDataModule(LightningDataModule):
         image_size: output side: resize the shorter side, centre crop, normalise to [-1, 1].
         shuffle_buffer: training samples (encoded) in the shuffle buffer; <= 1 disables shuffling.
         epoch_length: training samples per epoch, summed over all ranks (must divide by world size);
-            the stream is endless, so this only sets where an epoch ends.
+            the stream is endless, so this only sets where an epoch ends. A fit resumed mid-epoch replays
+            that epoch's data loading up to where it stopped (see `ShardLoader`), so this also bounds that.
         caption_sampling: "first" = the primary caption (.txt); "random" = a random one among the
             primary caption and the paraphrases in the .json "captions".
         caption_dropout: training only: probability of replacing the caption with "" (the null
@@ -102,7 +156,8 @@ class ShardDataModule(LightningDataModule):
             batch["features"] = {"tokens" [B,L,D], "mask" [B,L], "pooled" [B,D]}; they belong to the
             primary caption, so this needs caption_sampling="first". A dropped caption ("") keeps its
             features: use the null condition for those rows.
-        load_latents: read precomputed latents (<key>.latent.npy/.pth) into batch["latent"].
+        load_latents: read precomputed latents (<key>.latent.npy/.pth, written by `emf cache-latents`) into
+            batch["latent"]; a sample without one raises `MissingLatentsError` (the shards lack latents).
         pin_memory, persistent_workers, prefetch_factor: passed to the DataLoader.
     """
 

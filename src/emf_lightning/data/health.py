@@ -22,14 +22,15 @@ DUPLICATE_ENTRY = "duplicate_entry"  # the same key.ext twice in a row; the repe
 MISSING_IMAGE = "missing_image"
 UNDECODABLE_IMAGE = "undecodable_image"
 EMPTY_CAPTION = "empty_caption"  # no .txt and no caption in the .json, or only whitespace
+UNDECODABLE_CAPTION = "undecodable_caption"  # the .txt is not valid UTF-8
 BAD_JSON = "bad_json"
 BAD_FEATURES = "bad_features"  # precomputed text features missing (when required) or unreadable
-BAD_LATENT = "bad_latent"  # precomputed latent missing (when required) or unreadable
+BAD_LATENT = "bad_latent"  # precomputed latent unreadable (a missing one raises MissingLatentsError)
 
 SHARD_REASONS = frozenset({UNREADABLE_SHARD, CORRUPT_SHARD})
 # Every reason the datamodule counts, in a fixed order (ranks sum them as one vector).
 ALL_REASONS = (UNREADABLE_SHARD, CORRUPT_SHARD, DUPLICATE_ENTRY, MISSING_IMAGE, UNDECODABLE_IMAGE, EMPTY_CAPTION,
-               BAD_JSON, BAD_FEATURES, BAD_LATENT)
+               BAD_JSON, BAD_FEATURES, BAD_LATENT, UNDECODABLE_CAPTION)
 
 
 class SkipCounter:

@@ -10,8 +10,9 @@ Two modes:
   so nothing is duplicated or dropped, and the order is fixed for a fixed number of ranks and workers.
   (With fewer shards than ranks x workers, some workers get none; write more, smaller shards.)
 
-Batches are dicts {"image": [B,3,H,W] in [-1,1], "caption": [str], "spec": [dict|None], "key": [str],
-"skipped": {reason: count}} plus "features" / "latent" when requested. "skipped" holds the skips this
+Batches are dicts {"image": [B,3,H,W] in [-1,1], "caption": [str], "spec": [dict|None], "meta": [dict|None],
+"key": [str], "skipped": {reason: count}} plus "features" / "latent" when requested. "meta" is the sample's .json
+(without "captions"); "spec" is that same dict only when it is a shapes-world scene spec, otherwise None. "skipped" holds the skips this
 worker counted since its previous batch; a worker whose samples were all bad yields one empty batch
 (B = 0) to report its counts, which `ShardDataModule`'s loader consumes and drops.
 """
@@ -35,7 +36,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from emf_lightning.data.health import (BAD_FEATURES, BAD_JSON, BAD_LATENT, EMPTY_CAPTION, MISSING_IMAGE,
-                                       UNDECODABLE_IMAGE, SkipCounter)
+                                       UNDECODABLE_CAPTION, UNDECODABLE_IMAGE, SkipCounter)
+from emf_lightning.data.shapes_scene import scene_spec_or_none
 from emf_lightning.data.tar_reader import iter_shard_samples
 from emf_lightning.data.transforms import open_rgb, resize_center_crop
 from emf_lightning.utils.images import from_uint8
@@ -117,6 +119,10 @@ class DecodeOptions:
     load_latents: bool = False
 
 
+class MissingLatentsError(ValueError):
+    """A sample has no precomputed latent although the data module was asked to load latents."""
+
+
 def _first_key(raw: dict[str, Any], keys: Iterable[str]) -> str | None:
     return next((k for k in keys if k in raw), None)
 
@@ -142,7 +148,7 @@ def _features(data: bytes, ext: str) -> dict[str, torch.Tensor]:
 
 def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, counter: SkipCounter,
                   train: bool) -> dict[str, Any] | None:
-    """A raw tar sample -> {"image", "caption", "spec", "key"[, "features", "latent"]}, or None (counted).
+    """A raw tar sample -> {"image", "caption", "spec", "meta", "key"[, "features", "latent"]}, or None (counted).
 
     "image" is uint8 [H, W, 3] here; `collate` converts whole batches to [-1, 1] floats at once.
     """
@@ -158,7 +164,12 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, 
             counter.skip(BAD_JSON, f"{where}: {exn}")
             return None
     paraphrases = [c.strip() for c in (doc or {}).get("captions", []) or [] if isinstance(c, str) and c.strip()]
-    primary = raw["txt"].decode("utf-8", errors="replace").strip() if "txt" in raw else ""
+    try:
+        # strict: a caption with invalid bytes would otherwise be trained as U+FFFD text
+        primary = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
+    except UnicodeDecodeError as exn:
+        counter.skip(UNDECODABLE_CAPTION, f"{where}.txt: not UTF-8: {exn}")
+        return None
     primary = primary or (paraphrases[0] if paraphrases else "")
     if not primary:
         counter.skip(EMPTY_CAPTION, f"{where}: no caption (.txt missing or empty, no 'captions' in .json)")
@@ -185,9 +196,12 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, 
             return None
     if opts.load_latents:
         lkey = _first_key(raw, LATENT_KEYS)
+        if lkey is None:  # not bad data but the wrong shards: stop with what to do instead of skipping everything
+            raise MissingLatentsError(
+                f"{where}: no precomputed latent ({', '.join(LATENT_KEYS)}) but latents were asked for "
+                "(load_latents=True): these shards were written without latents. Encode them once with "
+                "`emf cache-latents --vae NAME --shards URLS --out PATTERN` and train on its output shards")
         try:
-            if lkey is None:
-                raise KeyError(f"no precomputed latent ({', '.join(LATENT_KEYS)})")
             latent = _load_array(raw[lkey], lkey)
             if not isinstance(latent, torch.Tensor):
                 raise ValueError(f"latent must be a tensor, got {type(latent).__name__}")
@@ -202,8 +216,9 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, 
     if train and opts.caption_dropout > 0 and rng.random() < opts.caption_dropout:
         caption = ""  # the null condition (classifier-free guidance)
     out["caption"] = caption
-    spec = {k: v for k, v in (doc or {}).items() if k != "captions"}
-    out["spec"] = spec or None
+    meta = {k: v for k, v in (doc or {}).items() if k != "captions"}
+    out["meta"] = meta or None
+    out["spec"] = scene_spec_or_none(meta)  # other datasets' .json (img2dataset, list columns) is no scene spec
     return out
 
 
@@ -214,12 +229,13 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, 
 def collate(samples: list[dict[str, Any]], skipped: dict[str, int], image_size: int) -> dict[str, Any]:
     """Stack samples into a batch; variable-length feature tokens are right-padded with zeros and masked."""
     if not samples:
-        return {"image": torch.empty(0, 3, image_size, image_size), "caption": [], "spec": [], "key": [],
-                "skipped": skipped}
+        return {"image": torch.empty(0, 3, image_size, image_size), "caption": [], "spec": [], "meta": [],
+                "key": [], "skipped": skipped}
     batch: dict[str, Any] = {
         "image": from_uint8(np.stack([s["image"] for s in samples])),
         "caption": [s["caption"] for s in samples],
         "spec": [s["spec"] for s in samples],
+        "meta": [s["meta"] for s in samples],
         "key": [s["key"] for s in samples],
         "skipped": skipped,
     }
@@ -389,5 +405,5 @@ def _decode_all(raw: Iterable[dict[str, Any]], opts: DecodeOptions, rng: random.
             yield sample
 
 
-__all__ = ["ShardStream", "DecodeOptions", "expand_shard_urls", "split_shards", "worker_share", "decode_sample",
+__all__ = ["ShardStream", "DecodeOptions", "MissingLatentsError", "expand_shard_urls", "split_shards", "worker_share", "decode_sample",
            "collate", "batches", "IMAGE_KEYS"]

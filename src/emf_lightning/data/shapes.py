@@ -32,6 +32,7 @@ from emf_lightning.data.shapes_scene import (
     normalise_mix,
     perturb,
     sample_scene,
+    scene_spec_or_none,
     validate_spec,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "perturb",
     "reduced_captions",
     "render",
+    "scene_spec_or_none",
     "validate_spec",
 ]
 

@@ -136,6 +136,23 @@ def validate_spec(spec: Mapping[str, Any]) -> None:
         raise SceneError("a 'position' spec needs exactly one relation")
 
 
+def scene_spec_or_none(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The shapes-world scene spec in a sample's metadata (its .json), or None when it is not one.
+
+    Other datasets' .json files (img2dataset's url/width/height/status, a list file's extra columns) are
+    metadata, not scene specs: the one test is that ``validate_spec`` accepts it. The ``captions`` list that
+    shards store beside the spec is not part of it.
+    """
+    if not meta or not isinstance(meta, Mapping):
+        return None
+    spec = {k: v for k, v in meta.items() if k != "captions"}
+    try:
+        validate_spec(spec)
+    except (ValueError, TypeError, AttributeError, KeyError):  # SceneError is a ValueError
+        return None
+    return spec
+
+
 def _boxes_clear(objects: Sequence[Mapping[str, Any]]) -> bool:
     """True when every box is inside the image (with BORDER) and no two boxes come closer than BOX_GAP."""
     for obj in objects:

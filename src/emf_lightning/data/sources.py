@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from emf_lightning.data.health import EMPTY_CAPTION, MISSING_IMAGE, UNDECODABLE_IMAGE, SkipCounter
+from emf_lightning.data.health import EMPTY_CAPTION, MISSING_IMAGE, UNDECODABLE_CAPTION, UNDECODABLE_IMAGE, SkipCounter
 from emf_lightning.data.shards import ShardSample, normalize_image_ext, sanitize_key
 from emf_lightning.data.transforms import IMAGE_EXTENSIONS, encode_png, open_rgb, resize_center_crop
 
@@ -86,7 +86,11 @@ def folder_samples(root: str | Path, counter: SkipCounter, image_size: int | Non
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
     for path in images:
         txt = path.with_suffix(".txt")
-        captions = _captions_from_text(txt.read_text(encoding="utf-8", errors="replace")) if txt.is_file() else []
+        try:
+            captions = _captions_from_text(txt.read_text(encoding="utf-8")) if txt.is_file() else []
+        except UnicodeDecodeError as exn:  # not U+FFFD text in the shards: skip it, counted
+            counter.skip(UNDECODABLE_CAPTION, f"{txt}: not UTF-8: {exn}")
+            continue
         key = sanitize_key(str(path.relative_to(root).with_suffix("")))
         sample = _sample_from_file(path, key, captions, image_size, counter)
         if sample is not None:

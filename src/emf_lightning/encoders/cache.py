@@ -20,7 +20,7 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -91,9 +91,11 @@ class FeatureCache:
             self._add(missing, self.encoder.encode(missing))
         return self._assemble(captions)
 
-    def precompute(self, captions: Iterable[str], batch_size: int | None = None, log_every: int = 10) -> int:
+    def precompute(self, captions: Iterable[str], batch_size: int | None = None, log_every: int = 10,
+                   advance: Callable[[int], None] | None = None) -> int:
         """Encode every not-yet-cached unique caption in chunks of `batch_size` (default: the encoder's);
         saves each chunk when the cache has a root, so an interrupted run keeps its work.
+        `advance(n)` is called after each chunk with its size (a progress bar's counter).
         Returns how many captions were computed."""
         todo = [c for c in dict.fromkeys(check_captions(list(captions))) if c not in self._pooled]
         todo.sort(key=len)  # batches of similar length: less padding to compute
@@ -104,6 +106,8 @@ class FeatureCache:
             self._add(chunk, self.encoder.encode(chunk))
             if self.dir is not None:
                 self.save()
+            if advance is not None:
+                advance(len(chunk))
             if log_every and (i + 1) % log_every == 0:
                 done = lo + len(chunk)
                 rate = done / max(time.perf_counter() - start, 1e-9)

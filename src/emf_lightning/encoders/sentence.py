@@ -10,6 +10,7 @@ import torch
 
 from emf_lightning.encoders.hf_base import HFTextEncoder, PaddingSide, random_init
 from emf_lightning.encoders.hub import hf_weights_available, load_pretrained, locate_pretrained, warn_random
+from emf_lightning.encoders.st_pooling import POOLING_MODES, declared_pooling, pool_tokens
 from emf_lightning.encoders.tiny import tiny_tokenizer
 from emf_lightning.utils.weights import MissingWeightsError
 
@@ -29,13 +30,17 @@ def minilm_path() -> Path | None:
 
 
 class SentenceEncoder(HFTextEncoder):
-    """Token states of a BERT-like encoder (AutoModel); pooled = mean over real tokens, as
-    sentence-transformers pools all-MiniLM (including [CLS] and [SEP]). `normalize=True` L2-normalises
-    the pooled vector like the sentence-transformers pipeline; cosine similarities are unaffected.
+    """Token states of a BERT-like encoder (AutoModel); pooled the way the model declares it in its
+    sentence-transformers files (`modules.json` -> Pooling `config.json`: mean, CLS, max, ...), mean over
+    real tokens when it declares nothing (all-MiniLM declares mean, [CLS] and [SEP] included).
+    `normalize=True` L2-normalises the pooled vector like the sentence-transformers pipeline; cosine
+    similarities are unaffected.
 
     Args:
         model: "minilm" (offline default, the packaged all-MiniLM-L6-v2), an HF id in the local cache or
             a local folder.
+        pooling: None (default) = what the model declares, else mean; or force one of
+            `st_pooling.POOLING_MODES` (mean, cls, max, mean_sqrt_len, last).
         max_length: 256 like sentence-transformers' all-MiniLM-L6-v2 setting.
         pretrained: False builds a tiny random BERT (tests only; logs a warning).
     """
@@ -56,7 +61,11 @@ class SentenceEncoder(HFTextEncoder):
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
+        pooling: str | None = None,
     ):
+        if pooling is not None and pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be None (the model's own) or one of {', '.join(POOLING_MODES)}, "
+                             f"got {pooling!r}")
         super().__init__(
             layer=layer,
             padding_side=padding_side,
@@ -71,6 +80,7 @@ class SentenceEncoder(HFTextEncoder):
         model = model or self.default_model
         self.normalize = normalize
         config: dict[str, Any] = {}
+        declared: str | None = None
         if pretrained:
             if model == "minilm":
                 folder = minilm_path()
@@ -81,6 +91,7 @@ class SentenceEncoder(HFTextEncoder):
                 source = str(folder)
             else:
                 source = locate_pretrained(model)
+            declared = declared_pooling(source)
             self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, source)
             self.model = load_pretrained(AutoModel.from_pretrained, source, dtype=self.compute_dtype)
         else:
@@ -93,6 +104,8 @@ class SentenceEncoder(HFTextEncoder):
             )
             warn_random(self.name, "tiny BERT")
             self.model = random_init(lambda: AutoModel.from_config(cfg), seed)
+        # Set before _setup: the cache key names the pooling (pool-mean for all-MiniLM, as before).
+        self.pooling = pooling or declared or "mean"
         self._setup(model if pretrained else "tiny-bert", pretrained, config)
 
     def _key_parts(self) -> list[str]:
@@ -100,6 +113,7 @@ class SentenceEncoder(HFTextEncoder):
 
     def _encode_batch(self, captions):
         features, truncated = super()._encode_batch(captions)
+        features.pooled = pool_tokens(features.tokens, features.mask, self.pooling)
         if self.normalize:
             features.pooled = torch.nn.functional.normalize(features.pooled, dim=-1)
         return features, truncated

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from emf_lightning.utils.optional import require
 from emf_lightning.utils.weights import MissingWeightsError, emf_cache_dir
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ def ensure_smollm2() -> Path:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModel, AutoTokenizer
+
+    # transformers reads GGUF files with `gguf` and de-quantises them with `accelerate`: the `gguf` extra.
+    require("gguf", extra="gguf", purpose="Converting the SmolLM2 GGUF file")
+    require("accelerate", extra="gguf", purpose="Converting the SmolLM2 GGUF file")
 
     log.info("converting %s to a transformers folder at %s (once, ~30 s)", source, target)
     start = time.perf_counter()

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from emf_lightning.utils.optional import require
 from emf_lightning.utils.weights import MissingWeightsError, emf_cache_dir
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,9 @@ class InceptionFeatures(nn.Module):
         self.feature_id = feature_id
         self.net.eval()
         if protocol == "clean":
-            from cleanfid.resize import make_resizer
-
+            resize = require("cleanfid.resize", extra="fid", purpose=f"FID with clean-fid's {CLEAN_FID_FILE}")
             # clean-fid's "clean" mode: resize each float channel with PIL bicubic, no re-quantisation.
-            self._resize = make_resizer("PIL", False, "bicubic", (INCEPTION_SIZE, INCEPTION_SIZE))
+            self._resize = resize.make_resizer("PIL", False, "bicubic", (INCEPTION_SIZE, INCEPTION_SIZE))
 
     def train(self, mode: bool = True) -> "InceptionFeatures":
         """Stay in eval mode: FID features must not depend on batch statistics."""

@@ -246,25 +246,22 @@ def effective_rank(features: Tensor, center: bool = False) -> float:
 def same_scene_auc(similarity: Tensor, same_scene: Tensor) -> float:
     """Probability that a random same-scene pair is more similar than a random different-scene pair
     (ROC AUC of the cosine as a same-scene detector; ties count one half). Uses each unordered pair once.
+    Computed by torchmetrics' ``binary_auroc`` (exact ROC, no thresholds binning; its result is float32).
 
     Args:
         similarity: ``[N, N]`` symmetric similarities.
         same_scene: ``[N, N]`` bool, True where the two captions depict the same scene.
     """
+    from torchmetrics.functional.classification import binary_auroc
+
     pos, neg = split_pair_similarities(similarity, same_scene)
     if pos.numel() == 0 or neg.numel() == 0:
         raise ValueError("same_scene_auc needs at least one same-scene and one different-scene pair")
-    # Mann-Whitney U via average ranks of the pooled sample.
-    values = torch.cat([pos, neg])
-    order = values.argsort()
-    ranks = torch.empty_like(values)
-    ranks[order] = torch.arange(1, values.numel() + 1, dtype=values.dtype, device=values.device)
-    uniq, inverse = torch.unique(values, return_inverse=True)
-    rank_sum = torch.zeros_like(uniq).index_add_(0, inverse, ranks)
-    count = torch.zeros_like(uniq).index_add_(0, inverse, torch.ones_like(ranks))
-    avg = (rank_sum / count)[inverse]
-    u = avg[: pos.numel()].sum() - pos.numel() * (pos.numel() + 1) / 2
-    return float(u / (pos.numel() * neg.numel()))
+    # binary_auroc takes scores outside [0, 1] for logits and applies a sigmoid; cosines in [-1, 1] go to
+    # [0, 1] by an increasing affine map instead, which keeps every comparison (and so the AUC) as it was.
+    scores = ((torch.cat([pos, neg]) + 1) / 2).clamp(0, 1)
+    target = torch.cat([torch.ones(pos.numel()), torch.zeros(neg.numel())]).long().to(scores.device)
+    return float(binary_auroc(scores, target))
 
 
 def split_pair_similarities(similarity: Tensor, same_scene: Tensor) -> tuple[Tensor, Tensor]:

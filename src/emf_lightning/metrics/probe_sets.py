@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from emf_lightning.data.shapes_scene import scene_spec_or_none
+
 log = logging.getLogger(__name__)
 
 PERTURBATION_KINDS = ("color", "shape", "swap_binding", "relation", "count")
@@ -246,7 +248,8 @@ def read_shard_samples(shards: str | Sequence[str], n: int) -> tuple[list[dict],
         spec = None
         if "json" in raw:
             try:
-                spec = json.loads(raw["json"])
+                # other datasets' .json (img2dataset's url/width/...) is metadata: relevance from images then
+                spec = scene_spec_or_none(json.loads(raw["json"]))
             except (ValueError, UnicodeDecodeError):
                 skipped["unreadable .json spec: ignored"] += 1
         image = None

@@ -73,7 +73,7 @@ def load_generator_weights(module: Any, path: str | Path, copy_time_to_interval:
     if problems:
         raise IncompatibleCheckpointError(
             f"Checkpoint {path} was trained with another generator architecture than this model "
-            f"(backbone_size / image_size / patch_size / encoder dim must match):\n  " + "\n  ".join(problems)
+            f"(the backbone class, its size and input shape, and the encoder width must match):\n  " + "\n  ".join(problems)
         )
     ema_state = _sub_state(state, "ema_generator.")
     if not ema_state or describe_mismatch(module.ema_generator, ema_state):

@@ -18,7 +18,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = ["grad_norm", "is_sharded", "load_full_state_dict", "shard_generator", "sharding_units", "unsharded"]
@@ -95,21 +94,23 @@ def unsharded(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def grad_norm(params: Iterable[nn.Parameter]) -> Tensor | None:
-    """The global L2 norm of the gradients (float32); sharded gradients are reduced over their mesh."""
+    """The global L2 norm of the gradients (float32), or None when no parameter has one.
+
+    ``torch.nn.utils.get_total_norm`` does the arithmetic. On FSDP2 gradients (DTensors) it returns a DTensor
+    holding this rank's partial norm; ``full_tensor()`` is the cross-shard reduction (an all-reduce over the
+    gradients' mesh), so every rank gets the same global norm. A collective then: every rank must call it.
+    """
     dtensor = _dtensor_cls()
-    local_sq: Tensor | None = None
-    group = None
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        if dtensor is not None and isinstance(g, dtensor):
-            group = g.device_mesh.get_group()
-            g = g.to_local()
-        sq = g.detach().float().pow(2).sum()
-        local_sq = sq if local_sq is None else local_sq + sq
-    if local_sq is None:
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
         return None
-    if group is not None:
-        dist.all_reduce(local_sq, group=group)
-    return local_sq.sqrt()
+    sharded = [g for g in grads if dtensor is not None and isinstance(g, dtensor)]
+    plain = [g for g in grads if dtensor is None or not isinstance(g, dtensor)]
+    norms = []
+    if sharded:
+        total = torch.nn.utils.get_total_norm(sharded, norm_type=2.0)
+        norms.append(total.full_tensor() if isinstance(total, dtensor) else total)
+    if plain:
+        norms.append(torch.nn.utils.get_total_norm(plain, norm_type=2.0))
+    # Sharded and plain parts (a module partly outside FSDP2) combine as one vector's norm would.
+    return torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))

@@ -1,7 +1,7 @@
 """Labelled image grids (prompt x step count, or any rows x columns) saved as PNG.
 
-Cells are laid out row-major with ``padding`` pixels around every cell (torchvision's ``make_grid``
-geometry, but also for a single image, which ``make_grid`` returns unpadded). Text labels are drawn with
+Cells are laid out row-major with ``padding`` pixels around every cell by torchvision's ``make_grid`` (a
+single image, which ``make_grid`` returns unpadded, is padded the same way here). Text labels are drawn with
 PIL into a left margin (one label per row, wrapped, truncated with an ellipsis when it does not fit the
 row height) and a top margin (one label per column).
 
@@ -99,6 +99,17 @@ def _as_uint8_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
     return arr
 
 
+def _grid_body(cells: np.ndarray, nrow: int, padding: int, background: int) -> np.ndarray:
+    """uint8 cells ``[n, H, W, 3]`` laid out ``nrow`` per row by ``torchvision.utils.make_grid`` -> uint8 HxWx3."""
+    if cells.shape[0] == 1:  # make_grid returns a lone image as it is; pad it like every other cell
+        return np.pad(cells[0], ((padding, padding), (padding, padding), (0, 0)), constant_values=background)
+    from torchvision.utils import make_grid  # imported here: torchvision's import is not free
+
+    grid = make_grid(torch.from_numpy(np.ascontiguousarray(cells)).permute(0, 3, 1, 2), nrow=nrow,
+                     padding=padding, pad_value=background)
+    return np.ascontiguousarray(grid.permute(1, 2, 0).numpy())
+
+
 def make_labelled_grid(
     images: torch.Tensor | np.ndarray,
     nrow: int,
@@ -141,12 +152,7 @@ def make_labelled_grid(
     if upscale > 1:
         arr = arr.repeat(upscale, axis=1).repeat(upscale, axis=2)
     cell_h, cell_w = arr.shape[1:3]
-    body = np.full((nrows * (cell_h + padding) + padding, ncol * (cell_w + padding) + padding, 3), background, np.uint8)
-    for i, cell in enumerate(arr):
-        y = padding + (i // nrow) * (cell_h + padding)
-        x = padding + (i % nrow) * (cell_w + padding)
-        body[y : y + cell_h, x : x + cell_w] = cell
-    body_img = Image.fromarray(body)
+    body_img = Image.fromarray(_grid_body(arr, nrow, padding, background))
 
     font = _font(font_size)
     line_h = _line_height(font)
