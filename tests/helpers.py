@@ -18,6 +18,10 @@ from emf_lightning.encoders.base import TextEncoder, TextFeatures, masked_mean
 
 # A generator small enough for a CPU training step in ~0.1 s at 16x16.
 TINY_BACKBONE: dict[str, Any] = {"hidden_size": 32, "depth": 1, "num_heads": 2}
+# The same as command-line overrides: `--model.backbone=...`, `--model.encoder=...`.
+TINY_DIT = ('{"class_path": "emf_lightning.models.DiT", "init_args": {"preset": "tiny", "input_size": 16, '
+            '"patch_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}}')
+BOW = '{"class_path": "emf_lightning.encoders.BagOfWordsEncoder", "init_args": {"dim": 16}}'
 
 
 class HashWordEncoder(TextEncoder):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import write_shapes_shards
+from helpers import BOW, TINY_DIT, write_shapes_shards
 from PIL import Image
 
 from emf_lightning import cli
@@ -26,9 +26,6 @@ NO_OFFLINE_WEIGHTS = {
     "t5_meanflow.yaml": "google/flan-t5-base",
     "clip_meanflow.yaml": "ViT-L-14",
 }
-BOW = '{"class_path": "emf_lightning.encoders.BagOfWordsEncoder", "init_args": {"dim": 16}}'
-TINY_DIT = ('{"class_path": "emf_lightning.models.DiT", "init_args": {"preset": "tiny", "input_size": 16, '
-            '"patch_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}}')
 
 
 @pytest.fixture(scope="module")

@@ -209,7 +209,7 @@ def test_fit_whose_evaluations_raise_still_writes_the_final_checkpoint(tmp_path,
     from helpers import tiny_module, write_shapes_shards
 
     from emf_lightning.callbacks.checkpoint import FinalModelCheckpoint
-    from emf_lightning.module import EMFModule
+    from emf_lightning.training import EMFModule
 
     urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4, resolution=16)
     dm = ShardDataModule(train_shards=urls["train"], val_shards=urls["val"], batch_size=4, image_size=16,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_shapes_shards
+from helpers import TINY_DIT, write_shapes_shards
 from PIL import Image
 
 from emf_lightning import cli
@@ -34,8 +34,7 @@ def test_tensorboard_override_logs_scalars_and_the_evaluation_grid(tmp_path):
         "fit", "--config", str(CONFIG), "--config", str(evaluation), f"--model.encoder={BOW}",
         f"--data.train_shards={shards['train']}", f"--data.val_shards={shards['val']}", "--data.batch_size=2",
         "--data.val_batch_size=2", "--data.num_workers=0", "--data.image_size=16", "--data.epoch_length=8",
-        "--data.pin_memory=false", "--model.image_size=16", "--model.backbone_size=tiny",
-        '--model.backbone_overrides={"hidden_size": 32, "depth": 1, "num_heads": 2}', "--model.feature_cache_dir=null",
+        "--data.pin_memory=false", f"--model.backbone={TINY_DIT}", "--model.feature_cache_dir=null",
         "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.max_steps=2",
         "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",

@@ -85,6 +85,29 @@ def encoder_spec(name: str, args: argparse.Namespace) -> dict:
     return ENCODER_SPECS[name]
 
 
+def backbone_spec(args: argparse.Namespace) -> dict:
+    """The base config's backbone at the study's resolution, unless --backbone names another (e.g. unet-S, S)."""
+    if not args.backbone:
+        return {"init_args": {"input_size": args.resolution}}
+    from emf_lightning.models import BACKBONES
+
+    cls, preset = BACKBONES[args.backbone]
+    init_args = {"preset": preset, "input_size": args.resolution}
+    if args.patch_size:  # DiT presets only
+        init_args["patch_size"] = args.patch_size
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def loss_spec(objective: str, args: argparse.Namespace) -> dict:
+    """MeanFlow as EMF has it (its schedules; the paper's tangent unless --jvp-tangent predicted), whatever the
+    demo config tunes, or flow matching on the same time schedule."""
+    time_sampler = {"mu": [-0.5, 0.5], "sigma": [1.0, 2.0], "neq_ratio": [0.25, 0.75]}
+    common = {"time_sampler": time_sampler, "adaptive_p": 1.0, "adaptive_c": 0.001, "cond_drop_prob": 0.1}
+    if objective == "flow_matching":
+        return {"class_path": "emf_lightning.meanflow.FlowMatchingLoss", "init_args": common}
+    return {"class_path": "emf_lightning.meanflow.MeanFlowLoss", "init_args": {**common, "jvp_tangent": args.jvp_tangent}}
+
+
 def run_config(name: str, objective: str, args: argparse.Namespace, urls: dict, run_dir: Path, cache: Path) -> dict:
     """The override file for one (encoder, objective) run: everything that differs from the base config."""
     steps = [1, 2, 4, 50] if objective == "flow_matching" else [1, 2, 4]
@@ -108,16 +131,9 @@ def run_config(name: str, objective: str, args: argparse.Namespace, urls: dict, 
         },
         "model": {
             "encoder": encoder_spec(name, args),
-            "objective": objective,
-            "image_size": args.resolution,
+            "backbone": backbone_spec(args),
+            "loss": loss_spec(objective, args),
             "feature_cache_dir": str(cache),
-            # MeanFlow as EMF has it (its r != t schedule; the paper's tangent unless --jvp-tangent
-            # predicted), whatever the demo config tunes; flow matching ignores both.
-            "jvp_tangent": args.jvp_tangent,
-            "neq_ratio": [0.25, 0.75],
-            # The base config's backbone unless --backbone names another (patch size: DiT presets only).
-            **({"backbone_size": args.backbone} if args.backbone else {}),
-            **({"patch_size": args.patch_size} if args.patch_size else {}),
         },
         "data": {
             "train_shards": urls["train"], "val_shards": urls["val"], "image_size": args.resolution,

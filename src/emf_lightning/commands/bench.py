@@ -81,14 +81,15 @@ class Workload:
 
 def reference_loss_class() -> type[MeanFlowLoss] | None:
     """The naive reference loss of the test suite, when this is a checkout with its ``tests`` folder."""
-    tests = Path(__file__).resolve().parents[3] / "tests"
-    if not (tests / "reference_meanflow.py").is_file():
-        return None
-    if str(tests) not in sys.path:
-        sys.path.insert(0, str(tests))
-    from reference_meanflow import ReferenceMeanFlowLoss
+    import importlib.util
 
-    return ReferenceMeanFlowLoss
+    path = Path(__file__).resolve().parents[3] / "tests" / "reference_meanflow.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("emf_reference_meanflow", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ReferenceMeanFlowLoss
 
 
 @dataclass

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import jvp_safe_attention_active
-from .dit import check_backbone_inputs
+from .layers import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _resolve_trainable(trainable: str | list[str] | tuple[str, ...] | None, lora
     return tuple(str(p) for p in trainable)
 
 
-class SanaMeanFlowBackbone(nn.Module):
+class SanaMeanFlowBackbone(Backbone):
     """SANA (`diffusers.SanaTransformer2DModel`) as a MeanFlow backbone: ``forward(x, r, t, context, mask) -> u``.
 
     Args:
@@ -364,7 +364,7 @@ class SanaMeanFlowBackbone(nn.Module):
         Returns:
             u: [B, C, H, W]. With interval_init="zero" and untrained weights, SANA's velocity at t.
         """
-        check_backbone_inputs(self, x, r, t, context)
+        self.check_inputs(x, r, t, context)
         mask = None if context_mask is None else context_mask.to(x.dtype)  # diffusers turns it into a bias
         math_sdpa = contextlib.nullcontext()
         if jvp_safe_attention_active():  # fused SDPA kernels have no forward-mode AD rule

@@ -61,6 +61,15 @@ class Backbone(RecordsInitArgs, nn.Module):
         """Start the interval (t - r) embedder from the trained t embedder (EMF's fine-tuning recipe)."""
         raise NotImplementedError
 
+    def sharding_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards as their own units: by default every entry with parameters of the
+        backbone's ``nn.ModuleList``s (DiT blocks; U-Net down, mid and up steps); the rest is the root unit."""
+        units: list[nn.Module] = []
+        for child in self.modules():
+            if isinstance(child, nn.ModuleList):
+                units.extend(m for m in child if next(m.parameters(), None) is not None)
+        return units
+
 
 class TimestepEmbedder(nn.Module):
     """Scalar time in [0, 1] -> vector: sinusoid of ``scale * t`` followed by a 2-layer MLP.

@@ -5,9 +5,9 @@ size 1): it builds the device mesh and calls ``EMFModule.configure_model``, whic
 sharded the same way, unit by unit, so every parameter of the EMA copy is a DTensor with exactly the placement of
 its training twin: the EMA update is then a purely local lerp of the shards, with no communication.
 
-Units: every module held in an ``nn.ModuleList`` of the backbone (the DiT's blocks, the U-Net's down/mid/up
-steps), then the whole generator (connector, embedders, final layer). A forward all-gathers a unit's parameters
-just before it runs and frees them after, so peak parameter memory is one unit plus the shards. Every forward is
+Units: the backbone's ``sharding_units()`` (the DiT's blocks, the U-Net's down/mid/up steps, a diffusers
+transformer's blocks), then the whole generator (connector, embedders, final layer). A forward all-gathers a
+unit's parameters just before it runs and frees them after, so peak parameter memory is one unit plus the shards. Every forward is
 a collective: all ranks must call the sharded network the same number of times (the evaluation pads its
 generation plan for that, see ``callbacks/evaluation.py``).
 """
@@ -38,13 +38,9 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def sharding_units(generator: nn.Module) -> list[nn.Module]:
-    """The modules sharded as their own FSDP2 units: every entry of the backbone's ``nn.ModuleList``s that
-    holds parameters (DiT blocks; U-Net down, mid and up steps)."""
-    units: list[nn.Module] = []
-    for child in generator.modules():
-        if isinstance(child, nn.ModuleList):
-            units.extend(m for m in child if next(m.parameters(), None) is not None)
-    return units
+    """The modules sharded as their own FSDP2 units: the backbone's ``sharding_units()`` (DiT blocks; U-Net
+    down, mid and up steps; the transformer blocks of a diffusers backbone)."""
+    return generator.backbone.sharding_units()
 
 
 def shard_generator(generator: nn.Module, mesh, reshard_after_forward: bool = True) -> nn.Module:
