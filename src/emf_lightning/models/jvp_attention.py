@@ -72,7 +72,7 @@ def triton_available() -> bool:
     """Whether the Triton kernels import (Triton installed and importable)."""
     try:
         from . import jvp_attention_triton  # noqa: F401
-    except ImportError:
+    except (ImportError, RuntimeError):  # not installed, or installed without a usable backend
         return False
     return True
 
@@ -164,15 +164,15 @@ def _torch_tangent(
     dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
 ) -> Tensor:
     bias = _bias_or_none(mask, q.dtype)
+    # dS = dq k^T + q dk^T as one product [dq, q] [k, dk]^T: one [rows, Lk] result instead of two.
+    ds_keys = k if dk is None else dk if dq is None else torch.cat([k, dk], dim=-1)
+    ds_queries = q if dq is None else dq if dk is None else torch.cat([dq, q], dim=-1)
     pieces = []
     for rows in _row_tiles(q, k):
         p = probs if probs.numel() else _probs(q[..., rows, :], k, bias, scale)
         d_out = None
         if dq is not None or dk is not None:
-            ds = None if dq is None else torch.matmul(dq[..., rows, :], k.transpose(-2, -1))
-            if dk is not None:
-                q_dk = torch.matmul(q[..., rows, :], dk.transpose(-2, -1))
-                ds = q_dk if ds is None else ds.add_(q_dk)
+            ds = torch.matmul(ds_queries[..., rows, :], ds_keys.transpose(-2, -1))
             p_ds = ds.to(p.dtype).mul_(scale).mul_(p)
             d_out = torch.matmul(p_ds.to(v.dtype), v) - p_ds.sum(-1, keepdim=True) * out[..., rows, :]
         if dv is not None:

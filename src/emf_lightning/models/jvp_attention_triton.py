@@ -98,8 +98,8 @@ def _tangent_kernel(
     q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl,
     dq_sb, dq_sh, dq_sl, dk_sb, dk_sh, dk_sl, dv_sb, dv_sh, dv_sl, o_sb, o_sh, o_sl,
     num_heads, len_q, len_k, head_dim, scale,
-    HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr, HAS_DV: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr, HAS_DS: tl.constexpr, HAS_DV: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h = bh // num_heads, bh % num_heads
@@ -120,7 +120,7 @@ def _tangent_kernel(
         col_ok = cols < len_k
         k_t = _load_cols(k_base, cols, dims, k_sl, col_ok, dim_ok)
         p = tl.exp(_scores(q, k_t, bias_base, cols, col_ok, scale, HAS_BIAS, PRECISION) - lse[:, None])
-        if HAS_DQ or HAS_DK:
+        if HAS_DS:  # HAS_DQ or HAS_DK
             ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             if HAS_DQ:
                 ds += tl.dot(dq, k_t, input_precision=PRECISION)
@@ -214,7 +214,8 @@ def attention_tangent(
         q, k, v, dq_, dk_, dv_, lse if bias is None else bias, out, lse, d_out,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dq_), *_strides(dk_), *_strides(dv_), *_strides(out),
         heads, len_q, len_k, head_dim, scale,
-        HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None, HAS_BIAS=bias is not None,
+        HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DS=dq is not None or dk is not None,
+        HAS_DV=dv is not None, HAS_BIAS=bias is not None,
         PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )
     return d_out
