@@ -46,3 +46,29 @@ def test_tiny_benchmark_runs_and_reports_ratios(tmp_path):
     assert set(report["workloads"][0]["sampling"]) == {"meanflow_1", "meanflow_2", "flow_matching_2"}
     text = out_md.read_text()
     assert text == markdown_report(report) and "| flow matching |" in text
+
+
+def test_report_is_written_after_every_size(tmp_path, monkeypatch):
+    """A run killed by its time limit (the 2026-11-30 GPU session) keeps the sizes it finished."""
+    import emf_lightning.commands.bench as bench
+
+    real_bench_steps, calls = bench.bench_steps, []
+
+    def first_size_then_killed(w, *args, **kwargs):
+        calls.append(w.size)
+        if len(calls) > 1:
+            raise KeyboardInterrupt("stand-in for the time limit")
+        return real_bench_steps(w, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_steps", first_size_then_killed)
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = ["--sizes", "tiny,tiny", "--batch", "2", "--image-size", "8", "--patch-size", "4", "--text-len", "4",
+            "--text-dim", "8", "--variants", "mf_det25", "--repeats", "1", "--warmup", "1", "--no-sampling",
+            "--no-loader", "--threads", "1", "--json", str(out_json), "--out", str(out_md)]
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        pass
+    report = json.loads(out_json.read_text())
+    assert calls == ["tiny", "tiny"] and [wl["workload"]["size"] for wl in report["workloads"]] == ["tiny"]
+    assert out_md.read_text() == markdown_report(report)

@@ -570,6 +570,17 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         },
         "workloads": [],
     }
+
+    def write() -> None:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(markdown_report(report))
+            log(f"wrote {args.out}")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2))
+            log(f"wrote {args.json}")
+
     for w in workloads:
         log(f"benchmarking {w.size} (batch {w.batch}) on {device}")
         # One bar per case: warm-up, each timing round, memory, then sampling.
@@ -583,6 +594,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                 entry["sampling"] = bench_sampling(w, device, amp, args.fm_steps, args.sample_repeats, args.seed)
                 advance(1)
         report["workloads"].append(entry)
+        write()  # after every size: a run cut short by its time limit keeps what it measured
     if not args.no_loader:
         w0 = workloads[0]
         # Latent workloads (channels != 3) stand for images 8x larger (SD-VAE downsampling).
@@ -590,14 +602,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         report["loader"] = bench_loader(args.shards, pixels, w0.batch, args.workers, args.loader_samples,
                                         args.loader_batches)
     print_report(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(markdown_report(report))
-        log(f"wrote {args.out}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        log(f"wrote {args.json}")
+    write()
     return 0
 
 

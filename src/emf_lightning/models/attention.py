@@ -4,7 +4,9 @@ Fused SDPA kernels (flash / memory-efficient, and the CPU flash kernel) have no 
 ``torch.func.jvp`` through them raises ``NotImplementedError``. MeanFlow needs a JVP through the whole
 network for the samples with r != t, so inside :func:`jvp_safe_attention` every call of :func:`attention`
 takes an explicit math path built from matmul + softmax, which forward-mode AD differentiates. Outside
-that context (plain forwards, sampling) the fused kernel runs.
+that context (plain forwards, sampling) the fused kernel runs. In a graph-free JVP (under ``torch.no_grad``,
+inputs carrying a forward-AD tangent) the context routes to :func:`.jvp_attention.jvp_attention` instead,
+whose tangent rule is closed-form (and a fused Triton kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .jvp_attention import fused_jvp_backend, jvp_attention
 
 # A plain module-level flag: torch.compile guards on it (one graph per value) instead of tracing a
 # context manager, and reading it costs nothing in eager mode.
@@ -79,7 +83,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
 
     Returns:
         [B, H, Lq, Dh]. Uses fused ``F.scaled_dot_product_attention`` unless inside
-        :func:`jvp_safe_attention`, where it uses :func:`math_attention`.
+        :func:`jvp_safe_attention`, where it uses :func:`.jvp_attention.jvp_attention` for a graph-free
+        JVP and :func:`math_attention` otherwise.
     """
     if mask is not None:
         if mask.dtype != torch.bool:
@@ -89,6 +94,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
                 f"attention mask must be [B, Lk] = {(k.shape[0], k.shape[-2])}, got {tuple(mask.shape)}"
             )
     if _JVP_SAFE:
+        backend = fused_jvp_backend(q, k, v)
+        if backend is not None:
+            return jvp_attention(q, k, v, mask, backend)
         return math_attention(q, k, v, mask)
     attn_mask = None if mask is None else mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
