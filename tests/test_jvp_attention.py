@@ -236,10 +236,10 @@ def test_graph_free_jvp_of_a_backbone_equals_the_math_path(size, spy, backend):
     cond = (torch.randn(2, 4, 12, dtype=torch.float64), torch.tensor([[True, True, False, False], [True] * 4]))
 
     backend("math")
-    old = meanflow._graph_free_jvp(gen, z, r, t, tangent_z, cond)
+    old = meanflow.graph_free_jvp(gen, z, r, t, tangent_z, cond)
     assert spy.backends == []
     backend("torch")
-    new = meanflow._graph_free_jvp(gen, z, r, t, tangent_z, cond)
+    new = meanflow.graph_free_jvp(gen, z, r, t, tangent_z, cond)
     assert spy.backends and set(spy.backends) == {"torch"}  # self- and cross-attention both took the op
     assert old.abs().max() > 1e-3  # a tangent worth comparing
     torch.testing.assert_close(new, old, atol=1e-10, rtol=1e-8)
@@ -334,9 +334,9 @@ def test_cuda_graph_free_jvp_of_dit_equals_the_math_path(spy, backend):
     torch.set_float32_matmul_precision("highest")
     try:
         backend("math")
-        old = meanflow._graph_free_jvp(gen, z, r, t, tangent_z, cond)
+        old = meanflow.graph_free_jvp(gen, z, r, t, tangent_z, cond)
         backend("auto")
-        new = meanflow._graph_free_jvp(gen, z, r, t, tangent_z, cond)
+        new = meanflow.graph_free_jvp(gen, z, r, t, tangent_z, cond)
     finally:
         torch.set_float32_matmul_precision(previous)
     assert set(spy.backends) == {"triton"}

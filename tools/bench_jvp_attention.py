@@ -8,7 +8,7 @@ cut short keeps what it finished):
 * ``attention``: one attention call on forward-AD dual tensors, self-attention (tangents on q, k, v) and
   cross-attention to padded text (tangent on q only); time, peak memory (CUDA), and the error of out and
   tangent relative to a float32 math-path reference.
-* ``network``: ``meanflow._graph_free_jvp`` of a whole backbone (default DiT-B/2 on 32x32x4 latents, 256
+* ``network``: ``meanflow.graph_free_jvp`` of a whole backbone (default DiT-B/2 on 32x32x4 latents, 256
   tokens) under each backend, against a plain forward of the same batch.
 
     python tools/bench_jvp_attention.py --device cuda --jsonl runs/gpu/jvp_attention.jsonl
@@ -176,7 +176,7 @@ def network_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
             def jvp():
                 with autocast():
-                    return meanflow._graph_free_jvp(net, z, r, t, v, cond)
+                    return meanflow.graph_free_jvp(net, z, r, t, v, cond)
 
             dudt = jvp().float()
             if reference is None:

@@ -19,8 +19,9 @@ Backends (``EMF_JVP_ATTENTION`` or :func:`set_jvp_attention_backend`):
 * ``math``: the old path (forward-mode AD through :func:`.attention.math_attention`).
 * ``auto`` (default): ``triton`` on CUDA when Triton imports, else ``torch``.
 
-Only for graph-free JVPs (under ``torch.no_grad``): the function has no backward, so the "joint" JVP
-strategy, which backpropagates through the tangent, keeps the math path (:func:`fused_jvp_backend`).
+Only for graph-free JVPs (under ``torch.no_grad``): the function has no backward, so a JVP that
+backpropagates through the tangent (the naive reference loss of the tests) keeps the math path
+(:func:`fused_jvp_backend`).
 """
 
 from __future__ import annotations
