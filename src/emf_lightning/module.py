@@ -534,7 +534,7 @@ class EMFModule(pl.LightningModule):
         found = ("a NaN or infinite weight" if not math.isfinite(largest) else
                  f"a weight of magnitude {largest:.3g} (above model.max_weight_abs={bound:g})")
         self._nonfinite = (
-            f"The generator or its EMA copy holds {found} {when} (global step {self.global_step}): the run diverged. "
+            f"The generator or its EMA copy holds {found} {when}: the run diverged. "
             "Training stopped; no checkpoint of these weights is written. Lower the learning rate (or raise "
             "model.max_weight_abs if such weights are intended)."
         )
@@ -571,7 +571,7 @@ class EMFModule(pl.LightningModule):
         never writes a checkpoint."""
         if self._nonfinite is None:
             try:
-                self.check_weights("at checkpoint time")
+                self.check_weights(f"when a checkpoint of global step {self.global_step} was due")
             except NonFiniteLossError:
                 pass  # reported just below, with the refusal
         if self._nonfinite is not None:
