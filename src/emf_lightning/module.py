@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from emf_lightning.conditioning import encode_with_null, null_condition
 from emf_lightning.ema import ema_decay_at, make_ema_copy, update_ema
 from emf_lightning.encoders.base import TextEncoder, TextFeatures
+from emf_lightning.errors import ConfigError, require_finite
 from emf_lightning.encoders.cache import FeatureCache
 from emf_lightning.generator_init import load_generator_weights
 from emf_lightning.meanflow import (
@@ -32,7 +33,7 @@ from emf_lightning.meanflow import (
     sample_meanflow,
 )
 from emf_lightning.models.generator import build_generator
-from emf_lightning.sharding import grad_norm, is_sharded, shard_generator
+from emf_lightning.sharding import grad_norm, is_sharded, max_abs, shard_generator
 
 Pair = float | tuple[float, float]
 LR_DECAYS = ("constant", "cosine", "linear")
@@ -40,10 +41,11 @@ OBJECTIVES = ("meanflow", "flow_matching")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss (or its gradient) is NaN or infinite; training stops and no checkpoint is written."""
+    """The training loss (or its gradient) is NaN or infinite, or a step left non-finite or exploded weights
+    (``max_weight_abs``); training stops and no checkpoint is written."""
 
 
-class UnsupportedStrategyError(ValueError):
+class UnsupportedStrategyError(ConfigError):
     """The Trainer's strategy (or its settings) is one EMFModule does not support."""
 
 
@@ -181,6 +183,10 @@ class EMFModule(pl.LightningModule):
         schedule_steps: steps over which the time-sampler schedules run (progress = step / schedule_steps);
             None takes ``trainer.max_steps`` or else the trainer's estimated number of steps.
         ema_decay: EMA decay, with the warm-up ``min(ema_decay, (1 + step) / (10 + step))``.
+        max_weight_abs: after every optimiser step, training stops (``NonFiniteLossError``, before any checkpoint
+            callback runs) when a weight of the generator or its EMA copy is NaN, infinite or larger than this in
+            magnitude: a diverging run never checkpoints exploded weights. The default is far above what normal
+            training reaches; None keeps only the non-finite check.
         init_from: a checkpoint (e.g. of flow-matching pre-training) whose generator and EMA weights start
             this run; its time embedder is copied into the interval embedder (EMF's fine-tuning recipe).
         feature_cache_dir: root of the on-disk text feature cache; None keeps the cache in memory only.
@@ -224,6 +230,7 @@ class EMFModule(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         schedule_steps: int | None = None,
         ema_decay: float = 0.9999,
+        max_weight_abs: float | None = 1e4,
         init_from: str | None = None,
         feature_cache_dir: str | None = None,
         use_feature_cache: bool = True,
@@ -232,6 +239,14 @@ class EMFModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        numbers = dict(time_mu=time_mu, time_sigma=time_sigma, neq_ratio=neq_ratio, one_step_share=one_step_share,
+                       adaptive_p=adaptive_p, adaptive_c=adaptive_c, guidance_omega=guidance_omega,
+                       guidance_kappa=guidance_kappa, guidance_interval=guidance_interval, lr=lr, betas=betas,
+                       weight_decay=weight_decay, cfg_scale=cfg_scale, max_weight_abs=max_weight_abs)
+        for name, value in numbers.items():  # a NaN passes every range check below and fails far from its cause
+            require_finite(f"model.{name}", value)
+        if max_weight_abs is not None and max_weight_abs <= 0:
+            raise ConfigError(f"model.max_weight_abs must be > 0 (or null to disable the bound), got {max_weight_abs}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if not 0.0 <= cond_drop_prob < 1.0:
@@ -346,8 +361,14 @@ class EMFModule(pl.LightningModule):
             self.feature_cache.save()
 
     def setup(self, stage: str) -> None:
-        """Check the strategy before Lightning wraps the model (this hook runs before the wrapping)."""
+        """Check the strategy before Lightning wraps the model (this hook runs before the wrapping), and that the
+        datamodule makes images of the model's size (Lightning would only say "Error while merging hparams")."""
         check_strategy(self.trainer.strategy, self.hparams.jvp_strategy)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_size = (getattr(datamodule, "hparams", None) or {}).get("image_size")
+        if data_size is not None and data_size != self.hparams.image_size:
+            raise ConfigError(f"data.image_size={data_size} but model.image_size={self.hparams.image_size}: the "
+                              "generator sees the data's images, so set both to the same size")
 
     def configure_model(self) -> None:
         """Under FSDP2 (Lightning's ModelParallelStrategy): shard the generator and its EMA copy alike.
@@ -434,7 +455,7 @@ class EMFModule(pl.LightningModule):
         images = batch["image"]
         expected = (self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"batch images have shape {tuple(images.shape)}, but the model expects [B, {expected[0]}, "
                 f"{expected[1]}, {expected[2]}]: make data.image_size match model.image_size"
             )
@@ -495,10 +516,29 @@ class EMFModule(pl.LightningModule):
         self.log("train/grad_norm", norm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimiser step, then the EMA update (once per optimiser step, also with accumulation)."""
+        """The optimiser step, then the EMA update (once per optimiser step, also with accumulation), then the
+        weight check: this hook returns before Lightning's checkpoint callbacks see the step."""
         super().optimizer_step(*args, **kwargs)
         # global_step is incremented after this hook returns, so it is the 0-based index of this step.
         update_ema(self.ema_generator, self.generator, ema_decay_at(self.global_step, self.hparams.ema_decay))
+        self.check_weights(f"after optimiser step {self.global_step}")
+
+    def check_weights(self, when: str) -> None:
+        """Stop with NonFiniteLossError when the generator or its EMA copy holds a NaN, an infinity or a weight
+        above ``max_weight_abs`` in magnitude. One fused reduction and one host sync; a collective under FSDP2
+        (every rank calls it at the same point and gets the same answer)."""
+        largest = float(max_abs([*self.generator.parameters(), *self.ema_generator.parameters()]))
+        bound = self.hparams.get("max_weight_abs")
+        if math.isfinite(largest) and (bound is None or largest <= bound):
+            return
+        found = ("a NaN or infinite weight" if not math.isfinite(largest) else
+                 f"a weight of magnitude {largest:.3g} (above model.max_weight_abs={bound:g})")
+        self._nonfinite = (
+            f"The generator or its EMA copy holds {found} {when}: the run diverged. "
+            "Training stopped; no checkpoint of these weights is written. Lower the learning rate (or raise "
+            "model.max_weight_abs if such weights are intended)."
+        )
+        raise NonFiniteLossError(self._nonfinite)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the generator only; linear warm-up, then ``lr_decay``, stepped every optimiser step."""
@@ -527,7 +567,13 @@ class EMFModule(pl.LightningModule):
         return hp.min_lr_ratio + (1.0 - hp.min_lr_ratio) * shape
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Last line of defence: a run that saw a non-finite loss never writes a checkpoint."""
+        """Last line of defence: a run that saw a non-finite loss, or whose weights are non-finite or exploded now,
+        never writes a checkpoint."""
+        if self._nonfinite is None:
+            try:
+                self.check_weights(f"when a checkpoint of global step {self.global_step} was due")
+            except NonFiniteLossError:
+                pass  # reported just below, with the refusal
         if self._nonfinite is not None:
             raise NonFiniteLossError("Refusing to write a checkpoint. " + self._nonfinite)
         checkpoint["emf_schedule_total"] = self._schedule_total
@@ -581,6 +627,7 @@ class EMFModule(pl.LightningModule):
             raise ValueError("generate() needs at least one caption, got an empty list")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        require_finite("cfg_scale", cfg_scale)
         net = self.ema_generator if use_ema else self.generator
         was_training = net.training
         net.eval()
