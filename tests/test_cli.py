@@ -127,10 +127,13 @@ def test_every_config_runs_fast_dev_run_offline(config, shards, tmp_path):
 
 
 @pytest.mark.parametrize("config", sorted(NO_OFFLINE_WEIGHTS))
-def test_configs_without_offline_weights_name_the_model(config, shards, tmp_path):
+def test_configs_without_offline_weights_name_the_model(config, shards, tmp_path, capsys):
     args = ["fit", "--config", str(CONFIGS / config), *small_run_args(shards, tmp_path), "--trainer.fast_dev_run=true"]
-    with pytest.raises(MissingWeightsError) as info:
-        cli.main(args)
+    assert cli.main(args) == 2  # one line, no traceback
+    err = capsys.readouterr().err
+    assert "emf fit: error: Pretrained weights for '" in err and NO_OFFLINE_WEIGHTS[config] in err
+    with pytest.raises(MissingWeightsError) as info:  # --debug shows the exception itself
+        cli.main([*args, "--debug"])
     assert NO_OFFLINE_WEIGHTS[config] in str(info.value)
 
 
@@ -195,14 +198,11 @@ def test_sample_with_no_prompt_is_a_clear_error(trained, capsys):
 def test_sample_refuses_a_foreign_checkpoint(tmp_path, capsys):
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, foreign)
-    with pytest.raises(SystemExit) as info:
-        cli.main(["sample", "--ckpt", str(foreign), "--prompt", "a red circle"])
-    assert info.value.code == 2
+    assert cli.main(["sample", "--ckpt", str(foreign), "--prompt", "a red circle"]) == 2
     assert "is not an emf-lightning checkpoint" in capsys.readouterr().err
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit):
-        cli.main(["sample", "--ckpt", str(garbage), "--prompt", "a red circle"])
+    assert cli.main(["sample", "--ckpt", str(garbage), "--prompt", "a red circle"]) == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
 
 

@@ -140,9 +140,31 @@ def test_extras_are_not_imported_at_module_level():
     """A module of an extra is imported inside the function that needs it (through `require`), so a plain
     install imports every module of the package."""
     only_extra = set().union(*(d for e, d in extras().items() if e not in ("all", "dev"))) - core()
-    eager = {m: files for m, files in third_party_imports(SRC, module_level_only=True).items()
-             if distribution(m) in only_extra}
+    eager = {m: [f for f in files if f not in EXTRA_ONLY_MODULES] for m, files in
+             third_party_imports(SRC, module_level_only=True).items() if distribution(m) in only_extra}
+    eager = {m: files for m, files in eager.items() if files}
     assert not eager, f"optional packages imported at module level: {eager}"
+    # ... and a module that is itself the optional path is imported only inside functions.
+    for path, module in EXTRA_ONLY_MODULES.items():
+        users = [f for f, names in _module_level_emf_imports(SRC).items() if module in names]
+        assert not users, f"{path} needs an extra but {users} import it at module level"
+
+
+# Modules that exist only for an extra (their kernels need the package at import time).
+EXTRA_ONLY_MODULES = {"src/emf_lightning/models/jvp_attention_triton.py": "jvp_attention_triton"}
+
+
+def _module_level_emf_imports(root: Path) -> dict[str, set[str]]:
+    """For each source file, the last dotted component of every project module it imports at module level."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        names: set[str] = set()
+        for node in _module_level(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[-1])
+                names.update(alias.name for alias in node.names)
+        found[str(path.relative_to(ROOT))] = names
+    return found
 
 
 def test_every_require_call_names_an_extra_that_provides_its_module():

@@ -7,12 +7,18 @@ imported only when used.
 
 ``--ckpt PATH`` is accepted as a short alias of ``--ckpt_path PATH``. With a checkpoint, the model's
 saved hyper-parameters (and the datamodule's, when saved) are used as a base config, so
-``emf validate --ckpt run.ckpt`` needs no ``--config``; any ``--config`` or override given still wins.
+``emf validate --ckpt run.ckpt`` needs no ``--config``; any ``--config`` or override given still wins (each saved
+value it replaces is printed; a change of architecture is refused, see ``checkpoint_config.py``).
+
+Errors the user can fix (``errors.UserInputError``: a bad config value, a missing or unreadable file, missing
+pretrained weights) are printed as one line on stderr with exit code 2; ``--debug`` (anywhere on the command
+line) or ``EMF_DEBUG=1`` shows their traceback. Every other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import tempfile
 import warnings
@@ -88,39 +94,27 @@ def _ckpt_path(argv: list[str]) -> str | None:
 
 def config_from_checkpoint(path: str | Path) -> dict:
     """The ``model:`` (and ``data:``) config sections saved in a Lightning checkpoint's hyper-parameters."""
-    import torch  # imported here: `emf --help` and the tool commands should not pay for torch
+    from emf_lightning.checkpoint_config import config_from_checkpoint as from_ckpt, read_checkpoint
 
-    from emf_lightning.training.checkpoint_format import module_hyperparameters
+    return from_ckpt(read_checkpoint(path))
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    config: dict = {}
-    model = module_hyperparameters(ckpt)
-    if model:
-        config["model"] = model
-    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    data.pop("_instantiator", None)
-    data.pop("_class_path", None)
-    if data:
-        config["data"] = data
-    return config
+
+# Values of ckpt_path that Lightning resolves itself (``emf fit --ckpt_path last`` resumes the latest run).
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
 def run_lightning(argv: list[str]) -> int:
     """Run a LightningCLI subcommand (``argv[0]`` is fit/validate/test/predict)."""
     import yaml
 
-    from emf_lightning.lightning_cli import EMFLightningCLI
-
     from emf_lightning.config_files import expand_config_args
+    from emf_lightning.lightning_cli import EMFLightningCLI
 
     argv = _rename_ckpt_alias(argv)
     ckpt = _ckpt_path(argv)
     with tempfile.TemporaryDirectory(prefix="emf-config-") as tmp:
         argv = expand_config_args(argv, Path(tmp))
-        if ckpt is not None:
-            if not Path(ckpt).is_file():
-                print(f"emf {argv[0]}: checkpoint not found: {ckpt}", file=sys.stderr)
-                return 2
+        if ckpt is not None and not (ckpt in LIGHTNING_CKPT_NAMES or ckpt.startswith("registry:")):
             base = config_from_checkpoint(ckpt)
             if base:
                 cfg_path = Path(tmp) / "from_checkpoint.yaml"
@@ -134,9 +128,23 @@ def run_lightning(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``emf`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types reported as one line (their messages say what to fix)."""
+    from emf_lightning.errors import UserInputError
+    from emf_lightning.utils.weights import MissingWeightsError
+
+    return UserInputError, MissingWeightsError
+
+
+def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """``--debug`` anywhere (removed: no subcommand parser knows it) or ``EMF_DEBUG`` set to a true value."""
+    flag = "--debug" in argv
+    env = os.environ.get("EMF_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    return flag or env, [a for a in argv if a != "--debug"]
+
+
+def dispatch(argv: list[str]) -> int:
+    """Run the subcommand named by ``argv[0]``."""
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
@@ -152,6 +160,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_lightning(argv)
     print(f"emf: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``emf`` console script: one line and exit 2 for errors the user can fix."""
+    debug, argv = _debug_requested(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return dispatch(argv)
+    except _user_errors() as err:
+        if debug:
+            raise
+        name = f"emf {argv[0]}" if argv and (argv[0] in LIGHTNING_COMMANDS or argv[0] in EXTRA_COMMANDS) else "emf"
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{name}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import yaml
 
+from emf_lightning.errors import ConfigError
+
 EXTENDS_KEY = "extends"
 
 
-class ConfigCompositionError(ValueError):
+class ConfigCompositionError(ConfigError):
     """A config's ``extends`` chain is broken (missing file, cycle, not a mapping)."""
 
 

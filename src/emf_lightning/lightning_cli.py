@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
+from emf_lightning.checkpoint_config import check_overrides, check_weights_fit, read_checkpoint
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.training import EMFModule
 
@@ -22,4 +26,35 @@ class EMFLightningCLI(LightningCLI):
     def __init__(self, args: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
+        self._checkpoint: dict[str, Any] | None = None
         super().__init__(EMFModule, ShardDataModule, args=args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Report and check the command line against the checkpoint, instead of overwriting it.
+
+        Lightning's own version re-applies the checkpoint's model hyper-parameters *after* the command line, so
+        ``--model.cfg_scale=3`` under ``--ckpt`` was silently dropped. ``cli.run_lightning`` already passes the
+        checkpoint's config as the first config file, under the user's; here we only print each saved value the
+        command line overrides and refuse changes to the architecture (``checkpoint_config``).
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():  # "last", "hpc", ...: Lightning resolves those later
+            return
+        self._checkpoint = read_checkpoint(ckpt_path)
+        section = self.config[subcommand]
+        _report_overrides(check_overrides(self._checkpoint, section.get("model"), section.get("data"), ckpt_path))
+
+    def after_instantiate_classes(self) -> None:
+        """With a checkpoint: the built model must have its parameter shapes (e.g. the encoder's width)."""
+        if self._checkpoint is not None:
+            check_weights_fit(self.model, self._checkpoint, self.config[self.subcommand].get("ckpt_path"))
+            self._checkpoint = None  # memory-mapped: let the file go
+
+
+@rank_zero_only
+def _report_overrides(lines: list[str]) -> None:
+    for line in lines:
+        print(f"overriding the checkpoint's {line}", file=sys.stderr)

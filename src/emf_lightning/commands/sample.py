@@ -9,11 +9,25 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from emf_lightning.errors import ConfigError
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is not NaN or infinite (``--cfg nan`` would write black images)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "an empty string is the unconditional (null) prompt")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line (added to --prompt)")
     p.add_argument("--steps", type=int, nargs="+", default=[1], help="sampling step counts (one column each)")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg", type=finite_float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same images")
     p.add_argument("--out", default="grid.png", help="PNG file to write")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
@@ -47,26 +61,25 @@ def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> l
     return prompts
 
 
-def check_checkpoint(path: str, parser: argparse.ArgumentParser) -> None:
-    """Refuse, with a usage error, a file that is not an EMFModule checkpoint (before building anything)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # not a torch file, truncated, pickled code...
-        parser.error(f"cannot read checkpoint {path}: {err}")
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or "encoder" not in hparams or not isinstance(state, dict) or not any(
-        k.startswith("ema_generator.") for k in state
-    ):
-        parser.error(f"{path} is not an emf-lightning checkpoint (no EMFModule hyper-parameters and EMA "
-                     "weights); pass a checkpoint written by `emf fit`")
-
-
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present."""
+    """'auto' picks CUDA when present; a device this machine does not have is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {name!r} is not a device ({err}); use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise ConfigError(f"--device {name}: this machine has no {device.type} device "
+                          f"(torch.{device.type}.is_available() is False); use --device cpu or --device auto")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise ConfigError(f"--device {name}: this machine has {count()} {device.type} device(s), "
+                          f"{device.type}:0 to {device.type}:{count() - 1}")
+    return device
 
 
 @torch.no_grad()
@@ -85,14 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = read_prompts(args, parser)
     if any(s < 1 for s in args.steps):
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    if not Path(args.ckpt).is_file():
-        parser.error(f"checkpoint not found: {args.ckpt}")
-    check_checkpoint(args.ckpt, parser)
+    device = resolve_device(args.device)
 
+    from emf_lightning.checkpoint_config import read_checkpoint
     from emf_lightning.training import EMFModule
     from emf_lightning.utils.grids import save_grid
 
-    device = resolve_device(args.device)
+    read_checkpoint(args.ckpt)  # refuse a missing, unreadable or foreign file before building anything
     module = EMFModule.load_from_checkpoint(args.ckpt, map_location=device)
     module.eval()
     images = sample_grid(module, prompts, args.steps, args.cfg, args.seed, use_ema=not args.no_ema)

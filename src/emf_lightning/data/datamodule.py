@@ -23,6 +23,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from emf_lightning.data.health import SkipTally
+from emf_lightning.errors import ConfigError
 from emf_lightning.data.pipeline import CAPTION_SAMPLING, DecodeOptions, ShardStream, expand_shard_urls
 
 log = logging.getLogger("emf_lightning.data")
@@ -170,17 +171,17 @@ class ShardDataModule(LightningDataModule):
                  persistent_workers: bool = False, prefetch_factor: int | None = None) -> None:
         super().__init__()
         if caption_sampling not in CAPTION_SAMPLING:
-            raise ValueError(f"caption_sampling must be one of {CAPTION_SAMPLING}, got {caption_sampling!r}")
+            raise ConfigError(f"caption_sampling must be one of {CAPTION_SAMPLING}, got {caption_sampling!r}")
         if load_features and caption_sampling != "first":
-            raise ValueError("load_features=True needs caption_sampling='first': precomputed features belong to "
-                             "the primary caption, not to a random paraphrase")
+            raise ConfigError("load_features=True needs caption_sampling='first': precomputed features belong to "
+                              "the primary caption, not to a random paraphrase")
         if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+            raise ConfigError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         for name, value in (("batch_size", batch_size), ("image_size", image_size), ("epoch_length", epoch_length)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
         self.predict_shards = predict_shards
@@ -215,8 +216,8 @@ class ShardDataModule(LightningDataModule):
         if len(urls) < self.world_size:
             # A rank with no batch never joins the other ranks' metric sync (sync_dist, all_gather), and they
             # wait for it forever (seen with 1 val shard on 2 DDP ranks): refuse it up front.
-            raise ValueError(f"{label}: {len(urls)} shard(s) for {self.world_size} ranks; every rank needs at least "
-                             "one shard. Write more, smaller shards (emf shards --maxcount)")
+            raise ConfigError(f"{label}: {len(urls)} shard(s) for {self.world_size} ranks; every rank needs at least "
+                              "one shard. Write more, smaller shards (emf shards --maxcount)")
         readers = self.world_size * max(1, self.num_workers)
         if len(urls) < readers:
             log.info("%s: %d shard(s) for %d rank(s) x %d worker(s): some readers get no shard (nothing is lost)",
@@ -230,10 +231,10 @@ class ShardDataModule(LightningDataModule):
         self.rank, self.world_size = self._distributed()
         if stage in ("fit", None) and (self.train_shards is not None or stage == "fit"):
             if self.train_shards is None:
-                raise ValueError("ShardDataModule: train_shards is required to fit")
+                raise ConfigError("ShardDataModule: train_shards is required to fit")
             if self.epoch_length % self.world_size:
-                raise ValueError(f"epoch_length={self.epoch_length} must be divisible by the world size "
-                                 f"{self.world_size} (each rank yields epoch_length / world_size samples)")
+                raise ConfigError(f"epoch_length={self.epoch_length} must be divisible by the world size "
+                                  f"{self.world_size} (each rank yields epoch_length / world_size samples)")
             self.streams["train"] = ShardStream(
                 expand_shard_urls(self.train_shards), self.batch_size, train=True, options=self._options(True),
                 samples_per_rank=self.epoch_length // self.world_size, shuffle_buffer=self.shuffle_buffer,
@@ -241,17 +242,17 @@ class ShardDataModule(LightningDataModule):
         if stage in ("fit", "validate", None) and self.val_shards is not None:
             self.streams["val"] = self._eval_stream(self.val_shards, "val")
         if stage == "validate" and self.val_shards is None:
-            raise ValueError("ShardDataModule: val_shards is required to validate")
+            raise ConfigError("ShardDataModule: val_shards is required to validate")
         test_shards = self.test_shards if self.test_shards is not None else self.val_shards
         if stage in ("test", None) and test_shards is not None:
             self.streams["test"] = self._eval_stream(test_shards, "test")
         if stage == "test" and "test" not in self.streams:
-            raise ValueError("ShardDataModule: test_shards (or val_shards) is required to test")
+            raise ConfigError("ShardDataModule: test_shards (or val_shards) is required to test")
         predict_shards = self.predict_shards if self.predict_shards is not None else self.val_shards
         if stage in ("predict", None) and predict_shards is not None:
             self.streams["predict"] = self._eval_stream(predict_shards, "predict")
         if stage == "predict" and "predict" not in self.streams:
-            raise ValueError("ShardDataModule: predict_shards (or val_shards) is required to predict")
+            raise ConfigError("ShardDataModule: predict_shards (or val_shards) is required to predict")
 
     # -- loaders -----------------------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from emf_lightning.data.health import (BAD_FEATURES, BAD_JSON, BAD_LATENT, EMPTY
 from emf_lightning.data.shapes_scene import scene_spec_or_none
 from emf_lightning.data.tar_reader import iter_shard_samples
 from emf_lightning.data.transforms import open_rgb, resize_center_crop
+from emf_lightning.errors import ConfigError, InputNotFoundError
 from emf_lightning.utils.images import from_uint8
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
@@ -60,8 +61,8 @@ def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs or all(not str(s).strip() for s in specs):
-        raise ValueError(f"empty shard list {spec!r}: give a path, brace pattern (data/train-{{000000..000009}}.tar) "
-                         "or URL")
+        raise ConfigError(f"empty shard list {spec!r}: give a path, brace pattern (data/train-{{000000..000009}}.tar) "
+                          "or URL")
     urls: list[str] = []
     for one in specs:
         one = str(one).strip()
@@ -74,7 +75,8 @@ def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
             elif glob.has_magic(local):
                 matches = sorted(glob.glob(local))
                 if not matches:
-                    raise FileNotFoundError(f"shard pattern {one!r} matches no files (glob {local!r})")
+                    raise InputNotFoundError(f"shard pattern {one!r} matches no files (glob {local!r}): check the "
+                                             "path, or write shards there with `emf shards`")
                 urls.extend(matches)
             else:
                 urls.append(local)
@@ -82,9 +84,10 @@ def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
         if missing:
             shown = ", ".join(repr(m) for m in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
                                                                else "")
-            raise FileNotFoundError(f"shard pattern {one!r}: {len(missing)} shard file(s) not found: {shown}")
+            raise InputNotFoundError(f"shard pattern {one!r}: {len(missing)} shard file(s) not found: {shown}; check "
+                                     "the pattern's range against the files written")
     if not urls:
-        raise ValueError(f"shard list {spec!r} expands to no shards")
+        raise ConfigError(f"shard list {spec!r} expands to no shards")
     return urls
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from emf_lightning.encoders.base import TextEncoder, TextFeatures
+from emf_lightning.errors import ConfigError, require_finite
 from emf_lightning.encoders.cache import FeatureCache
 from emf_lightning.meanflow import MeanFlowLoss, Objective, encode_with_null, make_noise, null_condition
 from emf_lightning.models.generator import Generator
@@ -28,13 +29,14 @@ from emf_lightning.training.checkpoint_format import FORMAT_KEY, FORMAT_VERSION,
 from emf_lightning.training.ema import ema_decay_at, make_ema_copy, update_ema
 from emf_lightning.training.init_from import load_generator_weights
 from emf_lightning.training.optim import OptimConfig
-from emf_lightning.training.sharding import grad_norm, is_sharded, shard_generator
+from emf_lightning.training.sharding import grad_norm, is_sharded, max_abs, shard_generator
 from emf_lightning.training.strategies import check_strategy
 from emf_lightning.utils.specs import build, to_spec
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss (or its gradient) is NaN or infinite; training stops and no checkpoint is written."""
+    """The training loss (or its gradient) is NaN or infinite, or a step left non-finite or exploded weights
+    (``max_weight_abs``); training stops and no checkpoint is written."""
 
 
 class EMFModule(pl.LightningModule):
@@ -58,6 +60,10 @@ class EMFModule(pl.LightningModule):
         cfg_scale: classifier-free guidance scale used by ``predict_step``.
         seed: base of the per-step random streams (time draws, noise, condition dropout), so that a resumed
             run draws exactly what an uninterrupted one does.
+        max_weight_abs: after every optimiser step, training stops (``NonFiniteLossError``, before any checkpoint
+            callback runs) when a weight of the generator or its EMA copy is NaN, infinite or larger than this in
+            magnitude: a diverging run never checkpoints exploded weights. The default is far above what normal
+            training reaches; None keeps only the non-finite check.
     """
 
     def __init__(
@@ -72,6 +78,7 @@ class EMFModule(pl.LightningModule):
         sample_steps: Sequence[int] = (1, 2, 4),
         cfg_scale: float = 1.0,
         seed: int = 0,
+        max_weight_abs: float | None = 1e4,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -82,8 +89,10 @@ class EMFModule(pl.LightningModule):
         backbone = build(backbone, Backbone)
         self.loss_fn = build(loss, Objective) if loss is not None else MeanFlowLoss()
         self.optim = OptimConfig.from_any(optim)
-        if not math.isfinite(cfg_scale):
-            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
+        for name, value in dict(cfg_scale=cfg_scale, max_weight_abs=max_weight_abs).items():
+            require_finite(f"model.{name}", value)  # a NaN passes every range check and fails far from its cause
+        if max_weight_abs is not None and max_weight_abs <= 0:
+            raise ConfigError(f"model.max_weight_abs must be > 0 (or null to disable the bound), got {max_weight_abs}")
         # The checkpoint keeps how to rebuild every object (plain data), never a pickled module.
         self.hparams.pop("_instantiator", None)
         self.hparams.update(encoder=to_spec(encoder), backbone=to_spec(backbone), loss=to_spec(self.loss_fn),
@@ -183,8 +192,15 @@ class EMFModule(pl.LightningModule):
             self.feature_cache.save()
 
     def setup(self, stage: str) -> None:
-        """Check the strategy before Lightning wraps the model (this hook runs before the wrapping)."""
+        """Check the strategy before Lightning wraps the model (this hook runs before the wrapping), and that the
+        datamodule makes images of the backbone's size (Lightning would only say "Error while merging hparams")."""
         check_strategy(self.trainer.strategy)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_size = (getattr(datamodule, "hparams", None) or {}).get("image_size")
+        model_size = self.data_shape[1:]
+        if data_size is not None and (data_size, data_size) != model_size:
+            raise ConfigError(f"data.image_size={data_size} but the backbone's input_size is {model_size[0]}: the "
+                              "generator sees the data's images, so set both to the same size")
 
     def configure_model(self) -> None:
         """Under FSDP2 (Lightning's ModelParallelStrategy): shard the generator and its EMA copy alike.
@@ -271,7 +287,7 @@ class EMFModule(pl.LightningModule):
         images = batch["image"]
         expected = self.data_shape
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"batch images have shape {tuple(images.shape)}, but the model expects [B, {expected[0]}, "
                 f"{expected[1]}, {expected[2]}]: make data.image_size match the backbone's input_size"
             )
@@ -332,10 +348,29 @@ class EMFModule(pl.LightningModule):
         self.log("train/grad_norm", norm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimiser step, then the EMA update (once per optimiser step, also with accumulation)."""
+        """The optimiser step, then the EMA update (once per optimiser step, also with accumulation), then the
+        weight check: this hook returns before Lightning's checkpoint callbacks see the step."""
         super().optimizer_step(*args, **kwargs)
         # global_step is incremented after this hook returns, so it is the 0-based index of this step.
         update_ema(self.ema_generator, self.generator, ema_decay_at(self.global_step, self.optim.ema_decay))
+        self.check_weights(f"after optimiser step {self.global_step}")
+
+    def check_weights(self, when: str) -> None:
+        """Stop with NonFiniteLossError when the generator or its EMA copy holds a NaN, an infinity or a weight
+        above ``max_weight_abs`` in magnitude. One fused reduction and one host sync; a collective under FSDP2
+        (every rank calls it at the same point and gets the same answer)."""
+        largest = float(max_abs([*self.generator.parameters(), *self.ema_generator.parameters()]))
+        bound = self.hparams.get("max_weight_abs")
+        if math.isfinite(largest) and (bound is None or largest <= bound):
+            return
+        found = ("a NaN or infinite weight" if not math.isfinite(largest) else
+                 f"a weight of magnitude {largest:.3g} (above model.max_weight_abs={bound:g})")
+        self._nonfinite = (
+            f"The generator or its EMA copy holds {found} {when}: the run diverged. "
+            "Training stopped; no checkpoint of these weights is written. Lower the learning rate (or raise "
+            "model.max_weight_abs if such weights are intended)."
+        )
+        raise NonFiniteLossError(self._nonfinite)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the generator only; linear warm-up, then ``optim.lr_decay``, stepped every optimiser step."""
@@ -349,7 +384,13 @@ class EMFModule(pl.LightningModule):
         return self.optim.lr_factor(step, self.schedule_length())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Last line of defence: a run that saw a non-finite loss never writes a checkpoint."""
+        """Last line of defence: a run that saw a non-finite loss, or whose weights are non-finite or exploded now,
+        never writes a checkpoint."""
+        if self._nonfinite is None:
+            try:
+                self.check_weights(f"when a checkpoint of global step {self.global_step} was due")
+            except NonFiniteLossError:
+                pass  # reported just below, with the refusal
         if self._nonfinite is not None:
             raise NonFiniteLossError("Refusing to write a checkpoint. " + self._nonfinite)
         checkpoint["emf_schedule_total"] = self._schedule_total

@@ -18,9 +18,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["grad_norm", "is_sharded", "load_full_state_dict", "shard_generator", "sharding_units", "unsharded"]
+__all__ = ["grad_norm", "is_sharded", "load_full_state_dict", "max_abs", "shard_generator", "sharding_units",
+           "unsharded"]
 
 
 def _dtensor_cls() -> type | None:
@@ -110,3 +112,32 @@ def grad_norm(params: Iterable[nn.Parameter]) -> Tensor | None:
         norms.append(torch.nn.utils.get_total_norm(plain, norm_type=2.0))
     # Sharded and plain parts (a module partly outside FSDP2) combine as one vector's norm would.
     return torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
+
+
+def max_abs(tensors: Iterable[Tensor]) -> Tensor:
+    """The largest ``|value|`` over ``tensors`` (a float32 0-d tensor on their device), ``+inf`` when any value
+    is NaN or infinite; sharded (DTensor) values are reduced over their mesh, so every rank gets the same answer.
+
+    One fused multi-tensor reduction (``_foreach_norm`` with ord=inf) and no host sync: the caller reads it once.
+    """
+    dtensor = _dtensor_cls()
+    local: list[Tensor] = []
+    group = None
+    device = torch.device("cpu")
+    for t in tensors:
+        t = t.detach()
+        if dtensor is not None and isinstance(t, dtensor):
+            group = t.device_mesh.get_group()
+            t = t.to_local()
+        device = t.device
+        if t.numel():  # a rank's shard may be empty; the inf-norm of nothing is undefined
+            local.append(t)
+    if local:
+        largest = torch.stack(torch._foreach_norm(local, float("inf"), dtype=torch.float32)).amax()
+    else:
+        largest = torch.zeros((), dtype=torch.float32, device=device)
+    # NaN -> inf before reducing: a max across ranks may drop a NaN (every comparison with it is false).
+    largest = largest.nan_to_num(nan=float("inf"), posinf=float("inf"))
+    if group is not None:
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    return largest

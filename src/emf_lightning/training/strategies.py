@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from emf_lightning.errors import ConfigError
 
-class UnsupportedStrategyError(ValueError):
+
+class UnsupportedStrategyError(ConfigError):
     """The Trainer's strategy (or its settings) is one EMFModule does not support."""
 
 
