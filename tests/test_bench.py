@@ -63,7 +63,7 @@ def test_report_is_written_after_every_size(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "bench_steps", first_size_then_killed)
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     args = ["--sizes", "tiny,tiny", "--batch", "2", "--image-size", "8", "--patch-size", "4", "--text-len", "4",
-            "--text-dim", "8", "--variants", "mf_det25", "--repeats", "1", "--warmup", "1", "--no-sampling",
+            "--text-dim", "8", "--variants", "mf25", "--repeats", "1", "--warmup", "1", "--no-sampling",
             "--no-loader", "--threads", "1", "--json", str(out_json), "--out", str(out_md)]
     try:
         main(args)

@@ -25,8 +25,9 @@ from emf_lightning import cli
 from emf_lightning.callbacks.checkpoint import FinalModelCheckpoint
 from emf_lightning.checkpoint_io import AtomicCheckpointIO, partial_path
 from emf_lightning.errors import CheckpointError, ConfigError, InputNotFoundError
-from emf_lightning.module import EMFModule, NonFiniteLossError
-from emf_lightning.sharding import max_abs
+from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
+from emf_lightning.training import EMFModule, NonFiniteLossError, OptimConfig
+from emf_lightning.training.sharding import max_abs
 
 # ================================================================================================================
 # CLI and checkpoints
@@ -92,15 +93,16 @@ def test_ckpt_without_overrides_reports_nothing(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, key, saved, given", [
-    ("--model.backbone_size=unet-tiny", "model.backbone_size", "'tiny'", "'unet-tiny'"),
-    ("--model.image_size=32", "model.image_size", "16", "32"),
-    ("--model.in_channels=1", "model.in_channels", "3", "1"),
-    ("--model.patch_size=2", "model.patch_size", "None", "2"),
-    ('--model.backbone_overrides={"hidden_size": 64, "depth": 1, "num_heads": 2}',
-     "model.backbone_overrides.hidden_size", "32", "64"),
-    ("--model.objective=flow_matching", "model.objective", "'meanflow'", "'flow_matching'"),
+    ("--model.backbone=emf_lightning.models.UNet", "model.backbone.class_path",
+     "'emf_lightning.models.dit.DiT'", "'emf_lightning.models.unet.UNet'"),
+    ("--model.backbone.init_args.input_size=32", "model.backbone.init_args.input_size", "16", "32"),
+    ("--model.backbone.init_args.in_channels=1", "model.backbone.init_args.in_channels", "3", "1"),
+    ("--model.backbone.init_args.patch_size=2", "model.backbone.init_args.patch_size", "4", "2"),
+    ("--model.backbone.init_args.hidden_size=64", "model.backbone.init_args.hidden_size", "32", "64"),
+    ("--model.loss=emf_lightning.meanflow.FlowMatchingLoss", "model.loss.class_path",
+     "'emf_lightning.meanflow.losses.MeanFlowLoss'", "'emf_lightning.meanflow.losses.FlowMatchingLoss'"),
     ("--model.encoder=emf_lightning.encoders.LabelEncoder", "model.encoder.class_path",
-     "'emf_lightning.encoders.BagOfWordsEncoder'", "'emf_lightning.encoders.LabelEncoder'"),
+     "'emf_lightning.encoders.bow.BagOfWordsEncoder'", "'emf_lightning.encoders.label.LabelEncoder'"),
 ])
 def test_structural_override_of_a_checkpoint_is_an_error(trained, tmp_path, capsys, override, key, saved, given):
     assert cli.main([*validate_args(trained, tmp_path), override]) == 2
@@ -116,11 +118,12 @@ def test_encoder_of_another_width_under_ckpt_is_an_error(trained, tmp_path, caps
 
 
 def test_resume_with_another_architecture_is_an_error(trained, shards, tmp_path, capsys):
-    args = ["fit", "--ckpt_path", str(trained), "--model.backbone_size=unet-tiny", "--trainer.logger=false",
+    args = ["fit", "--ckpt_path", str(trained), "--model.backbone=emf_lightning.models.UNet", "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=3"]
     assert cli.main(args) == 2
     line = one_line_error(capsys.readouterr().err, "fit")
-    assert "model.backbone_size is 'tiny' in the checkpoint but 'unet-tiny' on the command line" in line
+    assert ("model.backbone.class_path is 'emf_lightning.models.dit.DiT' in the checkpoint but "
+            "'emf_lightning.models.unet.UNet' on the command line") in line
 
 
 @pytest.mark.parametrize("content", ["truncated", "text"])
@@ -176,11 +179,21 @@ def test_sample_refuses_a_non_finite_cfg(trained, tmp_path, capsys, value):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("key", ["cfg_scale", "lr", "guidance_omega", "adaptive_c", "time_mu", "betas"])
-def test_module_refuses_non_finite_numbers(key):
-    value = (float("nan"), 0.95) if key == "betas" else float("nan")
-    with pytest.raises(ConfigError, match=f"model.{key} must be a finite number"):
-        tiny_module(**{key: value})
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda: tiny_module(cfg_scale=NAN), "model.cfg_scale"),
+    (lambda: tiny_module(max_weight_abs=NAN), "model.max_weight_abs"),
+    (lambda: OptimConfig(lr=NAN), "optim.lr"),
+    (lambda: OptimConfig(betas=(NAN, 0.95)), "optim.betas"),
+    (lambda: MeanFlowLoss(guidance_omega=NAN), "loss.guidance_omega"),
+    (lambda: MeanFlowLoss(adaptive_c=NAN), "loss.adaptive_c"),
+    (lambda: TimeSampler(mu=(NAN, 0.5)), "time_sampler.mu"),
+], ids=["cfg_scale", "max_weight_abs", "lr", "betas", "guidance_omega", "adaptive_c", "time_mu"])
+def test_module_refuses_non_finite_numbers(build, name):
+    with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
+        build()
 
 
 def test_generate_refuses_a_non_finite_cfg_scale():
@@ -190,7 +203,7 @@ def test_generate_refuses_a_non_finite_cfg_scale():
 
 @pytest.mark.parametrize("override, message", [
     ("--data.batch_size=0", "batch_size must be >= 1, got 0"),
-    ("--data.image_size=32", "data.image_size=32 but model.image_size=16"),  # was "Error while merging hparams"
+    ("--data.image_size=32", "data.image_size=32 but the backbone's input_size is 16"),  # was "Error while merging hparams"
     ("--data.train_shards={root}/nothing-*.tar", "matches no files"),
     ("--data.train_shards={root}/train-{{000000..000009}}.tar", "8 shard file(s) not found"),
 ])
@@ -216,7 +229,7 @@ def _tensors(path: Path) -> list[torch.Tensor]:
 
 def test_a_diverging_run_never_checkpoints_exploded_weights(tmp_path):
     torch.manual_seed(0)
-    module = tiny_module(lr=1e6)  # one Adam step moves every weight by ~1e6, far above max_weight_abs=1e4
+    module = tiny_module(optim={"lr": 1e6})  # one Adam step moves every weight by ~1e6, far above max_weight_abs=1e4
     ckpt = FinalModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_last=True,
                                 save_top_k=-1)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, callbacks=[ckpt],
@@ -278,7 +291,7 @@ def test_max_abs_is_reduced_over_fsdp2_shards(tmp_path):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
-        from emf_lightning.sharding import max_abs
+        from emf_lightning.training.sharding import max_abs
         dist.init_process_group("gloo")
         rank = dist.get_rank()
         torch.manual_seed(0)

@@ -16,11 +16,15 @@ from typing import Any, Iterable
 
 from emf_lightning.errors import CheckpointError, InputNotFoundError
 
-# Keys of EMFModule that fix the generator's weights (shapes) or what its output means.
-STRUCTURAL_MODEL_KEYS = ("backbone_size", "image_size", "in_channels", "patch_size", "backbone_overrides",
-                         "objective", "encoder.class_path")
+# Keys of EMFModule that fix the generator's weights (shapes) or what its output means: the backbone (its class
+# and every constructor argument), the loss class (a flow-matching net sampled as MeanFlow gives wrong images)
+# and the encoder class (the features the generator was trained on).
+STRUCTURAL_MODEL_KEYS = ("backbone", "loss.class_path", "encoder.class_path")
+# Backbone arguments that change how it computes or trains, not its weights.
+NON_STRUCTURAL_MODEL_KEYS = ("backbone.init_args.gradient_checkpointing", "backbone.init_args.dropout",
+                             "backbone.init_args.trainable")
 _UNSET = "(not set)"
-_SPEC_BOOKKEEPING = {"encoder.unrecorded"}  # encoder_spec's note of arguments it could not record
+_SPEC_BOOKKEEPING = ("unrecorded",)  # to_spec's note of arguments it could not record
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -53,6 +57,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _section(hparams: Any) -> dict[str, Any]:
+    if hasattr(hparams, "as_dict"):  # a jsonargparse Namespace: dict() of it would flatten keys to "a.b"
+        hparams = hparams.as_dict()
     section = dict(hparams or {})
     for key in ("_instantiator", "_class_path"):  # LightningCLI bookkeeping, not init arguments
         section.pop(key, None)
@@ -60,24 +66,42 @@ def _section(hparams: Any) -> dict[str, Any]:
 
 
 def config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The ``model:`` (and ``data:``, when saved) config sections held in a checkpoint's hyper-parameters."""
+    """The ``model:`` (and ``data:``, when saved) config sections held in a checkpoint's hyper-parameters;
+    the model's in the current format whatever the checkpoint's (``training.checkpoint_format``)."""
+    from emf_lightning.training.checkpoint_format import module_hyperparameters
+
     config: dict[str, Any] = {}
-    for name, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
-        section = _section(ckpt.get(key))
-        if section:
-            config[name] = section
+    model = module_hyperparameters(ckpt)
+    if model:
+        config["model"] = model
+    data = _section(ckpt.get("datamodule_hyper_parameters"))
+    if data:
+        config["data"] = data
     return config
 
 
 def _plain(value: Any) -> Any:
-    """Comparable plain data: namespaces and mappings become dicts, tuples become lists."""
+    """Comparable plain data: namespaces and mappings become dicts, tuples become lists, class paths the
+    defining module's (``emf_lightning.models.DiT`` and ``emf_lightning.models.dit.DiT`` are one class)."""
     if hasattr(value, "as_dict"):  # jsonargparse Namespace
         value = value.as_dict()
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        out = {str(k): _plain(v) for k, v in value.items()}
+        if isinstance(out.get("class_path"), str):
+            out["class_path"] = _canonical_class_path(out["class_path"])
+        return out
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _canonical_class_path(path: str) -> str:
+    from emf_lightning.utils.specs import class_path, import_class
+
+    try:
+        return class_path(import_class(path))
+    except ValueError:  # not importable here: compared as written
+        return path
 
 
 def _flatten(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -101,13 +125,16 @@ def differences(saved: dict[str, Any], given: Any) -> list[tuple[str, Any, Any]]
     saved_plain = _plain(_section(saved))
     old = _flatten(saved_plain)
     new = {k: v for k, v in _flatten(_plain(_section(given))).items() if k.split(".", 1)[0] in saved_plain}
-    keys = [k for k in old if k not in _SPEC_BOOKKEEPING] + [k for k in new if k not in old]
+    keys = [k for k in old if k.rsplit(".", 1)[-1] not in _SPEC_BOOKKEEPING] + [k for k in new if k not in old]
     return [(k, old.get(k, _UNSET), new.get(k, _UNSET)) for k in keys if old.get(k, _UNSET) != new.get(k, _UNSET)]
 
 
 def is_structural(key: str) -> bool:
-    """Whether a (dotted) model key is one of STRUCTURAL_MODEL_KEYS or lies under one."""
-    return any(key == s or key.startswith(s + ".") for s in STRUCTURAL_MODEL_KEYS)
+    """Whether a (dotted) model key is one of STRUCTURAL_MODEL_KEYS or lies under one (and is not exempt)."""
+    def under(keys: tuple[str, ...]) -> bool:
+        return any(key == s or key.startswith(s + ".") for s in keys)
+
+    return under(STRUCTURAL_MODEL_KEYS) and not under(NON_STRUCTURAL_MODEL_KEYS)
 
 
 def check_overrides(ckpt: dict[str, Any], model_config: Any, data_config: Any, path: str | Path) -> list[str]:
@@ -115,7 +142,9 @@ def check_overrides(ckpt: dict[str, Any], model_config: Any, data_config: Any, p
 
     Raises CheckpointError naming each structural key the command line changes, with both values.
     """
-    model_diff = differences(ckpt.get("hyper_parameters") or {}, model_config)
+    from emf_lightning.training.checkpoint_format import module_hyperparameters
+
+    model_diff = differences(module_hyperparameters(ckpt), model_config)
     structural = [(k, old, new) for k, old, new in model_diff if is_structural(k)]
     if structural:
         clashes = "; ".join(f"model.{k} is {old!r} in the checkpoint but {new!r} on the command line"

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from emf_lightning.errors import require_finite
 from emf_lightning.meanflow.conditions import Cond, concat_conditions, expand_rows, merge_conditions, take_rows
 from emf_lightning.meanflow.draws import rand, randn
 from emf_lightning.meanflow.jvp import du_dt
@@ -64,6 +65,10 @@ class Objective(RecordsInitArgs):
         cond_drop_prob: float = 0.1,
     ):
         self.time_sampler = time_sampler if time_sampler is not None else TimeSampler()
+        numbers = dict(adaptive_p=adaptive_p, adaptive_c=adaptive_c, guidance_omega=guidance_omega,
+                       guidance_kappa=guidance_kappa, guidance_interval=guidance_interval, cond_drop_prob=cond_drop_prob)
+        for name, value in numbers.items():  # a NaN passes every range check and fails far from its cause
+            require_finite(f"loss.{name}", value)
         if adaptive_p < 0 or adaptive_c <= 0:
             raise ValueError(f"adaptive weight needs p >= 0 and c > 0, got p={adaptive_p}, c={adaptive_c}")
         if not 0.0 <= cond_drop_prob < 1.0:

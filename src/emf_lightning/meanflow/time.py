@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from emf_lightning.errors import require_finite
 from emf_lightning.meanflow.draws import draw_device, rand, randn
 from emf_lightning.utils.specs import RecordsInitArgs
 
@@ -65,6 +66,8 @@ class TimeSampler(RecordsInitArgs):
         if distribution not in self.DISTRIBUTIONS:
             raise ValueError(f"unknown time distribution '{distribution}'; choose one of {self.DISTRIBUTIONS}")
         self.distribution = distribution
+        for name, value in dict(mu=mu, sigma=sigma, neq_ratio=neq_ratio, one_step_share=one_step_share).items():
+            require_finite(f"time_sampler.{name}", value)
         self.mu = as_schedule("mu", mu)
         self.sigma = as_schedule("sigma", sigma)
         self.neq_ratio = as_schedule("neq_ratio", neq_ratio)

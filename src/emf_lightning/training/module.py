@@ -442,6 +442,7 @@ class EMFModule(pl.LightningModule):
             raise ValueError("generate() needs at least one caption, got an empty list")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        require_finite("cfg_scale", cfg_scale)
         net = self.ema_generator if use_ema else self.generator
         was_training = net.training
         net.eval()

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from emf_lightning.errors import require_finite
+
 LR_DECAYS = ("constant", "cosine", "linear")
 
 
@@ -33,8 +35,10 @@ class OptimConfig:
     """EMA decay, with the warm-up min(ema_decay, (1 + step) / (10 + step))."""
 
     def __post_init__(self) -> None:
-        if self.lr < 0 or not math.isfinite(self.lr):
-            raise ValueError(f"optim.lr must be a finite number >= 0, got {self.lr}")
+        for name in ("lr", "betas", "weight_decay", "min_lr_ratio", "ema_decay"):
+            require_finite(f"optim.{name}", getattr(self, name))
+        if self.lr < 0:
+            raise ValueError(f"optim.lr must be >= 0, got {self.lr}")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"optim.lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
