@@ -203,7 +203,7 @@ def test_generate_refuses_a_non_finite_cfg_scale():
 
 @pytest.mark.parametrize("override, message", [
     ("--data.batch_size=0", "batch_size must be >= 1, got 0"),
-    ("--data.image_size=32", "data.image_size=32 but the backbone's input_size is 16"),  # was "Error while merging hparams"
+    ("--data.image_size=32", "data.image_size=32 but the model makes 16x16 images (the backbone's input_size)"),  # was "Error while merging hparams"
     ("--data.train_shards={root}/nothing-*.tar", "matches no files"),
     ("--data.train_shards={root}/train-{{000000..000009}}.tar", "8 shard file(s) not found"),
 ])

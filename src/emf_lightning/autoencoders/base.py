@@ -18,17 +18,17 @@ import torch.nn as nn
 from torch import Tensor
 
 from emf_lightning.encoders.base import resolve_dtype
+from emf_lightning.utils.specs import RecordsInitArgs, to_spec
 
 
-class LatentAutoencoder(nn.Module):
+class LatentAutoencoder(RecordsInitArgs, nn.Module):
     """A frozen autoencoder. Subclasses set `name`, implement `latent_channels`, `downsample`, `_key_parts`,
-    `_encode_chunk` and `_decode_chunk`, and store their constructor arguments in `self.init_args`
-    (so `spec` rebuilds them: checkpoints keep that spec, not the autoencoder's weights)."""
+    `_encode_chunk` and `_decode_chunk`. Their constructor arguments are recorded in `self.init_args`
+    (`utils.specs`), so `spec` rebuilds them: checkpoints keep that spec, not the autoencoder's weights."""
 
     name: ClassVar[str] = ""
     image_channels: ClassVar[int] = 3
     sample_posterior: bool = False  # what encode(sample=None) does
-    init_args: dict[str, Any]
 
     def __init__(self, batch_size: int = 8, device: torch.device | str | None = None,
                  dtype: torch.dtype | str | None = None):
@@ -38,7 +38,6 @@ class LatentAutoencoder(nn.Module):
         self.batch_size = int(batch_size)
         self.compute_dtype = resolve_dtype(dtype)
         self._init_device = torch.device(device) if device is not None else None
-        self.init_args = {}
 
     # -- subclass interface -------------------------------------------------------------------------
     @property
@@ -83,8 +82,7 @@ class LatentAutoencoder(nn.Module):
     @property
     def spec(self) -> dict[str, Any]:
         """{"class_path", "init_args"}: `build_autoencoder(spec)` rebuilds this autoencoder."""
-        cls = type(self)
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(self.init_args)}
+        return to_spec(self)
 
     def latent_shape(self, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
         """(C, h, w) of the latent of an image of side `image_size` (int) or (H, W)."""
@@ -156,8 +154,6 @@ class IdentityAutoencoder(LatentAutoencoder):
     def __init__(self, batch_size: int = 64, device: torch.device | str | None = None,
                  dtype: torch.dtype | str | None = None):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
-        self.init_args = {"batch_size": batch_size, "device": None if device is None else str(device),
-                          "dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
         self._finish_init()
 
     @property

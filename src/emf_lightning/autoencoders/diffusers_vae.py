@@ -69,11 +69,6 @@ class DiffusersAutoencoder(LatentAutoencoder):
         if sample_posterior and not self.has_posterior:
             raise ValueError(f"{self.diffusers_class} is deterministic: it has no posterior to sample "
                              "(sample_posterior=True)")
-        self.init_args = dict(model=model, subfolder=subfolder, pretrained=pretrained, random_config=random_config,
-                              scaling_factor=scaling_factor, shift_factor=shift_factor,
-                              sample_posterior=sample_posterior, batch_size=batch_size, tiling=tiling,
-                              variant=variant, seed=seed, device=None if device is None else str(device),
-                              dtype=None if dtype is None else str(dtype).removeprefix("torch."))
         import diffusers
 
         cls = getattr(diffusers, self.diffusers_class)

@@ -159,6 +159,9 @@ class ShardDataModule(LightningDataModule):
             features: use the null condition for those rows.
         load_latents: read precomputed latents (<key>.latent.npy/.pth, written by `emf cache-latents`) into
             batch["latent"]; a sample without one raises `MissingLatentsError` (the shards lack latents).
+        latent_flip: training only: take the latent of the mirrored image (<key>.latent_flip.npy, written by
+            `emf cache-latents --flip`) half the time, the latent form of a random horizontal flip. Off by
+            default: a caption that names left and right no longer matches a mirrored image.
         pin_memory, persistent_workers, prefetch_factor: passed to the DataLoader.
     """
 
@@ -167,7 +170,8 @@ class ShardDataModule(LightningDataModule):
                  batch_size: int = 64, val_batch_size: int | None = None,
                  num_workers: int = 2, image_size: int = 32, shuffle_buffer: int = 1000, epoch_length: int = 10_000,
                  caption_sampling: str = "first", caption_dropout: float = 0.0, seed: int = 0,
-                 load_features: bool = False, load_latents: bool = False, pin_memory: bool = False,
+                 load_features: bool = False, load_latents: bool = False, latent_flip: bool = False,
+                 pin_memory: bool = False,
                  persistent_workers: bool = False, prefetch_factor: int | None = None) -> None:
         super().__init__()
         if caption_sampling not in CAPTION_SAMPLING:
@@ -189,7 +193,7 @@ class ShardDataModule(LightningDataModule):
         self.num_workers, self.image_size = num_workers, image_size
         self.shuffle_buffer, self.epoch_length, self.seed = shuffle_buffer, epoch_length, seed
         self.caption_sampling, self.caption_dropout = caption_sampling, caption_dropout
-        self.load_features, self.load_latents = load_features, load_latents
+        self.load_features, self.load_latents, self.latent_flip = load_features, load_latents, latent_flip
         self.pin_memory, self.persistent_workers, self.prefetch_factor = pin_memory, persistent_workers, prefetch_factor
         self.rank, self.world_size = 0, 1
         self.streams: dict[str, ShardStream] = {}
@@ -209,7 +213,8 @@ class ShardDataModule(LightningDataModule):
     def _options(self, train: bool) -> DecodeOptions:
         return DecodeOptions(image_size=self.image_size, caption_sampling=self.caption_sampling,
                              caption_dropout=self.caption_dropout if train else 0.0,
-                             load_features=self.load_features, load_latents=self.load_latents)
+                             load_features=self.load_features, load_latents=self.load_latents,
+                             latent_flip=self.latent_flip)
 
     def _eval_stream(self, spec: ShardSpec, label: str) -> ShardStream:
         urls = expand_shard_urls(spec)

@@ -46,6 +46,7 @@ from emf_lightning.utils.images import from_uint8
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
 FEATURE_KEYS = ("features.npz", "features.npy", "features.pth")
 LATENT_KEYS = ("latent.npy", "latent.pth")
+FLIPPED_LATENT_KEYS = ("latent_flip.npy", "latent_flip.pth")
 CAPTION_SAMPLING = ("first", "random")
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
 
@@ -120,6 +121,7 @@ class DecodeOptions:
     caption_dropout: float = 0.0
     load_features: bool = False
     load_latents: bool = False
+    latent_flip: bool = False
 
 
 class MissingLatentsError(ValueError):
@@ -204,6 +206,9 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, 
                 f"{where}: no precomputed latent ({', '.join(LATENT_KEYS)}) but latents were asked for "
                 "(load_latents=True): these shards were written without latents. Encode them once with "
                 "`emf cache-latents --vae NAME --shards URLS --out PATTERN` and train on its output shards")
+        flipped = _first_key(raw, FLIPPED_LATENT_KEYS) if opts.latent_flip and train else None
+        if flipped is not None and rng.random() < 0.5:  # the mirrored image's latent, half the time
+            lkey = flipped
         try:
             latent = _load_array(raw[lkey], lkey)
             if not isinstance(latent, torch.Tensor):

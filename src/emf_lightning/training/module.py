@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from emf_lightning.autoencoders import IdentityAutoencoder, LatentAutoencoder, build_autoencoder
 from emf_lightning.encoders.base import TextEncoder, TextFeatures
 from emf_lightning.errors import ConfigError, require_finite
 from emf_lightning.encoders.cache import FeatureCache
@@ -50,6 +51,11 @@ class EMFModule(pl.LightningModule):
         loss: the objective, ``meanflow.MeanFlowLoss`` (default) or ``meanflow.FlowMatchingLoss``, with its
             time sampler, adaptive weight, guidance and condition dropout; its class also picks the sampler.
         optim: optimiser, learning-rate schedule and EMA settings (``training.OptimConfig``).
+        autoencoder: the frozen autoencoder whose latent space the generator models (``autoencoders``: a
+            registry name such as ``sd-vae`` or ``dc-ae-f32``, a model folder, or ``class_path``/``init_args``);
+            None = pixel space. Batches bring latents (``data.load_latents``, shards from ``emf cache-latents``)
+            or images, which are then encoded on the fly; samples are decoded to images. Like the encoder, it is
+            rebuilt from its spec and never saved.
         init_from: a checkpoint (e.g. of flow-matching pre-training) whose generator and EMA weights start
             this run; its time embedder is copied into the interval embedder (EMF's fine-tuning recipe).
         feature_cache_dir: root of the on-disk text feature cache; None keeps the cache in memory only.
@@ -72,6 +78,7 @@ class EMFModule(pl.LightningModule):
         backbone: Backbone,
         loss: Objective | None = None,
         optim: OptimConfig | None = None,
+        autoencoder: LatentAutoencoder | str | None = None,
         init_from: str | None = None,
         feature_cache_dir: str | None = None,
         use_feature_cache: bool = True,
@@ -95,13 +102,20 @@ class EMFModule(pl.LightningModule):
             raise ConfigError(f"model.max_weight_abs must be > 0 (or null to disable the bound), got {max_weight_abs}")
         # The checkpoint keeps how to rebuild every object (plain data), never a pickled module.
         self.hparams.pop("_instantiator", None)
+        autoencoder = build_autoencoder(autoencoder)
         self.hparams.update(encoder=to_spec(encoder), backbone=to_spec(backbone), loss=to_spec(self.loss_fn),
-                            optim=self.optim.to_dict())
+                            optim=self.optim.to_dict(),
+                            autoencoder=None if isinstance(autoencoder, IdentityAutoencoder) else to_spec(autoencoder))
         encoder.eval().requires_grad_(False)
         # object.__setattr__ bypasses nn.Module registration: not a submodule, so not saved, optimised or
         # wrapped by DDP, and not moved by .to(); encode_text moves it lazily to the module's device.
         object.__setattr__(self, "_encoder", encoder)
         object.__setattr__(self, "_feature_cache", FeatureCache(encoder, root=feature_cache_dir))
+        object.__setattr__(self, "_autoencoder", autoencoder)
+        if autoencoder.latent_channels != backbone.in_channels:
+            raise ConfigError(f"the autoencoder ({autoencoder.cache_key}) makes latents of {autoencoder.latent_channels} "
+                              f"channels but the backbone takes in_channels={backbone.in_channels}: set the backbone's "
+                              "in_channels to the latent channels")
 
         self.objective = self.loss_fn.objective
         self.generator = Generator.for_backbone(backbone, encoder.dim)
@@ -122,8 +136,19 @@ class EMFModule(pl.LightningModule):
         return self._feature_cache
 
     @property
+    def autoencoder(self) -> LatentAutoencoder:
+        """The frozen autoencoder (``IdentityAutoencoder`` in pixel space; not a registered submodule)."""
+        return self._autoencoder
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images the model generates (after decoding)."""
+        f = self.autoencoder.downsample
+        return self.data_shape[1] * f, self.data_shape[2] * f
+
+    @property
     def data_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of what the generator models: the backbone's input."""
+        """(C, H, W) of what the generator models (pixels or latents): the backbone's input."""
         backbone = self.generator.backbone
         return (backbone.in_channels, *backbone.input_size)
 
@@ -146,13 +171,17 @@ class EMFModule(pl.LightningModule):
         return module
 
     # ------------------------------------------------------------------ text
-    def _move_encoder(self) -> None:
+    def _move_frozen(self, module: nn.Module) -> None:
+        """Move the encoder or autoencoder (kept outside the module tree) to the module's device, lazily."""
         try:
-            enc_device = next(self.encoder.parameters()).device
-        except StopIteration:  # parameter-free encoders (e.g. a pure lookup) have nothing to move
+            device = next(module.parameters()).device
+        except StopIteration:  # parameter-free (a lookup table, pixel space) have nothing to move
             return
-        if enc_device != self.device:
-            self.encoder.to(self.device)
+        if device != self.device:
+            module.to(self.device)
+
+    def _move_encoder(self) -> None:
+        self._move_frozen(self.encoder)
 
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]) -> TextFeatures:
@@ -197,10 +226,13 @@ class EMFModule(pl.LightningModule):
         check_strategy(self.trainer.strategy)
         datamodule = getattr(self.trainer, "datamodule", None)
         data_size = (getattr(datamodule, "hparams", None) or {}).get("image_size")
-        model_size = self.data_shape[1:]
-        if data_size is not None and (data_size, data_size) != model_size:
-            raise ConfigError(f"data.image_size={data_size} but the backbone's input_size is {model_size[0]}: the "
-                              "generator sees the data's images, so set both to the same size")
+        if data_size is not None and (data_size, data_size) != self.image_size:
+            h, w = self.image_size
+            why = "the backbone's input_size" if isinstance(self.autoencoder, IdentityAutoencoder) else (
+                f"the backbone's input_size {self.data_shape[1]} times the autoencoder's downsampling "
+                f"{self.autoencoder.downsample}")
+            raise ConfigError(f"data.image_size={data_size} but the model makes {h}x{w} images ({why}): the "
+                              "generator learns the data's images, so make the two sizes agree")
 
     def configure_model(self) -> None:
         """Under FSDP2 (Lightning's ModelParallelStrategy): shard the generator and its EMA copy alike.
@@ -284,13 +316,7 @@ class EMFModule(pl.LightningModule):
         Condition dropout (``cond_drop_prob``) is drawn by the loss from ``generator`` in training only;
         evaluation always uses the real conditions.
         """
-        images = batch["image"]
-        expected = self.data_shape
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ConfigError(
-                f"batch images have shape {tuple(images.shape)}, but the model expects [B, {expected[0]}, "
-                f"{expected[1]}, {expected[2]}]: make data.image_size match the backbone's input_size"
-            )
+        images = self.model_inputs(batch)
         feats = self.batch_text_features(batch)
         cond = (feats.tokens.to(images.dtype), feats.mask)
         null = null_condition(1, self.encoder.dim, device=images.device, dtype=cond[0].dtype)
@@ -301,6 +327,27 @@ class EMFModule(pl.LightningModule):
             if train:
                 self._fail_nonfinite(f"loss ({err})", batch)
             raise
+
+    def model_inputs(self, batch: dict[str, Any]) -> Tensor:
+        """What the generator models for this batch: its images in pixel space, else its cached latents
+        (``batch["latent"]``) or, without them, its images encoded now by the autoencoder."""
+        latents = batch.get("latent")
+        if latents is not None:
+            x, what = latents.to(self.device), "latents (from the shards)"
+        elif isinstance(self.autoencoder, IdentityAutoencoder):
+            x, what = batch["image"], "images"
+        else:
+            self._move_frozen(self.autoencoder)
+            x, what = self.autoencoder.encode(batch["image"]), f"latents of {tuple(batch['image'].shape)} images"
+        expected = self.data_shape
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            hint = ("make data.image_size match the backbone's input_size" if what == "images" else
+                    f"the backbone takes latents [B, {expected[0]}, {expected[1]}, {expected[2]}]: set its input_size "
+                    f"and in_channels to the autoencoder's latent shape ({self.autoencoder.cache_key}), or re-cache the "
+                    "latents at the data's image size")
+            raise ConfigError(f"batch {what} have shape {tuple(x.shape)}, but the model expects [B, {expected[0]}, "
+                              f"{expected[1]}, {expected[2]}]: {hint}")
+        return x
 
     def _train_generator(self, batch_idx: int) -> torch.Generator:
         """The training batch's random stream: one per optimiser step and, with gradient accumulation, per
@@ -432,10 +479,11 @@ class EMFModule(pl.LightningModule):
     @torch.no_grad()
     def generate(self, captions: Sequence[str], steps: int = 1, cfg_scale: float = 1.0, seed: int = 0,
                  use_ema: bool = True) -> Tensor:
-        """Images [B, C, H, W] in [-1, 1] for ``captions``; the same seed gives the same images.
+        """Images [B, 3, H, W] in [-1, 1] for ``captions``; the same seed gives the same images.
 
-        MeanFlow objective: the MeanFlow sampler with ``steps`` steps; flow matching: Euler with ``steps``.
-        ``cfg_scale`` != 1 applies classifier-free guidance against the null condition.
+        The loss's sampler (MeanFlow: ``steps`` jumps; flow matching: ``steps`` Euler steps) from noise of the
+        generator's shape, then the autoencoder decodes (in pixel space: a clamp). ``cfg_scale`` != 1 applies
+        classifier-free guidance against the null condition.
         """
         captions = list(captions)
         if not captions:
@@ -454,6 +502,8 @@ class EMFModule(pl.LightningModule):
             cond = (feats.tokens, feats.mask)
             null = null_condition(1, self.encoder.dim, device=self.device) if cfg_scale != 1.0 else None
             x = self.loss_fn.sampler(net, noise, cond, steps=steps, cfg_scale=cfg_scale, null_cond=null)
+            self._move_frozen(self.autoencoder)
+            images = self.autoencoder.decode(x.float())
         finally:
             net.train(was_training)
-        return x.float().clamp(-1.0, 1.0)
+        return images
