@@ -14,6 +14,7 @@ from helpers import BOW, TINY_DIT, write_shapes_shards
 from PIL import Image
 
 from emf_lightning import cli
+from emf_lightning.config_files import config_chain
 from emf_lightning.training import EMFModule
 from emf_lightning.utils.grids import make_labelled_grid
 from emf_lightning.utils.weights import MissingWeightsError
@@ -23,6 +24,9 @@ ALL_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 # Configs whose encoder has no weights on an offline machine: tests build tiny random ones instead.
 NO_OFFLINE_WEIGHTS = {
     "qwen_meanflow.yaml": "Qwen/Qwen3-0.6B",
+    "dit_latent.yaml": "Qwen/Qwen3-0.6B",
+    "emf_sana.yaml": "Qwen/Qwen3-0.6B",
+    "emf_sana_512.yaml": "Qwen/Qwen3-0.6B",
     "t5_meanflow.yaml": "google/flan-t5-base",
     "clip_meanflow.yaml": "ViT-L-14",
 }
@@ -31,6 +35,15 @@ NO_OFFLINE_WEIGHTS = {
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict[str, str]:
     return write_shapes_shards(tmp_path_factory.mktemp("shards"), n_train=8, n_val=4, resolution=16)
+
+
+# Latent-space configs: a tiny random VAE (f2, 4 channels) and the tiny DiT on its 8x8 latents of 16 px images,
+# encoding the test's pixel shards on the fly.
+LATENT_RUN_ARGS = [
+    '--model.autoencoder={"class_path": "emf_lightning.autoencoders.KLAutoencoder", "init_args": {"pretrained": false}}',
+    "--model.backbone.init_args.input_size=8", "--model.backbone.init_args.in_channels=4",
+    "--model.backbone.init_args.patch_size=2", "--data.load_latents=false",
+]
 
 
 def small_run_args(shards: dict[str, str], root: Path) -> list[str]:
@@ -123,6 +136,8 @@ def test_every_config_runs_fast_dev_run_offline(config, shards, tmp_path):
         args += ["--trainer.callbacks.n=8", "--trainer.callbacks.n_pairs=2"]
     if config in NO_OFFLINE_WEIGHTS:
         args.append("--model.encoder.init_args.pretrained=false")
+    if any("autoencoder" in content.get("model", {}) for _, content in config_chain(CONFIGS / config)):
+        args += LATENT_RUN_ARGS
     assert cli.main(args) == 0
 
 

@@ -177,7 +177,8 @@ def check_weights_fit(model: Any, ckpt: dict[str, Any], path: str | Path) -> Non
         raise CheckpointError(f"model.encoder gives features of width {encoder_dim}, but the generator in {path} was "
                               f"trained on width {text_dim}: use the checkpoint's encoder (drop the --model.encoder "
                               "overrides)")
-    mismatched = _shape_mismatches(model.state_dict().items(), saved)
+    rebuilt = set(ckpt.get("emf_rebuilt_keys") or [])  # frozen pretrained weights, rebuilt rather than saved
+    mismatched = _shape_mismatches(((k, v) for k, v in model.state_dict().items() if k not in rebuilt), saved)
     if mismatched:
         name, have, want = mismatched[0]
         raise CheckpointError(f"the model built from this configuration does not fit the weights in {path}: {name} "

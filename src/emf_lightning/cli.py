@@ -38,6 +38,7 @@ EXTRA_COMMANDS = {
     "bench": "Benchmark the training step, sampling and data loading",
     "cache-features": "Precompute the text feature cache for a dataset",
     "cache-latents": "Encode shard images once with an autoencoder into shards with latents",
+    "export": "Write a checkpoint's EMA generator as a loadable folder (safetensors, config, model card)",
 }
 
 

@@ -7,10 +7,21 @@ from .generator import BACKBONES, Generator, build_backbone, build_generator
 from .layers import Backbone
 from .unet import UNet
 
+
+def __getattr__(name: str):
+    # The diffusers adapter imports diffusers: loaded on first use, so `import emf_lightning.models` stays light.
+    if name == "SanaMeanFlowBackbone":
+        from .diffusers_adapter import SanaMeanFlowBackbone
+
+        return SanaMeanFlowBackbone
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BACKBONES",
     "Backbone",
     "DiT",
+    "SanaMeanFlowBackbone",
     "Generator",
     "TextConnector",
     "UNet",

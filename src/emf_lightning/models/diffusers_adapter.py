@@ -38,6 +38,7 @@ import contextlib
 import fnmatch
 import logging
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -205,6 +206,7 @@ class SanaMeanFlowBackbone(Backbone):
 
         param_dtype = resolve_dtype(dtype)
         self.transformer = self._build_transformer(model, subfolder, config, pretrained, variant, seed, param_dtype)
+        self.loaded_pretrained = pretrained and config is None
         cfg = self.transformer.config
         out_channels = cfg.out_channels or cfg.in_channels
         if out_channels != cfg.in_channels:
@@ -341,6 +343,27 @@ class SanaMeanFlowBackbone(Backbone):
         """Copy the pretrained time embedder's weights into the interval embedder (T2I-Distill's start)."""
         emb = self.transformer.time_embed
         emb.guidance_embedder.load_state_dict(emb.timestep_embedder.state_dict())
+
+    def pretrained_state_keys(self) -> list[str]:
+        """The frozen weights of a pretrained transformer (rebuilt from it, so checkpoints leave them out)."""
+        if not self.loaded_pretrained:
+            return []
+        return [name for name, p in self.named_parameters() if not p.requires_grad]
+
+    @torch.no_grad()
+    def export_pretrained(self, directory: Path) -> dict[str, Any]:
+        """The transformer as a diffusers folder (``directory/transformer``, LoRA merged into the weights):
+        ``SanaTransformer2DModel.from_pretrained`` loads it, with the interval embedder in its guidance slot (the
+        precise time features and attention processors hold no weights: diffusers' own compute the same in fp32)."""
+        import copy
+
+        transformer = copy.deepcopy(self.transformer)
+        if getattr(transformer, "peft_config", None):
+            transformer.fuse_lora()
+            transformer.unload_lora()
+        transformer.save_pretrained(str(directory / "transformer"))
+        return {"model": "transformer", "subfolder": None, "config": None, "pretrained": True,
+                "interval_init": "existing", "lora": None, "trainable": "all", "gradient_checkpointing": False}
 
     def sharding_units(self) -> list[nn.Module]:
         """The transformer blocks: FSDP units (every other module belongs to the root unit)."""

@@ -8,6 +8,7 @@ backbone is one more time input: the interval t - r gets its own embedder, summe
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -60,6 +61,17 @@ class Backbone(RecordsInitArgs, nn.Module):
     def copy_time_embedder_to_interval(self) -> None:
         """Start the interval (t - r) embedder from the trained t embedder (EMF's fine-tuning recipe)."""
         raise NotImplementedError
+
+    def pretrained_state_keys(self) -> list[str]:
+        """State-dict keys (relative to the backbone) that its constructor restores exactly from pretrained weights
+        and that training does not change (frozen): checkpoints leave them out and rebuild them. None by default."""
+        return []
+
+    def export_pretrained(self, directory: Path) -> dict[str, Any] | None:
+        """Write the backbone in its own library's format under ``directory`` and return the init_args overrides
+        that rebuild it from there (a ``"model"`` path is relative to ``directory``), or None when the backbone's
+        weights simply go into the export's safetensors file (the default)."""
+        return None
 
     def sharding_units(self) -> list[nn.Module]:
         """The modules FSDP2 shards as their own units: by default every entry with parameters of the

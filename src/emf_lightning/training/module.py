@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from emf_lightning.autoencoders import IdentityAutoencoder, LatentAutoencoder, build_autoencoder
 from emf_lightning.encoders.base import TextEncoder, TextFeatures
-from emf_lightning.errors import ConfigError, require_finite
+from emf_lightning.errors import CheckpointError, ConfigError, require_finite
 from emf_lightning.encoders.cache import FeatureCache
-from emf_lightning.meanflow import MeanFlowLoss, Objective, encode_with_null, make_noise, null_condition
+from emf_lightning.inference import sample_images
+from emf_lightning.meanflow import MeanFlowLoss, Objective, encode_with_null, null_condition
 from emf_lightning.models.generator import Generator
 from emf_lightning.models.layers import Backbone
 from emf_lightning.training.checkpoint_format import FORMAT_KEY, FORMAT_VERSION, module_hyperparameters
@@ -120,6 +121,8 @@ class EMFModule(pl.LightningModule):
         self.objective = self.loss_fn.objective
         self.generator = Generator.for_backbone(backbone, encoder.dim)
         self.ema_generator = make_ema_copy(self.generator)
+        # Frozen pretrained weights (a diffusers backbone's) are rebuilt from the pretrained model, not saved.
+        self.strict_loading = not self.rebuilt_state_keys()
         self._nonfinite: str | None = None
         # Length of the schedules, fixed at fit start and kept in checkpoints (validate/test reuse it).
         self._schedule_total: int | None = None
@@ -165,7 +168,7 @@ class EMFModule(pl.LightningModule):
         checkpoint = torch.load(checkpoint_path, map_location=map_location or "cpu", weights_only=True)
         module = cls(**{**module_hyperparameters(checkpoint), **overrides})
         module.on_load_checkpoint(checkpoint)
-        module.load_state_dict(checkpoint["state_dict"], strict=True if strict is None else strict)
+        module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading if strict is None else strict)
         if isinstance(map_location, (str, torch.device)):
             module.to(map_location)
         return module
@@ -430,6 +433,11 @@ class EMFModule(pl.LightningModule):
         """Multiplier of ``optim.lr`` for optimiser step ``step`` (0-based), over the run's schedule length."""
         return self.optim.lr_factor(step, self.schedule_length())
 
+    def rebuilt_state_keys(self) -> list[str]:
+        """State-dict keys that checkpoints leave out: the backbone's frozen pretrained weights, in both copies."""
+        keys = self.generator.backbone.pretrained_state_keys()
+        return [f"{net}.backbone.{k}" for net in ("generator", "ema_generator") for k in keys]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Last line of defence: a run that saw a non-finite loss, or whose weights are non-finite or exploded now,
         never writes a checkpoint."""
@@ -442,9 +450,21 @@ class EMFModule(pl.LightningModule):
             raise NonFiniteLossError("Refusing to write a checkpoint. " + self._nonfinite)
         checkpoint["emf_schedule_total"] = self._schedule_total
         checkpoint[FORMAT_KEY] = FORMAT_VERSION
+        rebuilt = self.rebuilt_state_keys()
+        for key in rebuilt:
+            checkpoint["state_dict"].pop(key, None)
+        checkpoint["emf_rebuilt_keys"] = rebuilt
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The schedule length of the run (validate/test of a checkpoint reuse it)."""
+        """The schedule length of the run (validate/test of a checkpoint reuse it), and a check that the weights
+        the checkpoint leaves out are exactly those this module rebuilt from pretrained weights."""
+        if not self.strict_loading:
+            own, saved = set(self.state_dict()), set(checkpoint.get("state_dict") or {})
+            missing = own - saved - set(self.rebuilt_state_keys())
+            unexpected = saved - own
+            if missing or unexpected:
+                raise CheckpointError(f"the checkpoint's weights do not fit this model: missing {sorted(missing)[:5]}, "
+                                      f"unexpected {sorted(unexpected)[:5]} (was it trained with another backbone?)")
         self._schedule_total = checkpoint.get("emf_schedule_total", self._schedule_total)
         self._restored = True
 
@@ -485,25 +505,6 @@ class EMFModule(pl.LightningModule):
         generator's shape, then the autoencoder decodes (in pixel space: a clamp). ``cfg_scale`` != 1 applies
         classifier-free guidance against the null condition.
         """
-        captions = list(captions)
-        if not captions:
-            raise ValueError("generate() needs at least one caption, got an empty list")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        require_finite("cfg_scale", cfg_scale)
         net = self.ema_generator if use_ema else self.generator
-        was_training = net.training
-        net.eval()
-        try:
-            feats = self.encode_text(captions)
-            b = len(captions)
-            # Drawn on the CPU from the seed: the same seed gives the same images on any device.
-            noise = make_noise((b, *self.data_shape), int(seed), device=self.device)
-            cond = (feats.tokens, feats.mask)
-            null = null_condition(1, self.encoder.dim, device=self.device) if cfg_scale != 1.0 else None
-            x = self.loss_fn.sampler(net, noise, cond, steps=steps, cfg_scale=cfg_scale, null_cond=null)
-            self._move_frozen(self.autoencoder)
-            images = self.autoencoder.decode(x.float())
-        finally:
-            net.train(was_training)
-        return images
+        return sample_images(net, self.encode_text, self.encoder.dim, self.loss_fn, self.autoencoder, self.data_shape,
+                             captions, steps, cfg_scale, seed, self.device)
