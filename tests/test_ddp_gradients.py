@@ -147,15 +147,25 @@ def test_meanflow_step_gradients_under_lightning_ddp_match_the_concatenated_batc
 # ---------------------------------------------------------------------------------------------- DDP around the generator
 
 
-def _generator() -> torch.nn.Module:
+# The project's DiT, and a diffusers SANA transformer behind the adapter (its interval embedder random, so
+# that every parameter gets a gradient); (channels, size) of what each models.
+BACKBONES = {"dit": (3, 16), "sana": (4, 8)}
+
+
+def _generator(backbone: str = "dit") -> torch.nn.Module:
     torch.manual_seed(0)
+    if backbone == "sana":
+        from emf_lightning.models import Generator, SanaMeanFlowBackbone
+
+        return Generator.for_backbone(SanaMeanFlowBackbone.from_config("tiny", interval_init="random"), 16)
     return build_generator("tiny", text_dim=16, input_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2)
 
 
-def _rank_inputs(rank: int, loss_fn: MeanFlowLoss) -> dict[str, Any]:
+def _rank_inputs(rank: int, loss_fn: MeanFlowLoss, backbone: str = "dit") -> dict[str, Any]:
     """Rank-specific data, text of a rank-specific length, and the loss's own draws from a per-rank seed."""
     gen = torch.Generator().manual_seed(10 + rank)
-    x = torch.rand(PER_RANK, 3, 16, 16, generator=gen) * 2 - 1
+    channels, size = BACKBONES[backbone]
+    x = torch.rand(PER_RANK, channels, size, size, generator=gen) * 2 - 1
     length = 5 + 2 * rank  # the reference must pad the two ranks' conditions to one length
     tokens = torch.randn(PER_RANK, length, 16, generator=gen)
     mask = torch.arange(length)[None] < torch.randint(1, length + 1, (PER_RANK, 1), generator=gen)
@@ -170,18 +180,18 @@ def _loss_fn(kind: str) -> MeanFlowLoss:
     return LOSSES[kind](TimeSampler(neq_ratio=0.5), cond_drop_prob=0.3)
 
 
-def _direct_ddp_worker(rank: int, init_file: str, out_dir: str, kind: str) -> None:
+def _direct_ddp_worker(rank: int, init_file: str, out_dir: str, kind: str, backbone: str) -> None:
     torch.set_num_threads(1)  # forked from pytest, which may have started intra-op threads
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        net = _generator()
+        net = _generator(backbone)
         # forward_sync_buffers=False: DDP's per-forward buffer broadcast is an in-place copy, which
         # torch.func.jvp refuses inside its transform (a loud RuntimeError, not a silent skip). The buffers
         # (sin-cos tables) are constant, so there is nothing to sync. Lightning's DDP wraps the whole
         # LightningModule and broadcasts before the JVP, so it needs no such option.
         ddp = torch.nn.parallel.DistributedDataParallel(net, forward_sync_buffers=False)
         loss_fn = _loss_fn(kind)
-        inputs = _rank_inputs(rank, loss_fn)
+        inputs = _rank_inputs(rank, loss_fn, backbone)
         loss, _ = loss_fn.compute(ddp, inputs["x"], inputs["e"], inputs["r"], inputs["t"], inputs["cond"],
                                   null_condition(1, 16), inputs["drop"])
         loss.backward()
@@ -191,10 +201,13 @@ def _direct_ddp_worker(rank: int, init_file: str, out_dir: str, kind: str) -> No
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", sorted(LOSSES))
-def test_jvp_through_a_ddp_wrapped_generator_syncs_gradients(kind, tmp_path: Path):
+@pytest.mark.parametrize("kind, backbone", [("production", "dit"), ("reference", "dit"),
+                                           pytest.param("production", "sana", marks=pytest.mark.slow)])
+def test_jvp_through_a_ddp_wrapped_generator_syncs_gradients(kind, backbone, tmp_path: Path):
+    if backbone == "sana":
+        pytest.importorskip("diffusers")
     # fork: the two ranks need no fresh imports (seconds each on a busy machine)
-    mp.start_processes(_direct_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), kind),
+    mp.start_processes(_direct_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), kind, backbone),
                        nprocs=2, join=True, start_method="fork")
     records = [torch.load(tmp_path / f"direct{r}.pt", weights_only=False) for r in range(2)]
     grads = [rec["grads"] for rec in records]
@@ -207,7 +220,7 @@ def test_jvp_through_a_ddp_wrapped_generator_syncs_gradients(kind, tmp_path: Pat
     drop = torch.cat([i["drop"] for i in ins])
     assert 0 < int(neq.sum()) < neq.numel() and 0 < int(drop.sum()) < drop.numel()
 
-    net = _generator()
+    net = _generator(backbone)
     cat = {k: torch.cat([i[k] for i in ins]) for k in ("x", "e", "r", "t", "drop")}
     loss, _ = _loss_fn(kind).compute(
         net, cat["x"], cat["e"], cat["r"], cat["t"], concat_conditions(ins[0]["cond"], ins[1]["cond"]),
