@@ -25,6 +25,7 @@ from emf_lightning.errors import CheckpointError, ConfigError, require_finite
 from emf_lightning.encoders.cache import FeatureCache
 from emf_lightning.inference import sample_images
 from emf_lightning.meanflow import MeanFlowLoss, Objective, encode_with_null, null_condition
+from emf_lightning.models.compiled import CompiledForward
 from emf_lightning.models.generator import Generator
 from emf_lightning.models.layers import Backbone
 from emf_lightning.training.checkpoint_format import FORMAT_KEY, FORMAT_VERSION, module_hyperparameters
@@ -67,6 +68,8 @@ class EMFModule(pl.LightningModule):
         cfg_scale: classifier-free guidance scale used by ``predict_step``.
         seed: base of the per-step random streams (time draws, noise, condition dropout), so that a resumed
             run draws exactly what an uninterrupted one does.
+        compile: ``torch.compile`` the generator's plain forward passes in training (the graph-free JVP stays
+            eager: ``models.compiled``).
         max_weight_abs: after every optimiser step, training stops (``NonFiniteLossError``, before any checkpoint
             callback runs) when a weight of the generator or its EMA copy is NaN, infinite or larger than this in
             magnitude: a diverging run never checkpoints exploded weights. The default is far above what normal
@@ -86,6 +89,7 @@ class EMFModule(pl.LightningModule):
         sample_steps: Sequence[int] = (1, 2, 4),
         cfg_scale: float = 1.0,
         seed: int = 0,
+        compile: bool = False,
         max_weight_abs: float | None = 1e4,
     ) -> None:
         super().__init__()
@@ -121,6 +125,8 @@ class EMFModule(pl.LightningModule):
         self.objective = self.loss_fn.objective
         self.generator = Generator.for_backbone(backbone, encoder.dim)
         self.ema_generator = make_ema_copy(self.generator)
+        # The training step's network: compiled lazily (at the first step) when asked for.
+        object.__setattr__(self, "_train_net", None)
         # Frozen pretrained weights (a diffusers backbone's) are rebuilt from the pretrained model, not saved.
         self.strict_loading = not self.rebuilt_state_keys()
         self._nonfinite: str | None = None
@@ -365,9 +371,18 @@ class EMFModule(pl.LightningModule):
         micro = batch_idx % accumulate
         return self._step_generator("train" if micro == 0 else f"train.micro{micro}", self.global_step)
 
+    @property
+    def train_net(self) -> Any:
+        """The generator as the training step calls it: compiled outside the JVP with ``compile: true``."""
+        if not self.hparams.get("compile"):
+            return self.generator
+        if self._train_net is None:
+            object.__setattr__(self, "_train_net", CompiledForward(self.generator))
+        return self._train_net
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         gen = self._train_generator(batch_idx)
-        loss, stats = self.compute_loss(batch, self.generator, gen, train=True)
+        loss, stats = self.compute_loss(batch, self.train_net, gen, train=True)
         if not torch.isfinite(loss):
             self._fail_nonfinite(f"loss is {loss.item()}", batch)
         bs = batch["image"].shape[0]
