@@ -532,3 +532,24 @@ def test_float64_data_gives_float64_times_loss_and_samples():
     for sampler in (sample_meanflow, sample_flow_matching):
         assert sampler(spy, e, (y,), steps=2).dtype == torch.float64
     assert seen and all(dtypes == (torch.float64,) * 3 for dtypes in seen)
+
+
+def test_fp32_jvp_precision_matches_float64_under_bf16_autocast():
+    # Under bf16 autocast du/dt carries bf16's error; jvp_precision="fp32" computes it as the reference codes do.
+    gen = tiny_generator()
+    x, cond = text_batch()
+    g = torch.Generator().manual_seed(5)
+    r, t = 0.3 * torch.rand(6, generator=g), 0.5 + 0.5 * torch.rand(6, generator=g)
+    tangent = torch.randn(x.shape, generator=g)
+    ref = du_dt(tiny_generator(dtype=torch.float64), x.double(), r.double(), t.double(), tangent.double(),
+                (cond[0].double(), cond[1]))
+    errors = {}
+    for precision in ("fp32", "autocast"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = du_dt(gen, x, r, t, tangent, cond, precision)
+        assert got.dtype == torch.float32
+        errors[precision] = ((got.double() - ref).norm() / ref.norm()).item()
+    assert errors["fp32"] < 1e-5  # float32 rounding
+    assert errors["autocast"] > 100 * errors["fp32"]  # bf16 keeps ~3 significant digits
+    with pytest.raises(ValueError, match="unknown jvp_precision 'fp16'"):
+        MeanFlowLoss(jvp_precision="fp16")

@@ -26,14 +26,35 @@ from emf_lightning.models.attention import jvp_safe_attention
 Net = Callable[..., Tensor]
 
 
-def du_dt(net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Cond) -> Tensor:
-    """du/dt along (tangent_z, 0, 1) on the rows with r != t, zeros elsewhere; no autograd graph, z's dtype."""
+JVP_PRECISIONS = ("autocast", "fp32")
+
+
+def du_dt(net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Cond,
+          precision: str = "autocast") -> Tensor:
+    """du/dt along (tangent_z, 0, 1) on the rows with r != t, zeros elsewhere; no autograd graph, z's dtype.
+
+    ``precision``: "autocast" runs the JVP in whatever autocast is active (bf16 under bf16-mixed training);
+    "fp32" switches autocast off and runs it in float32 (at least), as the reference codes compute du/dt.
+    """
+    if precision not in JVP_PRECISIONS:
+        raise ValueError(f"unknown JVP precision {precision!r}; choose one of {JVP_PRECISIONS}")
     out = torch.zeros_like(z)
     rows = (r != t).nonzero().squeeze(1)
-    if rows.numel():
-        rows_dudt = graph_free_jvp(net, z[rows], r[rows], t[rows], tangent_z[rows], take_rows(cond, rows))
-        out = out.index_copy(0, rows, rows_dudt.to(out.dtype))
-    return out
+    if not rows.numel():
+        return out
+    args = (z[rows], r[rows], t[rows], tangent_z[rows], take_rows(cond, rows))
+    if precision == "fp32":
+        with torch.autocast(z.device.type, enabled=False):
+            rows_dudt = graph_free_jvp(net, *(_at_least_fp32(a) for a in args[:4]),
+                                       tuple(_at_least_fp32(c) for c in args[4]))
+    else:
+        rows_dudt = graph_free_jvp(net, *args)
+    return out.index_copy(0, rows, rows_dudt.to(out.dtype))
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Floating tensors in at least float32 (masks and float64 untouched)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32)) if x.is_floating_point() else x
 
 
 def graph_free_jvp(net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Cond) -> Tensor:

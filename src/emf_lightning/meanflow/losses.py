@@ -17,7 +17,7 @@ from torch import Tensor
 from emf_lightning.errors import require_finite
 from emf_lightning.meanflow.conditions import Cond, concat_conditions, expand_rows, merge_conditions, take_rows
 from emf_lightning.meanflow.draws import rand, randn
-from emf_lightning.meanflow.jvp import du_dt
+from emf_lightning.meanflow.jvp import JVP_PRECISIONS, du_dt
 from emf_lightning.meanflow.sampling import sample_flow_matching, sample_meanflow
 from emf_lightning.meanflow.time import TimeSampler
 from emf_lightning.utils.specs import RecordsInitArgs
@@ -228,6 +228,9 @@ class MeanFlowLoss(Objective):
             instantaneous velocity u(z, t, t, c), no gradient, guided like v when guidance is on. e - x is one
             noisy draw of the marginal velocity at z; the network's estimate is not, so the target stops
             carrying that noise. Costs one no-gradient forward on the r != t rows (shared with guidance's).
+        jvp_precision: "autocast" (default): du/dt in whatever autocast is active, bf16 under bf16-mixed
+            training; "fp32": autocast off inside the JVP, as py-meanflow and EMF compute it (about twice the
+            JVP's arithmetic cost on bf16 hardware; du/dt then carries fp32's error instead of bf16's).
     """
 
     objective = "meanflow"
@@ -243,12 +246,16 @@ class MeanFlowLoss(Objective):
         guidance_interval: Sequence[float] = (0.0, 1.0),
         cond_drop_prob: float = 0.1,
         jvp_tangent: str = "conditional",
+        jvp_precision: str = "autocast",
     ):
         super().__init__(time_sampler, adaptive_p, adaptive_c, guidance_omega, guidance_kappa, guidance_interval,
                          cond_drop_prob)
         if jvp_tangent not in JVP_TANGENTS:
             raise ValueError(f"unknown jvp_tangent '{jvp_tangent}'; choose one of {JVP_TANGENTS}")
+        if jvp_precision not in JVP_PRECISIONS:
+            raise ValueError(f"unknown jvp_precision '{jvp_precision}'; choose one of {JVP_PRECISIONS}")
         self.jvp_tangent = jvp_tangent
+        self.jvp_precision = jvp_precision
 
     def compute(self, net: Net, x: Tensor, e: Tensor, r: Tensor, t: Tensor, cond: Cond,
                 null_cond: Cond | None = None, drop: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -257,7 +264,7 @@ class MeanFlowLoss(Objective):
             raise ValueError("MeanFlowLoss needs r <= t for every sample")
         z, v, cond = self.path(x, e, t, cond, null_cond, drop)
         v_g, dz_dt = self.velocity_and_tangent(net, z, r, t, v, cond, null_cond, drop)
-        dudt = du_dt(net, z, r, t, dz_dt, cond)  # before the graph-keeping forward: peaks never stack
+        dudt = du_dt(net, z, r, t, dz_dt, cond, self.jvp_precision)  # before the graph-keeping forward
         u = net(z, r, t, *cond)
         u_tgt = _acc(v_g) - _acc(_bcast(t - r, x)) * _acc(dudt)
         loss, stats = self.regress(u, u_tgt, r, t, drop)
