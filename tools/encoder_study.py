@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch-size", type=int, default=None, help="DiT patch size (DiT presets only)")
     p.add_argument("--max-steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--precision", default="bf16-mixed", help="bf16 autocast: ~1.4x faster on AVX512-BF16 CPUs too")
+    p.add_argument("--precision", default="bf16-mixed", help="bf16 autocast (faster on AVX512-BF16 CPUs too)")
     p.add_argument("--max-minutes", type=int, default=None,
                    help="stop each run after this long (then it is evaluated where it got to)")
     p.add_argument("--mix", default=MIX, help="shapes-world category weights of the study's data")

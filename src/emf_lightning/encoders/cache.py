@@ -1,6 +1,6 @@
 """A persistent per-caption cache of text features, keyed by encoder (`cache_key`) and caption.
 
-Frozen encoders are slow on a CPU (SmolLM2-135M: ~40 ms a caption on 2 cores), and a training run sees
+Frozen encoders are slow on a CPU (an LLM takes tens of milliseconds a caption), and a training run sees
 each caption many times. `FeatureCache.encode` computes only captions it has not seen and assembles the
 batch exactly as the encoder would (right-padded to the longest caption, zeros in padding).
 

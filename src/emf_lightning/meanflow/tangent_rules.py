@@ -1,6 +1,6 @@
 """Hand-written forward-mode (JVP) rules for MeanFlow's graph-free JVP, for any backbone.
 
-PyTorch's generic forward-AD formulas are correct but slow on a CPU: ``native_group_norm``'s costs ~100x
+PyTorch's generic forward-AD formulas are correct but slow on a CPU: ``native_group_norm``'s costs many times
 its forward (dozens of full-size elementwise ops), and a linear layer's or a convolution's runs three
 matrix products where two suffice. MeanFlow's JVP goes through every one of these layers.
 
