@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import BOW, TINY_DIT, write_shapes_shards
+from helpers import BOW, TINY_DIT
 from PIL import Image
 
 from emf_lightning import cli
@@ -26,11 +26,6 @@ NO_OFFLINE_WEIGHTS = {
     "t5_meanflow.yaml": "google/flan-t5-base",
     "clip_meanflow.yaml": "ViT-L-14",
 }
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> dict[str, str]:
-    return write_shapes_shards(tmp_path_factory.mktemp("shards"), n_train=8, n_val=4, resolution=16)
 
 
 def small_run_args(shards: dict[str, str], root: Path) -> list[str]:

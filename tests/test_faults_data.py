@@ -21,8 +21,8 @@ from torch import nn
 from emf_lightning.callbacks.evaluation import EvaluationCallback
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.data.health import SkipCounter
-from emf_lightning.data.shapes import ShapesWorld, scene_spec_or_none
 from emf_lightning.data.sources import folder_samples
+from emf_lightning.shapes import ShapesWorld, scene_spec_or_none
 
 RES = 16
 
@@ -394,7 +394,7 @@ def test_resumed_fit_sees_the_batches_of_an_uninterrupted_fit(tmp_path, train_ur
 
 def test_probe_on_img2dataset_shards_takes_relevance_from_images_not_specs(tmp_path):
     """Was: every img2dataset .json taken for an (empty) scene: every caption 'relevant' to every other."""
-    from emf_lightning.metrics.probe_sets import shard_probe_set
+    from emf_lightning.probe.sets import shard_probe_set
 
     write_img2dataset_shard(tmp_path / "00000.tar", 0, 4)
     probe = shard_probe_set(str(tmp_path / "00000.tar"), n=4, image_encoder="pixels", resolution=16)

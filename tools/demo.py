@@ -155,7 +155,7 @@ def diagnose(ckpt: Path, shards: str, n: int) -> dict:
     import torch
     import webdataset as wds
 
-    from emf_lightning.metrics.shapes_eval import ShapesEval
+    from emf_lightning.shapes.judge import ShapesEval
     from emf_lightning.training import EMFModule
     from emf_lightning.utils.images import to_uint8
 

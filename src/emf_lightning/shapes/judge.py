@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from emf_lightning.data.shapes_scene import (
+from emf_lightning.shapes.scene import (
     BACKGROUND,
     CATEGORIES,
     COLORS,
@@ -425,7 +425,7 @@ def sizes_match(detections: Sequence[Detection], objects: Sequence[Mapping[str, 
 
 def benchmark(n: int = 500, resolution: int = 32, seed: int = 0) -> dict[str, float]:
     """Renders/s and evaluations/s of the shapes world on this machine (uniform category mix)."""
-    from emf_lightning.data.shapes import ShapesWorld, render
+    from emf_lightning.shapes import ShapesWorld, render
 
     world = ShapesWorld(seed=seed, resolution=resolution, size=n)
     specs = [world.spec(i) for i in range(n)]
