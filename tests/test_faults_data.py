@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import StandInModule
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
@@ -121,24 +122,11 @@ def test_img2dataset_shards_give_metadata_and_no_spec(tmp_path):
     assert batches[0]["image"].shape == (4, 3, RES, RES)
 
 
-class BlackGenerator(LightningModule):
+class BlackGenerator(StandInModule):
     """The generate() contract with black images (ShapesEval finds no object in them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(1))
 
     def generate(self, captions, steps=1, cfg_scale=1.0, seed=0, use_ema=True):
         return -torch.ones(len(captions), 3, RES, RES)
-
-    def training_step(self, batch, batch_idx):
-        return (self.w - 1).pow(2).sum()
-
-    def validation_step(self, batch, batch_idx):
-        return None
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def _validate(tmp_path: Path, val_shards, callback: EvaluationCallback) -> dict:
