@@ -184,3 +184,14 @@ def test_table_width_fits_every_header_when_not_a_terminal():
     assert "shapes_category_number_8" not in narrow.export_text()  # would need folding: the width is tight
 
 
+
+
+def test_the_evaluation_probe_and_shapes_packages_import_no_lightning():
+    """The Evaluator is usable where Lightning is not wanted (a notebook, a tool): its packages never import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, emf_lightning.evaluation, emf_lightning.probe, emf_lightning.shapes; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
