@@ -1,44 +1,30 @@
 """EvaluationCallback: when to run the :class:`~emf_lightning.evaluation.Evaluator` in a Lightning run, and
-where its numbers and pictures go.
+where its numbers go: every ``every_n_steps`` during ``fit`` and at the end of ``validate`` (so ``emf validate
+--ckpt`` runs it), on the first ``num_samples`` samples of the validation loader (read by rank 0, broadcast).
+Logs ``eval/<metric>@<n>step_cfg<g>`` (real images: ``eval/<metric>@real``), writes a grid and a JSON file to
+``<run dir>/eval/`` (global rank 0), sends the grid to loggers that take images, prints a table under validate.
 
-It evaluates every ``every_n_steps`` optimiser steps during ``fit`` and at the end of ``validate`` (so
-``emf validate --ckpt ...`` runs it), on the first ``num_samples`` held-out samples of the datamodule's
-validation loader (read once per run by rank 0 and broadcast). What an evaluation computes is the Evaluator's
-job (FID, KID, CLIP score, ShapesEval per step count x guidance scale; see ``emf_lightning.evaluation``).
-The callback logs every number as ``eval/<metric>@<n>step_cfg<g>`` (real images: ``eval/<metric>@real``),
-writes a PNG grid and a JSON file to ``<run dir>/eval/`` (global rank 0), sends the grid to loggers that take
-images and, under ``validate``, prints a table.
-
-Failures during ``fit`` never cost the run: an evaluation that raises is reported in one error line (the
-traceback at DEBUG level), counted in ``eval/failed_evaluations``, and training and checkpointing go on; the
-end-of-training evaluation runs after the checkpoint callbacks have written the final checkpoint. Under
-``validate`` evaluation is the job, and its errors propagate. With several processes this holds for errors
-every rank meets (the metrics are computed from gathered data; a failure to read the held-out set is
-broadcast from rank 0); an error on one rank only (out of memory while generating) leaves the others
-waiting in a collective, as it would without the catch.
+Failures during ``fit`` never cost the run: an evaluation that raises is one error line (the traceback at DEBUG
+level), counted in ``eval/failed_evaluations``; training and checkpointing go on, and the end-of-training
+evaluation runs after the checkpoint callbacks wrote the final checkpoint. Under ``validate`` errors propagate.
+With several processes this holds for errors every rank meets (the metrics come from gathered data; a failure to
+read the held-out set is broadcast from rank 0); an error on one rank only (out of memory while generating)
+leaves the others waiting in a collective, as it would without the catch.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 
-from emf_lightning.evaluation import (
-    EvaluationResult,
-    Evaluator,
-    HeldOutSet,
-    Processes,
-    collect_held_out,
-    print_table,
-    write_outputs,
-)
+from emf_lightning.evaluation import (EvaluationResult, Evaluator, HeldOutSet, Processes, collect_held_out, print_table,
+                                      write_outputs)
 
 log = logging.getLogger(__name__)
 
@@ -56,51 +42,30 @@ class EvaluationCallback(Callback):
             (``max_time`` reached, interrupted, or ``max_steps`` not a multiple).
         output_dir: folder for grids and JSON (default ``<trainer.log_dir or default_root_dir>/eval``).
         print_table: print the rich table (``None``: only under ``validate``).
-        steps, cfg_scales, seed, batch_size, fid, kid_subsets, kid_subset_size, clip_score, shapes_eval,
-        inception_path, clip_model, clip_pretrained, reference_cache_dir, fid_feature_extractor, clip_scorer,
-        shapes_evaluator: the :class:`~emf_lightning.evaluation.Evaluator`'s settings and injected metrics.
+        evaluator_args: the :class:`~emf_lightning.evaluation.Evaluator`'s arguments (``steps``, ``cfg_scales``,
+            ``seed``, ``batch_size``, ``fid``, ``clip_score``, ``shapes_eval``, injected metrics, ...); a config
+            names them beside the ones above.
     """
 
     def __init__(
         self,
         every_n_steps: int = 5000,
         num_samples: int = 256,
-        steps: Sequence[int] | None = None,
-        cfg_scales: Sequence[float] = (1.0,),
-        seed: int = 0,
-        batch_size: int = 64,
-        fid: bool = True,
-        kid_subsets: int = 100,
-        kid_subset_size: int = 1000,
-        clip_score: bool = True,
-        shapes_eval: bool = True,
-        inception_path: str | None = None,
-        clip_model: str = "ViT-B-32",
-        clip_pretrained: str | None = "openai",
         grid_prompts: int = 8,
         grid_upscale: int | None = None,
         on_fit_validation: bool = False,
         on_train_end: bool = False,
-        reference_cache_dir: str | None = None,
         output_dir: str | None = None,
         print_table: bool | None = None,
-        fid_feature_extractor: nn.Module | None = None,
-        clip_scorer: nn.Module | None = None,
-        shapes_evaluator: Any | None = None,
+        **evaluator_args: Any,
     ):
         super().__init__()
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        self.evaluator = Evaluator(
-            steps=steps, cfg_scales=cfg_scales, seed=seed, batch_size=batch_size, fid=fid, kid_subsets=kid_subsets,
-            kid_subset_size=kid_subset_size, clip_score=clip_score, shapes_eval=shapes_eval,
-            inception_path=inception_path, clip_model=clip_model, clip_pretrained=clip_pretrained,
-            reference_cache_dir=reference_cache_dir, keep_images=grid_prompts,
-            fid_feature_extractor=fid_feature_extractor, clip_scorer=clip_scorer, shapes_evaluator=shapes_evaluator,
-            name="EvaluationCallback",
-        )
+        # LightningCLI reads the Evaluator's parameters through this call (jsonargparse follows **kwargs).
+        self.evaluator = Evaluator(keep_images=grid_prompts, name="EvaluationCallback", **evaluator_args)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.grid_prompts = grid_prompts
@@ -245,10 +210,7 @@ class EvaluationCallback(Callback):
     @staticmethod
     def _val_batches(trainer: Trainer) -> Iterable[dict[str, Any]]:
         dm = getattr(trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "val_dataloader"):
-            loader = dm.val_dataloader()
-        else:
-            loader = trainer.val_dataloaders
+        loader = dm.val_dataloader() if hasattr(dm, "val_dataloader") else trainer.val_dataloaders
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None
         if loader is None:

@@ -35,10 +35,6 @@ def gather_in_order(
     ``local_rows[i]`` belongs at global position ``local_index[i]``. Every rank pads to ``max_rows`` (equal
     shapes for ``all_gather``), gathers rows and indices as ``[world_size, max_rows, ...]``, and scatters.
     """
-    if world_size == 1:
-        out = local_rows.new_zeros((total, *local_rows.shape[1:]))
-        out[local_index] = local_rows
-        return out
     pad = max_rows - local_rows.shape[0]
     rows = torch.cat([local_rows, local_rows.new_zeros((pad, *local_rows.shape[1:]))])
     index = torch.cat([local_index, local_index.new_full((pad,), -1)])
@@ -78,27 +74,20 @@ class Processes:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         return cls(dist.get_rank(), world_size, all_gather, device)
 
-    def batch_size(self, n: int, batch_size: int) -> int:
-        """``batch_size``, shrunk under several processes so every rank owns a batch (a rank without rows
-        could not join the gather with the right shape)."""
+    def plan(self, n: int, batch_size: int, rank: int | None = None) -> list[tuple[int, int, int]]:
+        """This rank's (or ``rank``'s) generation batches over ``n`` rows. Under several processes the batch size
+        shrinks so every rank owns a batch (a rank without rows could not join the gather with the right shape)."""
         if self.world_size > n:
             raise ValueError(f"{n} held-out samples cannot be split over {self.world_size} processes; "
                              "raise num_samples")
-        return min(batch_size, math.ceil(n / self.world_size))
-
-    def plan(self, n: int, batch_size: int, rank: int | None = None) -> list[tuple[int, int, int]]:
-        """This rank's (or ``rank``'s) generation batches over ``n`` rows."""
-        return batch_plan(n, self.batch_size(n, batch_size), self.rank if rank is None else rank, self.world_size)
-
-    def most_batches(self, n: int, batch_size: int) -> int:
-        """The busiest rank's number of batches (ranks own whole batches round-robin)."""
-        return max(len(self.plan(n, batch_size, r)) for r in range(self.world_size))
+        size = min(batch_size, math.ceil(n / self.world_size))
+        return batch_plan(n, size, self.rank if rank is None else rank, self.world_size)
 
     def gather(self, parts: list[Tensor], index: list[int], total: int, batch_size: int) -> Tensor:
         """Rows this rank computed (``parts``, at global positions ``index``) -> all ``total`` rows, on CPU."""
         rows, idx = torch.cat(parts), torch.tensor(index, dtype=torch.long)
         if self.world_size == 1:
-            return gather_in_order(rows, idx, total, 1, len(index), lambda t: t)
+            return rows  # one process: the plan is every batch, in order
         max_rows = max(sum(b - a for _, a, b in self.plan(total, batch_size, r)) for r in range(self.world_size))
         out = gather_in_order(rows.to(self.device), idx.to(self.device), total, self.world_size, max_rows,
                               self.all_gather)

@@ -1,23 +1,17 @@
 """The Evaluator: FID, KID, CLIP score and ShapesEval of few-step samples against a held-out set, no Lightning.
 
-One evaluation plans, generates, scores and gathers:
+For every step count x guidance scale it generates one image per held-out caption with
+``model.generate(captions, steps=, cfg_scale=, seed=)`` ([-1, 1] images; EMFModule samples with its EMA weights;
+batch ``b`` uses seed ``seed + b``, so every setting and any number of processes see the same noise) and scores
+them against the real images: ``fid``, ``kid``, ``kid_std`` (Inception features; the real ones cached on disk when
+the set names its source), ``clip_score`` and ``shapes_<category>`` (ShapesEval, on samples with a scene spec).
+The real images get ``clip_score`` and ``shapes_*`` too, as a ceiling (row ``real``). Missing Inception or CLIP
+weights: one warning naming where it looked, then that metric is skipped; every other metric still comes out.
 
-1. For every step count x guidance scale, it generates one image per held-out caption through
-   ``model.generate(captions, steps=, cfg_scale=, seed=)`` ([-1, 1] images; EMFModule samples with its EMA
-   weights). Batch ``b`` uses seed ``seed + b``, so every setting sees the same noise and the result does not
-   depend on the number of processes.
-2. Per setting, against the real held-out images: ``fid``, ``kid``, ``kid_std`` (Inception features; the real
-   set's features are cached on disk when the set names its source), ``clip_score`` (image vs its caption)
-   and ``shapes_<category>`` (ShapesEval accuracies, on the samples that carry a scene spec). The real images
-   get ``clip_score`` and ``shapes_*`` too, as a ceiling (the row ``real``).
-
-Missing Inception or CLIP weights: one warning naming the file and the places looked, then that metric is
-skipped for the Evaluator's lifetime; every other metric still comes out.
-
-Several processes (:class:`~emf_lightning.evaluation.distributed.Processes`): generation, Inception features
-and CLIP scores are split by batch over ranks and gathered in order, so every rank gets the same numbers.
-When ``model.generation_is_collective`` (sharded weights: every forward all-gathers), a rank with fewer batches
-runs (and discards) one-caption batches until every rank has called the generator equally often.
+Several processes (:class:`~emf_lightning.evaluation.distributed.Processes`): generation, features and CLIP
+scores are split by batch over ranks and gathered in order, so every rank gets the same numbers. When
+``model.generation_is_collective`` (sharded weights: every forward all-gathers), a rank with fewer batches runs
+(and discards) one-caption batches until every rank has called the generator equally often.
 """
 
 from __future__ import annotations
@@ -336,16 +330,9 @@ class Evaluator:
                                       n, self.batch_size)
 
     # ------------------------------------------------------------------ the samples
-    def _generate_and_measure(
-        self,
-        model: Any,
-        held: HeldOutSet,
-        steps: int,
-        cfg: float,
-        extractor: nn.Module | None,
-        clip: nn.Module | None,
-        advance: Callable[..., None],
-    ) -> tuple[np.ndarray, Tensor | None, Tensor | None]:
+    def _generate_and_measure(self, model: Any, held: HeldOutSet, steps: int, cfg: float, extractor: nn.Module | None,
+                              clip: nn.Module | None, advance: Callable[..., None],
+                              ) -> tuple[np.ndarray, Tensor | None, Tensor | None]:
         """Generate every held-out caption (this rank's batches), measure, gather in order; ``advance`` (a
         progress counter) moves once per generation batch."""
         n, processes = len(held), self._processes
@@ -366,7 +353,8 @@ class Evaluator:
             index.extend(range(start, stop))
             advance(1)
         if getattr(model, "generation_is_collective", False):
-            for _ in range(processes.most_batches(n, self.batch_size) - len(plan)):
+            most = max(len(processes.plan(n, self.batch_size, r)) for r in range(processes.world_size))
+            for _ in range(most - len(plan)):
                 model.generate(held.captions[:1], steps=steps, cfg_scale=cfg, seed=self.seed)
         gather = lambda parts: processes.gather(parts, index, n, self.batch_size)  # noqa: E731
         return (gather(imgs).numpy(), gather(feats) if extractor is not None else None,

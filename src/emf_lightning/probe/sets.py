@@ -14,7 +14,6 @@ image features of a pluggable image encoder).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from emf_lightning.data.transforms import open_rgb
 from emf_lightning.shapes.scene import scene_spec_or_none
 
 log = logging.getLogger(__name__)
@@ -217,13 +217,6 @@ def reduce_caption(caption: str, min_words: int = 2) -> list[str]:
     return out
 
 
-def _decode_image(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
 def read_shard_samples(shards: str | Sequence[str], n: int) -> tuple[list[dict], Counter]:
     """Up to ``n`` samples ``{"key", "captions", "spec", "image"}`` from WebDataset shards, and a count of
     problems met on the way.
@@ -256,7 +249,7 @@ def read_shard_samples(shards: str | Sequence[str], n: int) -> tuple[list[dict],
         img_key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in raw), None)
         if img_key is not None:
             try:
-                image = _decode_image(raw[img_key])
+                image = np.asarray(open_rgb(raw[img_key]), dtype=np.uint8)  # the data module's decode
             except Exception:  # noqa: BLE001 - PIL raises many types; one bad image must not stop the probe
                 skipped["unreadable image: caption kept"] += 1
         samples.append({"key": raw.get("__key__", ""), "captions": captions, "spec": spec, "image": image})
