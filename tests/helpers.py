@@ -1,20 +1,25 @@
-"""Shared tiny fixtures for tests: shapes-world shards on disk, a fast encoder, tiny module kwargs.
+"""Shared tiny fixtures for tests: shapes-world shards on disk, a fast encoder, tiny module kwargs, stand-ins
+for a generator and for the evaluation's metrics.
 
 Import from tests as ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path``).
 """
 
 from __future__ import annotations
 
+import math
+import zlib
 from pathlib import Path
 from typing import Any
 
-import zlib
-
+import numpy as np
 import torch
+from lightning.pytorch import LightningModule
+from torch import nn
 
-from emf_lightning.data.shapes import ShapesWorld
-from emf_lightning.data.shards import ShardSample, write_shards
+from emf_lightning.data.shards import write_shards
 from emf_lightning.encoders.base import TextEncoder, TextFeatures, masked_mean
+from emf_lightning.evaluation.clip_score import CLIPScorer, clip_scores_from_features
+from emf_lightning.shapes import ShapesWorld, shapes_samples
 
 # A generator small enough for a CPU training step in ~0.1 s at 16x16.
 TINY_BACKBONE: dict[str, Any] = {"hidden_size": 32, "depth": 1, "num_heads": 2}
@@ -105,11 +110,7 @@ def write_shapes_shards(root: str | Path, n_train: int = 8, n_val: int = 4, reso
     urls = {}
     for split, n in (("train", n_train), ("val", n_val)):
         world = ShapesWorld(seed=seed, resolution=resolution, split=split, size=n)
-        samples = (
-            ShardSample(key=s.key, image=s.image, caption=s.caption, captions=s.captions, meta=s.spec)
-            for s in (world[i] for i in range(n))
-        )
-        result = write_shards(samples, str(root / f"{split}-%06d.tar"), maxcount=per_shard)
+        result = write_shards(shapes_samples(world), str(root / f"{split}-%06d.tar"), maxcount=per_shard)
         urls[split] = result.urls
     return urls
 
@@ -162,3 +163,99 @@ def assert_padded_text_tokens_do_not_change_output(model: torch.nn.Module, z: to
     padded = torch.cat([ctx2, torch.randn(ctx.shape[0], 4, ctx.shape[2])], dim=1)
     mask2 = torch.cat([mask, torch.zeros(mask.shape[0], 4, dtype=torch.bool)], dim=1)
     torch.testing.assert_close(model(z, r, t, padded, mask2), u, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- stand-ins for a generator and the metrics
+EVAL_RES = 8  # side of the stand-in images
+
+
+class StandInModule(LightningModule):
+    """The least a Trainer fits and validates: one weight pulled towards 1. Subclasses add ``generate``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 1).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def eval_items(n: int = 6, seed: int = 0) -> list[dict]:
+    """``n`` held-out samples: random [-1, 1] images, captions ``prompt number i``, a spec, a key."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"image": torch.rand(3, EVAL_RES, EVAL_RES, generator=g) * 2 - 1, "caption": f"prompt number {i}",
+             "spec": {"objects": [i]}, "key": f"k{i:03d}"} for i in range(n)]
+
+
+class LookupGenerator:
+    """The Evaluator's model contract, no Lightning: ``generate`` returns the real image of each caption
+    (``mode="real"``) or seeded noise (``"noise"``), and records every call."""
+
+    def __init__(self, items: list[dict], mode: str = "real", objective: str = "meanflow"):
+        self.lookup = {x["caption"]: x["image"] for x in items}
+        self.mode, self.objective = mode, objective
+        self.calls: list[tuple] = []
+
+    def generate(self, captions, steps=1, cfg_scale=1.0, seed=0, use_ema=True):
+        self.calls.append((tuple(captions), steps, cfg_scale, seed, use_ema))
+        if self.mode == "real":
+            return torch.stack([self.lookup[c] for c in captions])
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(len(captions), 3, EVAL_RES, EVAL_RES, generator=g) * 2 - 1
+
+
+class CountingFeatures(nn.Module):
+    """Random conv features (uint8 [B, 3, H, W] -> [B, 5]) that count how many images they saw."""
+
+    def __init__(self, feature_id: str | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.seen = 0
+        if feature_id is not None:
+            self.feature_id = feature_id
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return self.net(x.float() / 127.5 - 1)
+
+
+class MeanColourCLIP(nn.Module):
+    """encode_image: mean colour; encode_text: a fixed direction per caption."""
+
+    def encode_image(self, pixels):
+        return pixels.mean(dim=(2, 3))
+
+    def encode_text(self, tokens):
+        return tokens
+
+
+def _text_vec(caption: str) -> torch.Tensor:
+    i = int(caption.split()[-1])
+    return torch.tensor([1.0, math.cos(i), math.sin(i)])
+
+
+def mean_colour_clip() -> CLIPScorer:
+    """A CLIPScorer over MeanColourCLIP for ``prompt number i`` captions."""
+    tok = lambda caps: torch.stack([_text_vec(c) for c in caps])  # noqa: E731
+    return CLIPScorer(MeanColourCLIP(), tok, image_size=EVAL_RES, mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def expected_clip(images: torch.Tensor, captions: list[str]) -> float:
+    """What ``mean_colour_clip`` scores, computed directly."""
+    colour = ((images + 1) / 2).mean(dim=(2, 3))
+    return float(clip_scores_from_features(colour, torch.stack([_text_vec(c) for c in captions])).mean())
+
+
+class MeanPixelShapes:
+    """Stand-in ShapesEval: 'accuracy' = mean pixel / 255, plus how many specs it was given."""
+
+    def evaluate(self, images, specs):
+        assert images.dtype == np.uint8 and images.shape[1:] == (EVAL_RES, EVAL_RES, 3)
+        return {"overall": float(images.mean() / 255.0), "n": float(len(specs))}

@@ -13,9 +13,9 @@ import torch
 from emf_lightning.commands.cache_latents import main
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.data.pipeline import MissingLatentsError, expand_shard_urls
-from emf_lightning.data.shapes import ShapesWorld
 from emf_lightning.data.shards import ShardSample, read_manifest, write_shards
 from emf_lightning.data.transforms import open_rgb, resize_center_crop
+from emf_lightning.shapes import ShapesWorld
 from emf_lightning.utils.images import from_uint8
 
 pytest.importorskip("diffusers")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import BOW, TINY_DIT, write_shapes_shards
+from helpers import BOW, TINY_DIT
 from PIL import Image
 
 from emf_lightning import cli
@@ -30,11 +30,6 @@ NO_OFFLINE_WEIGHTS = {
     "t5_meanflow.yaml": "google/flan-t5-base",
     "clip_meanflow.yaml": "ViT-L-14",
 }
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> dict[str, str]:
-    return write_shapes_shards(tmp_path_factory.mktemp("shards"), n_train=8, n_val=4, resolution=16)
 
 
 # Latent-space configs: a tiny random VAE (f2, 4 channels) and the tiny DiT on its 8x8 latents of 16 px images,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from emf_lightning.metrics.clip_score import (
+from emf_lightning.evaluation.clip_score import (
     OPENAI_MEAN,
     OPENAI_STD,
     CLIPScorer,

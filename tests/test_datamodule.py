@@ -17,11 +17,10 @@ from PIL import Image
 
 from emf_lightning.callbacks.data_health import DataHealthCallback
 from emf_lightning.data.datamodule import ShardDataModule
-from emf_lightning.data.shapes import ShapesWorld
 from emf_lightning.data.shards import write_shards
-from emf_lightning.data.sources import shapes_samples
 from emf_lightning.data.throughput import loader_throughput
 from emf_lightning.data.transforms import resize_center_crop
+from emf_lightning.shapes import ShapesWorld, shapes_samples
 from emf_lightning.utils.images import from_uint8
 
 RES = 16

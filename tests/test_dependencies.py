@@ -219,7 +219,7 @@ def test_smollm2_conversion_without_gguf_names_the_extra(tmp_path, monkeypatch):
 def test_clean_fid_inception_without_clean_fid_names_the_extra(monkeypatch):
     import torch
 
-    from emf_lightning.metrics.fid import InceptionFeatures
+    from emf_lightning.evaluation.fid import InceptionFeatures
 
     monkeypatch.setitem(sys.modules, "cleanfid", None)
     monkeypatch.setitem(sys.modules, "cleanfid.resize", None)

@@ -1,47 +1,35 @@
-"""EvaluationCallback end to end with a real Lightning Trainer and a stand-in generator; helpers; report."""
+"""EvaluationCallback end to end with a real Lightning Trainer and a stand-in generator."""
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from helpers import (
+    EVAL_RES,
+    CountingFeatures,
+    LookupGenerator,
+    MeanPixelShapes,
+    StandInModule,
+    eval_items,
+    expected_clip,
+    mean_colour_clip,
+)
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.loggers.logger import Logger
 from PIL import Image
-from rich.console import Console
-from torch import nn
 from torch.utils.data import DataLoader
 
-from emf_lightning.callbacks.evaluation import (
-    EvaluationCallback,
-    batch_plan,
-    collect_held_out,
-    gather_in_order,
-    metric_key,
-)
-from emf_lightning.metrics.clip_score import CLIPScorer, clip_scores_from_features
-from emf_lightning.metrics.fid import extract_features, frechet_distance
+from emf_lightning.callbacks.evaluation import EvaluationCallback
+from emf_lightning.evaluation import metric_key
+from emf_lightning.evaluation.fid import extract_features, frechet_distance
 from emf_lightning.utils.images import to_uint8
-from emf_lightning.utils.report import format_value, metrics_table, table_width, write_metrics_json
-
-RES = 8
-N = 6
 
 
 # ---------------------------------------------------------------- stand-ins
-def _dataset(n: int = N, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for i in range(n):
-        img = torch.rand(3, RES, RES, generator=g) * 2 - 1
-        items.append({"image": img, "caption": f"prompt number {i}", "spec": {"objects": [i]}, "key": f"k{i:03d}"})
-    return items
-
-
 def _collate(items: list[dict]) -> dict:
     return {
         "image": torch.stack([x["image"] for x in items]),
@@ -64,81 +52,16 @@ class ListDataModule(LightningDataModule):
         return DataLoader(self.items, batch_size=4, collate_fn=_collate)
 
 
-class StandInGenerator(LightningModule):
-    """Satisfies the generate() contract: returns the real image for each caption, or seeded noise."""
+class StandInGenerator(StandInModule):
+    """A LightningModule around LookupGenerator: the real image for each caption, or seeded noise."""
 
     def __init__(self, items: list[dict], mode: str = "real", objective: str = "meanflow"):
         super().__init__()
-        self.lookup = {x["caption"]: x["image"] for x in items}
-        self.mode = mode
-        self.objective = objective
-        self.w = nn.Parameter(torch.zeros(1))
-        self.calls: list[tuple] = []
+        self.stand_in = LookupGenerator(items, mode, objective)
+        self.objective, self.calls = objective, self.stand_in.calls
 
-    def generate(self, captions, steps=1, cfg_scale=1.0, seed=0, use_ema=True):
-        self.calls.append((tuple(captions), steps, cfg_scale, seed, use_ema))
-        if self.mode == "real":
-            return torch.stack([self.lookup[c] for c in captions])
-        g = torch.Generator().manual_seed(seed)
-        return torch.rand(len(captions), 3, RES, RES, generator=g) * 2 - 1
-
-    def training_step(self, batch, batch_idx):
-        return (self.w - 1).pow(2).sum()
-
-    def validation_step(self, batch, batch_idx):
-        return None
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class CountingFeatures(nn.Module):
-    """Random conv features (uint8 [B, 3, H, W] -> [B, 5]) that count how many images they saw."""
-
-    def __init__(self, feature_id: str | None = None):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.seen = 0
-        if feature_id is not None:
-            self.feature_id = feature_id
-
-    def forward(self, x):
-        self.seen += x.shape[0]
-        return self.net(x.float() / 127.5 - 1)
-
-
-class MeanColourCLIP(nn.Module):
-    """encode_image: mean colour; encode_text: a fixed direction per caption."""
-
-    def encode_image(self, pixels):
-        return pixels.mean(dim=(2, 3))
-
-    def encode_text(self, tokens):
-        return tokens
-
-
-def _text_vec(caption: str) -> torch.Tensor:
-    i = int(caption.split()[-1])
-    return torch.tensor([1.0, math.cos(i), math.sin(i)])
-
-
-def _clip() -> CLIPScorer:
-    tok = lambda caps: torch.stack([_text_vec(c) for c in caps])  # noqa: E731
-    return CLIPScorer(MeanColourCLIP(), tok, image_size=RES, mean=(0, 0, 0), std=(1, 1, 1))
-
-
-def _expected_clip(images: torch.Tensor, captions: list[str]) -> float:
-    colour = ((images + 1) / 2).mean(dim=(2, 3))
-    return float(clip_scores_from_features(colour, torch.stack([_text_vec(c) for c in captions])).mean())
-
-
-class MeanPixelShapes:
-    """Stand-in ShapesEval: 'accuracy' = mean pixel / 255, plus how many specs it was given."""
-
-    def evaluate(self, images, specs):
-        assert images.dtype == np.uint8 and images.shape[1:] == (RES, RES, 3)
-        return {"overall": float(images.mean() / 255.0), "n": float(len(specs))}
+    def generate(self, *args, **kwargs):
+        return self.stand_in.generate(*args, **kwargs)
 
 
 class RecordingLogger(Logger):
@@ -179,7 +102,7 @@ def _callback(**kw) -> EvaluationCallback:
         grid_upscale=2,
         kid_subsets=3,
         fid_feature_extractor=CountingFeatures(),
-        clip_scorer=_clip(),
+        clip_scorer=mean_colour_clip(),
         shapes_evaluator=MeanPixelShapes(),
     )
     args.update(kw)
@@ -206,7 +129,7 @@ METRICS = ("fid", "kid", "kid_std", "clip_score", "shapes_overall", "shapes_n")
 
 # ---------------------------------------------------------------- fit: every metric at every step count
 def test_fit_logs_every_metric_per_step_count_and_writes_grid_and_json(tmp_path):
-    items = _dataset()
+    items = eval_items()
     logger = RecordingLogger(tmp_path / "logs")
     cb = _callback()
     module = StandInGenerator(items, mode="real")
@@ -226,7 +149,7 @@ def test_fit_logs_every_metric_per_step_count_and_writes_grid_and_json(tmp_path)
     captions = [x["caption"] for x in items[:5]]
     for steps in (1, 2, 4):
         assert abs(metrics[metric_key("fid", steps)]) < 1e-4
-        assert metrics[metric_key("clip_score", steps)] == pytest.approx(_expected_clip(torch.stack(held), captions))
+        assert metrics[metric_key("clip_score", steps)] == pytest.approx(expected_clip(torch.stack(held), captions))
         assert metrics[metric_key("shapes_overall", steps)] == pytest.approx(metrics["eval/shapes_overall@real"])
         assert metrics[metric_key("shapes_n", steps)] == 5.0
     assert metrics["eval/shapes_overall@real"] == pytest.approx(to_uint8(torch.stack(held)).mean() / 255.0)
@@ -240,7 +163,7 @@ def test_fit_logs_every_metric_per_step_count_and_writes_grid_and_json(tmp_path)
     grid_path = tmp_path / "logs" / "eval" / "grid-step00000004.png"
     assert grid_path.is_file()
     grid = Image.open(grid_path)
-    cell = RES * 2
+    cell = EVAL_RES * 2
     assert grid.width == 200 + 4 * (cell + 2) + 2
     assert grid.height > 3 * (cell + 2) + 2  # plus the header margin
     assert [key for key, _, step in logger.images] == ["eval/samples", "eval/samples"]
@@ -254,7 +177,7 @@ def test_fit_logs_every_metric_per_step_count_and_writes_grid_and_json(tmp_path)
 
 
 def test_noise_generator_scores_worse_and_fid_matches_a_direct_computation(tmp_path):
-    items = _dataset()
+    items = eval_items()
     cb = _callback(every_n_steps=1, num_samples=6, batch_size=4, steps=(1,), cfg_scales=(1.0, 2.0))
     module = StandInGenerator(items, mode="noise")
     _trainer(tmp_path, cb, max_steps=1).fit(module, datamodule=ListDataModule(items))
@@ -273,7 +196,7 @@ def test_noise_generator_scores_worse_and_fid_matches_a_direct_computation(tmp_p
 
 
 def test_flow_matching_objective_defaults_to_fifty_steps_too(tmp_path):
-    items = _dataset()
+    items = eval_items()
     cb = _callback(every_n_steps=1, fid=False, clip_score=False, grid_prompts=0)
     _trainer(tmp_path, cb, max_steps=1).fit(StandInGenerator(items, objective="flow_matching"),
                                             datamodule=ListDataModule(items))
@@ -290,7 +213,7 @@ def test_validate_prints_table_writes_json_and_warns_once_per_missing_model(tmp_
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    items = _dataset()
+    items = eval_items()
     cb = _callback(fid_feature_extractor=None, clip_scorer=None, output_dir=str(tmp_path / "out"))
     module = StandInGenerator(items)
     trainer = _trainer(tmp_path, cb, limit_val_batches=1)
@@ -320,7 +243,7 @@ def test_validate_prints_table_writes_json_and_warns_once_per_missing_model(tmp_
 
 
 def test_reference_features_are_cached_on_disk_per_dataset(tmp_path):
-    items = _dataset()
+    items = eval_items()
     dm = ListDataModule(items, val_shards="/data/val-{000000..000001}.tar")
     runs = []
     for _ in range(2):
@@ -336,7 +259,7 @@ def test_reference_features_are_cached_on_disk_per_dataset(tmp_path):
 
 
 def test_no_specs_means_no_shapes_eval_and_no_warning(tmp_path):
-    items = _dataset()
+    items = eval_items()
     for x in items:
         x["spec"] = None
     cb = _callback(every_n_steps=1, shapes_evaluator=None, fid=False, clip_score=False, grid_prompts=0)
@@ -348,66 +271,11 @@ def test_no_specs_means_no_shapes_eval_and_no_warning(tmp_path):
     assert "shapes" in cb.last_result.skipped
 
 
-# ---------------------------------------------------------------- helpers
-def test_batch_plan_covers_every_index_once_across_ranks():
-    for world in (1, 2, 3):
-        covered = sorted(i for r in range(world) for _, a, b in batch_plan(11, 3, r, world) for i in range(a, b))
-        assert covered == list(range(11))
-    assert batch_plan(11, 3, 1, 2) == [(1, 3, 6), (3, 9, 11)]
-
-
-def test_gather_in_order_reassembles_two_simulated_ranks():
-    total, bs, world = 7, 2, 2
-    data = torch.arange(total * 3, dtype=torch.float32).reshape(total, 3)
-    per_rank = []
-    for r in range(world):
-        idx = [i for _, a, b in batch_plan(total, bs, r, world) for i in range(a, b)]
-        per_rank.append((data[idx], torch.tensor(idx)))
-    max_rows = max(len(i) for _, i in per_rank)
-
-    def padded(t, fill):
-        pad = max_rows - t.shape[0]
-        return torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
-
-    def fake_all_gather(t):  # what DDP's all_gather returns: [world, rows, ...] from every rank
-        if t.dtype == torch.long:
-            return torch.stack([padded(i, -1) for _, i in per_rank])
-        return torch.stack([padded(rows, 0) for rows, _ in per_rank])
-
-    rows0, idx0 = per_rank[0]
-    out = gather_in_order(rows0, idx0, total, world, max_rows, fake_all_gather)
-    assert torch.equal(out, data)
-
-
-def test_collect_held_out_stops_at_n_and_skips_empty_captions():
-    batches = [
-        {"image": torch.zeros(2, 3, 4, 4), "caption": ["a", ""], "spec": [None, None], "key": ["0", "1"]},
-        {"image": torch.ones(2, 3, 4, 4), "caption": ["b", "c"], "key": ["2", "3"]},
-    ]
-    held = collect_held_out(batches, n=2)
-    assert held.captions == ["a", "b"] and held.keys == ["0", "2"] and held.specs == [None, None]
-    assert held.images.shape == (2, 4, 4, 3) and held.images.dtype == np.uint8
-    assert held.images[0].max() == 128 and held.images[1].min() == 255  # 0 -> 128, 1 -> 255 via to_uint8
-    with pytest.raises(ValueError, match="no samples with a caption"):
-        collect_held_out([{"image": torch.zeros(1, 3, 4, 4), "caption": [""]}], n=3)
-
-
 def test_constructor_rejects_bad_arguments():
     with pytest.raises(ValueError, match="steps must be a non-empty list of integers >= 1"):
         EvaluationCallback(steps=(0, 1))
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         EvaluationCallback(num_samples=0)
-
-
-def test_report_table_and_json(tmp_path):
-    rows = {"1 step, cfg 1.0": {"fid": 12.345678, "clip_score": 30.0}, "real data": {"clip_score": 31.5, "n": 3}}
-    console = Console(record=True, width=120)
-    console.print(metrics_table(rows, title="t"))
-    text = console.export_text()
-    assert "12.35" in text and "31.5" in text and "-" in text  # the real row has no fid
-    assert format_value(float("nan")) == "-" and format_value(None) == "-" and format_value(7) == "7"
-    path = write_metrics_json(tmp_path / "m.json", {"fid": float("nan"), "x": np.float32(1.5), "t": torch.tensor(2.0)})
-    assert json.loads(path.read_text()) == {"fid": None, "x": 1.5, "t": 2.0}
 
 
 # ---------------------------------------------------------------- integration: real EMFModule + ShardDataModule
@@ -420,7 +288,7 @@ def test_real_module_and_shard_datamodule_fit_then_validate(tmp_path):
     urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4, resolution=16)
     dm = ShardDataModule(train_shards=urls["train"], val_shards=urls["val"], batch_size=4, image_size=16,
                          num_workers=0, epoch_length=8)
-    from emf_lightning.metrics.shapes_eval import ShapesEval
+    from emf_lightning.shapes import ShapesEval
 
     module = tiny_module()
     shapes_res = {}
@@ -488,19 +356,6 @@ def test_grid_goes_to_tensorboard_style_and_log_image_loggers(tmp_path):
     assert [(k, img.shape, s) for k, img, s in rec.images] == [("eval/samples", (5, 7, 3), 3)]
 
 
-def test_table_width_fits_every_header_when_not_a_terminal():
-    rows = {"1 step, cfg 1.0": {f"shapes_category_number_{i}": 0.5 for i in range(9)}, "real data": {"fid": 1.0}}
-    width = table_width(rows)
-    console = Console(record=True, width=width)
-    console.print(metrics_table(rows))
-    text = console.export_text()
-    assert all(f"shapes_category_number_{i}" in text for i in range(9))
-    assert "…" not in text
-    narrow = Console(record=True, width=width - 20)
-    narrow.print(metrics_table(rows))
-    assert "shapes_category_number_8" not in narrow.export_text()  # would need folding: the width is tight
-
-
 def test_validate_from_a_checkpoint_names_outputs_by_the_checkpoint_step():
     from types import SimpleNamespace
 
@@ -519,7 +374,7 @@ def test_validate_from_a_checkpoint_names_outputs_by_the_checkpoint_step():
 def test_on_train_end_evaluates_final_weights_once(tmp_path, max_steps, on_train_end, expected):
     """A run that ends off the every_n_steps grid (max_time, interrupt) still reports its final weights,
     and a run ending on the grid is not evaluated twice."""
-    items = _dataset()
+    items = eval_items()
     callback = _callback(every_n_steps=4, on_train_end=on_train_end, output_dir=str(tmp_path / "eval"))
     _trainer(tmp_path, callback, max_steps=max_steps).fit(StandInGenerator(items), ListDataModule(items))
     written = sorted(int(p.stem.removeprefix("metrics-step")) for p in (tmp_path / "eval").glob("metrics-*.json"))
@@ -529,7 +384,7 @@ def test_on_train_end_evaluates_final_weights_once(tmp_path, max_steps, on_train
 def test_sampling_progress_advances_once_per_generation_batch_and_names_each_setting(tmp_path, monkeypatch):
     from contextlib import contextmanager
 
-    import emf_lightning.callbacks.evaluation as evaluation
+    import emf_lightning.evaluation.evaluator as evaluation
     from emf_lightning.utils.progress import Advance
 
     bars = []
@@ -548,7 +403,7 @@ def test_sampling_progress_advances_once_per_generation_batch_and_names_each_set
         yield advance
 
     monkeypatch.setattr(evaluation, "progress", recording_progress)
-    items = _dataset()
+    items = eval_items()
     _trainer(tmp_path, _callback(every_n_steps=4)).fit(StandInGenerator(items), datamodule=ListDataModule(items))
     # 5 prompts in batches of 2 -> 3 generation batches, for each of 1, 2 and 4 steps.
     ((total, kwargs, advance),) = bars

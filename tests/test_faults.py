@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import FixedBatches, shapes_batch, tiny_module, write_shapes_shards
+from helpers import FixedBatches, shapes_batch, tiny_module
 from test_cli import BOW, CONFIGS, small_run_args
 
 from emf_lightning import cli
@@ -32,11 +32,6 @@ from emf_lightning.training.sharding import max_abs
 # ================================================================================================================
 # CLI and checkpoints
 # ================================================================================================================
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> dict[str, str]:
-    return write_shapes_shards(tmp_path_factory.mktemp("shards"), n_train=8, n_val=4, resolution=16)
 
 
 @pytest.fixture(scope="module")

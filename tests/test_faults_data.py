@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import StandInModule
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
@@ -21,8 +22,8 @@ from torch import nn
 from emf_lightning.callbacks.evaluation import EvaluationCallback
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.data.health import SkipCounter
-from emf_lightning.data.shapes import ShapesWorld, scene_spec_or_none
 from emf_lightning.data.sources import folder_samples
+from emf_lightning.shapes import ShapesWorld, scene_spec_or_none
 
 RES = 16
 
@@ -121,24 +122,11 @@ def test_img2dataset_shards_give_metadata_and_no_spec(tmp_path):
     assert batches[0]["image"].shape == (4, 3, RES, RES)
 
 
-class BlackGenerator(LightningModule):
+class BlackGenerator(StandInModule):
     """The generate() contract with black images (ShapesEval finds no object in them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(1))
 
     def generate(self, captions, steps=1, cfg_scale=1.0, seed=0, use_ema=True):
         return -torch.ones(len(captions), 3, RES, RES)
-
-    def training_step(self, batch, batch_idx):
-        return (self.w - 1).pow(2).sum()
-
-    def validation_step(self, batch, batch_idx):
-        return None
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def _validate(tmp_path: Path, val_shards, callback: EvaluationCallback) -> dict:
@@ -394,7 +382,7 @@ def test_resumed_fit_sees_the_batches_of_an_uninterrupted_fit(tmp_path, train_ur
 
 def test_probe_on_img2dataset_shards_takes_relevance_from_images_not_specs(tmp_path):
     """Was: every img2dataset .json taken for an (empty) scene: every caption 'relevant' to every other."""
-    from emf_lightning.metrics.probe_sets import shard_probe_set
+    from emf_lightning.probe.sets import shard_probe_set
 
     write_img2dataset_shard(tmp_path / "00000.tar", 0, 4)
     probe = shard_probe_set(str(tmp_path / "00000.tar"), n=4, image_encoder="pixels", resolution=16)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from emf_lightning.metrics.fid import (
+from emf_lightning.evaluation.fid import (
     CLEAN_FID_FILE,
     TORCH_FIDELITY_FILE,
     InceptionFeatures,

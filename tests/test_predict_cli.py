@@ -17,7 +17,7 @@ from PIL import Image
 
 from emf_lightning import cli
 from emf_lightning.data.datamodule import ShardDataModule
-from emf_lightning.data.shapes import ShapesWorld
+from emf_lightning.shapes import ShapesWorld
 from emf_lightning.training import EMFModule
 from emf_lightning.utils.images import to_uint8
 
@@ -26,7 +26,7 @@ WRITER = "emf_lightning.predict_writer.SamplePNGWriter"
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> dict[str, str]:
+def partial_shards(tmp_path_factory) -> dict[str, str]:
     # 5 validation samples in shards of 2: the last shard and the last batch are partial.
     return write_shapes_shards(tmp_path_factory.mktemp("shards"), n_train=4, n_val=5, resolution=16, per_shard=2)
 
@@ -63,25 +63,26 @@ def read_index(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "captions-rank0.jsonl").read_text().splitlines()]
 
 
-def test_predict_stage_is_one_ordered_pass_over_the_val_shards_by_default(shards):
-    dm = ShardDataModule(val_shards=shards["val"], val_batch_size=2, num_workers=0, image_size=16)
+def test_predict_stage_is_one_ordered_pass_over_the_val_shards_by_default(partial_shards):
+    dm = ShardDataModule(val_shards=partial_shards["val"], val_batch_size=2, num_workers=0, image_size=16)
     dm.setup("predict")
     passes = [[(k, c) for b in dm.predict_dataloader() for k, c in zip(b["key"], b["caption"])] for _ in range(2)]
     assert passes[0] == passes[1]  # finite and repeatable: the same order every time
     assert sorted(passes[0]) == sorted(shard_captions(5).items())
-    explicit = ShardDataModule(val_shards=shards["val"], predict_shards=shards["train"], num_workers=0, image_size=16)
+    explicit = ShardDataModule(val_shards=partial_shards["val"], predict_shards=partial_shards["train"], num_workers=0,
+                               image_size=16)
     explicit.setup("predict")
     assert sorted(k for b in explicit.predict_dataloader() for k in b["key"]) == sorted(shard_captions(4, "train"))
 
 
-def test_predict_without_shards_is_a_clear_error(shards):
+def test_predict_without_shards_is_a_clear_error(partial_shards):
     with pytest.raises(ValueError, match=r"predict_shards \(or val_shards\) is required to predict"):
-        ShardDataModule(train_shards=shards["train"]).setup("predict")
+        ShardDataModule(train_shards=partial_shards["train"]).setup("predict")
 
 
-def test_emf_predict_writes_one_png_per_caption_and_step_count(shards, tmp_path):
+def test_emf_predict_writes_one_png_per_caption_and_step_count(partial_shards, tmp_path):
     out_dir = tmp_path / "samples"
-    config = write_config(tmp_path, shards, out_dir)
+    config = write_config(tmp_path, partial_shards, out_dir)
     assert cli.main(["predict", "--config", str(config), "--return_predictions=false"]) == 0
     expected = shard_captions(5)
     for steps in (1, 2):
@@ -93,16 +94,17 @@ def test_emf_predict_writes_one_png_per_caption_and_step_count(shards, tmp_path)
     assert all(r["caption"] == expected[r["key"]] for r in index)
 
 
-def test_emf_predict_from_a_checkpoint_matches_generate(shards, tmp_path):
+def test_emf_predict_from_a_checkpoint_matches_generate(partial_shards, tmp_path):
     """fit one step, then `emf predict --ckpt` (data config from the checkpoint) on other shards."""
-    config = write_config(tmp_path, shards, tmp_path / "unused")
-    fit = ["fit", "--config", str(config), f"--data.train_shards={shards['train']}", "--data.batch_size=2",
+    config = write_config(tmp_path, partial_shards, tmp_path / "unused")
+    fit = ["fit", "--config", str(config), f"--data.train_shards={partial_shards['train']}",
+           "--data.batch_size=2",
            "--data.epoch_length=2", "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.save_last=true"]
     assert cli.main(fit) == 0
     (ckpt,) = tmp_path.rglob("last.ckpt")
     out_dir = tmp_path / "from_ckpt"
-    rc = cli.main(["predict", "--ckpt", str(ckpt), f"--data.predict_shards={shards['train']}",
+    rc = cli.main(["predict", "--ckpt", str(ckpt), f"--data.predict_shards={partial_shards['train']}",
                    "--data.val_batch_size=4", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                    f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks+={WRITER}",
                    f"--trainer.callbacks.output_dir={out_dir}", "--return_predictions=false"])

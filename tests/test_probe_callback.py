@@ -11,8 +11,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from emf_lightning.callbacks.probe import DiscriminabilityProbe
-from emf_lightning.metrics.probe_eval import EncodedCaptions, encode_captions, evaluate_encoded, evaluate_probe
-from emf_lightning.metrics.probe_sets import shapes_probe_set
+from emf_lightning.probe.evaluation import EncodedCaptions, encode_captions, evaluate_encoded, evaluate_probe
+from emf_lightning.probe.sets import shapes_probe_set
 
 DIM = 12
 

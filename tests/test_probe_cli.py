@@ -98,8 +98,8 @@ def _png(seed: int) -> bytes:
 def _write_shards(path, with_spec: bool):
     import webdataset as wds
 
-    from emf_lightning.metrics.probe_sets import sample_specs
-    from emf_lightning.data.shapes import describe, paraphrases
+    from emf_lightning.probe.sets import sample_specs
+    from emf_lightning.shapes import describe, paraphrases
 
     specs = sample_specs(10, seed=7)
     rng = np.random.default_rng(0)

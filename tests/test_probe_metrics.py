@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from emf_lightning.metrics import probe as P
+from emf_lightning.probe import metrics as P
 
 
 def test_masked_mean_ignores_padding():
@@ -191,8 +191,8 @@ def test_same_scene_auc_hand_computed_with_ties():
 from collections import Counter  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
-from emf_lightning.metrics import probe_sets as S  # noqa: E402
-from emf_lightning.metrics.probe_eval import encode_captions, evaluate_probe  # noqa: E402
+from emf_lightning.probe import sets as S  # noqa: E402
+from emf_lightning.probe.evaluation import encode_captions, evaluate_probe  # noqa: E402
 
 
 def _obj(shape, color, size="small", x=0.5, y=0.5):
@@ -265,7 +265,7 @@ def _word_encoder(dim: int = 16):
 
 
 def test_standardize_removes_rogue_channel():
-    from emf_lightning.metrics.probe_eval import standardize
+    from emf_lightning.probe.evaluation import standardize
 
     g = torch.Generator().manual_seed(0)
     content = torch.randn(200, 4, generator=g, dtype=torch.float64)
@@ -330,7 +330,7 @@ def test_evaluate_probe_word_encoder_reports_every_family():
 
 # ---------------------------------------------------------------- image embedders (relevance on shards)
 
-from emf_lightning.metrics.image_embedders import build_image_embedder  # noqa: E402
+from emf_lightning.probe.image_embedders import build_image_embedder  # noqa: E402
 from emf_lightning.utils.weights import MissingWeightsError  # noqa: E402
 
 

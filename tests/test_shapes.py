@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from emf_lightning.data.shapes import (
+from emf_lightning.shapes import (
     ALL_SHAPES,
     CATEGORIES,
     COLORS,
@@ -24,9 +24,9 @@ from emf_lightning.data.shapes import (
     reduced_captions,
     render,
 )
-from emf_lightning.data.shapes_captions import with_article
-from emf_lightning.data.shapes_render import coverage
-from emf_lightning.data.shapes_scene import COUNT_RANGE, INVERSE_RELATION, SHAPE_EXTENT, SIZE_FRACTION
+from emf_lightning.shapes.captions import with_article
+from emf_lightning.shapes.render import coverage
+from emf_lightning.shapes.scene import COUNT_RANGE, INVERSE_RELATION, SHAPE_EXTENT, SIZE_FRACTION
 
 
 def obj(shape: str, color: str, size: str, x: float, y: float) -> dict:

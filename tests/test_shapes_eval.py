@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from emf_lightning.data.shapes import CATEGORIES, COLORS, SceneError, ShapesWorld, perturb, render
-from emf_lightning.metrics.shapes_eval import Detection, ShapesEval
+from emf_lightning.shapes import CATEGORIES, COLORS, SceneError, ShapesWorld, perturb, render
+from emf_lightning.shapes.judge import Detection, ShapesEval
 from emf_lightning.utils.images import from_uint8
 
 

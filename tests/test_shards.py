@@ -19,11 +19,11 @@ from PIL import Image
 from emf_lightning.commands.shards import main as shards_main
 from emf_lightning.commands.shards import parse_mix
 from emf_lightning.data.health import EMPTY_CAPTION, MISSING_IMAGE, UNDECODABLE_IMAGE, SkipCounter
-from emf_lightning.data.shapes import ShapesWorld
 from emf_lightning.data.shards import (ShardSample, attach_features, brace_url, manifest_path, read_manifest,
                                        sanitize_key, write_shards)
-from emf_lightning.data.sources import BAD_ROW, folder_samples, list_samples, shapes_samples
+from emf_lightning.data.sources import BAD_ROW, folder_samples, list_samples
 from emf_lightning.data.tar_reader import iter_shard_samples, iter_tar_members, split_key
+from emf_lightning.shapes import ShapesWorld, shapes_samples
 
 
 def _world(n: int = 10, res: int = 16, split: str = "train") -> ShapesWorld:

@@ -151,26 +151,24 @@ def diagnose(ckpt: Path, shards: str, n: int) -> dict:
     nothing else is there; this splits the failures so a miss can be explained."""
     import glob
     from collections import Counter
+    from itertools import islice
 
-    import torch
+    import numpy as np
     import webdataset as wds
 
-    from emf_lightning.metrics.shapes_eval import ShapesEval
+    from emf_lightning.evaluation import Evaluator, HeldOutSet, setting_label
+    from emf_lightning.shapes import ShapesEval, scene_spec_or_none
     from emf_lightning.training import EMFModule
-    from emf_lightning.utils.images import to_uint8
 
-    captions, specs = [], []
-    for sample in wds.WebDataset(sorted(glob.glob(shards)), shardshuffle=False):
-        captions.append(sample["txt"].decode())
-        specs.append(json.loads(sample["json"]))
-        if len(captions) == n:
-            break
+    samples = list(islice(wds.WebDataset(sorted(glob.glob(shards)), shardshuffle=False).decode("rgb8"), n))
+    specs = [scene_spec_or_none(s["json"]) for s in samples]
+    held = HeldOutSet(np.stack([s["png"] for s in samples]), [s["txt"] for s in samples], specs,
+                      [s["__key__"] for s in samples])
     module = EMFModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
-    # The evaluation's noise: batch b of 128 uses seed b (EvaluationCallback), so these are the table's samples.
-    images = to_uint8(torch.cat([module.generate(captions[i:i + 128], steps=1, seed=b)
-                                 for b, i in enumerate(range(0, n, 128))]))
-    judge = ShapesEval()
-    details = judge.evaluate_detailed(images, specs)
+    # The evaluation stage's sampler, batches and seeds: these are the table's 1-step samples.
+    evaluator = Evaluator(steps=(1,), batch_size=128, fid=False, clip_score=False, shapes_eval=False, keep_images=None)
+    images = evaluator.evaluate(module, held).images[setting_label(1, 1.0)]
+    details = ShapesEval().evaluate_detailed(images, specs)
     colour_right = 0
     reasons: Counter = Counter()
     for spec, d in zip(specs, details):

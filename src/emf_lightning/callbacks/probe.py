@@ -15,8 +15,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from emf_lightning.metrics.probe_eval import EncodedCaptions, encode_captions, evaluate_encoded
-from emf_lightning.metrics.probe_sets import ProbeSet, shapes_probe_set
+from emf_lightning.probe.evaluation import EncodedCaptions, encode_captions, evaluate_encoded
+from emf_lightning.probe.sets import ProbeSet, shapes_probe_set
 from emf_lightning.training.sharding import unsharded
 
 

@@ -336,9 +336,8 @@ def bench_loader(
     with tempfile.TemporaryDirectory() as tmp:
         source = shards
         if source is None:
-            from emf_lightning.data.shapes import ShapesWorld
             from emf_lightning.data.shards import write_shards
-            from emf_lightning.data.sources import shapes_samples
+            from emf_lightning.shapes import ShapesWorld, shapes_samples
 
             world = ShapesWorld(seed=0, resolution=image_size, split="train", size=n_samples)
             source = write_shards(shapes_samples(world, n=n_samples), f"{tmp}/bench-%06d.tar",

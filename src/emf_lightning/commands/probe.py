@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/probe/{Path(args.encoder).stem if args.encoder.endswith(('.yaml', '.yml')) else args.encoder.replace(',', '+')}")
     out.mkdir(parents=True, exist_ok=True)
 
-    from emf_lightning.metrics.probe_eval import evaluate_probe
-    from emf_lightning.metrics.probe_sets import shapes_probe_set, shard_probe_set
+    from emf_lightning.probe.evaluation import evaluate_probe
+    from emf_lightning.probe.sets import shapes_probe_set, shard_probe_set
 
     t0 = time.perf_counter()
     if args.data:

@@ -26,7 +26,8 @@ from typing import Any
 
 from emf_lightning.data.health import SkipCounter, SkipTally
 from emf_lightning.data.shards import ShardSample, WriteResult, attach_features, write_shards
-from emf_lightning.data.sources import folder_samples, list_samples, shapes_samples
+from emf_lightning.data.sources import folder_samples, list_samples
+from emf_lightning.shapes import shapes_samples
 from emf_lightning.utils.progress import counted, progress
 
 
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _samples(args: argparse.Namespace, counter: SkipCounter) -> tuple[Iterator[ShardSample], dict[str, Any]]:
     if args.source == "shapes":
-        from emf_lightning.data.shapes import ShapesWorld
+        from emf_lightning.shapes import ShapesWorld
 
         world = ShapesWorld(seed=args.seed, resolution=args.resolution, split=args.split, mix=args.mix,
                             size=args.start + args.n, n_captions=args.n_captions)

@@ -37,10 +37,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from emf_lightning.data.health import (BAD_FEATURES, BAD_JSON, BAD_LATENT, EMPTY_CAPTION, MISSING_IMAGE,
                                        UNDECODABLE_CAPTION, UNDECODABLE_IMAGE, SkipCounter)
-from emf_lightning.data.shapes_scene import scene_spec_or_none
 from emf_lightning.data.tar_reader import iter_shard_samples
 from emf_lightning.data.transforms import open_rgb, resize_center_crop
 from emf_lightning.errors import ConfigError, InputNotFoundError
+from emf_lightning.shapes.scene import scene_spec_or_none
 from emf_lightning.utils.images import from_uint8
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")

@@ -1,4 +1,5 @@
-"""Where shard samples come from: the shapes world, a folder of captioned images, a JSONL/CSV list.
+"""Where shard samples come from besides the shapes world (`shapes.shapes_samples`): a folder of captioned
+images, a JSONL/CSV list.
 
 Each source is a generator of `ShardSample`. Bad input (an image that does not decode, a missing or
 empty caption, a malformed line) is skipped and counted in a `SkipCounter`, never fatal.
@@ -12,24 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from emf_lightning.data.health import EMPTY_CAPTION, MISSING_IMAGE, UNDECODABLE_CAPTION, UNDECODABLE_IMAGE, SkipCounter
 from emf_lightning.data.shards import ShardSample, normalize_image_ext, sanitize_key
 from emf_lightning.data.transforms import IMAGE_EXTENSIONS, encode_png, open_rgb, resize_center_crop
 
 BAD_ROW = "bad_row"  # a JSONL/CSV row that does not parse or lacks the image/caption field
 _STORED_AS_IS = ("png", "jpg", "webp")  # formats every reader decodes; others are re-encoded to PNG
-
-
-def shapes_samples(world: Any, n: int | None = None, start: int = 0) -> Iterator[ShardSample]:
-    """Samples `start .. start+n-1` of a shapes world (`world[i]` -> ShapesSample); n=None: all of it."""
-    stop = len(world) if n is None else start + n
-    for i in range(start, stop):
-        s = world[i]
-        captions = list(getattr(s, "captions", None) or [s.caption])
-        yield ShardSample(key=s.key, image=np.asarray(s.image, dtype=np.uint8), caption=s.caption,
-                          captions=captions, meta=dict(s.spec))
 
 
 def load_image(path: Path, image_size: int | None) -> tuple[bytes, str]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from emf_lightning.data.shapes_scene import (
+from emf_lightning.shapes.scene import (
     BACKGROUND,
     CATEGORIES,
     COLORS,
@@ -421,19 +420,3 @@ def sizes_match(detections: Sequence[Detection], objects: Sequence[Mapping[str, 
     found = Counter((d.color, d.shape, d.size) for d in detections)
     wanted = Counter((o["color"], o["shape"], o["size"]) for o in objects)
     return all(found[k] >= n for k, n in wanted.items())
-
-
-def benchmark(n: int = 500, resolution: int = 32, seed: int = 0) -> dict[str, float]:
-    """Renders/s and evaluations/s of the shapes world on this machine (uniform category mix)."""
-    from emf_lightning.data.shapes import ShapesWorld, render
-
-    world = ShapesWorld(seed=seed, resolution=resolution, size=n)
-    specs = [world.spec(i) for i in range(n)]
-    start = time.perf_counter()
-    images = np.stack([render(s, resolution) for s in specs])
-    render_time = time.perf_counter() - start
-    judge = ShapesEval()
-    start = time.perf_counter()
-    scores = judge.evaluate(images, specs)
-    eval_time = time.perf_counter() - start
-    return {"renders_per_s": n / render_time, "evals_per_s": n / eval_time, "overall": scores["overall"]}

@@ -2,62 +2,23 @@
 
 ``ShapesWorld(seed, resolution, split, mix)[i]`` is a pure function of (seed, split, i): it seeds
 ``np.random.default_rng([seed, split_id, i])``, so random access works in any DataLoader worker and on any
-node. The vocabulary, scene categories and held-out pairs live in ``shapes_scene``; rendering in
-``shapes_render``; captions in ``shapes_captions``. This module re-exports the public names.
+node. The vocabulary, scene categories and held-out pairs live in ``scene``; rendering in ``render``;
+captions in ``captions``. ``shapes_samples`` turns a world into shard samples (``emf shards shapes``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from emf_lightning.data.shapes_captions import describe, paraphrases, reduced_captions
-from emf_lightning.data.shapes_render import render
-from emf_lightning.data.shapes_scene import (
-    ALL_SHAPES,
-    BACKGROUND,
-    CATEGORIES,
-    COLORS,
-    HELDOUT_PAIRS,
-    PERTURBATIONS,
-    RELATIONS,
-    SHAPES,
-    SIZES,
-    SPLITS,
-    SceneError,
-    normalise_mix,
-    perturb,
-    sample_scene,
-    scene_spec_or_none,
-    validate_spec,
-)
-
-__all__ = [
-    "ALL_SHAPES",
-    "BACKGROUND",
-    "CATEGORIES",
-    "COLORS",
-    "HELDOUT_PAIRS",
-    "PERTURBATIONS",
-    "RELATIONS",
-    "SHAPES",
-    "SIZES",
-    "SPLITS",
-    "SceneError",
-    "ShapesSample",
-    "ShapesWorld",
-    "describe",
-    "paraphrases",
-    "perturb",
-    "reduced_captions",
-    "render",
-    "scene_spec_or_none",
-    "validate_spec",
-]
+from emf_lightning.data.shards import ShardSample
+from emf_lightning.shapes.captions import describe, paraphrases
+from emf_lightning.shapes.render import render
+from emf_lightning.shapes.scene import ALL_SHAPES, COLORS, HELDOUT_PAIRS, SHAPES, SPLITS, normalise_mix, sample_scene
 
 
 @dataclass
@@ -163,3 +124,12 @@ class ShapesWorld(Dataset):
             f"ShapesWorld(seed={self.seed}, resolution={self.resolution}, split='{self.split}', "
             f"size={self.size}, mix={mix})"
         )
+
+
+def shapes_samples(world: ShapesWorld, n: int | None = None, start: int = 0) -> Iterator[ShardSample]:
+    """Samples ``start .. start+n-1`` of a shapes world as shard samples; ``n=None``: all of it."""
+    stop = len(world) if n is None else start + n
+    for i in range(start, stop):
+        s = world[i]
+        yield ShardSample(key=s.key, image=np.asarray(s.image, dtype=np.uint8), caption=s.caption,
+                          captions=list(s.captions or [s.caption]), meta=dict(s.spec))

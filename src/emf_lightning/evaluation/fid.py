@@ -291,12 +291,15 @@ class ReferenceFeatureCache:
         resolution: int,
         feature_id: str,
         compute,
+        write: bool = True,
     ) -> Tensor:
-        """Load the features for this key, or call ``compute()`` and store its result."""
+        """Load the features for this key, or call ``compute()`` and store its result (unless ``write`` is
+        False: with several processes all compute, which may be a collective, and one writes)."""
         key = self.key(dataset, sample_keys, resolution, feature_id)
         cached = self.load(key)
         if cached is not None and cached.shape[0] == len(sample_keys):
             return cached
         features = compute()
-        self.save(key, features, self._fields(dataset, sample_keys, resolution, feature_id))
+        if write:
+            self.save(key, features, self._fields(dataset, sample_keys, resolution, feature_id))
         return features

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from emf_lightning.data.shapes_scene import INVERSE_RELATION, validate_spec
+from emf_lightning.shapes.scene import INVERSE_RELATION, validate_spec
 
 SHAPE_WORDS: dict[str, list[tuple[str, str]]] = {  # (singular, plural); the first is canonical
     "circle": [("circle", "circles"), ("disk", "disks"), ("round dot", "round dots")],

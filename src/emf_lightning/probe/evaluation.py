@@ -1,4 +1,4 @@
-"""Run the discriminability metrics of ``metrics.probe`` on one encoder over one probe set.
+"""Run the discriminability metrics of ``probe.metrics`` on one encoder over one probe set.
 
 Shared by ``emf probe`` and the ``DiscriminabilityProbe`` callback: each caption is encoded once
 (duplicates removed), token features are kept zero-padded so that token-level metrics can read them,
@@ -15,8 +15,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from emf_lightning.metrics import probe as P
-from emf_lightning.metrics.probe_sets import ProbeSet
+from emf_lightning.probe import metrics as P
+from emf_lightning.probe.sets import ProbeSet
 
 # Token-level anisotropy / effective rank use at most this many token vectors (a fixed random subset)
 # so the SVD stays cheap on 2 CPU cores; the estimate is stable well below this size.

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from emf_lightning.data.shapes_scene import BACKGROUND, COLORS, SHAPE_EXTENT, SIZE_FRACTION, validate_spec
+from emf_lightning.shapes.scene import BACKGROUND, COLORS, SHAPE_EXTENT, SIZE_FRACTION, validate_spec
 
 
 def object_half_extent(obj: Mapping[str, Any], resolution: int) -> float:

@@ -1,6 +1,6 @@
 """Probe sets: the captions the discriminability probe encodes, and what each of them depicts.
 
-A ``ProbeSet`` has up to three parts, each feeding one family of metrics in ``metrics.probe``:
+A ``ProbeSet`` has up to three parts, each feeding one family of metrics in ``probe.metrics``:
 
 - a retrieval pool (``captions``) with a relevance matrix saying how much caption j depicts what caption i
   describes, and which pairs depict exactly the same scene;
@@ -14,7 +14,6 @@ image features of a pluggable image encoder).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -26,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from emf_lightning.data.shapes_scene import scene_spec_or_none
+from emf_lightning.data.transforms import open_rgb
+from emf_lightning.shapes.scene import scene_spec_or_none
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def spec_relevance_matrix(specs: Sequence[dict]) -> Tensor:
 def sample_specs(n: int, seed: int, split: str = "test", mix: dict[str, float] | None = None) -> list[dict]:
     """The scene specs of the first ``n`` samples of ``ShapesWorld(seed, split=split, mix=mix)`` (no rendering),
     so the probe reads the same scenes a model is trained or evaluated on."""
-    from emf_lightning.data.shapes import ShapesWorld
+    from emf_lightning.shapes import ShapesWorld
 
     world = ShapesWorld(seed=seed, split=split, mix=mix, size=n)
     return [world.spec(i) for i in range(n)]
@@ -152,7 +152,7 @@ def shapes_probe_set(n: int = 1000, group: int = 2, seed: int = 0, split: str = 
       so the edit changes one or two words while the paraphrase changes the wording: the encoder must weigh
       content over form to score.
     """
-    from emf_lightning.data.shapes import SceneError, describe, paraphrases, perturb, reduced_captions
+    from emf_lightning.shapes import SceneError, describe, paraphrases, perturb, reduced_captions
 
     if group < 1 or n < 2 * group:
         raise ValueError(f"need group >= 1 and n >= 2 * group; got n={n}, group={group}")
@@ -217,13 +217,6 @@ def reduce_caption(caption: str, min_words: int = 2) -> list[str]:
     return out
 
 
-def _decode_image(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
 def read_shard_samples(shards: str | Sequence[str], n: int) -> tuple[list[dict], Counter]:
     """Up to ``n`` samples ``{"key", "captions", "spec", "image"}`` from WebDataset shards, and a count of
     problems met on the way.
@@ -256,7 +249,7 @@ def read_shard_samples(shards: str | Sequence[str], n: int) -> tuple[list[dict],
         img_key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in raw), None)
         if img_key is not None:
             try:
-                image = _decode_image(raw[img_key])
+                image = np.asarray(open_rgb(raw[img_key]), dtype=np.uint8)  # the data module's decode
             except Exception:  # noqa: BLE001 - PIL raises many types; one bad image must not stop the probe
                 skipped["unreadable image: caption kept"] += 1
         samples.append({"key": raw.get("__key__", ""), "captions": captions, "spec": spec, "image": image})
@@ -271,7 +264,7 @@ def shard_probe_set(shards: str | Sequence[str], n: int = 1000, image_encoder: s
     scene). Relevance: from scene specs when every sample has one (shapes-world shards), else the cosine of
     image features (clamped to [0, 1]) from ``image_encoder``; if its weights are absent, relevance falls back
     to "same image" only and a note says so. Reductions come from :func:`reduce_caption`."""
-    from emf_lightning.metrics.image_embedders import build_image_embedder
+    from emf_lightning.probe.image_embedders import build_image_embedder
     from emf_lightning.utils.weights import MissingWeightsError
 
     samples, skipped = read_shard_samples(shards, n)
