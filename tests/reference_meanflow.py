@@ -20,7 +20,8 @@ class ReferenceMeanFlowLoss(MeanFlowLoss):
         z, v, cond = self.path(x, e, t, cond, null_cond, drop)
         v_g, dz_dt = self.velocity_and_tangent(net, z, r, t, v, cond, null_cond, drop)
         with jvp_safe_attention():
-            u, dudt = torch.func.jvp(lambda z_, r_, t_: net(z_, r_, t_, *cond), (z, r, t),
-                                     (dz_dt, torch.zeros_like(r), torch.ones_like(t)))
+            u, dudt = torch.func.jvp(
+                lambda z_, r_, t_: net(z_, r_, t_, *cond), (z, r, t), (dz_dt, torch.zeros_like(r), torch.ones_like(t))
+            )
         interval = (t - r).view(-1, *[1] * (x.ndim - 1))
         return self.regress(u, (v_g - interval * dudt).detach(), r, t, drop)

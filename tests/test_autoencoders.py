@@ -7,8 +7,13 @@ import json
 import pytest
 import torch
 
-from emf_lightning.autoencoders import (DCAutoencoder, IdentityAutoencoder, KLAutoencoder, LatentAutoencoder,
-                                        build_autoencoder)
+from emf_lightning.autoencoders import (
+    DCAutoencoder,
+    IdentityAutoencoder,
+    KLAutoencoder,
+    LatentAutoencoder,
+    build_autoencoder,
+)
 from emf_lightning.utils.weights import MissingWeightsError
 
 pytest.importorskip("diffusers")

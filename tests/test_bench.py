@@ -30,9 +30,35 @@ def test_dry_run_prints_resolved_setup(capsys):
 
 def test_tiny_benchmark_runs_and_reports_ratios(tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    args = ["--sizes", "tiny", "--batch", "4", "--image-size", "8", "--patch-size", "4", "--text-len", "4",
-            "--text-dim", "8", "--repeats", "1", "--warmup", "1", "--fm-steps", "2", "--sample-repeats", "1",
-            "--no-loader", "--threads", "1", "--json", str(out_json), "--out", str(out_md)]
+    args = [
+        "--sizes",
+        "tiny",
+        "--batch",
+        "4",
+        "--image-size",
+        "8",
+        "--patch-size",
+        "4",
+        "--text-len",
+        "4",
+        "--text-dim",
+        "8",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--fm-steps",
+        "2",
+        "--sample-repeats",
+        "1",
+        "--no-loader",
+        "--threads",
+        "1",
+        "--json",
+        str(out_json),
+        "--out",
+        str(out_md),
+    ]
     assert main(args) == 0
     report = json.loads(out_json.read_text())
     steps = {s["variant"]: s for s in report["workloads"][0]["steps"]}
@@ -62,9 +88,34 @@ def test_report_is_written_after_every_size(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "bench_steps", first_size_then_killed)
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    args = ["--sizes", "tiny,tiny", "--batch", "2", "--image-size", "8", "--patch-size", "4", "--text-len", "4",
-            "--text-dim", "8", "--variants", "mf25", "--repeats", "1", "--warmup", "1", "--no-sampling",
-            "--no-loader", "--threads", "1", "--json", str(out_json), "--out", str(out_md)]
+    args = [
+        "--sizes",
+        "tiny,tiny",
+        "--batch",
+        "2",
+        "--image-size",
+        "8",
+        "--patch-size",
+        "4",
+        "--text-len",
+        "4",
+        "--text-dim",
+        "8",
+        "--variants",
+        "mf25",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--no-sampling",
+        "--no-loader",
+        "--threads",
+        "1",
+        "--json",
+        str(out_json),
+        "--out",
+        str(out_md),
+    ]
     try:
         main(args)
     except KeyboardInterrupt:

@@ -32,15 +32,31 @@ def _members(path: str | Path) -> dict[str, bytes]:
 def source(tmp_path: Path) -> str:
     """Two shards of 3 shapes samples at 40 px (so the 32 px crop resizes), one with an undecodable image."""
     world = ShapesWorld(seed=0, resolution=40, split="train", size=6)
-    samples = [ShardSample(key=s.key, image=s.image, caption=s.caption, captions=s.captions, meta=s.spec)
-               for s in (world[i] for i in range(6))]
+    samples = [
+        ShardSample(key=s.key, image=s.image, caption=s.caption, captions=s.captions, meta=s.spec)
+        for s in (world[i] for i in range(6))
+    ]
     samples[4] = ShardSample(key=samples[4].key, image=b"not a png at all", caption="a broken image")
     return write_shards(samples, str(tmp_path / "src" / "train-%06d.tar"), maxcount=3).urls
 
 
 def _run(source: str, out: Path, *extra: str) -> int:
-    return main([*VAE, "--shards", source, "--out", str(out / "train-%06d.tar"), "--image-size", "32",
-                 "--batch-size", "2", "--device", "cpu", *extra])
+    return main(
+        [
+            *VAE,
+            "--shards",
+            source,
+            "--out",
+            str(out / "train-%06d.tar"),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def test_latents_equal_direct_encoding_and_every_file_is_kept(tmp_path, source, capsys):
@@ -71,10 +87,12 @@ def test_latents_equal_direct_encoding_and_every_file_is_kept(tmp_path, source, 
             assert latent.dtype == np.float16 and latent.shape == (4, 16, 16)
             image = from_uint8(np.array(resize_center_crop(open_rgb(original[f"{key}.png"]), 32)))[None]
             # the same preprocessed image encoded on its own; float32 batch noise is far below float16 steps
-            torch.testing.assert_close(torch.from_numpy(latent).float(), ae.encode(image)[0].half().float(),
-                                       rtol=2e-3, atol=2e-3)
-            torch.testing.assert_close(torch.from_numpy(flipped).float(),
-                                       ae.encode(image.flip(-1))[0].half().float(), rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(
+                torch.from_numpy(latent).float(), ae.encode(image)[0].half().float(), rtol=2e-3, atol=2e-3
+            )
+            torch.testing.assert_close(
+                torch.from_numpy(flipped).float(), ae.encode(image.flip(-1))[0].half().float(), rtol=2e-3, atol=2e-3
+            )
     assert kept == 5
     manifest = read_manifest(str(out / "train-%06d.tar"))
     assert manifest["complete"] and manifest["total"] == 5 and manifest["skipped"] == {"undecodable_image": 1}

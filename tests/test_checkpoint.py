@@ -7,11 +7,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import FixedBatches, HashWordEncoder, shapes_batch, tiny_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
 from emf_lightning.training import EMFModule
+
+from helpers import FixedBatches, HashWordEncoder, shapes_batch, tiny_module
 
 STEPS = 3  # one epoch = STEPS fixed batches; the resumed run starts exactly at an epoch boundary
 
@@ -19,19 +20,29 @@ STEPS = 3  # one epoch = STEPS fixed batches; the resumed run starts exactly at 
 def fresh_module() -> EMFModule:
     # Same initial weights for every run; progress schedules over the full 2N steps in all runs.
     torch.manual_seed(0)
-    return tiny_module(optim={"schedule_steps": 2 * STEPS, "warmup_steps": 2},
-                       loss=MeanFlowLoss(TimeSampler(mu=(-0.5, 0.5), neq_ratio=(0.25, 0.75))))
+    return tiny_module(
+        optim={"schedule_steps": 2 * STEPS, "warmup_steps": 2},
+        loss=MeanFlowLoss(TimeSampler(mu=(-0.5, 0.5), neq_ratio=(0.25, 0.75))),
+    )
 
 
 def run(module: EMFModule, max_steps: int, ckpt_dir: Path | None = None, ckpt_path: str | None = None) -> pl.Trainer:
     batches = [shapes_batch(2, 16, seed=s) for s in range(STEPS)]
     callbacks = []
     if ckpt_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=STEPS,
-                                         save_top_k=-1))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
-                         enable_checkpointing=ckpt_dir is not None, callbacks=callbacks, gradient_clip_val=1.0,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=STEPS, save_top_k=-1))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=ckpt_dir is not None,
+        callbacks=callbacks,
+        gradient_clip_val=1.0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, torch.utils.data.DataLoader(FixedBatches(batches), batch_size=None), ckpt_path=ckpt_path)
     return trainer
 
@@ -76,7 +87,7 @@ def test_checkpoint_holds_ema_and_no_encoder_weights(runs):
     state = torch.load(runs["ckpt"], weights_only=True)["state_dict"]
     assert any(k.startswith("ema_generator.") for k in state)
     assert not any(k.startswith("encoder") or "table" in k for k in state)
-    ema = {k[len("ema_generator."):]: v for k, v in state.items() if k.startswith("ema_generator.")}
+    ema = {k[len("ema_generator.") :]: v for k, v in state.items() if k.startswith("ema_generator.")}
     for k, v in runs["first"].ema_generator.state_dict().items():
         assert torch.equal(ema[k], v), k
 
@@ -102,10 +113,19 @@ def test_last_checkpoint_holds_the_final_weights_when_max_steps_is_off_the_inter
 
     torch.manual_seed(0)
     module = tiny_module()
-    ckpt = FinalModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=3, save_last=True,
-                                save_top_k=-1)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, callbacks=[ckpt],
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    ckpt = FinalModelCheckpoint(
+        dirpath=tmp_path, filename="{step}", every_n_train_steps=3, save_last=True, save_top_k=-1
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     batches = [shapes_batch(2, 16, seed=s) for s in range(3)]
     trainer.fit(module, torch.utils.data.DataLoader(FixedBatches(batches), batch_size=None))
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
@@ -114,4 +134,5 @@ def test_last_checkpoint_holds_the_final_weights_when_max_steps_is_off_the_inter
     for name, value in module.generator.state_dict().items():
         assert torch.equal(saved[name], value), name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["last.ckpt", "step=3.ckpt"] + (["step=6.ckpt"] if max_steps == 6 else []))
+        ["last.ckpt", "step=3.ckpt"] + (["step=6.ckpt"] if max_steps == 6 else [])
+    )

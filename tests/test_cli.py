@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import BOW, TINY_DIT
 from PIL import Image
 
 from emf_lightning import cli
@@ -18,6 +17,8 @@ from emf_lightning.config_files import config_chain
 from emf_lightning.training import EMFModule
 from emf_lightning.utils.grids import make_labelled_grid
 from emf_lightning.utils.weights import MissingWeightsError
+
+from helpers import BOW, TINY_DIT
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
@@ -36,20 +37,32 @@ NO_OFFLINE_WEIGHTS = {
 # encoding the test's pixel shards on the fly.
 LATENT_RUN_ARGS = [
     '--model.autoencoder={"class_path": "emf_lightning.autoencoders.KLAutoencoder", "init_args": {"pretrained": false}}',
-    "--model.backbone.init_args.input_size=8", "--model.backbone.init_args.in_channels=4",
-    "--model.backbone.init_args.patch_size=2", "--data.load_latents=false",
+    "--model.backbone.init_args.input_size=8",
+    "--model.backbone.init_args.in_channels=4",
+    "--model.backbone.init_args.patch_size=2",
+    "--data.load_latents=false",
 ]
 
 
 def small_run_args(shards: dict[str, str], root: Path) -> list[str]:
     """Overrides that shrink any config to a CPU-sized run on the test shards (16x16, one tiny block)."""
     return [
-        f"--data.train_shards={shards['train']}", f"--data.val_shards={shards['val']}",
-        "--data.batch_size=2", "--data.val_batch_size=2", "--data.num_workers=0", "--data.image_size=16",
-        "--data.epoch_length=8", "--data.pin_memory=false", f"--model.backbone={TINY_DIT}",
-        "--model.feature_cache_dir=null", "--trainer.accelerator=cpu", "--trainer.devices=1",
-        "--trainer.precision=32-true", f"--trainer.default_root_dir={root}",
-        f"--trainer.logger.init_args.save_dir={root}", "--trainer.enable_progress_bar=false",
+        f"--data.train_shards={shards['train']}",
+        f"--data.val_shards={shards['val']}",
+        "--data.batch_size=2",
+        "--data.val_batch_size=2",
+        "--data.num_workers=0",
+        "--data.image_size=16",
+        "--data.epoch_length=8",
+        "--data.pin_memory=false",
+        f"--model.backbone={TINY_DIT}",
+        "--model.feature_cache_dir=null",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.precision=32-true",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.logger.init_args.save_dir={root}",
+        "--trainer.enable_progress_bar=false",
     ]
 
 
@@ -57,8 +70,9 @@ def small_run_args(shards: dict[str, str], root: Path) -> list[str]:
 
 
 def test_help_lists_every_subcommand():
-    out = subprocess.run([sys.executable, "-m", "emf_lightning.cli", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "emf_lightning.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for name in ["fit", "validate", "test", "predict", "sample", "probe", "shards", "bench", "cache-features"]:
         assert f"\n  {name} " in out, name
 
@@ -148,8 +162,14 @@ def test_configs_without_offline_weights_name_the_model(config, shards, tmp_path
 
 
 def test_all_six_configs_exist():
-    assert set(ALL_CONFIGS) >= {"smollm_shapes.yaml", "qwen_meanflow.yaml", "t5_meanflow.yaml", "clip_meanflow.yaml",
-                                "minilm_shapes.yaml", "flow_matching_shapes.yaml"}
+    assert set(ALL_CONFIGS) >= {
+        "smollm_shapes.yaml",
+        "qwen_meanflow.yaml",
+        "t5_meanflow.yaml",
+        "clip_meanflow.yaml",
+        "minilm_shapes.yaml",
+        "flow_matching_shapes.yaml",
+    }
 
 
 # ---------------------------------------------------------------------------------------------- a real run
@@ -159,11 +179,19 @@ def test_all_six_configs_exist():
 def trained(shards, tmp_path_factory) -> Path:
     """`emf fit` of the offline config, shrunk, with the bag-of-words encoder; returns last.ckpt."""
     root = tmp_path_factory.mktemp("run")
-    args = ["fit", "--config", str(CONFIGS / "smollm_shapes.yaml"), *small_run_args(shards, root),
-            f"--model.encoder={BOW}", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-            "--trainer.limit_val_batches=1", "--trainer.callbacks=[]",
-            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-            "--trainer.callbacks.save_last=true"]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "smollm_shapes.yaml"),
+        *small_run_args(shards, root),
+        f"--model.encoder={BOW}",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.callbacks=[]",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.save_last=true",
+    ]
     assert cli.main(args) == 0
     ckpts = sorted(root.rglob("last.ckpt"))
     assert len(ckpts) == 1
@@ -188,8 +216,28 @@ def test_cli_checkpoint_rebuilds_the_module_with_its_encoder(trained):
 def test_sample_writes_the_prompt_by_steps_grid(trained, tmp_path, capsys):
     out = tmp_path / "grid.png"
     prompts = ["a red circle", "two blue squares"]
-    rc = cli.main(["sample", "--ckpt", str(trained), "--prompt", prompts[0], "--prompt", prompts[1],
-                   "--steps", "1", "2", "--cfg", "1.5", "--seed", "4", "--out", str(out), "--upscale", "1"])
+    rc = cli.main(
+        [
+            "sample",
+            "--ckpt",
+            str(trained),
+            "--prompt",
+            prompts[0],
+            "--prompt",
+            prompts[1],
+            "--steps",
+            "1",
+            "2",
+            "--cfg",
+            "1.5",
+            "--seed",
+            "4",
+            "--out",
+            str(out),
+            "--upscale",
+            "1",
+        ]
+    )
     assert rc == 0 and "wrote" in capsys.readouterr().out
     module = EMFModule.load_from_checkpoint(trained, map_location="cpu")
     cells = [module.generate(prompts, steps=s, cfg_scale=1.5, seed=4) for s in (1, 2)]
@@ -218,7 +266,15 @@ def test_sample_refuses_a_foreign_checkpoint(tmp_path, capsys):
 
 def test_validate_with_only_a_checkpoint(trained, tmp_path, capsys):
     # The model and data config come from the checkpoint; only where to write is given.
-    rc = cli.main(["validate", "--ckpt", str(trained), "--trainer.logger=false",
-                   f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    rc = cli.main(
+        [
+            "validate",
+            "--ckpt",
+            str(trained),
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     assert rc == 0
     assert "val/loss" in capsys.readouterr().out

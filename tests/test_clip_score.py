@@ -52,7 +52,9 @@ class _MeanColourCLIP(nn.Module):
         return pixels.mean(dim=(2, 3))
 
     def encode_text(self, tokens):
-        return torch.stack([torch.tensor([1.0, 0.0, 0.0]) if t[0] == 1 else torch.tensor([0.0, 1.0, 0.0]) for t in tokens])
+        return torch.stack(
+            [torch.tensor([1.0, 0.0, 0.0]) if t[0] == 1 else torch.tensor([0.0, 1.0, 0.0]) for t in tokens]
+        )
 
 
 def _tok(captions):
@@ -150,7 +152,9 @@ def test_transformers_clip_folder_loads_and_encodes_like_the_model(tmp_path):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
     cfg = CLIPConfig(
-        text_config=dict(small, vocab_size=7, max_position_embeddings=16, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+        text_config=dict(
+            small, vocab_size=7, max_position_embeddings=16, pad_token_id=0, bos_token_id=0, eos_token_id=0
+        ),
         vision_config=dict(small, image_size=16, patch_size=8),
         projection_dim=8,
     )
@@ -164,10 +168,14 @@ def test_transformers_clip_folder_loads_and_encodes_like_the_model(tmp_path):
     captions = ["a red circle", "a blue square"]
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
-        pixels = ((images + 1) / 2 - torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+        pixels = ((images + 1) / 2 - torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_STD).view(
+            1, 3, 1, 1
+        )
         ref_img = model.get_image_features(pixel_values=pixels).pooler_output
         enc = tokenizer(captions, padding=True, return_tensors="pt")
-        ref_txt = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+        ref_txt = model.get_text_features(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
+        ).pooler_output
     torch.testing.assert_close(scorer.encode_images(images), ref_img)
     torch.testing.assert_close(scorer.encode_texts(captions), ref_txt)
     expected = 100 * torch.nn.functional.cosine_similarity(ref_img, ref_txt).clamp(min=0)

@@ -8,11 +8,15 @@ import torch
 from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
 from emf_lightning.models import build_generator
 from emf_lightning.models.compiled import CompiledForward
+
 from test_models import perturb_zero_init
 
-GENERATORS = {"dit": dict(name="tiny", patch_size=4, hidden_size=32, depth=1, num_heads=2),
-              "unet": dict(name="unet-tiny", base_channels=8, channel_mult=(1, 2), attention_resolutions=(2,),
-                           head_dim=8, context_dim=16)}
+GENERATORS = {
+    "dit": dict(name="tiny", patch_size=4, hidden_size=32, depth=1, num_heads=2),
+    "unet": dict(
+        name="unet-tiny", base_channels=8, channel_mult=(1, 2), attention_resolutions=(2,), head_dim=8, context_dim=16
+    ),
+}
 
 
 def _generator(kind: str):

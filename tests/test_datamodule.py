@@ -112,8 +112,16 @@ def test_resize_and_centre_crop():
 
 def test_caption_sampling_first_random_and_dropout(shapes_urls, world):
     by_key = {world[i].key: world[i] for i in range(10)}
-    common = dict(train_shards=shapes_urls, val_shards=shapes_urls, batch_size=8, num_workers=0, image_size=8,
-                  epoch_length=80, shuffle_buffer=4, seed=1)
+    common = dict(
+        train_shards=shapes_urls,
+        val_shards=shapes_urls,
+        batch_size=8,
+        num_workers=0,
+        image_size=8,
+        epoch_length=80,
+        shuffle_buffer=4,
+        seed=1,
+    )
 
     dm = ShardDataModule(caption_sampling="first", **common)
     dm.setup("fit")
@@ -143,8 +151,15 @@ def test_caption_sampling_first_random_and_dropout(shapes_urls, world):
 
 def test_training_stream_is_seeded_exact_and_varies_by_epoch(shapes_urls):
     def make(seed: int) -> ShardDataModule:
-        dm = ShardDataModule(train_shards=shapes_urls, batch_size=4, num_workers=0, image_size=8, epoch_length=18,
-                             shuffle_buffer=5, seed=seed)
+        dm = ShardDataModule(
+            train_shards=shapes_urls,
+            batch_size=4,
+            num_workers=0,
+            image_size=8,
+            epoch_length=18,
+            shuffle_buffer=5,
+            seed=seed,
+        )
         dm.setup("fit")
         return dm
 
@@ -164,12 +179,15 @@ def _bad_shards(root: Path) -> tuple[str, list[str]]:
     """Four shards with every kind of bad input; returns (brace URL, keys that must survive, in order)."""
     root.mkdir(parents=True, exist_ok=True)
     _write_tar(root / "bad-0.tar", [_sample(f"a{i}") for i in range(4)])
-    _write_tar(root / "bad-1.tar", [
-        _sample("b0"),
-        {**_sample("b1"), "png": b"\x89PNG\r\n\x1a\n garbage"},  # undecodable image
-        _sample("b2", caption="   "),  # empty caption
-        {**_sample("b3"), "json": b"{broken"},  # bad json
-    ])
+    _write_tar(
+        root / "bad-1.tar",
+        [
+            _sample("b0"),
+            {**_sample("b1"), "png": b"\x89PNG\r\n\x1a\n garbage"},  # undecodable image
+            _sample("b2", caption="   "),  # empty caption
+            {**_sample("b3"), "json": b"{broken"},  # bad json
+        ],
+    )
     # truncated inside c3's image: c0..c2 survive; c3 keeps only its .json -> no caption
     raw = _write_tar(root / "bad-2.tar", [_sample(f"c{i}", doc={"n": i}) for i in range(4)])
     with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
@@ -179,7 +197,7 @@ def _bad_shards(root: Path) -> tuple[str, list[str]]:
     raw = bytearray(_write_tar(root / "bad-3.tar", [_sample(f"d{i}") for i in range(4)]))
     with tarfile.open(fileobj=io.BytesIO(bytes(raw))) as tf:
         d1_png = tf.getmember("d1.png")
-    raw[d1_png.offset:d1_png.offset + 64] = b"\xff" * 64
+    raw[d1_png.offset : d1_png.offset + 64] = b"\xff" * 64
     (root / "bad-3.tar").write_bytes(bytes(raw))
     survivors = ["a0", "a1", "a2", "a3", "b0", "c0", "c1", "c2", "d0", "d2", "d3"]
     return str(root / "bad-{0..3}.tar"), survivors
@@ -205,8 +223,10 @@ def test_bad_input_is_skipped_counted_and_nothing_else_is_lost(tmp_path, caplog)
     assert summary.startswith("val epoch 0: 11 samples delivered; skipped: ")
     assert "corrupt_shard=2 shards" in summary and "empty_caption=2 samples" in summary
     # webdataset's own reader with warn_and_continue loses d2 and d3 after the damaged header
-    wds_keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "bad-3.tar"), shardshuffle=False,
-                                                     handler=wds.warn_and_continue)]
+    wds_keys = [
+        s["__key__"]
+        for s in wds.WebDataset(str(tmp_path / "bad-3.tar"), shardshuffle=False, handler=wds.warn_and_continue)
+    ]
     assert "d3" not in wds_keys and {"d2", "d3"} <= set(keys)
 
 
@@ -232,8 +252,9 @@ def test_skip_counts_cross_worker_processes(tmp_path):
 
 def test_endless_stream_over_only_bad_shards_stops_with_an_error(tmp_path):
     _write_tar(tmp_path / "x-0.tar", [_sample("x0", caption="")])
-    dm = ShardDataModule(train_shards=str(tmp_path / "x-0.tar"), batch_size=2, num_workers=0, epoch_length=4,
-                         shuffle_buffer=0)
+    dm = ShardDataModule(
+        train_shards=str(tmp_path / "x-0.tar"), batch_size=2, num_workers=0, epoch_length=4, shuffle_buffer=0
+    )
     dm.setup("fit")
     with pytest.raises(RuntimeError, match="no valid sample decoded while reading the last 120 shards"):
         list(dm.train_dataloader())
@@ -281,13 +302,22 @@ def test_precomputed_features_and_latents(tmp_path):
         np.save(buf, np.full((2, 2, 2), v, np.float32))
         return buf.getvalue()
 
-    _write_tar(tmp_path / "f-0.tar", [
-        _sample("k0", **{"features.npz": feats(2, 1.0), "latent.npy": latent(0.5)}),
-        _sample("k1", **{"features.npz": feats(4, 2.0), "latent.npy": latent(1.5)}),
-        _sample("k2", **{"latent.npy": latent(2.5)}),  # no features: skipped when features are required
-    ])
-    dm = ShardDataModule(val_shards=str(tmp_path / "f-0.tar"), batch_size=4, num_workers=0, image_size=8,
-                         load_features=True, load_latents=True)
+    _write_tar(
+        tmp_path / "f-0.tar",
+        [
+            _sample("k0", **{"features.npz": feats(2, 1.0), "latent.npy": latent(0.5)}),
+            _sample("k1", **{"features.npz": feats(4, 2.0), "latent.npy": latent(1.5)}),
+            _sample("k2", **{"latent.npy": latent(2.5)}),  # no features: skipped when features are required
+        ],
+    )
+    dm = ShardDataModule(
+        val_shards=str(tmp_path / "f-0.tar"),
+        batch_size=4,
+        num_workers=0,
+        image_size=8,
+        load_features=True,
+        load_latents=True,
+    )
     dm.setup("validate")
     loader = dm.val_dataloader()
     (batch,) = list(loader)
@@ -328,12 +358,28 @@ class _TinyModule(LightningModule):
 
 def test_lightning_fit_with_data_health_callback(tmp_path, shapes_urls):
     _write_tar(tmp_path / "v-0.tar", [_sample("v0"), _sample("v1", caption=""), _sample("v2")])
-    dm = ShardDataModule(train_shards=shapes_urls, val_shards=str(tmp_path / "v-0.tar"), batch_size=4,
-                         num_workers=0, image_size=8, epoch_length=10, shuffle_buffer=4)
+    dm = ShardDataModule(
+        train_shards=shapes_urls,
+        val_shards=str(tmp_path / "v-0.tar"),
+        batch_size=4,
+        num_workers=0,
+        image_size=8,
+        epoch_length=10,
+        shuffle_buffer=4,
+    )
     module = _TinyModule()
-    trainer = Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[DataHealthCallback()],
-                      num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[DataHealthCallback()],
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=dm)
     assert module.seen == [4, 4, 2, 4, 4, 2]  # exactly epoch_length samples per epoch, len() known
     assert trainer.num_training_batches == 3
@@ -352,8 +398,7 @@ def test_loader_throughput(shapes_urls):
 
 def test_pipe_urls_are_read_and_a_failing_command_is_counted(shapes_urls, world):
     first = wds.shardlists.expand_urls(shapes_urls)[0]
-    dm = ShardDataModule(val_shards=[f"pipe:cat {first}", "pipe:false"], batch_size=8, num_workers=0,
-                         image_size=RES)
+    dm = ShardDataModule(val_shards=[f"pipe:cat {first}", "pipe:false"], batch_size=8, num_workers=0, image_size=RES)
     dm.setup("validate")
     loader = dm.val_dataloader()
     assert _keys(loader) == [world[i].key for i in range(4)]
@@ -361,15 +406,24 @@ def test_pipe_urls_are_read_and_a_failing_command_is_counted(shapes_urls, world)
 
 
 def test_persistent_workers_see_each_new_epoch(shapes_urls):
-    dm = ShardDataModule(train_shards=shapes_urls, batch_size=4, num_workers=1, persistent_workers=True,
-                         image_size=8, epoch_length=12, shuffle_buffer=4, seed=2)
+    dm = ShardDataModule(
+        train_shards=shapes_urls,
+        batch_size=4,
+        num_workers=1,
+        persistent_workers=True,
+        image_size=8,
+        epoch_length=12,
+        shuffle_buffer=4,
+        seed=2,
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     epochs = [_keys(loader) for _ in range(3)]
     assert all(len(e) == 12 for e in epochs)
     assert epochs[0] != epochs[1] != epochs[2]  # the epoch reached the long-lived worker (shared memory)
-    fresh = ShardDataModule(train_shards=shapes_urls, batch_size=4, num_workers=0, image_size=8, epoch_length=12,
-                            shuffle_buffer=4, seed=2)
+    fresh = ShardDataModule(
+        train_shards=shapes_urls, batch_size=4, num_workers=0, image_size=8, epoch_length=12, shuffle_buffer=4, seed=2
+    )
     fresh.setup("fit")
     reference = fresh.train_dataloader()
     assert [_keys(reference) for _ in range(3)] == epochs  # same stream with or without worker processes

@@ -29,14 +29,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import FixedBatches, shapes_batch, tiny_module
 from lightning.pytorch.callbacks import Callback
 
 from emf_lightning.meanflow import MeanFlowLoss, TimeSampler, concat_conditions, null_condition
 from emf_lightning.models.generator import build_generator
+
+from helpers import FixedBatches, shapes_batch, tiny_module
 from reference_meanflow import ReferenceMeanFlowLoss
 
 PER_RANK = 4
+
+
 # Half the rows with r != t and a high dropout share, so both JVP rows and dropped conditions occur on
 # 8 rows (asserted below: the draws are a fixed function of the module seed, step and rank).
 def module_kwargs() -> dict[str, Any]:
@@ -66,8 +69,12 @@ class RecordFirstStep(Callback):
         def recording_compute(net, x, e, r, t, cond, null_cond=None, drop=None):
             loss, stats = compute(net, x, e, r, t, cond, null_cond, drop)
             self.record.update(
-                net_is_generator=net is pl_module.generator, x=x.detach().clone(), e=e.detach().clone(),
-                r=r.detach().clone(), t=t.detach().clone(), drop=None if drop is None else drop.clone(),
+                net_is_generator=net is pl_module.generator,
+                x=x.detach().clone(),
+                e=e.detach().clone(),
+                r=r.detach().clone(),
+                t=t.detach().clone(),
+                drop=None if drop is None else drop.clone(),
                 loss=loss.detach().clone(),
             )
             return loss, stats
@@ -79,7 +86,8 @@ class RecordFirstStep(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.record["grads"] = {
-            name: None if p.grad is None else p.grad.detach().clone() for name, p in pl_module.generator.named_parameters()
+            name: None if p.grad is None else p.grad.detach().clone()
+            for name, p in pl_module.generator.named_parameters()
         }
         torch.save(self.record, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
@@ -96,8 +104,9 @@ def reference_gradients(init: dict[str, torch.Tensor], records: list[dict[str, A
     captions = [c for rec in records for c in rec["caption"]]
     feats = module.encode_text(captions)
     null = null_condition(1, module.encoder.dim)
-    loss, _ = module.loss_fn.compute(module.generator, cat["x"], cat["e"], cat["r"], cat["t"],
-                                     (feats.tokens, feats.mask), null, cat["drop"])
+    loss, _ = module.loss_fn.compute(
+        module.generator, cat["x"], cat["e"], cat["r"], cat["t"], (feats.tokens, feats.mask), null, cat["drop"]
+    )
     loss.backward()
     return {name: p.grad for name, p in module.generator.named_parameters()}, loss.detach()
 
@@ -107,9 +116,18 @@ def test_meanflow_step_gradients_under_lightning_ddp_match_the_concatenated_batc
     torch.manual_seed(0)
     module = tiny_module(**module_kwargs())
     batches = [shapes_batch(PER_RANK, 16, seed=s) for s in range(2)]
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, callbacks=[RecordFirstStep(str(tmp_path))])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[RecordFirstStep(str(tmp_path))],
+    )
     # Lightning's DistributedSampler gives rank k the batch at index k.
     trainer.fit(module, torch.utils.data.DataLoader(FixedBatches(batches), batch_size=None))
     records = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -192,8 +210,16 @@ def _direct_ddp_worker(rank: int, init_file: str, out_dir: str, kind: str, backb
         ddp = torch.nn.parallel.DistributedDataParallel(net, forward_sync_buffers=False)
         loss_fn = _loss_fn(kind)
         inputs = _rank_inputs(rank, loss_fn, backbone)
-        loss, _ = loss_fn.compute(ddp, inputs["x"], inputs["e"], inputs["r"], inputs["t"], inputs["cond"],
-                                  null_condition(1, 16), inputs["drop"])
+        loss, _ = loss_fn.compute(
+            ddp,
+            inputs["x"],
+            inputs["e"],
+            inputs["r"],
+            inputs["t"],
+            inputs["cond"],
+            null_condition(1, 16),
+            inputs["drop"],
+        )
         loss.backward()
         grads = {name: None if p.grad is None else p.grad.clone() for name, p in net.named_parameters()}
         torch.save({"grads": grads, "inputs": inputs}, os.path.join(out_dir, f"direct{rank}.pt"))
@@ -201,14 +227,21 @@ def _direct_ddp_worker(rank: int, init_file: str, out_dir: str, kind: str, backb
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind, backbone", [("production", "dit"), ("reference", "dit"),
-                                           pytest.param("production", "sana", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kind, backbone",
+    [("production", "dit"), ("reference", "dit"), pytest.param("production", "sana", marks=pytest.mark.slow)],
+)
 def test_jvp_through_a_ddp_wrapped_generator_syncs_gradients(kind, backbone, tmp_path: Path):
     if backbone == "sana":
         pytest.importorskip("diffusers")
     # fork: the two ranks need no fresh imports (seconds each on a busy machine)
-    mp.start_processes(_direct_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), kind, backbone),
-                       nprocs=2, join=True, start_method="fork")
+    mp.start_processes(
+        _direct_ddp_worker,
+        args=(str(tmp_path / "init"), str(tmp_path), kind, backbone),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
     records = [torch.load(tmp_path / f"direct{r}.pt", weights_only=False) for r in range(2)]
     grads = [rec["grads"] for rec in records]
     assert all(g is not None for g in grads[0].values())
@@ -223,8 +256,15 @@ def test_jvp_through_a_ddp_wrapped_generator_syncs_gradients(kind, backbone, tmp
     net = _generator(backbone)
     cat = {k: torch.cat([i[k] for i in ins]) for k in ("x", "e", "r", "t", "drop")}
     loss, _ = _loss_fn(kind).compute(
-        net, cat["x"], cat["e"], cat["r"], cat["t"], concat_conditions(ins[0]["cond"], ins[1]["cond"]),
-        null_condition(1, 16), cat["drop"])
+        net,
+        cat["x"],
+        cat["e"],
+        cat["r"],
+        cat["t"],
+        concat_conditions(ins[0]["cond"], ins[1]["cond"]),
+        null_condition(1, 16),
+        cat["drop"],
+    )
     loss.backward()
     for name, p in net.named_parameters():
         torch.testing.assert_close(grads[0][name], p.grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")

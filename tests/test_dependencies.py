@@ -55,8 +55,10 @@ def core() -> set[str]:
 
 
 def extras() -> dict[str, set[str]]:
-    return {extra: {requirement_name(r) for r in reqs}
-            for extra, reqs in pyproject()["project"]["optional-dependencies"].items()}
+    return {
+        extra: {requirement_name(r) for r in reqs}
+        for extra, reqs in pyproject()["project"]["optional-dependencies"].items()
+    }
 
 
 def distribution(module: str) -> str:
@@ -140,8 +142,11 @@ def test_extras_are_not_imported_at_module_level():
     """A module of an extra is imported inside the function that needs it (through `require`), so a plain
     install imports every module of the package."""
     only_extra = set().union(*(d for e, d in extras().items() if e not in ("all", "dev"))) - core()
-    eager = {m: [f for f in files if f not in EXTRA_ONLY_MODULES] for m, files in
-             third_party_imports(SRC, module_level_only=True).items() if distribution(m) in only_extra}
+    eager = {
+        m: [f for f in files if f not in EXTRA_ONLY_MODULES]
+        for m, files in third_party_imports(SRC, module_level_only=True).items()
+        if distribution(m) in only_extra
+    }
     eager = {m: files for m, files in eager.items() if files}
     assert not eager, f"optional packages imported at module level: {eager}"
     # ... and a module that is itself the optional path is imported only inside functions.
@@ -188,8 +193,10 @@ def test_all_extra_lists_every_extra_and_make_install_installs_it():
 def test_require_names_the_extra_in_one_line():
     with pytest.raises(MissingExtraError) as info:
         require("emf_no_such_module_xyz", extra="plot", purpose="The probe figure")
-    assert str(info.value) == ("The probe figure needs the `emf_no_such_module_xyz` package, which is not installed: "
-                               "pip install 'emf-lightning[plot]'")
+    assert str(info.value) == (
+        "The probe figure needs the `emf_no_such_module_xyz` package, which is not installed: "
+        "pip install 'emf-lightning[plot]'"
+    )
     assert isinstance(info.value, ImportError) and install_hint("fid") == "pip install 'emf-lightning[fid]'"
 
 
@@ -234,6 +241,8 @@ def test_probe_without_matplotlib_writes_the_numbers_and_names_the_extra(tmp_pat
     out = tmp_path / "probe"
     assert cmd.main(["--encoder", "bow", "--n", "24", "--k", "2", "--pairs", "4", "--out", str(out)]) == 0
     text = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    assert ("figure skipped: The probe figure needs the `matplotlib` package, which is not installed: "
-            "pip install 'emf-lightning[plot]'") in text
+    assert (
+        "figure skipped: The probe figure needs the `matplotlib` package, which is not installed: "
+        "pip install 'emf-lightning[plot]'"
+    ) in text
     assert (out / "probe.json").is_file() and not (out / "probe.png").exists()

@@ -35,8 +35,13 @@ def _inputs(dtype=torch.float32, seed: int = 1):
 def _sana_velocity(base, x, t, ctx, mask):
     """The wrapped model as SanaPipeline calls it: timestep = sigma x 1000 x timestep_scale, mask as 0/1."""
     with torch.no_grad():
-        return base(x, encoder_hidden_states=ctx, timestep=t * 1000 * base.config.timestep_scale,
-                    encoder_attention_mask=mask.to(x.dtype), return_dict=False)[0]
+        return base(
+            x,
+            encoder_hidden_states=ctx,
+            timestep=t * 1000 * base.config.timestep_scale,
+            encoder_attention_mask=mask.to(x.dtype),
+            return_dict=False,
+        )[0]
 
 
 def test_default_init_keeps_the_pretrained_velocity_exactly(tmp_path):
@@ -81,8 +86,14 @@ def test_export_loads_back_in_diffusers_and_in_the_adapter(tmp_path):
         u = adapter(x, r, t, ctx, mask)
         assert torch.equal(back(x, r, t, ctx, mask), u)
         # diffusers alone reproduces it with guidance = (t - r) x 1000
-        v = plain(x, encoder_hidden_states=ctx, timestep=t * 1000, guidance=(t - r) * 1000,
-                  encoder_attention_mask=mask.float(), return_dict=False)[0]
+        v = plain(
+            x,
+            encoder_hidden_states=ctx,
+            timestep=t * 1000,
+            guidance=(t - r) * 1000,
+            encoder_attention_mask=mask.float(),
+            return_dict=False,
+        )[0]
     torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)  # diffusers' own float32 kernels, same maths
     with pytest.raises(ValueError, match="already has a guidance embedder"):
         SanaMeanFlowBackbone.from_pretrained(str(tmp_path / "export"))
@@ -149,7 +160,8 @@ def test_trainable_selection_emf_and_patterns():
     assert any("proj_out" in n for n in frozen)
     only = SanaMeanFlowBackbone.from_config("tiny", trainable=["time_embed.guidance_embedder.*"])
     assert set(only.trainable_parameter_names()) == _names(
-        only, lambda n: fnmatch.fnmatchcase(n, "time_embed.guidance_embedder.*"))
+        only, lambda n: fnmatch.fnmatchcase(n, "time_embed.guidance_embedder.*")
+    )
     assert len(only.trainable_parameter_names()) == 4  # two linears, weight and bias
     with pytest.raises(ValueError, match=r"\['blocks\.\*'\] match no parameter"):
         SanaMeanFlowBackbone.from_config("tiny", trainable=["blocks.*"])
@@ -172,8 +184,9 @@ def test_lora_trains_only_the_adapters_and_starts_as_the_base_model():
     u.square().mean().backward()
     with_grad = {n for n, p in lora.named_parameters() if p.grad is not None}
     assert with_grad == set(names)
-    both = SanaMeanFlowBackbone.from_config("tiny", lora={"r": 2, "target_modules": ["to_q"]},
-                                            trainable=["scale_shift_table"])
+    both = SanaMeanFlowBackbone.from_config(
+        "tiny", lora={"r": 2, "target_modules": ["to_q"]}, trainable=["scale_shift_table"]
+    )
     assert len(both.trainable_parameter_names()) == 2 * 2 * 2 + 1
     with pytest.raises(ValueError, match="unknown LoRA option"):
         SanaMeanFlowBackbone.from_config("tiny", lora={"rank": 4})
@@ -182,8 +195,9 @@ def test_lora_trains_only_the_adapters_and_starts_as_the_base_model():
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
-        adapter = SanaMeanFlowBackbone.from_config("tiny", interval_init="random", seed=4,
-                                                   gradient_checkpointing=checkpointing)
+        adapter = SanaMeanFlowBackbone.from_config(
+            "tiny", interval_init="random", seed=4, gradient_checkpointing=checkpointing
+        )
         assert adapter.transformer.gradient_checkpointing is checkpointing
         x, ctx, mask = _inputs()
         adapter(x, torch.tensor([0.1, 0.3]), torch.tensor([0.4, 0.8]), ctx, mask).square().mean().backward()

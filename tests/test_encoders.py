@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from emf_lightning.encoders import (
-    ENCODERS,
     EMF_PROMPT_TEMPLATE,
+    ENCODERS,
     BagOfWordsEncoder,
     CaptionTruncationWarning,
     CLIPTextEncoder,
@@ -24,9 +24,9 @@ from emf_lightning.encoders import (
     build_encoder_from_config,
     pack_tokens,
 )
-from emf_lightning.meanflow import null_features
 from emf_lightning.encoders.hub import hf_weights_available
 from emf_lightning.encoders.label import hash_class
+from emf_lightning.meanflow import null_features
 from emf_lightning.utils.weights import MissingWeightsError
 
 CAPTIONS = [
@@ -293,7 +293,9 @@ def test_registry_builds_by_name_class_path_and_config() -> None:
         build_encoder("gpt9")
     enc = build_encoder("emf_lightning.encoders.BagOfWordsEncoder", dim=8)
     assert isinstance(enc, BagOfWordsEncoder) and enc.dim == 8
-    same = build_encoder_from_config({"class_path": "emf_lightning.encoders.bow.BagOfWordsEncoder", "init_args": enc.init_args})
+    same = build_encoder_from_config(
+        {"class_path": "emf_lightning.encoders.bow.BagOfWordsEncoder", "init_args": enc.init_args}
+    )
     assert same.cache_key == enc.cache_key
     assert build_encoder_from_config({"name": "label", "num_classes": 3}).num_classes == 3
     with pytest.raises(ValueError, match="not a TextEncoder subclass"):
@@ -306,9 +308,12 @@ def test_init_args_rebuild_an_equal_encoder(encoders) -> None:
     llm = LLMEncoder(pretrained=False, prompt_template=EMF_PROMPT_TEMPLATE, layer=1, max_length=32)
     assert llm.init_args["prompt_template"] == EMF_PROMPT_TEMPLATE and llm.init_args["layer"] == 1
     assert LLMEncoder(**llm.init_args).cache_key == llm.cache_key
-    keys = {llm.cache_key, LLMEncoder(pretrained=False, layer=1, max_length=32).cache_key,
-            LLMEncoder(pretrained=False, prompt_template=EMF_PROMPT_TEMPLATE, layer=0, max_length=32).cache_key,
-            LLMEncoder(pretrained=False, prompt_template=EMF_PROMPT_TEMPLATE, layer=1, max_length=16).cache_key}
+    keys = {
+        llm.cache_key,
+        LLMEncoder(pretrained=False, layer=1, max_length=32).cache_key,
+        LLMEncoder(pretrained=False, prompt_template=EMF_PROMPT_TEMPLATE, layer=0, max_length=32).cache_key,
+        LLMEncoder(pretrained=False, prompt_template=EMF_PROMPT_TEMPLATE, layer=1, max_length=16).cache_key,
+    }
     assert len(keys) == 4
 
 

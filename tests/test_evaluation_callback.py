@@ -8,6 +8,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.loggers.logger import Logger
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from emf_lightning.callbacks.evaluation import EvaluationCallback
+from emf_lightning.evaluation import metric_key
+from emf_lightning.evaluation.fid import extract_features, frechet_distance
+from emf_lightning.utils.images import to_uint8
+
 from helpers import (
     EVAL_RES,
     CountingFeatures,
@@ -18,15 +28,6 @@ from helpers import (
     expected_clip,
     mean_colour_clip,
 )
-from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.loggers.logger import Logger
-from PIL import Image
-from torch.utils.data import DataLoader
-
-from emf_lightning.callbacks.evaluation import EvaluationCallback
-from emf_lightning.evaluation import metric_key
-from emf_lightning.evaluation.fid import extract_features, frechet_distance
-from emf_lightning.utils.images import to_uint8
 
 
 # ---------------------------------------------------------------- stand-ins
@@ -185,8 +186,12 @@ def test_noise_generator_scores_worse_and_fid_matches_a_direct_computation(tmp_p
     assert [(s, g) for s, g in result.settings] == [(1, 1.0), (1, 2.0)]
     flat = result.flat()
     # Independent: the same noise (seeds 0 and 1 for batches of 4 and 2) through the same extractor.
-    fake = torch.cat([module.generate([x["caption"] for x in items[0:4]], seed=0),
-                      module.generate([x["caption"] for x in items[4:6]], seed=1)])
+    fake = torch.cat(
+        [
+            module.generate([x["caption"] for x in items[0:4]], seed=0),
+            module.generate([x["caption"] for x in items[4:6]], seed=1),
+        ]
+    )
     ext = CountingFeatures()
     real_f = extract_features(ext, to_uint8(torch.stack([x["image"] for x in items])))
     fake_f = extract_features(ext, to_uint8(fake))
@@ -198,8 +203,9 @@ def test_noise_generator_scores_worse_and_fid_matches_a_direct_computation(tmp_p
 def test_flow_matching_objective_defaults_to_fifty_steps_too(tmp_path):
     items = eval_items()
     cb = _callback(every_n_steps=1, fid=False, clip_score=False, grid_prompts=0)
-    _trainer(tmp_path, cb, max_steps=1).fit(StandInGenerator(items, objective="flow_matching"),
-                                            datamodule=ListDataModule(items))
+    _trainer(tmp_path, cb, max_steps=1).fit(
+        StandInGenerator(items, objective="flow_matching"), datamodule=ListDataModule(items)
+    )
     assert [s for s, _ in cb.last_result.settings] == [1, 2, 4, 50]
     assert "eval/shapes_overall@50step_cfg1.0" in cb.last_result.flat()
     assert not any(k.startswith("eval/fid") or k.startswith("eval/clip") for k in cb.last_result.flat())
@@ -248,8 +254,14 @@ def test_reference_features_are_cached_on_disk_per_dataset(tmp_path):
     runs = []
     for _ in range(2):
         ext = CountingFeatures(feature_id="counting-v1")
-        cb = _callback(every_n_steps=1, steps=(1,), clip_scorer=None, clip_score=False, fid_feature_extractor=ext,
-                       reference_cache_dir=str(tmp_path / "refs"))
+        cb = _callback(
+            every_n_steps=1,
+            steps=(1,),
+            clip_scorer=None,
+            clip_score=False,
+            fid_feature_extractor=ext,
+            reference_cache_dir=str(tmp_path / "refs"),
+        )
         _trainer(tmp_path, cb, max_steps=1).fit(StandInGenerator(items), datamodule=dm)
         runs.append((ext.seen, cb.last_result.flat()["eval/fid@1step_cfg1.0"]))
     assert runs[0][0] == 5 + 5  # real images + one setting's samples
@@ -281,13 +293,14 @@ def test_constructor_rejects_bad_arguments():
 # ---------------------------------------------------------------- integration: real EMFModule + ShardDataModule
 @pytest.mark.slow
 def test_real_module_and_shard_datamodule_fit_then_validate(tmp_path):
-    from helpers import tiny_module, write_shapes_shards
-
     from emf_lightning.data.datamodule import ShardDataModule
 
+    from helpers import tiny_module, write_shapes_shards
+
     urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4, resolution=16)
-    dm = ShardDataModule(train_shards=urls["train"], val_shards=urls["val"], batch_size=4, image_size=16,
-                         num_workers=0, epoch_length=8)
+    dm = ShardDataModule(
+        train_shards=urls["train"], val_shards=urls["val"], batch_size=4, image_size=16, num_workers=0, epoch_length=8
+    )
     from emf_lightning.shapes import ShapesEval
 
     module = tiny_module()
@@ -299,12 +312,31 @@ def test_real_module_and_shard_datamodule_fit_then_validate(tmp_path):
             shapes_res["specs"] = specs
             return super().evaluate(images, specs)
 
-    cb = EvaluationCallback(every_n_steps=2, num_samples=4, batch_size=4, steps=(1, 2), clip_score=False,
-                            fid_feature_extractor=CountingFeatures(), shapes_evaluator=Recording(),
-                            grid_prompts=2, kid_subsets=2, reference_cache_dir=str(tmp_path / "refs"))
-    trainer = Trainer(default_root_dir=tmp_path, max_steps=2, max_epochs=1, callbacks=[cb], logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu")
+    cb = EvaluationCallback(
+        every_n_steps=2,
+        num_samples=4,
+        batch_size=4,
+        steps=(1, 2),
+        clip_score=False,
+        fid_feature_extractor=CountingFeatures(),
+        shapes_evaluator=Recording(),
+        grid_prompts=2,
+        kid_subsets=2,
+        reference_cache_dir=str(tmp_path / "refs"),
+    )
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=2,
+        max_epochs=1,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
     trainer.fit(module, datamodule=dm)
     fit_result = cb.last_result
     assert fit_result is not None and fit_result.global_step == 2
@@ -315,13 +347,27 @@ def test_real_module_and_shard_datamodule_fit_then_validate(tmp_path):
     assert fit_result.flat()["eval/shapes_overall@real"] == 1.0
 
     # validate reuses nothing from fit but the weights; same seed -> same samples -> same numbers.
-    cb2 = EvaluationCallback(num_samples=4, batch_size=4, steps=(1, 2), clip_score=False,
-                             fid_feature_extractor=CountingFeatures(),  # default ShapesEval this time
-                             grid_prompts=2, kid_subsets=2, output_dir=str(tmp_path / "val"))
+    cb2 = EvaluationCallback(
+        num_samples=4,
+        batch_size=4,
+        steps=(1, 2),
+        clip_score=False,
+        fid_feature_extractor=CountingFeatures(),  # default ShapesEval this time
+        grid_prompts=2,
+        kid_subsets=2,
+        output_dir=str(tmp_path / "val"),
+    )
     # max_steps as the YAML configs set it: EMFModule.progress() asserts on a Trainer with neither limit.
-    val_trainer = Trainer(default_root_dir=tmp_path, max_steps=2, callbacks=[cb2], logger=False,
-                          enable_progress_bar=False,
-                          enable_model_summary=False, limit_val_batches=1, accelerator="cpu")
+    val_trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=2,
+        callbacks=[cb2],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        accelerator="cpu",
+    )
     out = val_trainer.validate(module, datamodule=dm, verbose=False)[0]
     for key, value in fit_result.flat().items():
         assert out[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -408,5 +454,9 @@ def test_sampling_progress_advances_once_per_generation_batch_and_names_each_set
     # 5 prompts in batches of 2 -> 3 generation batches, for each of 1, 2 and 4 steps.
     ((total, kwargs, advance),) = bars
     assert total == 9 and advance.completed == 9 and kwargs == {"enabled": True}
-    assert advance.descriptions == ["evaluation", "evaluation: 1 step, cfg 1.0", "evaluation: 2 steps, cfg 1.0",
-                                    "evaluation: 4 steps, cfg 1.0"]
+    assert advance.descriptions == [
+        "evaluation",
+        "evaluation: 1 step, cfg 1.0",
+        "evaluation: 2 steps, cfg 1.0",
+        "evaluation: 4 steps, cfg 1.0",
+    ]

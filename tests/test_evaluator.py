@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import CountingFeatures, LookupGenerator, MeanPixelShapes, eval_items, mean_colour_clip
 from PIL import Image
 from rich.console import Console
 
@@ -23,20 +22,35 @@ from emf_lightning.shapes import ShapesWorld
 from emf_lightning.utils.images import from_uint8, to_uint8
 from emf_lightning.utils.report import format_value, metrics_table, table_width, write_metrics_json
 
+from helpers import CountingFeatures, LookupGenerator, MeanPixelShapes, eval_items, mean_colour_clip
+
 
 def _held(items: list[dict], source: list[str] | None = None) -> HeldOutSet:
-    return HeldOutSet(to_uint8(torch.stack([x["image"] for x in items])), [x["caption"] for x in items],
-                      [x["spec"] for x in items], [x["key"] for x in items], source)
+    return HeldOutSet(
+        to_uint8(torch.stack([x["image"] for x in items])),
+        [x["caption"] for x in items],
+        [x["spec"] for x in items],
+        [x["key"] for x in items],
+        source,
+    )
 
 
 # ---------------------------------------------------------------- no Trainer
 def test_a_generator_returning_the_real_images_scores_shapes_eval_1_and_fid_0(tmp_path):
     world = ShapesWorld(seed=0, resolution=32, split="val", size=6)
-    items = [{"image": from_uint8(s.image), "caption": s.caption, "spec": s.spec, "key": s.key}
-             for s in (world[i] for i in range(6))]
+    items = [
+        {"image": from_uint8(s.image), "caption": s.caption, "spec": s.spec, "key": s.key}
+        for s in (world[i] for i in range(6))
+    ]
     held, model = _held(items), LookupGenerator(items, mode="real")
-    evaluator = Evaluator(steps=(1, 2), batch_size=4, kid_subsets=3, clip_score=False, keep_images=3,
-                          fid_feature_extractor=CountingFeatures())  # the real ShapesEval
+    evaluator = Evaluator(
+        steps=(1, 2),
+        batch_size=4,
+        kid_subsets=3,
+        clip_score=False,
+        keep_images=3,
+        fid_feature_extractor=CountingFeatures(),
+    )  # the real ShapesEval
     result = evaluator.evaluate(model, held)  # torch.distributed not initialised: one process
     assert [label for label in result.rows] == ["real", "1 step, cfg 1.0", "2 steps, cfg 1.0"]
     for label in ("real", "1 step, cfg 1.0", "2 steps, cfg 1.0"):
@@ -60,13 +74,20 @@ def test_a_generator_returning_the_real_images_scores_shapes_eval_1_and_fid_0(tm
 def test_noise_fid_matches_a_direct_computation_and_the_real_row_is_computed_once():
     items = eval_items(5)
     held, extractor = _held(items), CountingFeatures()
-    evaluator = Evaluator(steps=(1,), cfg_scales=(1.0, 3.0), batch_size=2, kid_subsets=3,
-                          clip_scorer=mean_colour_clip(),
-                          fid_feature_extractor=extractor, shapes_evaluator=MeanPixelShapes())
+    evaluator = Evaluator(
+        steps=(1,),
+        cfg_scales=(1.0, 3.0),
+        batch_size=2,
+        kid_subsets=3,
+        clip_scorer=mean_colour_clip(),
+        fid_feature_extractor=extractor,
+        shapes_evaluator=MeanPixelShapes(),
+    )
     model = LookupGenerator(items, mode="noise")
     first, second = evaluator.evaluate(model, held), evaluator.evaluate(model, held)
-    fake = torch.cat([model.generate([x["caption"] for x in items[a:a + 2]], seed=b)
-                      for b, a in enumerate(range(0, 5, 2))])
+    fake = torch.cat(
+        [model.generate([x["caption"] for x in items[a : a + 2]], seed=b) for b, a in enumerate(range(0, 5, 2))]
+    )
     reference = CountingFeatures()
     direct = frechet_distance(extract_features(reference, held.images), extract_features(reference, to_uint8(fake)))
     assert first.rows["1 step, cfg 1.0"]["fid"] == pytest.approx(direct, rel=1e-6) and direct > 1e-3
@@ -76,8 +97,15 @@ def test_noise_fid_matches_a_direct_computation_and_the_real_row_is_computed_onc
 
 # ---------------------------------------------------------------- two processes
 def _evaluator() -> Evaluator:
-    return Evaluator(steps=(1, 2), batch_size=2, kid_subsets=3, fid_feature_extractor=CountingFeatures(),
-                     clip_scorer=mean_colour_clip(), shapes_evaluator=MeanPixelShapes(), keep_images=None)
+    return Evaluator(
+        steps=(1, 2),
+        batch_size=2,
+        kid_subsets=3,
+        fid_feature_extractor=CountingFeatures(),
+        clip_scorer=mean_colour_clip(),
+        shapes_evaluator=MeanPixelShapes(),
+        keep_images=None,
+    )
 
 
 class CollectiveLookup(LookupGenerator):
@@ -93,8 +121,10 @@ def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
     try:
         model = CollectiveLookup(eval_items(5), mode="noise")
         result = _evaluator().evaluate(model, _held(eval_items(5)), Processes.from_torch_distributed())
-        torch.save({"rows": result.rows, "images": result.images, "calls": len(model.calls)},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"rows": result.rows, "images": result.images, "calls": len(model.calls)},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -184,14 +214,14 @@ def test_table_width_fits_every_header_when_not_a_terminal():
     assert "shapes_category_number_8" not in narrow.export_text()  # would need folding: the width is tight
 
 
-
-
 def test_the_evaluation_probe_and_shapes_packages_import_no_lightning():
     """The Evaluator is usable where Lightning is not wanted (a notebook, a tool): its packages never import it."""
     import subprocess
     import sys
 
-    code = ("import sys, emf_lightning.evaluation, emf_lightning.probe, emf_lightning.shapes; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))")
+    code = (
+        "import sys, emf_lightning.evaluation, emf_lightning.probe, emf_lightning.shapes; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -18,16 +18,17 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import FixedBatches, shapes_batch, tiny_module
-from test_cli import BOW, CONFIGS, small_run_args
 
 from emf_lightning import cli
 from emf_lightning.callbacks.checkpoint import FinalModelCheckpoint
-from emf_lightning.checkpoint_io import AtomicCheckpointIO, partial_path
+from emf_lightning.checkpoint_io import AtomicCheckpointIO
 from emf_lightning.errors import CheckpointError, ConfigError, InputNotFoundError
 from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
 from emf_lightning.training import EMFModule, NonFiniteLossError, OptimConfig
 from emf_lightning.training.sharding import max_abs
+
+from helpers import FixedBatches, shapes_batch, tiny_module
+from test_cli import BOW, CONFIGS, small_run_args
 
 # ================================================================================================================
 # CLI and checkpoints
@@ -39,19 +40,34 @@ def trained(shards, tmp_path_factory) -> Path:
     """`emf fit` of the offline config, shrunk (bag-of-words encoder, tiny DiT, 16 px), with the configs' own
     FinalModelCheckpoint; returns its last.ckpt (saved cfg_scale 1.0, val_batch_size 2)."""
     root = tmp_path_factory.mktemp("run")
-    args = ["fit", "--config", str(CONFIGS / "smollm_shapes.yaml"), *small_run_args(shards, root),
-            f"--model.encoder={BOW}", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-            "--trainer.limit_val_batches=1", "--trainer.callbacks=[]",
-            "--trainer.callbacks+=emf_lightning.callbacks.checkpoint.FinalModelCheckpoint",
-            "--trainer.callbacks.save_last=true"]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "smollm_shapes.yaml"),
+        *small_run_args(shards, root),
+        f"--model.encoder={BOW}",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.callbacks=[]",
+        "--trainer.callbacks+=emf_lightning.callbacks.checkpoint.FinalModelCheckpoint",
+        "--trainer.callbacks.save_last=true",
+    ]
     assert cli.main(args) == 0
     (last,) = root.rglob("last.ckpt")
     return last
 
 
 def validate_args(ckpt: Path, root: Path) -> list[str]:
-    return ["validate", "--ckpt", str(ckpt), "--trainer.logger=false", f"--trainer.default_root_dir={root}",
-            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1"]
+    return [
+        "validate",
+        "--ckpt",
+        str(ckpt),
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=1",
+    ]
 
 
 def one_line_error(err: str, command: str) -> str:
@@ -71,15 +87,21 @@ def test_command_line_overrides_under_ckpt_win_and_are_reported(trained, tmp_pat
         seen["val_batch_size"] = module.trainer.datamodule.val_batch_size
 
     monkeypatch.setattr(EMFModule, "on_validation_start", record, raising=False)
-    args = [*validate_args(trained, tmp_path), "--model.cfg_scale=3.0", "--model.sample_steps=[1]",
-            "--data.val_batch_size=1"]
+    args = [
+        *validate_args(trained, tmp_path),
+        "--model.cfg_scale=3.0",
+        "--model.sample_steps=[1]",
+        "--data.val_batch_size=1",
+    ]
     assert cli.main(args) == 0
     # Lightning 2.6 re-applied the checkpoint's hyper-parameters after the command line: cfg_scale was 1.0.
     assert seen == {"cfg_scale": 3.0, "sample_steps": [1], "val_batch_size": 1}
     reported = [line for line in capsys.readouterr().err.splitlines() if line.startswith("overriding")]
-    assert reported == ["overriding the checkpoint's model.sample_steps: [1, 2, 4] -> [1]",
-                        "overriding the checkpoint's model.cfg_scale: 1.0 -> 3.0",
-                        "overriding the checkpoint's data.val_batch_size: 2 -> 1"]
+    assert reported == [
+        "overriding the checkpoint's model.sample_steps: [1, 2, 4] -> [1]",
+        "overriding the checkpoint's model.cfg_scale: 1.0 -> 3.0",
+        "overriding the checkpoint's data.val_batch_size: 2 -> 1",
+    ]
 
 
 def test_ckpt_without_overrides_reports_nothing(trained, tmp_path, capsys):
@@ -87,18 +109,33 @@ def test_ckpt_without_overrides_reports_nothing(trained, tmp_path, capsys):
     assert "overriding" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override, key, saved, given", [
-    ("--model.backbone=emf_lightning.models.UNet", "model.backbone.class_path",
-     "'emf_lightning.models.dit.DiT'", "'emf_lightning.models.unet.UNet'"),
-    ("--model.backbone.init_args.input_size=32", "model.backbone.init_args.input_size", "16", "32"),
-    ("--model.backbone.init_args.in_channels=1", "model.backbone.init_args.in_channels", "3", "1"),
-    ("--model.backbone.init_args.patch_size=2", "model.backbone.init_args.patch_size", "4", "2"),
-    ("--model.backbone.init_args.hidden_size=64", "model.backbone.init_args.hidden_size", "32", "64"),
-    ("--model.loss=emf_lightning.meanflow.FlowMatchingLoss", "model.loss.class_path",
-     "'emf_lightning.meanflow.losses.MeanFlowLoss'", "'emf_lightning.meanflow.losses.FlowMatchingLoss'"),
-    ("--model.encoder=emf_lightning.encoders.LabelEncoder", "model.encoder.class_path",
-     "'emf_lightning.encoders.bow.BagOfWordsEncoder'", "'emf_lightning.encoders.label.LabelEncoder'"),
-])
+@pytest.mark.parametrize(
+    "override, key, saved, given",
+    [
+        (
+            "--model.backbone=emf_lightning.models.UNet",
+            "model.backbone.class_path",
+            "'emf_lightning.models.dit.DiT'",
+            "'emf_lightning.models.unet.UNet'",
+        ),
+        ("--model.backbone.init_args.input_size=32", "model.backbone.init_args.input_size", "16", "32"),
+        ("--model.backbone.init_args.in_channels=1", "model.backbone.init_args.in_channels", "3", "1"),
+        ("--model.backbone.init_args.patch_size=2", "model.backbone.init_args.patch_size", "4", "2"),
+        ("--model.backbone.init_args.hidden_size=64", "model.backbone.init_args.hidden_size", "32", "64"),
+        (
+            "--model.loss=emf_lightning.meanflow.FlowMatchingLoss",
+            "model.loss.class_path",
+            "'emf_lightning.meanflow.losses.MeanFlowLoss'",
+            "'emf_lightning.meanflow.losses.FlowMatchingLoss'",
+        ),
+        (
+            "--model.encoder=emf_lightning.encoders.LabelEncoder",
+            "model.encoder.class_path",
+            "'emf_lightning.encoders.bow.BagOfWordsEncoder'",
+            "'emf_lightning.encoders.label.LabelEncoder'",
+        ),
+    ],
+)
 def test_structural_override_of_a_checkpoint_is_an_error(trained, tmp_path, capsys, override, key, saved, given):
     assert cli.main([*validate_args(trained, tmp_path), override]) == 2
     line = one_line_error(capsys.readouterr().err, "validate")
@@ -113,12 +150,21 @@ def test_encoder_of_another_width_under_ckpt_is_an_error(trained, tmp_path, caps
 
 
 def test_resume_with_another_architecture_is_an_error(trained, shards, tmp_path, capsys):
-    args = ["fit", "--ckpt_path", str(trained), "--model.backbone=emf_lightning.models.UNet", "--trainer.logger=false",
-            f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=3"]
+    args = [
+        "fit",
+        "--ckpt_path",
+        str(trained),
+        "--model.backbone=emf_lightning.models.UNet",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_steps=3",
+    ]
     assert cli.main(args) == 2
     line = one_line_error(capsys.readouterr().err, "fit")
-    assert ("model.backbone.class_path is 'emf_lightning.models.dit.DiT' in the checkpoint but "
-            "'emf_lightning.models.unet.UNet' on the command line") in line
+    assert (
+        "model.backbone.class_path is 'emf_lightning.models.dit.DiT' in the checkpoint but "
+        "'emf_lightning.models.unet.UNet' on the command line"
+    ) in line
 
 
 @pytest.mark.parametrize("content", ["truncated", "text"])
@@ -177,15 +223,19 @@ def test_sample_refuses_a_non_finite_cfg(trained, tmp_path, capsys, value):
 NAN = float("nan")
 
 
-@pytest.mark.parametrize("build, name", [
-    (lambda: tiny_module(cfg_scale=NAN), "model.cfg_scale"),
-    (lambda: tiny_module(max_weight_abs=NAN), "model.max_weight_abs"),
-    (lambda: OptimConfig(lr=NAN), "optim.lr"),
-    (lambda: OptimConfig(betas=(NAN, 0.95)), "optim.betas"),
-    (lambda: MeanFlowLoss(guidance_omega=NAN), "loss.guidance_omega"),
-    (lambda: MeanFlowLoss(adaptive_c=NAN), "loss.adaptive_c"),
-    (lambda: TimeSampler(mu=(NAN, 0.5)), "time_sampler.mu"),
-], ids=["cfg_scale", "max_weight_abs", "lr", "betas", "guidance_omega", "adaptive_c", "time_mu"])
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: tiny_module(cfg_scale=NAN), "model.cfg_scale"),
+        (lambda: tiny_module(max_weight_abs=NAN), "model.max_weight_abs"),
+        (lambda: OptimConfig(lr=NAN), "optim.lr"),
+        (lambda: OptimConfig(betas=(NAN, 0.95)), "optim.betas"),
+        (lambda: MeanFlowLoss(guidance_omega=NAN), "loss.guidance_omega"),
+        (lambda: MeanFlowLoss(adaptive_c=NAN), "loss.adaptive_c"),
+        (lambda: TimeSampler(mu=(NAN, 0.5)), "time_sampler.mu"),
+    ],
+    ids=["cfg_scale", "max_weight_abs", "lr", "betas", "guidance_omega", "adaptive_c", "time_mu"],
+)
 def test_module_refuses_non_finite_numbers(build, name):
     with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
         build()
@@ -196,16 +246,29 @@ def test_generate_refuses_a_non_finite_cfg_scale():
         tiny_module().generate(["a red circle"], cfg_scale=float("nan"))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--data.batch_size=0", "batch_size must be >= 1, got 0"),
-    ("--data.image_size=32", "data.image_size=32 but the model makes 16x16 images (the backbone's input_size)"),  # was "Error while merging hparams"
-    ("--data.train_shards={root}/nothing-*.tar", "matches no files"),
-    ("--data.train_shards={root}/train-{{000000..000009}}.tar", "8 shard file(s) not found"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--data.batch_size=0", "batch_size must be >= 1, got 0"),
+        (
+            "--data.image_size=32",
+            "data.image_size=32 but the model makes 16x16 images (the backbone's input_size)",
+        ),  # was "Error while merging hparams"
+        ("--data.train_shards={root}/nothing-*.tar", "matches no files"),
+        ("--data.train_shards={root}/train-{{000000..000009}}.tar", "8 shard file(s) not found"),
+    ],
+)
 def test_fit_config_errors_are_one_line(shards, tmp_path, capsys, override, message):
     root = Path(shards["train"]).parent
-    args = ["fit", "--config", str(CONFIGS / "smollm_shapes.yaml"), *small_run_args(shards, tmp_path),
-            f"--model.encoder={BOW}", "--trainer.max_steps=1", override.format(root=root)]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "smollm_shapes.yaml"),
+        *small_run_args(shards, tmp_path),
+        f"--model.encoder={BOW}",
+        "--trainer.max_steps=1",
+        override.format(root=root),
+    ]
     assert cli.main(args) == 2
     assert message in one_line_error(capsys.readouterr().err, "fit")
 
@@ -225,10 +288,19 @@ def _tensors(path: Path) -> list[torch.Tensor]:
 def test_a_diverging_run_never_checkpoints_exploded_weights(tmp_path):
     torch.manual_seed(0)
     module = tiny_module(optim={"lr": 1e6})  # one Adam step moves every weight by ~1e6, far above max_weight_abs=1e4
-    ckpt = FinalModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_last=True,
-                                save_top_k=-1)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, callbacks=[ckpt],
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    ckpt = FinalModelCheckpoint(
+        dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_last=True, save_top_k=-1
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=4,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     batches = [shapes_batch(2, 16, seed=s) for s in range(4)]
     with pytest.raises(NonFiniteLossError) as info:
         trainer.fit(module, torch.utils.data.DataLoader(FixedBatches(batches), batch_size=None))
@@ -312,8 +384,16 @@ def test_max_abs_is_reduced_over_fsdp2_shards(tmp_path):
     path.write_text(script)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
     env["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
-    procs = [subprocess.Popen([sys.executable, str(path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(path)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     results = sorted(line for out in outs for line in out.splitlines() if line.startswith("RESULT"))
     assert len(results) == 2, outs
@@ -374,8 +454,13 @@ def kill_during_second_save(tmp_path: Path, kind: str) -> Path:
     folder.mkdir()
     elsewhere.mkdir()
     target = folder / "last.ckpt"
-    child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(target), kind], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(elsewhere)})
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILL_CHILD, str(target), kind],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(elsewhere)},
+    )
     try:
         assert child.stdout.readline().strip() == "ready"
         first = os.stat(target)
@@ -385,7 +470,10 @@ def kill_during_second_save(tmp_path: Path, kind: str) -> Path:
         while child.poll() is None:
             now = os.stat(target)
             if set(os.listdir(folder)) != names or (now.st_ino, now.st_size, now.st_mtime_ns) != (
-                    first.st_ino, first.st_size, first.st_mtime_ns):
+                first.st_ino,
+                first.st_size,
+                first.st_mtime_ns,
+            ):
                 os.kill(child.pid, signal.SIGKILL)
                 break
         child.wait(timeout=60)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from helpers import StandInModule
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
@@ -24,6 +23,8 @@ from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.data.health import SkipCounter
 from emf_lightning.data.sources import folder_samples
 from emf_lightning.shapes import ShapesWorld, scene_spec_or_none
+
+from helpers import StandInModule
 
 RES = 16
 
@@ -38,9 +39,19 @@ def _jpeg(seed: int, size: tuple[int, int] = (24, 20)) -> bytes:
 
 def img2dataset_meta(key: str, caption: str, i: int) -> dict:
     """The .json img2dataset writes for a downloaded sample (url/caption columns, hashes on)."""
-    return {"url": f"https://example.com/img/{i}.jpg", "caption": caption, "key": key, "status": "success",
-            "error_message": None, "width": 24, "height": 20, "original_width": 640, "original_height": 533,
-            "exif": "{}", "sha256": hashlib.sha256(str(i).encode()).hexdigest()}
+    return {
+        "url": f"https://example.com/img/{i}.jpg",
+        "caption": caption,
+        "key": key,
+        "status": "success",
+        "error_message": None,
+        "width": 24,
+        "height": 20,
+        "original_width": 640,
+        "original_height": 533,
+        "exif": "{}",
+        "sha256": hashlib.sha256(str(i).encode()).hexdigest(),
+    }
 
 
 def write_img2dataset_shard(path: Path, shard_id: int, n: int) -> list[str]:
@@ -51,8 +62,14 @@ def write_img2dataset_shard(path: Path, shard_id: int, n: int) -> list[str]:
         for i in range(n):
             key = f"{shard_id:05d}{i:04d}"
             caption = f"a photo number {shard_id * 100 + i} of a street"
-            sink.write({"__key__": key, "jpg": _jpeg(shard_id * 100 + i), "txt": caption,
-                        "json": json.dumps(img2dataset_meta(key, caption, shard_id * 100 + i), indent=4)})
+            sink.write(
+                {
+                    "__key__": key,
+                    "jpg": _jpeg(shard_id * 100 + i),
+                    "txt": caption,
+                    "json": json.dumps(img2dataset_meta(key, caption, shard_id * 100 + i), indent=4),
+                }
+            )
             keys.append(key)
     return keys
 
@@ -61,8 +78,14 @@ def write_shapes_shard(pattern: Path, n: int, split: str = "val") -> ShapesWorld
     from emf_lightning.data.shards import ShardSample, write_shards
 
     world = ShapesWorld(seed=3, resolution=RES, split=split, size=n)
-    write_shards((ShardSample(key=s.key, image=s.image, caption=s.caption, captions=s.captions, meta=s.spec)
-                  for s in (world[i] for i in range(n))), str(pattern), maxcount=n)
+    write_shards(
+        (
+            ShardSample(key=s.key, image=s.image, caption=s.caption, captions=s.captions, meta=s.spec)
+            for s in (world[i] for i in range(n))
+        ),
+        str(pattern),
+        maxcount=n,
+    )
     return world
 
 
@@ -103,8 +126,15 @@ def test_scene_spec_or_none_accepts_scene_specs_only():
     meta = img2dataset_meta("000000000", "a street", 0)
     assert scene_spec_or_none(meta) is None
     assert scene_spec_or_none({"source": "flickr", "license": "cc-by"}) is None  # `emf shards list` extra columns
-    for broken in ({"objects": []}, {"objects": [1], "category": "colors"}, {"objects": "circle"},
-                   {**spec, "category": "nonsense"}, {**spec, "relations": ["left"]}, {}, None):
+    for broken in (
+        {"objects": []},
+        {"objects": [1], "category": "colors"},
+        {"objects": "circle"},
+        {**spec, "category": "nonsense"},
+        {**spec, "relations": ["left"]},
+        {},
+        None,
+    ):
         assert scene_spec_or_none(broken) is None, broken
 
 
@@ -131,16 +161,30 @@ class BlackGenerator(StandInModule):
 
 def _validate(tmp_path: Path, val_shards, callback: EvaluationCallback) -> dict:
     dm = ShardDataModule(val_shards=val_shards, batch_size=4, num_workers=0, image_size=RES)
-    trainer = Trainer(default_root_dir=tmp_path, max_steps=1, callbacks=[callback], logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=1,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     return trainer.validate(BlackGenerator(), datamodule=dm, verbose=False)[0]
 
 
 def test_validate_on_img2dataset_shards_skips_shapes_eval_in_one_line(tmp_path, lines):
     """Was: SceneError: spec['objects'] must be a non-empty list (ShapesEval on every img2dataset .json)."""
     write_img2dataset_shard(tmp_path / "00000.tar", 0, 6)
-    cb = EvaluationCallback(num_samples=8, batch_size=4, steps=(1,), fid=False, clip_score=False, grid_prompts=0,
-                            output_dir=str(tmp_path / "eval"))  # shapes_eval=True, the default of every config
+    cb = EvaluationCallback(
+        num_samples=8,
+        batch_size=4,
+        steps=(1,),
+        fid=False,
+        clip_score=False,
+        grid_prompts=0,
+        output_dir=str(tmp_path / "eval"),
+    )  # shapes_eval=True, the default of every config
     out = _validate(tmp_path, str(tmp_path / "00000.tar"), cb)
     assert not [k for k in out if "shapes" in k]
     said = [m for m in lines.messages(logging.INFO) if "ShapesEval" in m]
@@ -158,8 +202,17 @@ def test_shapes_eval_judges_only_the_samples_with_a_spec(tmp_path, lines):
     rows = []
     for i in range(2):
         Image.open(io.BytesIO(_jpeg(50 + i))).save(tmp_path / "imgs" / f"p{i}.png")
-        rows.append({"image": f"imgs/p{i}.png", "caption": f"listed picture {i}", "url": f"https://x/{i}",
-                     "width": 24, "height": 20, "status": "success", "objects": "two"})
+        rows.append(
+            {
+                "image": f"imgs/p{i}.png",
+                "caption": f"listed picture {i}",
+                "url": f"https://x/{i}",
+                "width": 24,
+                "height": 20,
+                "status": "success",
+                "objects": "two",
+            }
+        )
     (tmp_path / "list.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert shards_main(["list", str(tmp_path / "list.jsonl"), "--out", str(tmp_path / "list-%06d.tar")]) == 0
 
@@ -168,11 +221,17 @@ def test_shapes_eval_judges_only_the_samples_with_a_spec(tmp_path, lines):
     dm.setup("validate")
     (batch,) = list(dm.val_dataloader())
     assert [s is not None for s in batch["spec"]] == [True] * 4 + [False] * 5
-    assert batch["meta"][-1] == {"url": "https://x/1", "width": 24, "height": 20, "status": "success",
-                                 "objects": "two"}
+    assert batch["meta"][-1] == {"url": "https://x/1", "width": 24, "height": 20, "status": "success", "objects": "two"}
 
-    cb = EvaluationCallback(num_samples=16, batch_size=4, steps=(1,), fid=False, clip_score=False,
-                            grid_prompts=0, output_dir=str(tmp_path / "eval"))
+    cb = EvaluationCallback(
+        num_samples=16,
+        batch_size=4,
+        steps=(1,),
+        fid=False,
+        clip_score=False,
+        grid_prompts=0,
+        output_dir=str(tmp_path / "eval"),
+    )
     out = _validate(tmp_path, shards, cb)
     said = [m for m in lines.messages(logging.INFO) if "ShapesEval" in m]
     assert said == ["ShapesEval judges 4 of 9 held-out samples (the others carry no shapes-world scene spec)"]
@@ -188,30 +247,55 @@ class FailingShapesEval:
         self.last, self.seen_last_at = last, []
 
     def evaluate(self, images, specs):
-        self.seen_last_at.append(torch.load(self.last, weights_only=False)["global_step"] if self.last.exists()
-                                 else None)
+        self.seen_last_at.append(
+            torch.load(self.last, weights_only=False)["global_step"] if self.last.exists() else None
+        )
         raise ValueError("spec['objects'] must be a non-empty list")
 
 
 def test_fit_whose_evaluations_raise_still_writes_the_final_checkpoint(tmp_path, lines):
-    from helpers import tiny_module, write_shapes_shards
-
     from emf_lightning.callbacks.checkpoint import FinalModelCheckpoint
     from emf_lightning.training import EMFModule
 
+    from helpers import tiny_module, write_shapes_shards
+
     urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4, resolution=16)
-    dm = ShardDataModule(train_shards=urls["train"], val_shards=urls["val"], batch_size=4, image_size=16,
-                         num_workers=0, epoch_length=8, shuffle_buffer=0)
+    dm = ShardDataModule(
+        train_shards=urls["train"],
+        val_shards=urls["val"],
+        batch_size=4,
+        image_size=16,
+        num_workers=0,
+        epoch_length=8,
+        shuffle_buffer=0,
+    )
     ckpt_dir = tmp_path / "ckpt"
     failing = FailingShapesEval(ckpt_dir / "last.ckpt")
-    cb = EvaluationCallback(every_n_steps=2, on_train_end=True, num_samples=4, batch_size=4, steps=(1,), fid=False,
-                            clip_score=False, grid_prompts=0, shapes_evaluator=failing,
-                            output_dir=str(tmp_path / "eval"))
+    cb = EvaluationCallback(
+        every_n_steps=2,
+        on_train_end=True,
+        num_samples=4,
+        batch_size=4,
+        steps=(1,),
+        fid=False,
+        clip_score=False,
+        grid_prompts=0,
+        shapes_evaluator=failing,
+        output_dir=str(tmp_path / "eval"),
+    )
     checkpoint = FinalModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_last=True, save_top_k=0)
     module = tiny_module()
-    trainer = Trainer(default_root_dir=tmp_path, max_steps=3, callbacks=[cb, checkpoint], logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, accelerator="cpu")
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=3,
+        callbacks=[cb, checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
     trainer.fit(module, datamodule=dm)  # was: ValueError from the evaluation at step 2, and no last.ckpt
 
     assert trainer.global_step == 3 and cb.failed_evaluations == 2
@@ -220,7 +304,8 @@ def test_fit_whose_evaluations_raise_still_writes_the_final_checkpoint(tmp_path,
     assert len(errors) == 2 and errors[1] == (
         "EvaluationCallback: evaluation at step 3 failed: ValueError: spec['objects'] must be a non-empty list. "
         "Training goes on and checkpoints are still written (traceback at DEBUG level, logger "
-        "'emf_lightning.callbacks.evaluation').")
+        "'emf_lightning.callbacks.evaluation')."
+    )
     tracebacks = [r for r in lines.records if r.levelno == logging.DEBUG and r.exc_info and "failed" in r.getMessage()]
     assert len(tracebacks) == 2
     # step 2: the periodic evaluation runs before that step's checkpoint (Lightning runs checkpoint callbacks
@@ -233,11 +318,26 @@ def test_fit_whose_evaluations_raise_still_writes_the_final_checkpoint(tmp_path,
         assert torch.equal(a, b.cpu())
 
     # under validate, evaluation is the job: the same failure stops it
-    val = EvaluationCallback(num_samples=4, batch_size=4, steps=(1,), fid=False, clip_score=False, grid_prompts=0,
-                             shapes_evaluator=FailingShapesEval(tmp_path / "none"), output_dir=str(tmp_path / "v"))
-    val_trainer = Trainer(default_root_dir=tmp_path, max_steps=3, callbacks=[val], logger=False,
-                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
-                          accelerator="cpu")
+    val = EvaluationCallback(
+        num_samples=4,
+        batch_size=4,
+        steps=(1,),
+        fid=False,
+        clip_score=False,
+        grid_prompts=0,
+        shapes_evaluator=FailingShapesEval(tmp_path / "none"),
+        output_dir=str(tmp_path / "v"),
+    )
+    val_trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=3,
+        callbacks=[val],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        accelerator="cpu",
+    )
     with pytest.raises(ValueError, match="non-empty list"):
         val_trainer.validate(loaded, datamodule=dm, verbose=False)
 
@@ -251,9 +351,11 @@ def _png(seed: int) -> bytes:
 
 def test_invalid_utf8_caption_is_skipped_and_counted(tmp_path, lines):
     """Was: trained as 'caf\\ufffd au lait'."""
-    samples = [{"__key__": "a", "png": _png(0), "txt": "a red circle".encode()},
-               {"__key__": "b", "png": _png(1), "txt": "café au lait".encode("latin-1")},
-               {"__key__": "c", "png": _png(2), "txt": "naïve blue square".encode()}]
+    samples = [
+        {"__key__": "a", "png": _png(0), "txt": b"a red circle"},
+        {"__key__": "b", "png": _png(1), "txt": "café au lait".encode("latin-1")},
+        {"__key__": "c", "png": _png(2), "txt": "naïve blue square".encode()},
+    ]
     with wds.TarWriter(str(tmp_path / "t-0.tar"), encoder=False) as sink:
         for s in samples:
             sink.write(s)
@@ -263,11 +365,13 @@ def test_invalid_utf8_caption_is_skipped_and_counted(tmp_path, lines):
     batches = list(loader)
     assert [c for b in batches for c in b["caption"]] == ["a red circle", "naïve blue square"]
     assert dict(loader.tally.counts) == {"undecodable_caption": 1}
-    assert any("skipping input (undecodable_caption)" in m and ":b.txt: not UTF-8" in m
-               for m in lines.messages(logging.WARNING))
+    assert any(
+        "skipping input (undecodable_caption)" in m and ":b.txt: not UTF-8" in m
+        for m in lines.messages(logging.WARNING)
+    )
 
     (tmp_path / "imgs").mkdir()
-    for name, text in (("a", "a red circle".encode()), ("b", "caf\xe9".encode("latin-1"))):
+    for name, text in (("a", b"a red circle"), ("b", "caf\xe9".encode("latin-1"))):
         (tmp_path / "imgs" / f"{name}.png").write_bytes(_png(3))
         (tmp_path / "imgs" / f"{name}.txt").write_bytes(text)
     counter = SkipCounter("folder")
@@ -280,15 +384,24 @@ def test_invalid_utf8_caption_is_skipped_and_counted(tmp_path, lines):
 def train_urls(tmp_path_factory) -> str:
     from helpers import write_shapes_shards
 
-    return write_shapes_shards(tmp_path_factory.mktemp("resume"), n_train=12, n_val=4, resolution=8,
-                               per_shard=3)["train"]
+    return write_shapes_shards(tmp_path_factory.mktemp("resume"), n_train=12, n_val=4, resolution=8, per_shard=3)[
+        "train"
+    ]
 
 
 def _train_dm(urls: str, num_workers: int) -> ShardDataModule:
     # 10 samples per epoch in batches of 3: 4 batches (3, 3, 3, 1), split over the workers
-    return ShardDataModule(train_shards=urls, batch_size=3, num_workers=num_workers, image_size=8,
-                           epoch_length=10, shuffle_buffer=4, caption_sampling="random", caption_dropout=0.3,
-                           seed=7)
+    return ShardDataModule(
+        train_shards=urls,
+        batch_size=3,
+        num_workers=num_workers,
+        image_size=8,
+        epoch_length=10,
+        shuffle_buffer=4,
+        caption_sampling="random",
+        caption_dropout=0.3,
+        seed=7,
+    )
 
 
 def _batches(loader, n: int | None = None) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
@@ -341,8 +454,9 @@ def test_loader_warns_when_the_data_layout_changed(train_urls, lines):
     state = dm.train_dataloader().state_dict()
     state["layout"] = {**state["layout"], "num_workers": 4}
     dm.train_dataloader().load_state_dict(state)
-    assert any("the data layout changed since the checkpoint (num_workers)" in m
-               for m in lines.messages(logging.WARNING))
+    assert any(
+        "the data layout changed since the checkpoint (num_workers)" in m for m in lines.messages(logging.WARNING)
+    )
 
 
 class KeyRecorder(LightningModule):
@@ -362,8 +476,15 @@ class KeyRecorder(LightningModule):
 def _fit(root: Path, urls: str, max_steps: int, num_workers: int, ckpt_path: str | None = None) -> KeyRecorder:
     module = KeyRecorder()
     every = ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
-    trainer = Trainer(default_root_dir=root, max_steps=max_steps, callbacks=[every], logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = Trainer(
+        default_root_dir=root,
+        max_steps=max_steps,
+        callbacks=[every],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, datamodule=_train_dm(urls, num_workers), ckpt_path=ckpt_path)
     assert trainer.global_step == max_steps
     return module
@@ -375,8 +496,9 @@ def test_resumed_fit_sees_the_batches_of_an_uninterrupted_fit(tmp_path, train_ur
     whole = _fit(tmp_path, train_urls, 10, num_workers).steps  # 2.5 epochs of 4 batches
     assert len(whole) == 10 and len(set(whole[:4])) == 4
     for k in (2, 4, 5):  # mid-epoch 0, the end of epoch 0, mid-epoch 1
-        resumed = _fit(tmp_path / f"r{k}", train_urls, 10, num_workers,
-                       ckpt_path=str(tmp_path / "ckpt" / f"step={k}.ckpt")).steps
+        resumed = _fit(
+            tmp_path / f"r{k}", train_urls, 10, num_workers, ckpt_path=str(tmp_path / "ckpt" / f"step={k}.ckpt")
+        ).steps
         assert resumed == whole[k:], k
 
 
@@ -405,13 +527,18 @@ def test_a_held_out_read_failure_on_rank_0_reaches_every_rank():
         def __iter__(self):
             raise OSError("val shard vanished")
 
-    rank0 = SimpleNamespace(is_global_zero=True, world_size=2, strategy=SimpleNamespace(broadcast=broadcast),
-                            datamodule=SimpleNamespace(val_dataloader=NoData))
+    rank0 = SimpleNamespace(
+        is_global_zero=True,
+        world_size=2,
+        strategy=SimpleNamespace(broadcast=broadcast),
+        datamodule=SimpleNamespace(val_dataloader=NoData),
+    )
     with pytest.raises(OSError, match="vanished"):
         EvaluationCallback()._held_out_set(rank0)
     assert sent == [(None, "OSError: val shard vanished")]
-    rank1 = SimpleNamespace(is_global_zero=False, world_size=2,
-                            strategy=SimpleNamespace(broadcast=lambda obj, src=0: sent[0]))
+    rank1 = SimpleNamespace(
+        is_global_zero=False, world_size=2, strategy=SimpleNamespace(broadcast=lambda obj, src=0: sent[0])
+    )
     with pytest.raises(RuntimeError, match="rank 0 could not read the held-out set: OSError: val shard vanished"):
         EvaluationCallback()._held_out_set(rank1)
 
@@ -436,12 +563,27 @@ def test_resumed_ddp_fit_sees_the_batches_of_an_uninterrupted_fit_on_every_rank(
 
     def fit(out: Path, ckpt_path: str | None = None) -> list[list[list[str]]]:
         # 16 samples per epoch over 2 ranks in batches of 3: 3 batches (3, 3, 2) per rank and epoch
-        dm = ShardDataModule(train_shards=train_urls, batch_size=3, num_workers=1, image_size=8, epoch_length=16,
-                             shuffle_buffer=4, seed=7)
+        dm = ShardDataModule(
+            train_shards=train_urls,
+            batch_size=3,
+            num_workers=1,
+            image_size=8,
+            epoch_length=16,
+            shuffle_buffer=4,
+            seed=7,
+        )
         every = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
-        trainer = Trainer(default_root_dir=tmp_path, max_steps=7, accelerator="cpu", devices=2, strategy="ddp_spawn",
-                          callbacks=[every, RankKeys(out)], logger=False, enable_progress_bar=False,
-                          enable_model_summary=False)
+        trainer = Trainer(
+            default_root_dir=tmp_path,
+            max_steps=7,
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp_spawn",
+            callbacks=[every, RankKeys(out)],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(KeyRecorder(), datamodule=dm, ckpt_path=ckpt_path)
         return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

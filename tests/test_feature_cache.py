@@ -157,7 +157,9 @@ def test_cache_features_from_shards_with_paraphrases(tmp_path, capsys) -> None:
 
     shard = tmp_path / "shard-000000.tar"
     with wds.TarWriter(str(shard)) as sink:
-        sink.write({"__key__": "s0", "txt": "a red circle", "json": {"captions": ["a circle that is red", "a red circle"]}})
+        sink.write(
+            {"__key__": "s0", "txt": "a red circle", "json": {"captions": ["a circle that is red", "a red circle"]}}
+        )
         sink.write({"__key__": "s1", "txt": "sky", "png": b"not decoded"})
         sink.write({"__key__": "s2", "json": {"objects": []}})  # no caption at all
     root = tmp_path / "cache"
@@ -178,7 +180,9 @@ def test_cache_features_reads_an_encoder_config(tmp_path, capsys) -> None:
     )
     captions = tmp_path / "c.jsonl"
     captions.write_text('{"caption": "a cat", "captions": ["one cat"]}\nnot json\n{"id": 1}\n')
-    assert cache_features.main(["--encoder", str(config), "--captions", str(captions), "--root", str(tmp_path / "r")]) == 0
+    assert (
+        cache_features.main(["--encoder", str(config), "--captions", str(captions), "--root", str(tmp_path / "r")]) == 0
+    )
     out = capsys.readouterr().out
     assert "bow:dim6:seed3" in out and "2 unique" in out
     assert "skipped 1: bad JSON line" in out and "skipped 1: row without caption" in out

@@ -181,7 +181,9 @@ def test_clean_fid_torchscript_loads_from_a_folder_and_uses_the_clean_resize(mon
         [
             np.stack(
                 [
-                    np.asarray(Image.fromarray(img[..., c].astype(np.float32), mode="F").resize((299, 299), Image.BICUBIC))
+                    np.asarray(
+                        Image.fromarray(img[..., c].astype(np.float32), mode="F").resize((299, 299), Image.BICUBIC)
+                    )
                     for c in range(3)
                 ],
                 axis=-1,

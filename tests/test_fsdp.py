@@ -26,7 +26,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import FixedBatches, shapes_batch, tiny_module
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -37,6 +36,8 @@ from emf_lightning.models import DiT, UNet
 from emf_lightning.training.ema import ema_decay_at
 from emf_lightning.training.sharding import grad_norm
 
+from helpers import FixedBatches, shapes_batch, tiny_module
+
 pytestmark = pytest.mark.slow
 
 PER_RANK = 4
@@ -44,14 +45,26 @@ BACKBONES: dict[str, Any] = {
     # two DiT blocks: two block units plus the root unit
     "dit": lambda: DiT(preset="tiny", input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2),
     # channels-last conv weights (made contiguous for FSDP2), GroupNorm, skips
-    "unet": lambda: UNet(preset="tiny", input_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                         attention_resolutions=(2,), head_dim=16, context_dim=32),
+    "unet": lambda: UNet(
+        preset="tiny",
+        input_size=16,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        head_dim=16,
+        context_dim=32,
+    ),
 }
 
 
 def module_kwargs(backbone: str) -> dict[str, Any]:
-    return dict(loss=MeanFlowLoss(TimeSampler(neq_ratio=0.5), cond_drop_prob=0.3), seed=0,
-                optim={"ema_decay": 0.99, "lr": 1e-3}, backbone=BACKBONES[backbone]())
+    return dict(
+        loss=MeanFlowLoss(TimeSampler(neq_ratio=0.5), cond_drop_prob=0.3),
+        seed=0,
+        optim={"ema_decay": 0.99, "lr": 1e-3},
+        backbone=BACKBONES[backbone](),
+    )
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -71,7 +84,8 @@ class Record(Callback):
 
         p = next(pl_module.generator.parameters())
         self.rec.update(
-            sharded=isinstance(p, DTensor) and all(isinstance(q, DTensor) for q in pl_module.ema_generator.parameters()),
+            sharded=isinstance(p, DTensor)
+            and all(isinstance(q, DTensor) for q in pl_module.ema_generator.parameters()),
             local_share=sum(q.to_local().numel() for q in pl_module.generator.parameters())
             / sum(q.numel() for q in pl_module.generator.parameters()),
             init={k: _full(v) for k, v in pl_module.generator.state_dict().items()},
@@ -82,8 +96,9 @@ class Record(Callback):
         def recording(net, x, e, r, t, cond, null_cond=None, drop=None):
             loss, stats = compute(net, x, e, r, t, cond, null_cond, drop)
             if "x" not in self.rec:
-                self.rec.update(x=x.clone(), e=e.clone(), r=r.clone(), t=t.clone(), drop=drop.clone(),
-                                loss=loss.detach().clone())
+                self.rec.update(
+                    x=x.clone(), e=e.clone(), r=r.clone(), t=t.clone(), drop=drop.clone(), loss=loss.detach().clone()
+                )
             return loss, stats
 
         pl_module.loss_fn.compute = recording
@@ -97,16 +112,26 @@ class Record(Callback):
         self.rec.setdefault("grad_norm", grad_norm(pl_module.generator.parameters()))  # collective
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.rec["after"].append((
-            {k: _full(v) for k, v in pl_module.generator.state_dict().items()},
-            {k: _full(v) for k, v in pl_module.ema_generator.state_dict().items()},
-        ))
+        self.rec["after"].append(
+            (
+                {k: _full(v) for k, v in pl_module.generator.state_dict().items()},
+                {k: _full(v) for k, v in pl_module.ema_generator.state_dict().items()},
+            )
+        )
 
 
 def _worker(rank: int, port: int, out_dir: str, backbone: str) -> None:
     # What torchrun sets: Lightning then joins these processes instead of launching its own.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank), NODE_RANK="0", GROUP_RANK="0", LOCAL_WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        GROUP_RANK="0",
+        LOCAL_WORLD_SIZE="2",
+    )
     torch.set_num_threads(1)
     torch.manual_seed(0)
     module = tiny_module(**module_kwargs(backbone))
@@ -114,16 +139,34 @@ def _worker(rank: int, port: int, out_dir: str, backbone: str) -> None:
     train = FixedBatches([shapes_batch(PER_RANK, 16, seed=s) for s in range(4)])
     # Held-out: 5 captions in batches of 2 -> batches 0, 2 on rank 0 and batch 1 on rank 1 (unequal).
     val = FixedBatches([shapes_batch(5, 16, seed=9)])
-    evaluation = EvaluationCallback(every_n_steps=0, num_samples=5, batch_size=2, steps=(1,), fid=False,
-                                    clip_score=False, shapes_eval=True, grid_prompts=0, on_train_end=True)
+    evaluation = EvaluationCallback(
+        every_n_steps=0,
+        num_samples=5,
+        batch_size=2,
+        steps=(1,),
+        fid=False,
+        clip_score=False,
+        shapes_eval=True,
+        grid_prompts=0,
+        on_train_end=True,
+    )
     record = Record()
     # The probe reads the connector, a child of the sharded root unit, on rank 0 only.
     probe = DiscriminabilityProbe(every_n_steps=1, n=16, k=2, n_pairs=4, batch_size=8)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, max_steps=2, logger=False, enable_checkpointing=False,
+        accelerator="cpu",
+        devices=2,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False),
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
-        gradient_clip_val=1.0, callbacks=[record, evaluation, probe], default_root_dir=out_dir,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        gradient_clip_val=1.0,
+        callbacks=[record, evaluation, probe],
+        default_root_dir=out_dir,
     )
     loader = torch.utils.data.DataLoader(train, batch_size=None, shuffle=False)
     trainer.fit(module, loader, torch.utils.data.DataLoader(val, batch_size=None))
@@ -141,8 +184,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_fsdp2_meanflow_steps_match_a_single_process_and_round_trip(backbone: str, tmp_path: Path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path), backbone), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path), backbone), nprocs=2, join=True, start_method="spawn")
     recs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     # Really sharded, both copies, about half of the elements on each rank.
@@ -160,15 +202,24 @@ def test_fsdp2_meanflow_steps_match_a_single_process_and_round_trip(backbone: st
     ref.generator.load_state_dict(recs[0]["init"])
     cat = {k: torch.cat([rec[k] for rec in recs]) for k in ("x", "e", "r", "t", "drop")}
     feats = ref.encode_text([c for rec in recs for c in rec["caption"]])
-    loss, _ = ref.loss_fn.compute(ref.generator, cat["x"], cat["e"], cat["r"], cat["t"], (feats.tokens, feats.mask),
-                                  null_condition(1, ref.encoder.dim), cat["drop"])
+    loss, _ = ref.loss_fn.compute(
+        ref.generator,
+        cat["x"],
+        cat["e"],
+        cat["r"],
+        cat["t"],
+        (feats.tokens, feats.mask),
+        null_condition(1, ref.encoder.dim),
+        cat["drop"],
+    )
     loss.backward()
     torch.testing.assert_close(loss.detach(), (recs[0]["loss"] + recs[1]["loss"]) / 2, rtol=1e-5, atol=0)
     scale = max(float(p.grad.abs().max()) for p in ref.generator.parameters())
     for name, p in ref.generator.named_parameters():
         for rec in recs:
-            torch.testing.assert_close(rec["grads"][name], p.grad, rtol=1e-4, atol=1e-6 * scale,
-                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                rec["grads"][name], p.grad, rtol=1e-4, atol=1e-6 * scale, msg=lambda m: f"{name}: {m}"
+            )
     # grad_norm on the DTensor shards (reduced over both ranks) == the norm of the full gradient.
     full_norm = torch.cat([p.grad.flatten() for p in ref.generator.parameters()]).norm()
     for rec in recs:
@@ -180,8 +231,13 @@ def test_fsdp2_meanflow_steps_match_a_single_process_and_round_trip(backbone: st
     for step, (weights, ema) in enumerate(recs[0]["after"]):
         d = ema_decay_at(step, 0.99)
         for name, value in ema.items():
-            torch.testing.assert_close(value, d * ema_prev[name] + (1 - d) * weights[name], rtol=1e-5, atol=1e-7,
-                                       msg=lambda m: f"step {step} {name}: {m}")
+            torch.testing.assert_close(
+                value,
+                d * ema_prev[name] + (1 - d) * weights[name],
+                rtol=1e-5,
+                atol=1e-7,
+                msg=lambda m: f"step {step} {name}: {m}",
+            )
         assert any(not torch.equal(weights[n], recs[0]["init"][n]) for n in weights)  # the step moved weights
         ema_prev = ema
     for a, b in zip(recs[0]["after"], recs[1]["after"], strict=True):  # one model, seen from both ranks

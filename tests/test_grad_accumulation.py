@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
-from helpers import shapes_batch, tiny_module
 from lightning.pytorch.callbacks import Callback
+
+from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
+
+from helpers import shapes_batch, tiny_module
 
 
 class RecordDraws(Callback):
@@ -28,9 +30,17 @@ def run(accumulate: int, steps: int) -> list[dict[str, torch.Tensor]]:
     """Train ``steps`` optimiser steps with ``accumulate`` micro-batches each; the draws of every loss call."""
     module = tiny_module(loss=MeanFlowLoss(TimeSampler(neq_ratio=0.5), cond_drop_prob=0.5))
     recorder = RecordDraws()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=accumulate,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[recorder])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
     # The same batch every time: any difference between draws comes from the random streams.
     batch = shapes_batch(4, 16)
     trainer.fit(module, torch.utils.data.DataLoader([batch] * (accumulate * steps), batch_size=None))

@@ -54,7 +54,7 @@ def _case(shape, dtype=torch.float64, device="cpu", seed=0):
     mask = None
     if masked:  # the first row keeps half its keys, the others all (every row has >= 1 real key)
         mask = torch.ones(b, lk, dtype=torch.bool, device=device)
-        mask[0, (lk + 1) // 2:] = False
+        mask[0, (lk + 1) // 2 :] = False
     return (q, k, v), (dq, dk, dv), mask
 
 
@@ -186,16 +186,21 @@ def _graph_free_via_attention(q, k, v, dq, mask):
 
 
 def test_backend_setting_rejects_unknown_names(backend):
-    with pytest.raises(ValueError, match=r"EMF_JVP_ATTENTION='flash' is not a JVP attention backend; use one of "
-                                         r"auto, math, torch, triton"):
+    with pytest.raises(
+        ValueError,
+        match=r"EMF_JVP_ATTENTION='flash' is not a JVP attention backend; use one of "
+        r"auto, math, torch, triton",
+    ):
         backend("flash")
 
 
 def test_env_var_chooses_the_backend_at_import():
     code = "from emf_lightning.models import jvp_attention as j; print(j.get_jvp_attention_backend())"
     env = {**os.environ, "EMF_JVP_ATTENTION": "Math", "PYTHONPATH": _pythonpath()}
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "math"
+    assert (
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+        == "math"
+    )
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs Triton on the CPU")
@@ -260,10 +265,16 @@ def triton_errors(device: str = "cpu") -> list[dict]:
         primals, tangents, mask = _case(shape, torch.float32, device)
         ref_out, ref_tangent = _reference(*_case(shape, torch.float64, device))
         out, tangent = _graph_free(primals, tangents, mask, "triton")
-        results.append({"shape": list(shape), "dtype": str(out.dtype), "tangent_dtype": str(tangent.dtype),
-                        "out": (out.double() - ref_out).abs().max().item(),
-                        "tangent": (tangent.double() - ref_tangent).abs().max().item(),
-                        "tangent_scale": ref_tangent.abs().max().item()})
+        results.append(
+            {
+                "shape": list(shape),
+                "dtype": str(out.dtype),
+                "tangent_dtype": str(tangent.dtype),
+                "out": (out.double() - ref_out).abs().max().item(),
+                "tangent": (tangent.double() - ref_tangent).abs().max().item(),
+                "tangent_scale": ref_tangent.abs().max().item(),
+            }
+        )
     return results
 
 
@@ -304,8 +315,11 @@ def test_cuda_kernels_match_forward_ad_through_math_attention_fp32():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-@pytest.mark.parametrize("shape", [(4, 12, 256, 256, 64, False, True), (4, 12, 256, 77, 64, True, False)],
-                         ids=["self-attention", "cross-attention"])
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 12, 256, 256, 64, False, True), (4, 12, 256, 77, 64, True, False)],
+    ids=["self-attention", "cross-attention"],
+)
 def test_cuda_kernels_bf16_are_as_close_to_float64_as_the_math_path(shape):
     primals, tangents, mask = _case(shape, torch.bfloat16, "cuda")
     _, truth = _reference(*_case(shape, torch.float64, "cuda"))

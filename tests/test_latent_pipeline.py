@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import BOW, write_shapes_shards
 from PIL import Image
 
 from emf_lightning import cli
 from emf_lightning.inference import MeanFlowGenerator
 from emf_lightning.training import EMFModule
+
+from helpers import BOW, write_shapes_shards
 
 diffusers = pytest.importorskip("diffusers")
 from emf_lightning.models.diffusers_adapter import SANA_CONFIGS  # noqa: E402  (needs diffusers)
@@ -34,28 +35,71 @@ def run(tmp_path_factory) -> dict[str, Path]:
     diffusers.SanaTransformer2DModel(**SANA_CONFIGS["tiny"]).save_pretrained(root / "sana" / "transformer")
     shards = write_shapes_shards(root / "pixels", n_train=8, n_val=4, resolution=16)
     for split in ("train", "val"):
-        assert cli.main(["cache-latents", "--vae", "sd-vae", "--vae-arg", "pretrained=false", "--shards",
-                         shards[split], "--out", str(root / "latents" / f"{split}-%06d.tar"), "--image-size", "16",
-                         "--device", "cpu"]) == 0
+        assert (
+            cli.main(
+                [
+                    "cache-latents",
+                    "--vae",
+                    "sd-vae",
+                    "--vae-arg",
+                    "pretrained=false",
+                    "--shards",
+                    shards[split],
+                    "--out",
+                    str(root / "latents" / f"{split}-%06d.tar"),
+                    "--image-size",
+                    "16",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "logger": False, "precision": "32-true",
-                    "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 1,
-                    "val_check_interval": 3, "check_val_every_n_epoch": None, "default_root_dir": str(root / "run"),
-                    "callbacks": [{"class_path": "emf_lightning.callbacks.checkpoint.FinalModelCheckpoint",
-                                   "init_args": {"dirpath": str(root / "ckpt"), "filename": "{step}",
-                                                 "save_last": True}}]},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 3,
+            "logger": False,
+            "precision": "32-true",
+            "enable_progress_bar": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 1,
+            "val_check_interval": 3,
+            "check_val_every_n_epoch": None,
+            "default_root_dir": str(root / "run"),
+            "callbacks": [
+                {
+                    "class_path": "emf_lightning.callbacks.checkpoint.FinalModelCheckpoint",
+                    "init_args": {"dirpath": str(root / "ckpt"), "filename": "{step}", "save_last": True},
+                }
+            ],
+        },
         "model": {
             "encoder": json.loads(BOW),
-            "backbone": {"class_path": "emf_lightning.models.SanaMeanFlowBackbone",
-                         "init_args": {"model": str(root / "sana"), "trainable": "emf"}},
+            "backbone": {
+                "class_path": "emf_lightning.models.SanaMeanFlowBackbone",
+                "init_args": {"model": str(root / "sana"), "trainable": "emf"},
+            },
             "autoencoder": VAE,
-            "loss": {"class_path": "emf_lightning.meanflow.MeanFlowLoss",
-                     "init_args": {"time_sampler": {"neq_ratio": 0.5}, "jvp_tangent": "predicted"}},
-            "optim": {"lr": 1e-3, "ema_decay": 0.5}, "feature_cache_dir": None, "cfg_scale": 1.5,
+            "loss": {
+                "class_path": "emf_lightning.meanflow.MeanFlowLoss",
+                "init_args": {"time_sampler": {"neq_ratio": 0.5}, "jvp_tangent": "predicted"},
+            },
+            "optim": {"lr": 1e-3, "ema_decay": 0.5},
+            "feature_cache_dir": None,
+            "cfg_scale": 1.5,
         },
-        "data": {"train_shards": str(root / "latents" / "train-*.tar"), "val_shards": str(root / "latents" / "val-*.tar"),
-                 "batch_size": 4, "image_size": 16, "num_workers": 0, "epoch_length": 8, "load_latents": True},
+        "data": {
+            "train_shards": str(root / "latents" / "train-*.tar"),
+            "val_shards": str(root / "latents" / "val-*.tar"),
+            "batch_size": 4,
+            "image_size": 16,
+            "num_workers": 0,
+            "epoch_length": 8,
+            "load_latents": True,
+        },
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     assert cli.main(["fit", "--config", str(root / "config.yaml")]) == 0
@@ -75,13 +119,43 @@ def test_checkpoint_leaves_out_the_frozen_pretrained_weights_and_loads_back(run)
 
 
 def test_validate_and_sample_run_from_the_checkpoint_alone(run, tmp_path, capsys):
-    assert cli.main(["validate", "--ckpt", str(run["ckpt"]), "--trainer.logger=false",
-                     f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-                     "--trainer.callbacks=[]"]) == 0
+    assert (
+        cli.main(
+            [
+                "validate",
+                "--ckpt",
+                str(run["ckpt"]),
+                "--trainer.logger=false",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.callbacks=[]",
+            ]
+        )
+        == 0
+    )
     assert "val/loss" in capsys.readouterr().out
     out = tmp_path / "grid.png"
-    assert cli.main(["sample", "--ckpt", str(run["ckpt"]), "--prompt", CAPTIONS[0], "--steps", "1", "2",
-                     "--out", str(out), "--upscale", "1", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--ckpt",
+                str(run["ckpt"]),
+                "--prompt",
+                CAPTIONS[0],
+                "--steps",
+                "1",
+                "2",
+                "--out",
+                str(out),
+                "--upscale",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size[1] >= 16
 
 
@@ -104,8 +178,9 @@ def test_export_reloads_with_one_call_and_gives_identical_images(run, tmp_path):
 
 
 def test_export_of_a_pixel_space_checkpoint_keeps_everything_in_safetensors(tmp_path):
-    from helpers import tiny_module
     from emf_lightning.commands.export import export
+
+    from helpers import tiny_module
 
     module = tiny_module()
     out = export(module, tmp_path / "px", global_step=0)

@@ -21,6 +21,7 @@ from emf_lightning.meanflow import (
 )
 from emf_lightning.meanflow.jvp import du_dt
 from emf_lightning.models import build_generator, jvp_safe_attention
+
 from reference_meanflow import ReferenceMeanFlowLoss
 
 # The production loss and the naive reference (full-batch torch.func.jvp, as public code) must agree.
@@ -212,8 +213,9 @@ def test_predicted_tangent_is_guided_like_the_target_and_respects_dropout():
     y_null = torch.full((1, 3), 0.5, dtype=torch.float64)
     omega, kappa, lo, hi = 1.5, 0.3, 0.0, 0.6
     drop = torch.tensor([False, True, False, False, False, True])
-    loss_fn = MeanFlowLoss(adaptive_p=0.0, guidance_omega=omega, guidance_kappa=kappa, guidance_interval=(lo, hi),
-                           jvp_tangent="predicted")
+    loss_fn = MeanFlowLoss(
+        adaptive_p=0.0, guidance_omega=omega, guidance_kappa=kappa, guidance_interval=(lo, hi), jvp_tangent="predicted"
+    )
     loss, _ = loss_fn.compute(net, x, e, r, t, (y,), (y_null,), drop)
     y_eff = torch.where(drop[:, None], y_null.expand(6, 3), y)
     tb = t[:, None, None, None]
@@ -265,8 +267,11 @@ def test_jvp_primal_carries_parameter_gradients():
     r, t = torch.tensor([0.1, 0.2, 0.0, 0.3]), torch.tensor([0.5, 0.9, 1.0, 0.4])
     w = torch.randn_like(x)
     with jvp_safe_attention():
-        u, dudt = torch.func.jvp(lambda z_, r_, t_: gen(z_, r_, t_, *cond), (x, r, t),
-                                 (torch.randn_like(x), torch.zeros_like(r), torch.ones_like(t)))
+        u, dudt = torch.func.jvp(
+            lambda z_, r_, t_: gen(z_, r_, t_, *cond),
+            (x, r, t),
+            (torch.randn_like(x), torch.zeros_like(r), torch.ones_like(t)),
+        )
     assert u.requires_grad
     (u * w).sum().backward()
     via_jvp = grads(gen)
@@ -285,8 +290,9 @@ def test_du_dt_matches_the_full_jvp_on_r_neq_t_rows_and_is_zero_elsewhere():
     ours = du_dt(gen, x, r, t, tangent, cond)
     assert not ours.requires_grad
     with jvp_safe_attention():
-        _, full = torch.func.jvp(lambda z_, r_, t_: gen(z_, r_, t_, *cond), (x, r, t),
-                                 (tangent, torch.zeros_like(r), torch.ones_like(t)))
+        _, full = torch.func.jvp(
+            lambda z_, r_, t_: gen(z_, r_, t_, *cond), (x, r, t), (tangent, torch.zeros_like(r), torch.ones_like(t))
+        )
     torch.testing.assert_close(ours[[1, 3]], full[[1, 3]], atol=1e-5, rtol=1e-4)
     assert torch.count_nonzero(ours[[0, 2]]) == 0
 
@@ -375,8 +381,10 @@ def test_time_sampler_share_order_and_counts():
         r, t = TimeSampler(neq_ratio=0.3)(10, generator=torch.Generator().manual_seed(seed))
         assert int((r != t).sum()) == 3  # 10 * 0.3 is 3.0000000000000004 in floating point
     # A fractional expected count is met on average: 2 * 0.25 = 0.5 samples per batch.
-    counts = [int((torch.ne(*TimeSampler(neq_ratio=0.25)(2, generator=torch.Generator().manual_seed(s)))).sum())
-              for s in range(400)]
+    counts = [
+        int((torch.ne(*TimeSampler(neq_ratio=0.25)(2, generator=torch.Generator().manual_seed(s)))).sum())
+        for s in range(400)
+    ]
     assert set(counts) == {0, 1} and abs(sum(counts) / 400 - 0.5) < 0.08
 
 
@@ -462,7 +470,9 @@ def test_cfg_scale_one_is_conditional_and_other_scales_extrapolate():
     _, cond = text_batch(b=3)
     e = make_noise((3, 3, 8, 8), seed=0)
     null = null_cond()
-    torch.testing.assert_close(sample_meanflow(gen, e, cond, cfg_scale=1.0, null_cond=null), sample_meanflow(gen, e, cond))
+    torch.testing.assert_close(
+        sample_meanflow(gen, e, cond, cfg_scale=1.0, null_cond=null), sample_meanflow(gen, e, cond)
+    )
     zeros, ones = torch.zeros(3), torch.ones(3)
     with torch.no_grad():
         u_c = gen(e, zeros, ones, *cond)
@@ -541,8 +551,14 @@ def test_fp32_jvp_precision_matches_float64_under_bf16_autocast():
     g = torch.Generator().manual_seed(5)
     r, t = 0.3 * torch.rand(6, generator=g), 0.5 + 0.5 * torch.rand(6, generator=g)
     tangent = torch.randn(x.shape, generator=g)
-    ref = du_dt(tiny_generator(dtype=torch.float64), x.double(), r.double(), t.double(), tangent.double(),
-                (cond[0].double(), cond[1]))
+    ref = du_dt(
+        tiny_generator(dtype=torch.float64),
+        x.double(),
+        r.double(),
+        t.double(),
+        tangent.double(),
+        (cond[0].double(), cond[1]),
+    )
     errors = {}
     for precision in ("fp32", "autocast"):
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -22,6 +22,7 @@ from emf_lightning.models import (
 from emf_lightning.models.attention import jvp_safe_attention_active
 from emf_lightning.models.dit import sincos_2d
 from emf_lightning.models.layers import TimestepEmbedder
+
 from helpers import assert_backbone_jvp_matches_finite_differences, assert_padded_text_tokens_do_not_change_output
 
 
@@ -144,8 +145,16 @@ def test_sincos_2d_hand_values():
     assert emb.shape == (6, 8)
     y, x = 1, 2
     row = emb[y * 3 + x]
-    expect = [math.sin(y), math.sin(y / 100), math.cos(y), math.cos(y / 100),
-              math.sin(x), math.sin(x / 100), math.cos(x), math.cos(x / 100)]
+    expect = [
+        math.sin(y),
+        math.sin(y / 100),
+        math.cos(y),
+        math.cos(y / 100),
+        math.sin(x),
+        math.sin(x / 100),
+        math.cos(x),
+        math.cos(x / 100),
+    ]
     torch.testing.assert_close(row, torch.tensor(expect, dtype=torch.float32))
 
 
@@ -282,7 +291,11 @@ def test_dit_jvp_matches_finite_differences():
 def test_build_generator_presets_and_overrides():
     dits = {k: DiT.PRESETS[preset] for k, (cls, preset) in BACKBONES.items() if cls is DiT}
     assert {k: (v["hidden_size"], v["depth"], v["num_heads"]) for k, v in dits.items()} == {
-        "tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16),
+        "tiny": (128, 4, 4),
+        "S": (384, 12, 6),
+        "B": (768, 12, 12),
+        "L": (1024, 24, 16),
+        "XL": (1152, 28, 16),
     }
     gen = build_generator("tiny", text_dim=10, input_size=16)
     assert isinstance(gen, Generator)

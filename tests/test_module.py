@@ -8,7 +8,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import FixedBatches, HashWordEncoder, shapes_batch, tiny_backbone, tiny_module
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from emf_lightning.meanflow import FlowMatchingLoss, MeanFlowLoss, make_noise, null_condition
@@ -16,6 +15,8 @@ from emf_lightning.training import EMFModule, NonFiniteLossError
 from emf_lightning.training.ema import ema_decay_at, update_ema
 from emf_lightning.training.init_from import IncompatibleCheckpointError
 from emf_lightning.utils.specs import to_spec
+
+from helpers import FixedBatches, HashWordEncoder, shapes_batch, tiny_backbone, tiny_module
 
 
 def loader(batches: list[dict]) -> torch.utils.data.DataLoader:
@@ -26,8 +27,9 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
     kwargs.setdefault("devices", 1)
-    return pl.Trainer(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, **kwargs)
+    return pl.Trainer(
+        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs
+    )
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -65,9 +67,10 @@ def test_encoder_spec_refuses_classes_that_are_not_encoders():
 def test_encoder_spec_reads_back_constructor_arguments():
     enc = HashWordEncoder(width=8, seed=1, batch_size=5, max_length=7, device=torch.device("cpu"))
     spec = to_spec(enc)
-    assert spec == {"class_path": "helpers.HashWordEncoder",
-                    "init_args": {"width": 8, "seed": 1, "batch_size": 5, "max_length": 7, "device": "cpu",
-                                  "dtype": None}}
+    assert spec == {
+        "class_path": "helpers.HashWordEncoder",
+        "init_args": {"width": 8, "seed": 1, "batch_size": 5, "max_length": 7, "device": "cpu", "dtype": None},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- conditions
@@ -289,8 +292,9 @@ def test_linear_lr_warmup():
 @pytest.mark.parametrize("decay", ["cosine", "linear"])
 def test_lr_decays_after_warmup_to_the_floor(decay):
     # warm-up 2 steps, then 8 decay steps to 0.1 * lr at schedule_steps = 10 (hand-computed values).
-    module = tiny_module(optim={"lr": 1.0, "warmup_steps": 2, "lr_decay": decay, "min_lr_ratio": 0.1,
-                                "schedule_steps": 10})
+    module = tiny_module(
+        optim={"lr": 1.0, "warmup_steps": 2, "lr_decay": decay, "min_lr_ratio": 0.1, "schedule_steps": 10}
+    )
     seen = _learning_rates(module, 12)
     fracs = [min(1.0, (s - 2) / 8) for s in range(2, 12)]
     if decay == "cosine":
@@ -320,8 +324,14 @@ def _nan_batches(n: int, bad: int) -> list[dict]:
 def test_nan_loss_stops_with_step_and_keys_and_writes_no_checkpoint(tmp_path: Path):
     module = tiny_module()
     ckpt_dir = tmp_path / "ckpts"
-    ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1,
-                           save_last=True, save_on_exception=True)
+    ckpt = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="{step}",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        save_last=True,
+        save_on_exception=True,
+    )
     batches = _nan_batches(4, bad=2)
     trainer = quiet_trainer(max_steps=4, callbacks=[ckpt], enable_checkpointing=True)
     with pytest.raises(NonFiniteLossError) as info:
@@ -386,8 +396,11 @@ def test_init_from_loads_weights_and_copies_time_into_interval_embedder(tmp_path
     for name, value in mf.ema_generator.backbone.t_embedder.state_dict().items():
         torch.testing.assert_close(interval[name], value)
     # Meaningful only because the source's two embedders differ.
-    assert any(not torch.equal(v, src[k.replace("interval_embedder", "t_embedder")])
-               for k, v in src.items() if k.startswith("backbone.interval_embedder."))
+    assert any(
+        not torch.equal(v, src[k.replace("interval_embedder", "t_embedder")])
+        for k, v in src.items()
+        if k.startswith("backbone.interval_embedder.")
+    )
 
 
 def test_resume_does_not_reload_init_from(tmp_path: Path):
@@ -396,7 +409,8 @@ def test_resume_does_not_reload_init_from(tmp_path: Path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", filename="{step}", every_n_train_steps=1, save_top_k=-1)
     batches = loader([shapes_batch(2, 16, seed=s) for s in range(2)])
     quiet_trainer(max_steps=1, callbacks=[ckpt], enable_checkpointing=True).fit(
-        tiny_module(init_from=str(init)), batches)
+        tiny_module(init_from=str(init)), batches
+    )
     init.unlink()  # a resumed run must not need the init_from file any more
     resumed = tiny_module(init_from=str(init))
     trainer = quiet_trainer(max_steps=2)

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import write_shapes_shards
 from PIL import Image
 
 from emf_lightning import cli
@@ -20,6 +19,8 @@ from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.shapes import ShapesWorld
 from emf_lightning.training import EMFModule
 from emf_lightning.utils.images import to_uint8
+
+from helpers import write_shapes_shards
 
 BOW = {"class_path": "emf_lightning.encoders.BagOfWordsEncoder", "init_args": {"dim": 16}}
 WRITER = "emf_lightning.predict_writer.SamplePNGWriter"
@@ -42,15 +43,28 @@ def write_config(root: Path, shards: dict[str, str], out_dir: Path) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "enable_progress_bar": False,
             "default_root_dir": str(root),
             "callbacks": [{"class_path": WRITER, "init_args": {"output_dir": str(out_dir)}}],
         },
         "model": {
-            "encoder": BOW, "sample_steps": [1, 2], "feature_cache_dir": None,
-            "backbone": {"class_path": "emf_lightning.models.DiT",
-                         "init_args": {"preset": "tiny", "input_size": 16, "patch_size": 4, "hidden_size": 32,
-                                       "depth": 1, "num_heads": 2}},
+            "encoder": BOW,
+            "sample_steps": [1, 2],
+            "feature_cache_dir": None,
+            "backbone": {
+                "class_path": "emf_lightning.models.DiT",
+                "init_args": {
+                    "preset": "tiny",
+                    "input_size": 16,
+                    "patch_size": 4,
+                    "hidden_size": 32,
+                    "depth": 1,
+                    "num_heads": 2,
+                },
+            },
         },
         "data": {"val_shards": shards["val"], "val_batch_size": 2, "num_workers": 0, "image_size": 16},
     }
@@ -69,8 +83,9 @@ def test_predict_stage_is_one_ordered_pass_over_the_val_shards_by_default(partia
     passes = [[(k, c) for b in dm.predict_dataloader() for k, c in zip(b["key"], b["caption"])] for _ in range(2)]
     assert passes[0] == passes[1]  # finite and repeatable: the same order every time
     assert sorted(passes[0]) == sorted(shard_captions(5).items())
-    explicit = ShardDataModule(val_shards=partial_shards["val"], predict_shards=partial_shards["train"], num_workers=0,
-                               image_size=16)
+    explicit = ShardDataModule(
+        val_shards=partial_shards["val"], predict_shards=partial_shards["train"], num_workers=0, image_size=16
+    )
     explicit.setup("predict")
     assert sorted(k for b in explicit.predict_dataloader() for k in b["key"]) == sorted(shard_captions(4, "train"))
 
@@ -97,17 +112,37 @@ def test_emf_predict_writes_one_png_per_caption_and_step_count(partial_shards, t
 def test_emf_predict_from_a_checkpoint_matches_generate(partial_shards, tmp_path):
     """fit one step, then `emf predict --ckpt` (data config from the checkpoint) on other shards."""
     config = write_config(tmp_path, partial_shards, tmp_path / "unused")
-    fit = ["fit", "--config", str(config), f"--data.train_shards={partial_shards['train']}",
-           "--data.batch_size=2",
-           "--data.epoch_length=2", "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
-           "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.save_last=true"]
+    fit = [
+        "fit",
+        "--config",
+        str(config),
+        f"--data.train_shards={partial_shards['train']}",
+        "--data.batch_size=2",
+        "--data.epoch_length=2",
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=0",
+        "--trainer.callbacks=[]",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.save_last=true",
+    ]
     assert cli.main(fit) == 0
     (ckpt,) = tmp_path.rglob("last.ckpt")
     out_dir = tmp_path / "from_ckpt"
-    rc = cli.main(["predict", "--ckpt", str(ckpt), f"--data.predict_shards={partial_shards['train']}",
-                   "--data.val_batch_size=4", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-                   f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks+={WRITER}",
-                   f"--trainer.callbacks.output_dir={out_dir}", "--return_predictions=false"])
+    rc = cli.main(
+        [
+            "predict",
+            "--ckpt",
+            str(ckpt),
+            f"--data.predict_shards={partial_shards['train']}",
+            "--data.val_batch_size=4",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.callbacks+={WRITER}",
+            f"--trainer.callbacks.output_dir={out_dir}",
+            "--return_predictions=false",
+        ]
+    )
     assert rc == 0
     # The 4 training samples are one predict batch (index 0, so noise seed 0), in shard order.
     index = [r for r in read_index(out_dir) if r["steps"] == 1]

@@ -23,8 +23,10 @@ class WordEncoder:
     dim = DIM
 
     def encode(self, captions):
-        rows = [[torch.randn(DIM, generator=torch.Generator().manual_seed(zlib.crc32(w.encode()))) for w in c.split()]
-                for c in captions]
+        rows = [
+            [torch.randn(DIM, generator=torch.Generator().manual_seed(zlib.crc32(w.encode()))) for w in c.split()]
+            for c in captions
+        ]
         length = max(map(len, rows))
         tokens = torch.zeros(len(rows), length, DIM)
         mask = torch.zeros(len(rows), length, dtype=torch.bool)
@@ -66,8 +68,15 @@ def probe():
 
 def test_probe_callback_logs_frozen_once_and_connector_every_n_steps(tmp_path, probe):
     cb = DiscriminabilityProbe(every_n_steps=2, k=2, probe_set=probe)
-    trainer = pl.Trainer(max_steps=4, callbacks=[cb], logger=CSVLogger(tmp_path), accelerator="cpu",
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=4,
+        callbacks=[cb],
+        logger=CSVLogger(tmp_path),
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(StandIn())
     assert [step for step, _ in cb.history] == [0, 2, 4]
     first = cb.history[0][1]
@@ -99,8 +108,15 @@ def test_probe_callback_needs_a_connector(probe):
             return self.weight.sum()
 
     cb = DiscriminabilityProbe(every_n_steps=0, probe_set=probe)
-    trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, accelerator="cpu", enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=1,
+        callbacks=[cb],
+        logger=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(AttributeError, match=r"needs pl_module.generator.connector"):
         trainer.fit(NoConnector())
 
@@ -113,8 +129,15 @@ def test_probe_callback_with_the_real_emf_module(probe):
     batch = shapes_batch(n=2, resolution=16)
     loader = torch.utils.data.DataLoader([batch] * 4, batch_size=None)
     cb = DiscriminabilityProbe(every_n_steps=1, k=2, probe_set=probe)
-    trainer = pl.Trainer(max_steps=2, callbacks=[cb], logger=False, accelerator="cpu", enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=2,
+        callbacks=[cb],
+        logger=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=loader)
     assert [step for step, _ in cb.history] == [0, 1, 2]
     start, end = cb.history[0][1], cb.history[-1][1]

@@ -76,8 +76,16 @@ def test_probe_unknown_encoder_and_bad_arguments():
 def test_probe_encoder_from_yaml_config(tmp_path):
     cls = ENCODERS["bow"]
     config = tmp_path / "bow_run.yaml"
-    config.write_text(yaml.safe_dump({"model": {"class_path": "emf_lightning.training.EMFModule", "init_args": {
-        "encoder": {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {}}}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "class_path": "emf_lightning.training.EMFModule",
+                    "init_args": {"encoder": {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {}}},
+                }
+            }
+        )
+    )
     out = tmp_path / "cfg"
     assert cmd.main(["--encoder", str(config), *SMALL, "--out", str(out), "--no-figure"]) == 0
     report = json.loads((out / "probe.json").read_text())
@@ -105,8 +113,11 @@ def _write_shards(path, with_spec: bool):
     rng = np.random.default_rng(0)
     with wds.TarWriter(str(path)) as sink:
         for i, spec in enumerate(specs):
-            sample = {"__key__": f"{i:06d}", "png": _png(i),
-                      "txt": "\n".join([describe(spec), *paraphrases(spec, 2, rng)][:2])}
+            sample = {
+                "__key__": f"{i:06d}",
+                "png": _png(i),
+                "txt": "\n".join([describe(spec), *paraphrases(spec, 2, rng)][:2]),
+            }
             if with_spec:
                 sample["json"] = json.dumps(spec).encode()
             sink.write(sample)
@@ -138,8 +149,24 @@ def test_probe_on_shards_without_specs_reports_missing_image_weights(tmp_path, m
     report = json.loads((out / "probe.json").read_text())
     assert report["probe_set"]["relevance_source"] == "same image only (image-feature relevance skipped)"
     # With the weight-free pixel embedder chosen explicitly, relevance comes from images.
-    assert cmd.main(["--encoder", "bow", "--data", str(shard), "--n", "20", "--image-encoder", "pixels",
-                     "--out", str(out), "--no-figure"]) == 0
+    assert (
+        cmd.main(
+            [
+                "--encoder",
+                "bow",
+                "--data",
+                str(shard),
+                "--n",
+                "20",
+                "--image-encoder",
+                "pixels",
+                "--out",
+                str(out),
+                "--no-figure",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "probe.json").read_text())
     assert report["probe_set"]["relevance_source"].startswith("image features (pixels)")
 

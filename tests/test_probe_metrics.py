@@ -202,11 +202,16 @@ def _obj(shape, color, size="small", x=0.5, y=0.5):
 def test_scene_relevance_counts_bindings_and_relations():
     a = {"objects": [_obj("circle", "red"), _obj("square", "blue")], "relations": [{"a": 0, "rel": "left of", "b": 1}]}
     # The same statement from the other side ("blue square right of red circle") matches fully.
-    a_inv = {"objects": [_obj("square", "blue", x=0.9), _obj("circle", "red", x=0.1)],
-             "relations": [{"a": 0, "rel": "right of", "b": 1}]}
+    a_inv = {
+        "objects": [_obj("square", "blue", x=0.9), _obj("circle", "red", x=0.1)],
+        "relations": [{"a": 0, "rel": "right of", "b": 1}],
+    }
     assert S.scene_relevance(S.scene_items(a), S.scene_items(a_inv)) == 1.0
     # Swapped colours: no binding matches, and the relation is between other bindings.
-    swapped = {"objects": [_obj("circle", "blue"), _obj("square", "red")], "relations": [{"a": 0, "rel": "left of", "b": 1}]}
+    swapped = {
+        "objects": [_obj("circle", "blue"), _obj("square", "red")],
+        "relations": [{"a": 0, "rel": "left of", "b": 1}],
+    }
     assert S.scene_relevance(S.scene_items(a), S.scene_items(swapped)) == 0.0
     # Reversed relation: both bindings match, the relation does not -> 2 of 3 items.
     rev = {"objects": a["objects"], "relations": [{"a": 0, "rel": "right of", "b": 1}]}
@@ -222,7 +227,9 @@ def test_spec_relevance_matrix_matches_pairwise_function():
     mat = S.spec_relevance_matrix(specs)
     for i in range(12):
         for j in range(12):
-            assert float(mat[i, j]) == pytest.approx(S.scene_relevance(S.scene_items(specs[i]), S.scene_items(specs[j])))
+            assert float(mat[i, j]) == pytest.approx(
+                S.scene_relevance(S.scene_items(specs[i]), S.scene_items(specs[j]))
+            )
     assert torch.equal(mat, mat.T)
 
 
@@ -251,8 +258,10 @@ def _word_encoder(dim: int = 16):
     import zlib
 
     def encode(captions):
-        rows = [[torch.randn(dim, generator=torch.Generator().manual_seed(zlib.crc32(w.encode()))) for w in c.split()]
-                for c in captions]
+        rows = [
+            [torch.randn(dim, generator=torch.Generator().manual_seed(zlib.crc32(w.encode()))) for w in c.split()]
+            for c in captions
+        ]
         length = max(len(r) for r in rows)
         tokens = torch.zeros(len(rows), length, dim)
         mask = torch.zeros(len(rows), length, dtype=torch.bool)
@@ -299,8 +308,9 @@ def test_evaluate_probe_oracle_encoder_is_ideal():
     def oracle(captions):
         ids = torch.tensor([scene_of.get(c, len(probe.captions)) for c in captions])
         one_hot = torch.nn.functional.one_hot(ids, len(probe.captions) + 1).float()
-        return SimpleNamespace(tokens=one_hot[:, None, :], mask=torch.ones(len(captions), 1, dtype=torch.bool),
-                               pooled=one_hot)
+        return SimpleNamespace(
+            tokens=one_hot[:, None, :], mask=torch.ones(len(captions), 1, dtype=torch.bool), pooled=one_hot
+        )
 
     m = evaluate_probe(probe, oracle, k=1).metrics
     assert m["retrieval/relevance_at_k"] == pytest.approx(m["retrieval/ideal_relevance_at_k"])
@@ -315,11 +325,22 @@ def test_evaluate_probe_word_encoder_reports_every_family():
     probe = S.shapes_probe_set(n=20, group=2, seed=2, n_pairs=4, n_reduce=4)
     res = evaluate_probe(probe, _word_encoder(), k=2)
     m = res.metrics
-    for key in ("retrieval/relevance_at_k", "same_scene_auc", "same_scene_auc_standardized",
-                "retrieval_standardized/relevance_at_k", "disentanglement/pooled",
-                "disentanglement/pooled_standardized", "disentanglement/token",
-                "minimal_pairs/accuracy", "minimal_pairs_token/accuracy", "minimal_pairs/accuracy/color",
-                "anisotropy/pooled", "anisotropy/token", "effective_rank/pooled", "effective_rank/token"):
+    for key in (
+        "retrieval/relevance_at_k",
+        "same_scene_auc",
+        "same_scene_auc_standardized",
+        "retrieval_standardized/relevance_at_k",
+        "disentanglement/pooled",
+        "disentanglement/pooled_standardized",
+        "disentanglement/token",
+        "minimal_pairs/accuracy",
+        "minimal_pairs_token/accuracy",
+        "minimal_pairs/accuracy/color",
+        "anisotropy/pooled",
+        "anisotropy/token",
+        "effective_rank/pooled",
+        "effective_rank/token",
+    ):
         assert key in m and math.isfinite(m[key]), key
     n_same = int(torch.triu(probe.same_scene, 1).sum())
     assert res.same_scene_cosines.numel() == n_same

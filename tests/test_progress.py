@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import threading
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -104,8 +103,19 @@ def test_the_bar_closes_when_the_job_fails():
 def test_emf_shards_stdout_and_shards_are_the_same_with_and_without_bars(tmp_path, monkeypatch, capsys):
     from emf_lightning.commands import shards
 
-    argv = ["shapes", "--out", "out/train-%06d.tar", "--split", "train", "--n", "12", "--maxcount", "5",
-            "--resolution", "16"]
+    argv = [
+        "shapes",
+        "--out",
+        "out/train-%06d.tar",
+        "--split",
+        "train",
+        "--n",
+        "12",
+        "--maxcount",
+        "5",
+        "--resolution",
+        "16",
+    ]
     bars = io.StringIO()
     monkeypatch.setattr(P, "_pick_console", lambda console: (terminal(bars), False))
     runs = {}

@@ -8,8 +8,7 @@ import os
 import pytest
 import torch
 
-from emf_lightning.encoders import LLMEncoder, SentenceEncoder
-from emf_lightning.encoders import smollm2
+from emf_lightning.encoders import LLMEncoder, SentenceEncoder, smollm2
 from emf_lightning.encoders.sentence import minilm_path
 
 pytestmark = pytest.mark.slow

@@ -88,8 +88,9 @@ def test_pool_tokens_hand_computed():
     assert pool_tokens(tokens, mask, "cls").tolist() == [[1.0, -2.0], [5.0, 6.0]]
     assert pool_tokens(tokens, mask, "max").tolist() == [[3.0, 4.0], [5.0, 6.0]]  # padding zeros never win
     assert pool_tokens(tokens, mask, "last").tolist() == [[3.0, 4.0], [5.0, 6.0]]
-    torch.testing.assert_close(pool_tokens(tokens, mask, "mean_sqrt_len"),
-                               torch.tensor([[4.0 / 2**0.5, 2.0 / 2**0.5], [5.0, 6.0]]))
+    torch.testing.assert_close(
+        pool_tokens(tokens, mask, "mean_sqrt_len"), torch.tensor([[4.0 / 2**0.5, 2.0 / 2**0.5], [5.0, 6.0]])
+    )
 
 
 def test_declarations_the_encoder_cannot_follow_are_clear_errors(tmp_path):

@@ -97,8 +97,15 @@ def test_ordered_pass_single_process_is_file_order(shards, monkeypatch):
 def _train_loader(urls: str, rank: int, world: int, monkeypatch, epoch_length: int, num_workers: int):
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    dm = ShardDataModule(train_shards=urls, batch_size=2, num_workers=num_workers, image_size=4,
-                         epoch_length=epoch_length, shuffle_buffer=8, seed=3)
+    dm = ShardDataModule(
+        train_shards=urls,
+        batch_size=2,
+        num_workers=num_workers,
+        image_size=4,
+        epoch_length=epoch_length,
+        shuffle_buffer=8,
+        seed=3,
+    )
     dm.setup("fit")
     return dm.train_dataloader()
 
@@ -126,8 +133,15 @@ def _ddp_worker(rank: int, world: int, init_file: str, urls: str, out_dir: str) 
     torch.set_num_threads(1)  # forked from a process that may have started intra-op threads
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        dm = ShardDataModule(train_shards=urls, val_shards=urls, batch_size=2, num_workers=2, image_size=4,
-                             epoch_length=10, shuffle_buffer=4)
+        dm = ShardDataModule(
+            train_shards=urls,
+            val_shards=urls,
+            batch_size=2,
+            num_workers=2,
+            image_size=4,
+            epoch_length=10,
+            shuffle_buffer=4,
+        )
         dm.setup("fit")  # rank and world size come from torch.distributed
         val_keys = [k for b in dm.val_dataloader() for k in b["key"]]
         train_counts = [sum(len(b["key"]) for b in dm.train_dataloader()) for _ in range(2)]
@@ -142,8 +156,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, urls: str, out_dir: str) 
 def test_two_gloo_processes_split_shards_without_loss(shards, tmp_path):
     urls, keys = shards
     # fork, not spawn: the ranks and their DataLoader workers then need no fresh Python imports (seconds each)
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), urls, str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(
+        _ddp_worker, args=(2, str(tmp_path / "init"), urls, str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
     gathered = torch.load(tmp_path / "result.pt")
     assert [g["rank"] for g in gathered] == [0, 1]
     assert Counter(gathered[0]["val"] + gathered[1]["val"]) == Counter(keys)

@@ -19,8 +19,15 @@ from PIL import Image
 from emf_lightning.commands.shards import main as shards_main
 from emf_lightning.commands.shards import parse_mix
 from emf_lightning.data.health import EMPTY_CAPTION, MISSING_IMAGE, UNDECODABLE_IMAGE, SkipCounter
-from emf_lightning.data.shards import (ShardSample, attach_features, brace_url, manifest_path, read_manifest,
-                                       sanitize_key, write_shards)
+from emf_lightning.data.shards import (
+    ShardSample,
+    attach_features,
+    brace_url,
+    manifest_path,
+    read_manifest,
+    sanitize_key,
+    write_shards,
+)
 from emf_lightning.data.sources import BAD_ROW, folder_samples, list_samples
 from emf_lightning.data.tar_reader import iter_shard_samples, iter_tar_members, split_key
 from emf_lightning.shapes import ShapesWorld, shapes_samples
@@ -62,8 +69,9 @@ def test_sanitize_key_removes_dots_that_would_split_the_sample():
 
 def test_shapes_shards_roundtrip_with_tar_tarfile_and_webdataset(tmp_path):
     world = _world(10)
-    result = write_shards(shapes_samples(world), str(tmp_path / "train-%06d.tar"), maxcount=4,
-                          source={"kind": "shapes", "seed": 3})
+    result = write_shards(
+        shapes_samples(world), str(tmp_path / "train-%06d.tar"), maxcount=4, source={"kind": "shapes", "seed": 3}
+    )
     assert [s["count"] for s in result.shards] == [4, 4, 2]
     assert result.total == 10
     manifest = read_manifest(tmp_path / "train-%06d.tar")
@@ -71,8 +79,9 @@ def test_shapes_shards_roundtrip_with_tar_tarfile_and_webdataset(tmp_path):
     assert manifest["source"] == {"kind": "shapes", "seed": 3}
     assert manifest["total"] == 10 and manifest["format"].startswith("emf-lightning-shards/")
 
-    listing = subprocess.run(["tar", "-tf", str(tmp_path / "train-000000.tar")], capture_output=True, text=True,
-                             check=True).stdout.split()
+    listing = subprocess.run(
+        ["tar", "-tf", str(tmp_path / "train-000000.tar")], capture_output=True, text=True, check=True
+    ).stdout.split()
     keys = [world[i].key for i in range(4)]
     assert listing == [f"{k}.{ext}" for k in keys for ext in ("json", "png", "txt")]
 
@@ -107,8 +116,9 @@ def test_writer_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="duplicate sample key 'same'"):
         write_shards(dup, str(tmp_path / "d-%06d.tar"))
     with pytest.raises(ValueError, match="empty caption"):
-        write_shards([ShardSample(key="k", image=np.zeros((4, 4, 3), np.uint8), caption="  ")],
-                     str(tmp_path / "e-%06d.tar"))
+        write_shards(
+            [ShardSample(key="k", image=np.zeros((4, 4, 3), np.uint8), caption="  ")], str(tmp_path / "e-%06d.tar")
+        )
     assert not manifest_path(str(tmp_path / "d-%06d.tar")).exists()  # no manifest for a failed write
 
 
@@ -134,8 +144,9 @@ def _make_folder(root: Path) -> dict[str, np.ndarray]:
 def test_folder_source_keeps_files_skips_bad_ones_and_counts(tmp_path):
     arrays = _make_folder(tmp_path / "imgs")
     counter = SkipCounter("test")
-    result = write_shards(folder_samples(tmp_path / "imgs", counter), str(tmp_path / "out/f-%06d.tar"),
-                          skipped=counter.drain)
+    result = write_shards(
+        folder_samples(tmp_path / "imgs", counter), str(tmp_path / "out/f-%06d.tar"), skipped=counter.drain
+    )
     assert result.skipped == {EMPTY_CAPTION: 1, UNDECODABLE_IMAGE: 1}
     samples = {s["__key__"]: s for s in wds.WebDataset(result.urls, shardshuffle=False)}
     assert sorted(samples) == ["a", "c", "sub/b_v1"]
@@ -190,8 +201,9 @@ def test_jsonl_and_csv_sources(tmp_path):
     (tmp_path / "imgs").mkdir()
     Image.fromarray(arr).save(tmp_path / "imgs" / "y.png")
     (tmp_path / "list.csv").write_text("path,text,source\ny.png,a csv caption,web\n")
-    rows = list(list_samples(tmp_path / "list.csv", counter, root=tmp_path / "imgs", image_field="path",
-                             caption_field="text"))
+    rows = list(
+        list_samples(tmp_path / "list.csv", counter, root=tmp_path / "imgs", image_field="path", caption_field="text")
+    )
     assert [(r.key, r.caption, r.meta) for r in rows] == [("000000001", "a csv caption", {"source": "web"})]
     with pytest.raises(ValueError, match="unsupported list file"):
         next(list_samples(tmp_path / "x.png", counter))
@@ -209,8 +221,10 @@ def test_attach_features_stores_only_real_tokens(tmp_path):
         tokens = tokens * mask[..., None]
         return SimpleNamespace(tokens=tokens, mask=mask, pooled=tokens.sum(1))
 
-    samples = [ShardSample(key=f"k{i}", image=np.zeros((2, 2, 3), np.uint8), caption=" ".join(["w"] * (i + 1)))
-               for i in range(3)]
+    samples = [
+        ShardSample(key=f"k{i}", image=np.zeros((2, 2, 3), np.uint8), caption=" ".join(["w"] * (i + 1)))
+        for i in range(3)
+    ]
     out = list(attach_features(samples, encode, batch_size=2))
     assert [s.features["tokens"].shape for s in out] == [(1, 2), (2, 2), (3, 2)]  # one token per word
     np.testing.assert_array_equal(out[1].features["tokens"], [[10.0, 11.0], [12.0, 13.0]])
@@ -226,8 +240,26 @@ def test_attach_features_stores_only_real_tokens(tmp_path):
 
 
 def test_cli_shapes_folder_list_and_check(tmp_path, capsys):
-    assert shards_main(["shapes", "--out", str(tmp_path / "s/train-%06d.tar"), "--n", "5", "--resolution", "16",
-                        "--seed", "1", "--maxcount", "2", "--mix", "colors=1,position=2"]) == 0
+    assert (
+        shards_main(
+            [
+                "shapes",
+                "--out",
+                str(tmp_path / "s/train-%06d.tar"),
+                "--n",
+                "5",
+                "--resolution",
+                "16",
+                "--seed",
+                "1",
+                "--maxcount",
+                "2",
+                "--mix",
+                "colors=1,position=2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "wrote 5 samples in 3 shard(s)" in out and str(tmp_path / "s/train-{000000..000002}.tar") in out
     manifest = read_manifest(tmp_path / "s/train.manifest.json")
@@ -242,8 +274,21 @@ def test_cli_shapes_folder_list_and_check(tmp_path, capsys):
     assert read_manifest(tmp_path / "f/f.manifest.json")["skipped"] == {EMPTY_CAPTION: 1, UNDECODABLE_IMAGE: 1}
 
     (tmp_path / "l.jsonl").write_text(json.dumps({"img": "imgs/a.png", "text": "hello"}) + "\n")
-    assert shards_main(["list", str(tmp_path / "l.jsonl"), "--out", str(tmp_path / "l/l-%06d.tar"),
-                        "--image-field", "img", "--caption-field", "text"]) == 0
+    assert (
+        shards_main(
+            [
+                "list",
+                str(tmp_path / "l.jsonl"),
+                "--out",
+                str(tmp_path / "l/l-%06d.tar"),
+                "--image-field",
+                "img",
+                "--caption-field",
+                "text",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert shards_main(["shapes", "--out", str(tmp_path / "s"), "--split", "val", "--n", "2"]) == 0  # a folder
     assert capsys.readouterr().out.split()[-1] == str(tmp_path / "s/val-000000.tar")
@@ -293,7 +338,7 @@ def test_tar_reader_resyncs_after_a_damaged_header():
     raw, members = _tar_bytes()
     bad = bytearray(raw)
     off = members[3].offset  # header of s1.txt
-    bad[off:off + 100] = b"x" * 100
+    bad[off : off + 100] = b"x" * 100
     names, damage = _read(bytes(bad))
     assert names == [n for n in ALL8 if n != "s1.txt"]  # only the damaged member is lost
     assert damage == ["damaged bytes between members; reading resumed at the next header"]
@@ -302,15 +347,21 @@ def test_tar_reader_resyncs_after_a_damaged_header():
         assert [m.name for m in tf] == ALL8[:3]
 
 
-@pytest.mark.parametrize("cut, expected, message", [
-    ("mid_data", 4, "unexpected end of data"),
-    ("boundary", 4, "without an end-of-archive marker"),
-    ("mid_header", 4, "inside a tar header"),
-])
+@pytest.mark.parametrize(
+    "cut, expected, message",
+    [
+        ("mid_data", 4, "unexpected end of data"),
+        ("boundary", 4, "without an end-of-archive marker"),
+        ("mid_header", 4, "inside a tar header"),
+    ],
+)
 def test_tar_reader_truncation_keeps_complete_members(cut, expected, message):
     raw, members = _tar_bytes()
-    at = {"mid_data": members[4].offset_data + 100, "boundary": members[4].offset,
-          "mid_header": members[4].offset + 200}[cut]
+    at = {
+        "mid_data": members[4].offset_data + 100,
+        "boundary": members[4].offset,
+        "mid_header": members[4].offset + 200,
+    }[cut]
     names, damage = _read(raw[:at])
     assert names == ALL8[:expected]
     assert len(damage) == 1 and message in damage[0]
@@ -337,8 +388,24 @@ def test_cli_stores_encoder_features_that_the_datamodule_returns(tmp_path, capsy
     from emf_lightning.data.datamodule import ShardDataModule
     from emf_lightning.encoders import build_encoder
 
-    assert shards_main(["shapes", "--out", str(tmp_path / "t-%06d.tar"), "--n", "3", "--resolution", "8",
-                        "--encoder", "bow", "--features-batch-size", "2"]) == 0
+    assert (
+        shards_main(
+            [
+                "shapes",
+                "--out",
+                str(tmp_path / "t-%06d.tar"),
+                "--n",
+                "3",
+                "--resolution",
+                "8",
+                "--encoder",
+                "bow",
+                "--features-batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     urls = capsys.readouterr().out.split()[-1]
     manifest = read_manifest(tmp_path / "t.manifest.json")
     encoder = build_encoder("bow")

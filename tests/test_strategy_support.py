@@ -11,14 +11,22 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import shapes_batch, tiny_module, write_shapes_shards
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, StrategyRegistry
 
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.training import UnsupportedStrategyError, check_strategy
 
-REPLICATED = ["single_device", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_false",
-              "ddp_spawn_find_unused_parameters_true"]
+from helpers import shapes_batch, tiny_module, write_shapes_shards
+
+REPLICATED = [
+    "single_device",
+    "ddp",
+    "ddp_spawn",
+    "ddp_fork",
+    "ddp_notebook",
+    "ddp_find_unused_parameters_false",
+    "ddp_spawn_find_unused_parameters_true",
+]
 
 
 @pytest.mark.parametrize("name", REPLICATED)
@@ -26,16 +34,25 @@ def test_replicated_strategies_are_accepted(name):
     check_strategy(StrategyRegistry.get(name))
 
 
-@pytest.mark.parametrize("strategy", [StrategyRegistry.get("fsdp"), StrategyRegistry.get("fsdp_cpu_offload")],
-                         ids=["fsdp", "fsdp_cpu_offload"])
+@pytest.mark.parametrize(
+    "strategy",
+    [StrategyRegistry.get("fsdp"), StrategyRegistry.get("fsdp_cpu_offload")],
+    ids=["fsdp", "fsdp_cpu_offload"],
+)
 def test_fsdp1_is_refused_with_the_supported_list(strategy):
     with pytest.raises(UnsupportedStrategyError) as info:
         check_strategy(strategy)
     msg = str(info.value)
     assert f"({type(strategy).__name__})" in msg
     assert "EMA copy must be sharded exactly like the generator" in msg
-    for name in ("single device", "ddp", "ddp_spawn", "_find_unused_parameters_false", "ModelParallelStrategy",
-                 "tensor_parallel_size=1"):
+    for name in (
+        "single device",
+        "ddp",
+        "ddp_spawn",
+        "_find_unused_parameters_false",
+        "ModelParallelStrategy",
+        "tensor_parallel_size=1",
+    ):
         assert name in msg
 
 
@@ -54,8 +71,16 @@ class CPUFSDPStrategy(FSDPStrategy):
 def test_fit_under_fsdp_fails_before_any_step():
     module = tiny_module()
     before = {k: v.clone() for k, v in module.generator.state_dict().items()}
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=CPUFSDPStrategy(), max_steps=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=CPUFSDPStrategy(),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     loader = torch.utils.data.DataLoader([shapes_batch(2, 16)], batch_size=None)
     try:
         with pytest.raises(UnsupportedStrategyError, match=r"strategy 'fsdp' \(CPUFSDPStrategy\)"):

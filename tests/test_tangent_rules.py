@@ -8,8 +8,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-from emf_lightning.models import build_generator, jvp_safe_attention
 from emf_lightning.meanflow.tangent_rules import fast_tangents
+from emf_lightning.models import build_generator, jvp_safe_attention
 
 
 def _random_params(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -88,8 +88,12 @@ def test_keyword_arguments_and_forward_ad_api():
 
 def test_parameter_tangents_are_included():
     # Dual parameters (torch.func.functional_call): conv(x, dW) + db, x dW^T + db, x_hat dW + db.
-    for module, shape in ((nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)), (nn.GroupNorm(2, 4), (2, 4, 5, 5)),
-                          (nn.Linear(3, 4), (2, 3)), (nn.LayerNorm(4), (2, 4))):
+    for module, shape in (
+        (nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)),
+        (nn.GroupNorm(2, 4), (2, 4, 5, 5)),
+        (nn.Linear(3, 4), (2, 3)),
+        (nn.LayerNorm(4), (2, 4)),
+    ):
         module = _random_params(module)
         x, _ = _inputs(*shape)
         params = dict(module.named_parameters())
@@ -128,8 +132,12 @@ def test_whole_backbone_jvp_matches_pytorch(size):
 
 def test_a_bias_tangent_alone_is_broadcast_to_the_output():
     # Only the bias is dual: the rule's tangent is db spread over every position, as PyTorch's.
-    for module, shape in ((nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)), (nn.Linear(3, 4), (2, 5, 3)),
-                          (nn.GroupNorm(2, 4), (2, 4, 5, 5)), (nn.LayerNorm(4), (2, 4))):
+    for module, shape in (
+        (nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)),
+        (nn.Linear(3, 4), (2, 5, 3)),
+        (nn.GroupNorm(2, 4), (2, 4, 5, 5)),
+        (nn.LayerNorm(4), (2, 4)),
+    ):
         module = _random_params(module)
         x, _ = _inputs(*shape)
         bias = {"bias": module.bias}

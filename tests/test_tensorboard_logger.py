@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY_DIT, write_shapes_shards
 from PIL import Image
 
 from emf_lightning import cli
+
+from helpers import TINY_DIT, write_shapes_shards
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
 
@@ -26,20 +27,58 @@ def test_tensorboard_override_logs_scalars_and_the_evaluation_grid(tmp_path):
 
     shards = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4, resolution=16)
     evaluation = tmp_path / "eval.yaml"
-    evaluation.write_text(json.dumps({"trainer": {"callbacks": [{
-        "class_path": "emf_lightning.callbacks.evaluation.EvaluationCallback",
-        "init_args": {"every_n_steps": 2, "num_samples": 4, "batch_size": 4, "steps": [1], "fid": False,
-                      "clip_score": False, "grid_prompts": 2, "grid_upscale": 2}}]}}))
+    evaluation.write_text(
+        json.dumps(
+            {
+                "trainer": {
+                    "callbacks": [
+                        {
+                            "class_path": "emf_lightning.callbacks.evaluation.EvaluationCallback",
+                            "init_args": {
+                                "every_n_steps": 2,
+                                "num_samples": 4,
+                                "batch_size": 4,
+                                "steps": [1],
+                                "fid": False,
+                                "clip_score": False,
+                                "grid_prompts": 2,
+                                "grid_upscale": 2,
+                            },
+                        }
+                    ]
+                }
+            }
+        )
+    )
     args = [
-        "fit", "--config", str(CONFIG), "--config", str(evaluation), f"--model.encoder={BOW}",
-        f"--data.train_shards={shards['train']}", f"--data.val_shards={shards['val']}", "--data.batch_size=2",
-        "--data.val_batch_size=2", "--data.num_workers=0", "--data.image_size=16", "--data.epoch_length=8",
-        "--data.pin_memory=false", f"--model.backbone={TINY_DIT}", "--model.feature_cache_dir=null",
-        "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.max_steps=2",
-        "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+        "fit",
+        "--config",
+        str(CONFIG),
+        "--config",
+        str(evaluation),
+        f"--model.encoder={BOW}",
+        f"--data.train_shards={shards['train']}",
+        f"--data.val_shards={shards['val']}",
+        "--data.batch_size=2",
+        "--data.val_batch_size=2",
+        "--data.num_workers=0",
+        "--data.image_size=16",
+        "--data.epoch_length=8",
+        "--data.pin_memory=false",
+        f"--model.backbone={TINY_DIT}",
+        "--model.feature_cache_dir=null",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        "--trainer.max_steps=2",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",
         # The override as the README documents it:
-        "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", str(tmp_path / "tb"),
+        "--trainer.logger",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.save_dir",
+        str(tmp_path / "tb"),
     ]
     assert cli.main(args) == 0
 

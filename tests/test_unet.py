@@ -7,16 +7,23 @@ import torch
 
 from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
 from emf_lightning.models import UNet, build_generator
-from reference_meanflow import ReferenceMeanFlowLoss
 
 from helpers import assert_backbone_jvp_matches_finite_differences, assert_padded_text_tokens_do_not_change_output
+from reference_meanflow import ReferenceMeanFlowLoss
 from test_models import perturb_zero_init
 
 
 def small_unet(**kw) -> UNet:
     torch.manual_seed(0)
-    args = dict(input_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
-                head_dim=8, context_dim=12)
+    args = dict(
+        input_size=8,
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        head_dim=8,
+        context_dim=12,
+    )
     args.update(kw)
     return UNet(**args)
 
@@ -83,8 +90,16 @@ def test_unet_jvp_matches_finite_differences():
 def test_unet_meanflow_loss_and_gradients_equal_the_naive_full_batch_jvp():
     # The production JVP (r != t rows only, graph-free, hand-written tangent rules for GroupNorm and conv)
     # must give the naive full-batch loss and gradients on a U-Net too.
-    gen = build_generator("unet-tiny", text_dim=12, input_size=8, base_channels=8, channel_mult=(1, 2),
-                          attention_resolutions=(2,), head_dim=8, context_dim=16)
+    gen = build_generator(
+        "unet-tiny",
+        text_dim=12,
+        input_size=8,
+        base_channels=8,
+        channel_mult=(1, 2),
+        attention_resolutions=(2,),
+        head_dim=8,
+        context_dim=16,
+    )
     perturb_zero_init(gen)
     x = torch.randn(6, 3, 8, 8)
     cond = (torch.randn(6, 4, 12), torch.ones(6, 4, dtype=torch.bool))

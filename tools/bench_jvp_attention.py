@@ -95,8 +95,9 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def attention_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, backends: list[str],
-                   record: Recorder) -> None:
+def attention_rows(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, backends: list[str], record: Recorder
+) -> None:
     g = torch.Generator(device=device).manual_seed(0)
     b, h, n, d, lt = args.batch, args.heads, args.tokens, args.head_dim, args.text_tokens
 
@@ -104,16 +105,20 @@ def attention_rows(args: argparse.Namespace, device: torch.device, dtype: torch.
         return torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
 
     text_mask = torch.ones(b, lt, dtype=torch.bool, device=device)
-    text_mask[:, lt // 2:] = torch.rand(b, lt - lt // 2, generator=g, device=device) < 0.3  # ragged padding
+    text_mask[:, lt // 2 :] = torch.rand(b, lt - lt // 2, generator=g, device=device) < 0.3  # ragged padding
     cases = {
         "self": ([randn(b, h, n, d) for _ in range(3)], [randn(b, h, n, d) for _ in range(3)], None),
-        "cross": ([randn(b, h, n, d), randn(b, h, lt, d), randn(b, h, lt, d)], [randn(b, h, n, d), None, None],
-                  text_mask),
+        "cross": (
+            [randn(b, h, n, d), randn(b, h, lt, d), randn(b, h, lt, d)],
+            [randn(b, h, n, d), None, None],
+            text_mask,
+        ),
     }
     for case, (primals, tangents, mask) in cases.items():
         filled = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
-        ref_out, ref_tangent = torch.func.jvp(lambda q, k, v: math_attention(q, k, v, mask), tuple(primals),
-                                              tuple(filled))  # float32 reference
+        ref_out, ref_tangent = torch.func.jvp(
+            lambda q, k, v: math_attention(q, k, v, mask), tuple(primals), tuple(filled)
+        )  # float32 reference
         low = [p.to(dtype) for p in primals]
         low_t = [None if t is None else t.to(dtype) for t in tangents]
 
@@ -124,9 +129,18 @@ def attention_rows(args: argparse.Namespace, device: torch.device, dtype: torch.
                 return fwAD.unpack_dual(out)
 
         for backend in backends:
-            row = {"part": "attention", "case": case, "backend": backend, "device": device.type,
-                   "dtype": str(dtype).removeprefix("torch."), "batch": b, "heads": h, "len_q": n,
-                   "len_k": primals[1].shape[2], "head_dim": d}
+            row = {
+                "part": "attention",
+                "case": case,
+                "backend": backend,
+                "device": device.type,
+                "dtype": str(dtype).removeprefix("torch."),
+                "batch": b,
+                "heads": h,
+                "len_q": n,
+                "len_k": primals[1].shape[2],
+                "head_dim": d,
+            }
             try:
                 out, tangent = run(backend)
                 row.update(out_rel_err=_rel(out, ref_out), tangent_rel_err=_rel(tangent, ref_tangent))
@@ -137,13 +151,15 @@ def attention_rows(args: argparse.Namespace, device: torch.device, dtype: torch.
             record(row)
 
 
-def network_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, backends: list[str],
-                 record: Recorder) -> None:
+def network_rows(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, backends: list[str], record: Recorder
+) -> None:
     torch.manual_seed(0)
     tokens_side = int(round(args.tokens**0.5))
     patch = 2
-    net = build_generator(args.network, text_dim=args.text_dim, input_size=tokens_side * patch, in_channels=4,
-                          patch_size=patch).to(device)
+    net = build_generator(
+        args.network, text_dim=args.text_dim, input_size=tokens_side * patch, in_channels=4, patch_size=patch
+    ).to(device)
     with torch.no_grad():  # adaLN-zero and zero heads would make every tangent 0
         for p in net.parameters():
             if p.abs().max() == 0:
@@ -153,7 +169,7 @@ def network_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     v = torch.randn_like(z)
     r, t = torch.rand(b, device=device) * 0.5, torch.rand(b, device=device) * 0.5 + 0.5
     mask = torch.ones(b, args.text_tokens, dtype=torch.bool, device=device)
-    mask[:, args.text_tokens // 2:] = False
+    mask[:, args.text_tokens // 2 :] = False
     cond = (torch.randn(b, args.text_tokens, args.text_dim, device=device), mask)
     amp = dtype != torch.float32
 
@@ -164,9 +180,15 @@ def network_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         with torch.no_grad(), autocast():
             return net(z, r, t, *cond)
 
-    base = {"part": "network", "network": args.network, "device": device.type,
-            "dtype": str(dtype).removeprefix("torch.") + (" autocast" if amp else ""), "batch": b,
-            "tokens": tokens_side**2, "parameters_m": sum(p.numel() for p in net.parameters()) / 1e6}
+    base = {
+        "part": "network",
+        "network": args.network,
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch.") + (" autocast" if amp else ""),
+        "batch": b,
+        "tokens": tokens_side**2,
+        "parameters_m": sum(p.numel() for p in net.parameters()) / 1e6,
+    }
     record({**base, "backend": "plain forward (no JVP)", **measure(forward, device, args.repeats, args.warmup)})
     reference = None
     for backend in backends:
@@ -192,14 +214,24 @@ def network_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     dtype = DTYPES["bf16" if device.type == "cuda" else "fp32"] if args.dtype == "auto" else DTYPES[args.dtype]
     backends = ["math", "torch"] + (["triton"] if device.type == "cuda" and triton_available() else [])
     record = Recorder(args.jsonl)
-    record({"part": "environment", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "triton": triton_available(), "threads": torch.get_num_threads(),
-            "argv": sys.argv[1:] if argv is None else argv})
+    record(
+        {
+            "part": "environment",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "triton": triton_available(),
+            "threads": torch.get_num_threads(),
+            "argv": sys.argv[1:] if argv is None else argv,
+        }
+    )
     attention_rows(args, device, dtype, backends, record)
     if args.network != "none":
         network_rows(args, device, dtype, backends, record)

@@ -91,24 +91,55 @@ def stages(args: argparse.Namespace, out: Path, log: Path, times: dict[str, floa
     start = time.perf_counter()
     for split, n in (("train", args.train_n), ("val", args.eval_n), ("heldout", args.eval_n)):
         if not (shards / f"{split}.manifest.json").exists():
-            run(emf("shards", "shapes", "--out", str(shards / f"{split}-%06d.tar"), "--split", split, "--n", str(n),
-                    "--mix", MIX, "--n-captions", "1", "--seed", "0"), log)
+            run(
+                emf(
+                    "shards",
+                    "shapes",
+                    "--out",
+                    str(shards / f"{split}-%06d.tar"),
+                    "--split",
+                    split,
+                    "--n",
+                    str(n),
+                    "--mix",
+                    MIX,
+                    "--n-captions",
+                    "1",
+                    "--seed",
+                    "0",
+                ),
+                log,
+            )
     times["shards"] = time.perf_counter() - start
     done("shards")
     train, val, heldout = (str(shards / f"{s}-*.tar") for s in ("train", "val", "heldout"))
 
     # 2. text features, once per caption (SmolLM2 converts its GGUF on first use: ~30 s)
     start = time.perf_counter()
-    run(emf("cache-features", "--encoder", str(CONFIG), "--shards", f"{train}::{val}::{heldout}", "--root", str(cache),
-            "--no-paraphrases"), log)
+    run(
+        emf(
+            "cache-features",
+            "--encoder",
+            str(CONFIG),
+            "--shards",
+            f"{train}::{val}::{heldout}",
+            "--root",
+            str(cache),
+            "--no-paraphrases",
+        ),
+        log,
+    )
     times["features"] = time.perf_counter() - start
     done("features")
 
     # 3. training
     start = time.perf_counter()
     overrides = [
-        f"--data.train_shards={train}", f"--data.val_shards={val}", f"--model.feature_cache_dir={cache}",
-        f"--trainer.default_root_dir={runs}", f"--trainer.logger.init_args.save_dir={runs}",
+        f"--data.train_shards={train}",
+        f"--data.val_shards={val}",
+        f"--model.feature_cache_dir={cache}",
+        f"--trainer.default_root_dir={runs}",
+        f"--trainer.logger.init_args.save_dir={runs}",
     ]
     if args.max_steps:
         overrides.append(f"--trainer.max_steps={args.max_steps}")
@@ -126,13 +157,45 @@ def stages(args: argparse.Namespace, out: Path, log: Path, times: dict[str, floa
         start = time.perf_counter()
         eval_dir = out / f"eval_{name}"
         eval_config = out / f"eval_{name}.yaml"
-        eval_config.write_text(json.dumps({"trainer": {"logger": False, "callbacks": [{
-            "class_path": "emf_lightning.callbacks.evaluation.EvaluationCallback",
-            "init_args": {"num_samples": args.eval_n, "batch_size": 128, "fid": False, "clip_score": False,
-                          "shapes_eval": True, "grid_prompts": 12, "output_dir": str(eval_dir)}}]}}))
-        run(emf("validate", "--config", str(CONFIG), "--config", str(eval_config), "--ckpt", str(ckpt),
-                f"--data.val_shards={shard}", f"--model.feature_cache_dir={cache}", "--trainer.limit_val_batches=1",
-                f"--trainer.default_root_dir={eval_dir}"), log)  # LightningCLI saves its config.yaml there
+        eval_config.write_text(
+            json.dumps(
+                {
+                    "trainer": {
+                        "logger": False,
+                        "callbacks": [
+                            {
+                                "class_path": "emf_lightning.callbacks.evaluation.EvaluationCallback",
+                                "init_args": {
+                                    "num_samples": args.eval_n,
+                                    "batch_size": 128,
+                                    "fid": False,
+                                    "clip_score": False,
+                                    "shapes_eval": True,
+                                    "grid_prompts": 12,
+                                    "output_dir": str(eval_dir),
+                                },
+                            }
+                        ],
+                    }
+                }
+            )
+        )
+        run(
+            emf(
+                "validate",
+                "--config",
+                str(CONFIG),
+                "--config",
+                str(eval_config),
+                "--ckpt",
+                str(ckpt),
+                f"--data.val_shards={shard}",
+                f"--model.feature_cache_dir={cache}",
+                "--trainer.limit_val_batches=1",
+                f"--trainer.default_root_dir={eval_dir}",
+            ),
+            log,
+        )  # LightningCLI saves its config.yaml there
         times[f"evaluate ({name})"] = time.perf_counter() - start
         results[name] = json.loads(newest("metrics-*.json", eval_dir).read_text())
         done(f"evaluate ({name})")
@@ -162,8 +225,9 @@ def diagnose(ckpt: Path, shards: str, n: int) -> dict:
 
     samples = list(islice(wds.WebDataset(sorted(glob.glob(shards)), shardshuffle=False).decode("rgb8"), n))
     specs = [scene_spec_or_none(s["json"]) for s in samples]
-    held = HeldOutSet(np.stack([s["png"] for s in samples]), [s["txt"] for s in samples], specs,
-                      [s["__key__"] for s in samples])
+    held = HeldOutSet(
+        np.stack([s["png"] for s in samples]), [s["txt"] for s in samples], specs, [s["__key__"] for s in samples]
+    )
     module = EMFModule.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
     # The evaluation stage's sampler, batches and seeds: these are the table's 1-step samples.
     evaluator = Evaluator(steps=(1,), batch_size=128, fid=False, clip_score=False, shapes_eval=False, keep_images=None)
@@ -204,7 +268,9 @@ def summarise(times: dict[str, float], results: dict[str, dict], out: Path, diag
         rows = [(f"{s['steps']} step{'s' if s['steps'] > 1 else ''}", s["metrics"]) for s in payload["settings"]]
         rows.append(("real images", payload.get("real", {})))
         cats = [k for k in rows[0][1] if k.startswith("shapes_")]
-        t = Table(title=f"ShapesEval on {name} prompts ({payload['num_samples']} scenes, step {payload['global_step']})")
+        t = Table(
+            title=f"ShapesEval on {name} prompts ({payload['num_samples']} scenes, step {payload['global_step']})"
+        )
         t.add_column("sampler")
         for c in cats:
             t.add_column(c.removeprefix("shapes_"), justify="right")
@@ -214,8 +280,10 @@ def summarise(times: dict[str, float], results: dict[str, dict], out: Path, diag
         summary[name] = payload
     summary["diagnosis_1step"] = diagnosis
     for name, d in diagnosis.items():
-        console.print(f"1-step {name} samples showing the prompted colour (any shape): {d['colour_present']:.3f}; "
-                      f"outcomes: {d['reasons']}")
+        console.print(
+            f"1-step {name} samples showing the prompted colour (any shape): {d['colour_present']:.3f}; "
+            f"outcomes: {d['reasons']}"
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"grids and metrics: {out}/eval_val, {out}/eval_heldout; summary: {out}/summary.json")
 

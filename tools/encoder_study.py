@@ -38,7 +38,10 @@ MIX = "colors=4,color_attr=1,position=1"
 # Each encoder as the training config names it. max_length matches the base config.
 ENCODER_SPECS = {
     "llm": {"class_path": "emf_lightning.encoders.LLMEncoder", "init_args": {"model": "smollm2", "max_length": 64}},
-    "minilm": {"class_path": "emf_lightning.encoders.SentenceEncoder", "init_args": {"model": "minilm", "max_length": 64}},
+    "minilm": {
+        "class_path": "emf_lightning.encoders.SentenceEncoder",
+        "init_args": {"model": "minilm", "max_length": 64},
+    },
     "bow": {"class_path": "emf_lightning.encoders.BagOfWordsEncoder", "init_args": {}},
     "label": {"class_path": "emf_lightning.encoders.LabelEncoder", "init_args": {}},
 }
@@ -71,17 +74,38 @@ def make_data(args: argparse.Namespace, data: Path, log: Path) -> dict[str, str]
     urls = {}
     for split, n in (("train", args.train_n), ("val", args.eval_n)):
         if not (data / f"{split}.manifest.json").exists():
-            run(emf_command() + ["shards", "shapes", "--out", str(data / f"{split}-%06d.tar"), "--split", split,
-                                 "--n", str(n), "--mix", args.mix, "--n-captions", "1", "--seed", "0",
-                                 "--resolution", str(args.resolution)], log)
+            run(
+                emf_command()
+                + [
+                    "shards",
+                    "shapes",
+                    "--out",
+                    str(data / f"{split}-%06d.tar"),
+                    "--split",
+                    split,
+                    "--n",
+                    str(n),
+                    "--mix",
+                    args.mix,
+                    "--n-captions",
+                    "1",
+                    "--seed",
+                    "0",
+                    "--resolution",
+                    str(args.resolution),
+                ],
+                log,
+            )
         urls[split] = str(data / f"{split}-*.tar")
     return urls
 
 
 def encoder_spec(name: str, args: argparse.Namespace) -> dict:
     if args.precomputed and name in ("llm", "minilm"):
-        return {"class_path": "emf_lightning.encoders.PrecomputedEncoder",
-                "init_args": {"cache_dir": str(Path(args.precomputed).resolve() / name)}}
+        return {
+            "class_path": "emf_lightning.encoders.PrecomputedEncoder",
+            "init_args": {"cache_dir": str(Path(args.precomputed).resolve() / name)},
+        }
     return ENCODER_SPECS[name]
 
 
@@ -105,7 +129,10 @@ def loss_spec(objective: str, args: argparse.Namespace) -> dict:
     common = {"time_sampler": time_sampler, "adaptive_p": 1.0, "adaptive_c": 0.001, "cond_drop_prob": 0.1}
     if objective == "flow_matching":
         return {"class_path": "emf_lightning.meanflow.FlowMatchingLoss", "init_args": common}
-    return {"class_path": "emf_lightning.meanflow.MeanFlowLoss", "init_args": {**common, "jvp_tangent": args.jvp_tangent}}
+    return {
+        "class_path": "emf_lightning.meanflow.MeanFlowLoss",
+        "init_args": {**common, "jvp_tangent": args.jvp_tangent},
+    }
 
 
 def run_config(name: str, objective: str, args: argparse.Namespace, urls: dict, run_dir: Path, cache: Path) -> dict:
@@ -119,13 +146,27 @@ def run_config(name: str, objective: str, args: argparse.Namespace, urls: dict, 
             "precision": args.precision,
             "val_check_interval": None,
             "limit_val_batches": 0,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "log"}},
-            "callbacks": [{
-                "class_path": "emf_lightning.callbacks.evaluation.EvaluationCallback",
-                "init_args": {"every_n_steps": args.max_steps, "num_samples": args.eval_n, "batch_size": 128,
-                              "steps": steps, "fid": False, "clip_score": False, "shapes_eval": True,
-                              "grid_prompts": 8, "output_dir": str(run_dir / "eval"), "on_train_end": True},
-            }],
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(run_dir), "name": "log"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "emf_lightning.callbacks.evaluation.EvaluationCallback",
+                    "init_args": {
+                        "every_n_steps": args.max_steps,
+                        "num_samples": args.eval_n,
+                        "batch_size": 128,
+                        "steps": steps,
+                        "fid": False,
+                        "clip_score": False,
+                        "shapes_eval": True,
+                        "grid_prompts": 8,
+                        "output_dir": str(run_dir / "eval"),
+                        "on_train_end": True,
+                    },
+                }
+            ],
             "enable_checkpointing": False,
             "enable_progress_bar": False,
         },
@@ -136,8 +177,11 @@ def run_config(name: str, objective: str, args: argparse.Namespace, urls: dict, 
             "feature_cache_dir": str(cache),
         },
         "data": {
-            "train_shards": urls["train"], "val_shards": urls["val"], "image_size": args.resolution,
-            "batch_size": args.batch_size, "caption_sampling": "first",
+            "train_shards": urls["train"],
+            "val_shards": urls["val"],
+            "image_size": args.resolution,
+            "batch_size": args.batch_size,
+            "caption_sampling": "first",
             "epoch_length": args.batch_size * max(args.max_steps, 1),
         },
     }
@@ -151,8 +195,11 @@ def train_one(name: str, objective: str, args, urls, out: Path, cache: Path) -> 
         config.write_text(json.dumps(run_config(name, objective, args, urls, run_dir, cache), indent=1))
         start = time.perf_counter()
         try:
-            run(emf_command() + ["fit", "--config", str(BASE_CONFIG), "--config", str(config)], run_dir / "fit.log",
-                env=run_env(args.parallel))
+            run(
+                emf_command() + ["fit", "--config", str(BASE_CONFIG), "--config", str(config)],
+                run_dir / "fit.log",
+                env=run_env(args.parallel),
+            )
         except RuntimeError as err:  # one failed run must not cost the others' results
             print(f"study: {name}/{objective} failed: {err}", file=sys.stderr)
             return None
@@ -179,16 +226,37 @@ def collect(run_dir: Path) -> dict | None:
     payload = json.loads(done[-1].read_text())
     seconds = float((run_dir / "seconds.txt").read_text()) if (run_dir / "seconds.txt").exists() else float("nan")
     encoder, _, objective = run_dir.name.partition("-")
-    return {"encoder": encoder, "objective": objective, "seconds": seconds, "global_step": payload["global_step"],
-            "shapes": {s["steps"]: s["metrics"] for s in payload["settings"]}, "real": payload.get("real", {})}
+    return {
+        "encoder": encoder,
+        "objective": objective,
+        "seconds": seconds,
+        "global_step": payload["global_step"],
+        "shapes": {s["steps"]: s["metrics"] for s in payload["settings"]},
+        "real": payload.get("real", {}),
+    }
 
 
 def probe_scores(names: list[str], args, out: Path, log: Path) -> dict[str, dict]:
     """The probe's numbers per encoder: from --probe-json, or by running `emf probe` here."""
     path = Path(args.probe_json) if args.probe_json else out / "probe" / "probe.json"
     if not path.exists():
-        run(emf_command() + ["probe", "--encoder", ",".join(names), "--n", str(args.probe_n), "--k", "2",
-                             "--out", str(path.parent), "--feature-cache", str(out / "probe_features")], log)
+        run(
+            emf_command()
+            + [
+                "probe",
+                "--encoder",
+                ",".join(names),
+                "--n",
+                str(args.probe_n),
+                "--k",
+                "2",
+                "--out",
+                str(path.parent),
+                "--feature-cache",
+                str(out / "probe_features"),
+            ],
+            log,
+        )
     encoders = json.loads(path.read_text())["encoders"]
     return {n: encoders[n]["metrics"] for n in names if n in encoders}
 
@@ -202,9 +270,23 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def report(results: list[dict], probes: dict, args, out: Path) -> str:
     backbone = args.backbone or "of the base config"
-    lines = [f"Encoder study: {args.resolution}x{args.resolution}, backbone {backbone}, {args.max_steps} steps x "
-             f"batch {args.batch_size}, {args.eval_n} val scenes (ShapesEval overall / colors).", ""]
-    head = ["encoder", "objective", *PROBE_KEYS.values(), "1 step", "2 steps", "4 steps", "50 steps", "colors@1", "steps", "train s"]
+    lines = [
+        f"Encoder study: {args.resolution}x{args.resolution}, backbone {backbone}, {args.max_steps} steps x "
+        f"batch {args.batch_size}, {args.eval_n} val scenes (ShapesEval overall / colors).",
+        "",
+    ]
+    head = [
+        "encoder",
+        "objective",
+        *PROBE_KEYS.values(),
+        "1 step",
+        "2 steps",
+        "4 steps",
+        "50 steps",
+        "colors@1",
+        "steps",
+        "train s",
+    ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         p = probes.get(r["encoder"], {})
@@ -222,8 +304,10 @@ def report(results: list[dict], probes: dict, args, out: Path) -> str:
         one_step = [r["shapes"][1]["shapes_overall"] for r in mf]
         for key, label in PROBE_KEYS.items():
             rho = spearman([probes[r["encoder"]][key] for r in mf], one_step)
-            lines.append(f"- Spearman rank correlation of {label} with MeanFlow 1-step ShapesEval overall: {rho:+.2f} "
-                         f"(n = {len(mf)} encoders)")
+            lines.append(
+                f"- Spearman rank correlation of {label} with MeanFlow 1-step ShapesEval overall: {rho:+.2f} "
+                f"(n = {len(mf)} encoders)"
+            )
     text = "\n".join(lines) + "\n"
     (out / "study.md").write_text(text)
     (out / "study.json").write_text(json.dumps({"args": vars(args), "results": results, "probes": probes}, indent=1))
@@ -245,7 +329,9 @@ def plot(results: list[dict], probes: dict, out: Path) -> None:
     for r in results:
         steps = sorted(r["shapes"])
         style = "-o" if r["objective"] == "meanflow" else "--s"
-        left.plot(steps, [r["shapes"][s]["shapes_overall"] for s in steps], style, label=f"{r['encoder']} {r['objective']}")
+        left.plot(
+            steps, [r["shapes"][s]["shapes_overall"] for s in steps], style, label=f"{r['encoder']} {r['objective']}"
+        )
     left.set_xscale("log")
     left.set_xlabel("sampling steps")
     left.set_ylabel("ShapesEval overall")
@@ -267,15 +353,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoders", default="llm,minilm,bow,label")
     p.add_argument("--objectives", default="meanflow,flow_matching")
     p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--jvp-tangent", default="conditional", choices=["conditional", "predicted"],
-                   help="MeanFlow's du/dt tangent: the paper's e - x (default) or improved MeanFlow's u(z, t, t)")
+    p.add_argument(
+        "--jvp-tangent",
+        default="conditional",
+        choices=["conditional", "predicted"],
+        help="MeanFlow's du/dt tangent: the paper's e - x (default) or improved MeanFlow's u(z, t, t)",
+    )
     p.add_argument("--backbone", default=None, help="a backbone preset (default: the base config's, unet-tiny)")
     p.add_argument("--patch-size", type=int, default=None, help="DiT patch size (DiT presets only)")
     p.add_argument("--max-steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", default="bf16-mixed", help="bf16 autocast (faster on AVX512-BF16 CPUs too)")
-    p.add_argument("--max-minutes", type=int, default=None,
-                   help="stop each run after this long (then it is evaluated where it got to)")
+    p.add_argument(
+        "--max-minutes",
+        type=int,
+        default=None,
+        help="stop each run after this long (then it is evaluated where it got to)",
+    )
     p.add_argument("--mix", default=MIX, help="shapes-world category weights of the study's data")
     p.add_argument("--train-n", type=int, default=3000)
     p.add_argument("--eval-n", type=int, default=256)
@@ -309,9 +403,22 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             spec_file = out / f"encoder-{name}.json"
             spec_file.write_text(json.dumps({"encoder": ENCODER_SPECS[name]}))
-            run(emf_command() + ["cache-features", "--encoder", str(spec_file), "--shards",
-                                 f"{urls['train']}::{urls['val']}", "--root", str(cache), "--no-paraphrases"], log)
+            run(
+                emf_command()
+                + [
+                    "cache-features",
+                    "--encoder",
+                    str(spec_file),
+                    "--shards",
+                    f"{urls['train']}::{urls['val']}",
+                    "--root",
+                    str(cache),
+                    "--no-paraphrases",
+                ],
+                log,
+            )
     with progress("study: training runs", total=len(jobs)) as advance:
+
         def one(job: tuple[str, str]) -> dict | None:
             result = train_one(*job, args, urls, out, cache)
             advance(1, description=f"study: {job[0]}/{job[1]} done")

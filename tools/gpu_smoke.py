@@ -13,10 +13,12 @@ net = build_generator("S", text_dim=576, input_size=64, patch_size=4).to(device)
 x = torch.randn(64, 3, 64, 64, device=device)
 tokens, mask = torch.randn(64, 16, 576, device=device), torch.ones(64, 16, dtype=torch.bool, device=device)
 opt = torch.optim.AdamW(net.parameters(), 1e-4)
-for name, loss_fn in (("meanflow", MeanFlowLoss(TimeSampler(neq_ratio=0.5), cond_drop_prob=0.0)),
-                      ("flow_matching", FlowMatchingLoss(TimeSampler(), cond_drop_prob=0.0))):
+for name, loss_fn in (
+    ("meanflow", MeanFlowLoss(TimeSampler(neq_ratio=0.5), cond_drop_prob=0.0)),
+    ("flow_matching", FlowMatchingLoss(TimeSampler(), cond_drop_prob=0.0)),
+):
     times = []
-    for i in range(6):
+    for _ in range(6):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -11,8 +11,9 @@ change under a checkpoint's weights and is an error naming the key and both valu
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from emf_lightning.errors import CheckpointError, InputNotFoundError
 
@@ -21,8 +22,11 @@ from emf_lightning.errors import CheckpointError, InputNotFoundError
 # and the encoder class (the features the generator was trained on).
 STRUCTURAL_MODEL_KEYS = ("backbone", "loss.class_path", "encoder.class_path")
 # Backbone arguments that change how it computes or trains, not its weights.
-NON_STRUCTURAL_MODEL_KEYS = ("backbone.init_args.gradient_checkpointing", "backbone.init_args.dropout",
-                             "backbone.init_args.trainable")
+NON_STRUCTURAL_MODEL_KEYS = (
+    "backbone.init_args.gradient_checkpointing",
+    "backbone.init_args.dropout",
+    "backbone.init_args.trainable",
+)
 _UNSET = "(not set)"
 _SPEC_BOOKKEEPING = ("unrecorded",)  # to_spec's note of arguments it could not record
 
@@ -38,21 +42,30 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     # torch.save writes a zip archive whose directory is at the end: a truncated copy or another file fails here,
     # where torch.load would report an internal error (a KeyError for a text file).
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"cannot read checkpoint {path}: it is not a complete torch.save archive (truncated, "
-                              "or another kind of file); pass a .ckpt written by `emf fit`")
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is not a complete torch.save archive (truncated, "
+            "or another kind of file); pass a .ckpt written by `emf fit`"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated zip, not a torch file, pickled code...: all "cannot read"
         reason = (str(err).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {reason}): it is truncated "
-                              "or not a checkpoint; pass a .ckpt written by `emf fit`") from err
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(err).__name__}: {reason}): it is truncated "
+            "or not a checkpoint; pass a .ckpt written by `emf fit`"
+        ) from err
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or "encoder" not in hparams or not isinstance(state, dict) or not any(
-        k.startswith("ema_generator.") for k in state
+    if (
+        not isinstance(hparams, dict)
+        or "encoder" not in hparams
+        or not isinstance(state, dict)
+        or not any(k.startswith("ema_generator.") for k in state)
     ):
-        raise CheckpointError(f"{path} is not an emf-lightning checkpoint (no EMFModule hyper-parameters and EMA "
-                              "weights); pass a checkpoint written by `emf fit`")
+        raise CheckpointError(
+            f"{path} is not an emf-lightning checkpoint (no EMFModule hyper-parameters and EMA "
+            "weights); pass a checkpoint written by `emf fit`"
+        )
     return ckpt
 
 
@@ -131,6 +144,7 @@ def differences(saved: dict[str, Any], given: Any) -> list[tuple[str, Any, Any]]
 
 def is_structural(key: str) -> bool:
     """Whether a (dotted) model key is one of STRUCTURAL_MODEL_KEYS or lies under one (and is not exempt)."""
+
     def under(keys: tuple[str, ...]) -> bool:
         return any(key == s or key.startswith(s + ".") for s in keys)
 
@@ -147,14 +161,19 @@ def check_overrides(ckpt: dict[str, Any], model_config: Any, data_config: Any, p
     model_diff = differences(module_hyperparameters(ckpt), model_config)
     structural = [(k, old, new) for k, old, new in model_diff if is_structural(k)]
     if structural:
-        clashes = "; ".join(f"model.{k} is {old!r} in the checkpoint but {new!r} on the command line"
-                            for k, old, new in structural)
-        raise CheckpointError(f"{clashes}: the weights in {path} need the architecture they were trained with; drop "
-                              "the override (or train a new model to change it)")
+        clashes = "; ".join(
+            f"model.{k} is {old!r} in the checkpoint but {new!r} on the command line" for k, old, new in structural
+        )
+        raise CheckpointError(
+            f"{clashes}: the weights in {path} need the architecture they were trained with; drop "
+            "the override (or train a new model to change it)"
+        )
     lines = [f"model.{k}: {old!r} -> {new!r}" for k, old, new in model_diff]
     if data_config is not None and ckpt.get("datamodule_hyper_parameters"):
-        lines += [f"data.{k}: {old!r} -> {new!r}" for k, old, new in
-                  differences(ckpt["datamodule_hyper_parameters"], data_config)]
+        lines += [
+            f"data.{k}: {old!r} -> {new!r}"
+            for k, old, new in differences(ckpt["datamodule_hyper_parameters"], data_config)
+        ]
     return lines
 
 
@@ -174,16 +193,20 @@ def check_weights_fit(model: Any, ckpt: dict[str, Any], path: str | Path) -> Non
     text_dim = saved_text_dim(saved)
     encoder_dim = getattr(getattr(model, "encoder", None), "dim", None)
     if text_dim is not None and encoder_dim is not None and encoder_dim != text_dim:
-        raise CheckpointError(f"model.encoder gives features of width {encoder_dim}, but the generator in {path} was "
-                              f"trained on width {text_dim}: use the checkpoint's encoder (drop the --model.encoder "
-                              "overrides)")
+        raise CheckpointError(
+            f"model.encoder gives features of width {encoder_dim}, but the generator in {path} was "
+            f"trained on width {text_dim}: use the checkpoint's encoder (drop the --model.encoder "
+            "overrides)"
+        )
     rebuilt = set(ckpt.get("emf_rebuilt_keys") or [])  # frozen pretrained weights, rebuilt rather than saved
     mismatched = _shape_mismatches(((k, v) for k, v in model.state_dict().items() if k not in rebuilt), saved)
     if mismatched:
         name, have, want = mismatched[0]
-        raise CheckpointError(f"the model built from this configuration does not fit the weights in {path}: {name} "
-                              f"is {have} here and {want} in the checkpoint ({len(mismatched)} such parameters); "
-                              "drop the overrides of the architecture")
+        raise CheckpointError(
+            f"the model built from this configuration does not fit the weights in {path}: {name} "
+            f"is {have} here and {want} in the checkpoint ({len(mismatched)} such parameters); "
+            "drop the overrides of the architecture"
+        )
 
 
 def _shape_mismatches(params: Iterable[tuple[str, Any]], saved: dict[str, Any]) -> list[tuple[str, str, str]]:

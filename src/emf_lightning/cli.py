@@ -22,8 +22,8 @@ import os
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 LIGHTNING_COMMANDS = {
     "fit": "Train a generator (LightningCLI: emf fit --config configs/smollm_shapes.yaml)",
@@ -45,9 +45,13 @@ EXTRA_COMMANDS = {
 def usage() -> str:
     """The top-level help text listing every subcommand."""
     width = max(map(len, [*LIGHTNING_COMMANDS, *EXTRA_COMMANDS]))
-    lines = ["usage: emf <command> [options]   (emf <command> --help for its options)", "",
-             "one-step text-to-image generation with MeanFlow and pluggable text encoders", "",
-             "training (LightningCLI):"]
+    lines = [
+        "usage: emf <command> [options]   (emf <command> --help for its options)",
+        "",
+        "one-step text-to-image generation with MeanFlow and pluggable text encoders",
+        "",
+        "training (LightningCLI):",
+    ]
     lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()]
     lines += ["", "tools:"]
     lines += [f"  {name:<{width}}  {text}" for name, text in EXTRA_COMMANDS.items()]
@@ -79,7 +83,7 @@ def _rename_ckpt_alias(argv: list[str]) -> list[str]:
         if arg == "--ckpt":
             arg = "--ckpt_path"
         elif arg.startswith("--ckpt="):
-            arg = "--ckpt_path=" + arg[len("--ckpt="):]
+            arg = "--ckpt_path=" + arg[len("--ckpt=") :]
         out.append(arg)
     return out
 
@@ -95,7 +99,8 @@ def _ckpt_path(argv: list[str]) -> str | None:
 
 def config_from_checkpoint(path: str | Path) -> dict:
     """The ``model:`` (and ``data:``) config sections saved in a Lightning checkpoint's hyper-parameters."""
-    from emf_lightning.checkpoint_config import config_from_checkpoint as from_ckpt, read_checkpoint
+    from emf_lightning.checkpoint_config import config_from_checkpoint as from_ckpt
+    from emf_lightning.checkpoint_config import read_checkpoint
 
     return from_ckpt(read_checkpoint(path))
 

@@ -40,10 +40,19 @@ CONFIG_FILE = "config.json"
 
 
 @torch.no_grad()
-def sample_images(net: nn.Module, encode_text: Callable[[list[str]], TextFeatures], text_dim: int,
-                  loss: Objective, autoencoder: LatentAutoencoder, data_shape: Sequence[int],
-                  captions: Sequence[str], steps: int = 1, cfg_scale: float = 1.0, seed: int = 0,
-                  device: torch.device | str = "cpu") -> Tensor:
+def sample_images(
+    net: nn.Module,
+    encode_text: Callable[[list[str]], TextFeatures],
+    text_dim: int,
+    loss: Objective,
+    autoencoder: LatentAutoencoder,
+    data_shape: Sequence[int],
+    captions: Sequence[str],
+    steps: int = 1,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> Tensor:
     """Images [B, 3, H, W] in [-1, 1] for ``captions``; the same seed gives the same images."""
     captions = list(captions)
     if not captions:
@@ -75,8 +84,14 @@ class MeanFlowGenerator(nn.Module):
     as for training); the generator's weights come from the folder.
     """
 
-    def __init__(self, generator: Generator, encoder: TextEncoder, loss: Objective,
-                 autoencoder: LatentAutoencoder | None = None, config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        generator: Generator,
+        encoder: TextEncoder,
+        loss: Objective,
+        autoencoder: LatentAutoencoder | None = None,
+        config: dict[str, Any] | None = None,
+    ):
         super().__init__()
         self.generator = generator.eval().requires_grad_(False)
         self.encoder = encoder.eval().requires_grad_(False)
@@ -96,13 +111,25 @@ class MeanFlowGenerator(nn.Module):
     def encode_text(self, captions: list[str]) -> TextFeatures:
         return encode_with_null(captions, self.encoder.encode, self.encoder.dim, device=self.device)
 
-    def generate(self, captions: Sequence[str], steps: int | None = None, cfg_scale: float | None = None,
-                 seed: int = 0) -> Tensor:
+    def generate(
+        self, captions: Sequence[str], steps: int | None = None, cfg_scale: float | None = None, seed: int = 0
+    ) -> Tensor:
         """Images [B, 3, H, W] in [-1, 1]; steps and cfg_scale default to the training run's sampling settings."""
         steps = int(steps if steps is not None else (self.config.get("sample_steps") or [1])[0])
         cfg_scale = float(cfg_scale if cfg_scale is not None else self.config.get("cfg_scale", 1.0))
-        return sample_images(self.generator, self.encode_text, self.encoder.dim, self.loss, self.autoencoder,
-                             self.data_shape, captions, steps, cfg_scale, seed, self.device)
+        return sample_images(
+            self.generator,
+            self.encode_text,
+            self.encoder.dim,
+            self.loss,
+            self.autoencoder,
+            self.data_shape,
+            captions,
+            steps,
+            cfg_scale,
+            seed,
+            self.device,
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> MeanFlowGenerator:
@@ -115,21 +142,27 @@ class MeanFlowGenerator(nn.Module):
             raise CheckpointError(f"{directory} is not an emf export: no {CONFIG_FILE} (write one with `emf export`)")
         config = json.loads(config_path.read_text())
         if config.get("format") != EXPORT_FORMAT or int(config.get("format_version", 0)) > EXPORT_VERSION:
-            raise CheckpointError(f"{config_path} is not an emf-lightning generator export this version reads "
-                                  f"(format {config.get('format')!r}, version {config.get('format_version')!r})")
+            raise CheckpointError(
+                f"{config_path} is not an emf-lightning generator export this version reads "
+                f"(format {config.get('format')!r}, version {config.get('format_version')!r})"
+            )
         backbone_spec = dict(config["backbone"])
         if config.get("backbone_folder"):  # the backbone loads from its own folder (a diffusers model)
-            backbone_spec["init_args"] = {**backbone_spec.get("init_args", {}),
-                                          "model": str(directory / config["backbone_folder"])}
+            backbone_spec["init_args"] = {
+                **backbone_spec.get("init_args", {}),
+                "model": str(directory / config["backbone_folder"]),
+            }
         encoder = build(config["encoder"], TextEncoder)
         generator = Generator.for_backbone(build(backbone_spec, Backbone), encoder.dim)
         state = load_file(str(directory / WEIGHTS_FILE))
         missing, unexpected = generator.load_state_dict(state, strict=False)
         allowed_missing = [k for k in missing if config.get("backbone_folder") and k.startswith("backbone.")]
         if unexpected or set(missing) - set(allowed_missing):
-            raise CheckpointError(f"{directory / WEIGHTS_FILE} does not fit the generator its config describes: "
-                                  f"missing {sorted(set(missing) - set(allowed_missing))[:5]}, "
-                                  f"unexpected {sorted(unexpected)[:5]}")
+            raise CheckpointError(
+                f"{directory / WEIGHTS_FILE} does not fit the generator its config describes: "
+                f"missing {sorted(set(missing) - set(allowed_missing))[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
         autoencoder = build_autoencoder(config.get("autoencoder"))
         model = cls(generator, encoder, build(config["loss"], Objective), autoencoder, config)
         return model.to(device)

@@ -27,8 +27,10 @@ AUTOENCODERS: dict[str, tuple[type[LatentAutoencoder], dict[str, Any]]] = {
     "dc-ae-f32": (DCAutoencoder, {"model": "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"}),
 }
 # diffusers' `_class_name` in a VAE's config.json -> our class
-DIFFUSERS_CLASSES: dict[str, type[DiffusersAutoencoder]] = {"AutoencoderKL": KLAutoencoder,
-                                                            "AutoencoderDC": DCAutoencoder}
+DIFFUSERS_CLASSES: dict[str, type[DiffusersAutoencoder]] = {
+    "AutoencoderKL": KLAutoencoder,
+    "AutoencoderDC": DCAutoencoder,
+}
 
 
 def autoencoder_class(path: str) -> type[LatentAutoencoder]:
@@ -64,8 +66,9 @@ def _config_class_name(model: str) -> tuple[str | None, str | None]:
     return other, None
 
 
-def build_autoencoder(spec: str | dict[str, Any] | LatentAutoencoder | None = None,
-                      **overrides: Any) -> LatentAutoencoder:
+def build_autoencoder(
+    spec: str | dict[str, Any] | LatentAutoencoder | None = None, **overrides: Any
+) -> LatentAutoencoder:
     """Build an autoencoder from a registry name, a config dict, a class path or a model folder / HF id.
 
     `overrides` go to the constructor on top of the spec's arguments (e.g. device="cuda", pretrained=False).
@@ -80,8 +83,11 @@ def build_autoencoder(spec: str | dict[str, Any] | LatentAutoencoder | None = No
     if isinstance(spec, dict):
         spec = dict(spec)
         if "class_path" in spec:
-            cls = AUTOENCODERS[spec["class_path"]][0] if spec["class_path"] in AUTOENCODERS \
+            cls = (
+                AUTOENCODERS[spec["class_path"]][0]
+                if spec["class_path"] in AUTOENCODERS
                 else autoencoder_class(spec["class_path"])
+            )
             return cls(**{**(spec.get("init_args") or {}), **overrides})
         if "name" in spec:
             return build_autoencoder(spec.pop("name"), **{**spec, **overrides})
@@ -99,11 +105,16 @@ def build_autoencoder(spec: str | dict[str, Any] | LatentAutoencoder | None = No
         path = Path(name).expanduser()
         looked = [str(path)] if path.is_dir() or path.is_absolute() or name.startswith((".", "~")) else []
         looked.append(str(hf_cache_dir()))
-        raise MissingWeightsError(name, looked, hint="No VAE config.json there (or in its vae/ subfolder). "
-                                  f"Registered autoencoders: {', '.join(sorted(AUTOENCODERS))}.")
+        raise MissingWeightsError(
+            name,
+            looked,
+            hint="No VAE config.json there (or in its vae/ subfolder). "
+            f"Registered autoencoders: {', '.join(sorted(AUTOENCODERS))}.",
+        )
     if class_name not in DIFFUSERS_CLASSES:
-        raise ValueError(f"{name}: config.json names {class_name!r}; supported VAE classes: "
-                         f"{', '.join(sorted(DIFFUSERS_CLASSES))}")
+        raise ValueError(
+            f"{name}: config.json names {class_name!r}; supported VAE classes: {', '.join(sorted(DIFFUSERS_CLASSES))}"
+        )
     return DIFFUSERS_CLASSES[class_name](**{"model": name, "subfolder": subfolder, **overrides})
 
 

@@ -30,8 +30,9 @@ class LatentAutoencoder(RecordsInitArgs, nn.Module):
     image_channels: ClassVar[int] = 3
     sample_posterior: bool = False  # what encode(sample=None) does
 
-    def __init__(self, batch_size: int = 8, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str | None = None):
+    def __init__(
+        self, batch_size: int = 8, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
+    ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -89,8 +90,10 @@ class LatentAutoencoder(RecordsInitArgs, nn.Module):
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         f = self.downsample
         if h % f or w % f:
-            raise ValueError(f"{self.cache_key}: image size {h}x{w} is not divisible by the autoencoder's "
-                             f"downsampling factor {f}; use a multiple of {f}")
+            raise ValueError(
+                f"{self.cache_key}: image size {h}x{w} is not divisible by the autoencoder's "
+                f"downsampling factor {f}; use a multiple of {f}"
+            )
         return self.latent_channels, h // f, w // f
 
     def _finish_init(self) -> None:
@@ -102,20 +105,20 @@ class LatentAutoencoder(RecordsInitArgs, nn.Module):
             self.to(device=self._init_device)
         self.eval()
 
-    def train(self, mode: bool = True) -> "LatentAutoencoder":
+    def train(self, mode: bool = True) -> LatentAutoencoder:
         """Always stays in eval mode: the autoencoder is frozen, whatever the parent does."""
         return super().train(False)
 
-    def encode(self, images: Tensor, generator: torch.Generator | None = None,
-               sample: bool | None = None) -> Tensor:
+    def encode(self, images: Tensor, generator: torch.Generator | None = None, sample: bool | None = None) -> Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> latents [B, C, H/f, W/f] (float32, on the input's device).
 
         Deterministic by default (the posterior mean); `sample=True` draws from the posterior with `generator`
         (autoencoders without a posterior reject it). The same seed and `batch_size` give the same latents.
         """
         if images.ndim != 4 or images.shape[1] != self.image_channels:
-            raise ValueError(f"{self.cache_key}: encode expects images [B, {self.image_channels}, H, W], "
-                             f"got {tuple(images.shape)}")
+            raise ValueError(
+                f"{self.cache_key}: encode expects images [B, {self.image_channels}, H, W], got {tuple(images.shape)}"
+            )
         self.latent_shape((images.shape[2], images.shape[3]))  # checks divisibility with a clear message
         sample = self.sample_posterior if sample is None else bool(sample)
         return self._chunked(images, lambda x: self._encode_chunk(x, sample, generator))
@@ -123,8 +126,10 @@ class LatentAutoencoder(RecordsInitArgs, nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         """Latents [B, C, h, w] -> images [B, 3, h f, w f] in [-1, 1] (float32, on the input's device)."""
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
-            raise ValueError(f"{self.cache_key}: decode expects latents [B, {self.latent_channels}, h, w], "
-                             f"got {tuple(latents.shape)}")
+            raise ValueError(
+                f"{self.cache_key}: decode expects latents [B, {self.latent_channels}, h, w], "
+                f"got {tuple(latents.shape)}"
+            )
         return self._chunked(latents, self._decode_chunk).clamp_(-1.0, 1.0)
 
     def _chunked(self, x: Tensor, fn: Any) -> Tensor:
@@ -151,8 +156,9 @@ class IdentityAutoencoder(LatentAutoencoder):
 
     name = "none"
 
-    def __init__(self, batch_size: int = 64, device: torch.device | str | None = None,
-                 dtype: torch.dtype | str | None = None):
+    def __init__(
+        self, batch_size: int = 64, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
+    ):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         self._finish_init()
 

@@ -24,15 +24,28 @@ log = logging.getLogger(__name__)
 
 # Tiny random configs for tests (pretrained=False): 32 px images -> 16 x 16 latents, builds in well under a second.
 TINY_KL: dict[str, Any] = dict(
-    block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, norm_num_groups=32,
-    sample_size=32, scaling_factor=0.5, shift_factor=0.1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=32,
+    sample_size=32,
+    scaling_factor=0.5,
+    shift_factor=0.1,
 )
 TINY_DC: dict[str, Any] = dict(
-    latent_channels=8, attention_head_dim=32, encoder_block_types=("ResBlock", "EfficientViTBlock"),
-    decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(32, 64),
-    decoder_block_out_channels=(32, 64), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
-    encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)), scaling_factor=0.4,
+    latent_channels=8,
+    attention_head_dim=32,
+    encoder_block_types=("ResBlock", "EfficientViTBlock"),
+    decoder_block_types=("ResBlock", "EfficientViTBlock"),
+    encoder_block_out_channels=(32, 64),
+    decoder_block_out_channels=(32, 64),
+    encoder_layers_per_block=(1, 1),
+    decoder_layers_per_block=(1, 1),
+    encoder_qkv_multiscales=((), (5,)),
+    decoder_qkv_multiscales=((), (5,)),
+    scaling_factor=0.4,
 )
 
 
@@ -60,15 +73,27 @@ class DiffusersAutoencoder(LatentAutoencoder):
     tiny_config: ClassVar[dict[str, Any]] = {}
     has_posterior: ClassVar[bool] = True
 
-    def __init__(self, model: str | None = None, subfolder: str | None = None, pretrained: bool = True,
-                 random_config: dict[str, Any] | None = None, scaling_factor: float | None = None,
-                 shift_factor: float | None = None, sample_posterior: bool = False, batch_size: int = 8,
-                 tiling: bool = False, variant: str | None = None, seed: int = 0,
-                 device: torch.device | str | None = None, dtype: torch.dtype | str | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        subfolder: str | None = None,
+        pretrained: bool = True,
+        random_config: dict[str, Any] | None = None,
+        scaling_factor: float | None = None,
+        shift_factor: float | None = None,
+        sample_posterior: bool = False,
+        batch_size: int = 8,
+        tiling: bool = False,
+        variant: str | None = None,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         if sample_posterior and not self.has_posterior:
-            raise ValueError(f"{self.diffusers_class} is deterministic: it has no posterior to sample "
-                             "(sample_posterior=True)")
+            raise ValueError(
+                f"{self.diffusers_class} is deterministic: it has no posterior to sample (sample_posterior=True)"
+            )
         import diffusers
 
         cls = getattr(diffusers, self.diffusers_class)
@@ -95,8 +120,14 @@ class DiffusersAutoencoder(LatentAutoencoder):
         self._finish_init()
 
     @classmethod
-    def weights_available(cls, model: str | None = None, subfolder: str | None = None, pretrained: bool = True,
-                          variant: str | None = None, **_: Any) -> bool:
+    def weights_available(
+        cls,
+        model: str | None = None,
+        subfolder: str | None = None,
+        pretrained: bool = True,
+        variant: str | None = None,
+        **_: Any,
+    ) -> bool:
         """Whether the weights `cls(model=..., subfolder=...)` would load are on this machine (loads nothing)."""
         return True if not pretrained else diffusers_weights_available(model or cls.default_model, subfolder, variant)
 
@@ -110,8 +141,12 @@ class DiffusersAutoencoder(LatentAutoencoder):
             parts.append(self.subfolder)
         if self._random_key:
             parts.append(self._random_key)
-        parts += [f"scale{self.scaling_factor:g}", f"shift{self.shift_factor:g}",
-                  "sample" if self.sample_posterior else "mean", str(self.compute_dtype).removeprefix("torch.")]
+        parts += [
+            f"scale{self.scaling_factor:g}",
+            f"shift{self.shift_factor:g}",
+            "sample" if self.sample_posterior else "mean",
+            str(self.compute_dtype).removeprefix("torch."),
+        ]
         return parts
 
     def scale(self, raw: Tensor) -> Tensor:

@@ -15,16 +15,24 @@ leaves the others waiting in a collective, as it would without the catch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from emf_lightning.evaluation import (EvaluationResult, Evaluator, HeldOutSet, Processes, collect_held_out, print_table,
-                                      write_outputs)
+from emf_lightning.evaluation import (
+    EvaluationResult,
+    Evaluator,
+    HeldOutSet,
+    Processes,
+    collect_held_out,
+    print_table,
+    write_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +105,15 @@ class EvaluationCallback(Callback):
         except Exception as err:  # noqa: BLE001 - any evaluation failure, reported below
             self.failed_evaluations += 1
             where = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
-            log.error("EvaluationCallback: evaluation at step %d failed%s: %s: %s. Training goes on and "
-                      "checkpoints are still written (traceback at DEBUG level, logger %r).",
-                      trainer.global_step, where, type(err).__name__, err, log.name)
+            log.error(
+                "EvaluationCallback: evaluation at step %d failed%s: %s: %s. Training goes on and "
+                "checkpoints are still written (traceback at DEBUG level, logger %r).",
+                trainer.global_step,
+                where,
+                type(err).__name__,
+                err,
+                log.name,
+            )
             log.debug("evaluation at step %d failed", trainer.global_step, exc_info=True)
             self._log(trainer, {"eval/failed_evaluations": float(self.failed_evaluations)})
             return None
@@ -167,14 +181,22 @@ class EvaluationCallback(Callback):
         """Run one evaluation and write its outputs; returns its numbers (also kept as ``last_result``)."""
         self._last_step = trainer.global_step
         held = self._held_out_set(trainer)
-        processes = Processes(trainer.global_rank, trainer.world_size, trainer.strategy.all_gather,
-                              trainer.strategy.root_device)
+        processes = Processes(
+            trainer.global_rank, trainer.world_size, trainer.strategy.all_gather, trainer.strategy.root_device
+        )
         result = self.evaluator.evaluate(pl_module, held, processes)
         result.global_step = self._model_step(trainer)
         out_dir = self._run_dir(trainer)  # on every rank: trainer.log_dir is a collective (broadcast)
         if trainer.is_global_zero:
-            write_outputs(result, held, out_dir, self.grid_prompts, self.grid_upscale, epoch=trainer.current_epoch,
-                          checkpoint=str(trainer.ckpt_path) if trainer.ckpt_path else None)
+            write_outputs(
+                result,
+                held,
+                out_dir,
+                self.grid_prompts,
+                self.grid_upscale,
+                epoch=trainer.current_epoch,
+                checkpoint=str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            )
             if result.grid_path is not None:
                 self._log_image(trainer, result.grid_path, result.global_step)
             fn = getattr(trainer.state.fn, "value", trainer.state.fn)
@@ -199,7 +221,8 @@ class EvaluationCallback(Callback):
                 # The other ranks wait in this broadcast: they get rank 0's error too, so that every rank fails
                 # (and, during fit, recovers) alike instead of some waiting forever in a collective.
                 held, message = trainer.strategy.broadcast(
-                    (held, None if failure is None else f"{type(failure).__name__}: {failure}"), src=0)
+                    (held, None if failure is None else f"{type(failure).__name__}: {failure}"), src=0
+                )
                 if failure is not None:
                     raise failure
                 if message is not None:
@@ -214,8 +237,9 @@ class EvaluationCallback(Callback):
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None
         if loader is None:
-            raise RuntimeError("EvaluationCallback needs validation data: give the trainer a datamodule with "
-                               "val_dataloader()")
+            raise RuntimeError(
+                "EvaluationCallback needs validation data: give the trainer a datamodule with val_dataloader()"
+            )
         return loader
 
     @staticmethod

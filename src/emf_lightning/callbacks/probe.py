@@ -38,8 +38,18 @@ class DiscriminabilityProbe(pl.Callback):
     ``(global_step, {name: value})``.
     """
 
-    def __init__(self, every_n_steps: int = 1000, n: int = 256, k: int = 2, group: int = 2, n_pairs: int = 64,
-                 seed: int = 0, batch_size: int = 64, probe_set: ProbeSet | None = None, prefix: str = "probe"):
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        n: int = 256,
+        k: int = 2,
+        group: int = 2,
+        n_pairs: int = 64,
+        seed: int = 0,
+        batch_size: int = 64,
+        probe_set: ProbeSet | None = None,
+        prefix: str = "probe",
+    ):
         super().__init__()
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
@@ -53,8 +63,9 @@ class DiscriminabilityProbe(pl.Callback):
     # ------------------------------------------------------------------ helpers
     def _probe(self) -> ProbeSet:
         if self.probe_set is None:
-            self.probe_set = shapes_probe_set(n=self.n, group=self.group, seed=self.seed,
-                                              n_pairs=self.n_pairs, n_reduce=self.n_pairs)
+            self.probe_set = shapes_probe_set(
+                n=self.n, group=self.group, seed=self.seed, n_pairs=self.n_pairs, n_reduce=self.n_pairs
+            )
         return self.probe_set
 
     @staticmethod
@@ -70,8 +81,8 @@ class DiscriminabilityProbe(pl.Callback):
         outs: list[Tensor] = []
         dtype = next(connector.parameters()).dtype
         for start in range(0, frozen.tokens.shape[0], self.batch_size):
-            tok = frozen.tokens[start:start + self.batch_size].to(device=device, dtype=dtype)
-            mask = frozen.mask[start:start + self.batch_size]
+            tok = frozen.tokens[start : start + self.batch_size].to(device=device, dtype=dtype)
+            mask = frozen.mask[start : start + self.batch_size]
             out = connector(tok).float().cpu()
             outs.append(out * mask.unsqueeze(-1))
         return EncodedCaptions(frozen.captions, torch.cat(outs), frozen.mask)
@@ -112,8 +123,9 @@ class DiscriminabilityProbe(pl.Callback):
             out.update({f"{self.prefix}/frozen/{name}": v for name, v in res.metrics.items()})
         was_training = pl_module.training
         for label, connector in self._connectors(pl_module).items():
-            res = evaluate_encoded(probe, self._through(connector, self._frozen, pl_module.device), k=self.k,
-                                   seed=self.seed)
+            res = evaluate_encoded(
+                probe, self._through(connector, self._frozen, pl_module.device), k=self.k, seed=self.seed
+            )
             out.update({f"{self.prefix}/{label}/{name}": v for name, v in res.metrics.items()})
         pl_module.train(was_training)
         self._last_step = trainer.global_step
@@ -124,8 +136,9 @@ class DiscriminabilityProbe(pl.Callback):
         """Probe the frozen features and the (untrained or resumed) connector."""
         self._run(trainer, pl_module, include_frozen=True)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """Probe the connector when the optimiser step count reaches a multiple of ``every_n_steps``."""
         step = trainer.global_step
         # global_step counts optimiser steps, so with gradient accumulation several batches share one

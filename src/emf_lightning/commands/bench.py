@@ -61,10 +61,18 @@ from emf_lightning.utils.progress import progress
 
 # Default workloads. CPU: pixel space 32x32, patch 4 (64 tokens). CUDA: SD-VAE latents of 256 px images
 # (32x32x4), patch 2 (256 tokens), as in DiT / MeanFlow on ImageNet 256.
-CPU_DEFAULTS = {"image_size": 32, "channels": 3, "patch_size": 4,
-                "batch": {"tiny": 32, "S": 16, "unet-tiny": 32, "unet-S": 16}}
-CUDA_DEFAULTS = {"image_size": 32, "channels": 4, "patch_size": 2,
-                 "batch": {"tiny": 256, "S": 128, "B": 64, "L": 32, "XL": 32, "unet-S": 128, "unet-B": 64}}
+CPU_DEFAULTS = {
+    "image_size": 32,
+    "channels": 3,
+    "patch_size": 4,
+    "batch": {"tiny": 32, "S": 16, "unet-tiny": 32, "unet-S": 16},
+}
+CUDA_DEFAULTS = {
+    "image_size": 32,
+    "channels": 4,
+    "patch_size": 2,
+    "batch": {"tiny": 256, "S": 128, "B": 64, "L": 32, "XL": 32, "unet-S": 128, "unet-B": 64},
+}
 
 
 @dataclass
@@ -175,7 +183,8 @@ def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [
-        e for e in prof.profiler.kineto_results.events()
+        e
+        for e in prof.profiler.kineto_results.events()
         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
     ]
     live = peak = 0
@@ -239,8 +248,9 @@ def bench_steps(
     ``advance`` (a progress counter) moves once after the warm-up, once per round and once after memory."""
     advance = advance or (lambda *a, **k: None)
     torch.manual_seed(seed)
-    gen = build_generator(w.size, text_dim=w.text_dim, input_size=w.image_size, in_channels=w.channels,
-                          patch_size=w.patch_size).to(device)
+    gen = build_generator(
+        w.size, text_dim=w.text_dim, input_size=w.image_size, in_channels=w.channels, patch_size=w.patch_size
+    ).to(device)
     net: Any = CompiledForward(gen) if compile_model else gen  # the JVP stays eager (models/compiled.py)
     opt = torch.optim.AdamW(gen.parameters(), lr=1e-5)
     x, cond = make_batch(w, device, seed)
@@ -295,8 +305,7 @@ def bench_steps(
     info = {
         "parameters_m": sum(p.numel() for p in gen.parameters()) / 1e6,
         "resident_mib": resident_bytes(gen, opt) / 2**20,
-        "layout": (f"patch {w.patch_size} ({(w.image_size // w.patch_size) ** 2} tokens)" if w.patch_size
-                   else "U-Net"),
+        "layout": (f"patch {w.patch_size} ({(w.image_size // w.patch_size) ** 2} tokens)" if w.patch_size else "U-Net"),
     }
     return list(results.values()), info
 
@@ -306,8 +315,13 @@ def bench_sampling(
 ) -> dict[str, float]:
     """Images/s of MeanFlow at 1 and 2 steps and of flow-matching Euler at ``fm_steps`` (same network)."""
     torch.manual_seed(seed)
-    gen = build_generator(w.size, text_dim=w.text_dim, input_size=w.image_size, in_channels=w.channels,
-                          patch_size=w.patch_size).to(device).eval()
+    gen = (
+        build_generator(
+            w.size, text_dim=w.text_dim, input_size=w.image_size, in_channels=w.channels, patch_size=w.patch_size
+        )
+        .to(device)
+        .eval()
+    )
     _, cond = make_batch(w, device, seed)
     noise = make_noise((w.batch, w.channels, w.image_size, w.image_size), seed, device)
     timer = Timer(device)
@@ -340,13 +354,24 @@ def bench_loader(
             from emf_lightning.shapes import ShapesWorld, shapes_samples
 
             world = ShapesWorld(seed=0, resolution=image_size, split="train", size=n_samples)
-            source = write_shards(shapes_samples(world, n=n_samples), f"{tmp}/bench-%06d.tar",
-                                  maxcount=max(1, n_samples // 4)).urls
-        dm = ShardDataModule(train_shards=source, batch_size=batch, num_workers=workers, image_size=image_size,
-                             shuffle_buffer=min(1000, n_samples), epoch_length=n_samples)
+            source = write_shards(
+                shapes_samples(world, n=n_samples), f"{tmp}/bench-%06d.tar", maxcount=max(1, n_samples // 4)
+            ).urls
+        dm = ShardDataModule(
+            train_shards=source,
+            batch_size=batch,
+            num_workers=workers,
+            image_size=image_size,
+            shuffle_buffer=min(1000, n_samples),
+            epoch_length=n_samples,
+        )
         rate = loader_throughput(dm, n_batches=n_batches, warmup=2)
-    return {"samples_per_s": rate, "shards": shards or f"temporary shapes world, {n_samples} samples",
-            "batch": batch, "workers": workers}
+    return {
+        "samples_per_s": rate,
+        "shards": shards or f"temporary shapes world, {n_samples} samples",
+        "batch": batch,
+        "workers": workers,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -371,16 +396,31 @@ def step_rows(results: Sequence[StepResult]) -> list[list[str]]:
         if r.error:
             rows.append([r.label, "failed", "", "", "", "", "", r.error])
             continue
-        rows.append([
-            r.label, _fmt(r.median_ms, ".1f"), _fmt(r.time_ratio, ".2f", "x"), _fmt(r.min_ms, ".1f"),
-            _fmt(r.min_time_ratio, ".2f", "x"), _fmt(r.peak_step_mib, ".1f"), _fmt(r.memory_ratio, ".2f", "x"),
-            _verdict(r.variant, r),
-        ])
+        rows.append(
+            [
+                r.label,
+                _fmt(r.median_ms, ".1f"),
+                _fmt(r.time_ratio, ".2f", "x"),
+                _fmt(r.min_ms, ".1f"),
+                _fmt(r.min_time_ratio, ".2f", "x"),
+                _fmt(r.peak_step_mib, ".1f"),
+                _fmt(r.memory_ratio, ".2f", "x"),
+                _verdict(r.variant, r),
+            ]
+        )
     return rows
 
 
-STEP_HEADER = ["step", "median ms", "vs FM", "min ms", "vs FM (min)", "peak step MiB", "memory vs FM",
-               "target (median)"]
+STEP_HEADER = [
+    "step",
+    "median ms",
+    "vs FM",
+    "min ms",
+    "vs FM (min)",
+    "peak step MiB",
+    "memory vs FM",
+    "target (median)",
+]
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -396,8 +436,11 @@ def markdown_report(report: dict[str, Any]) -> str:
         "A step = loss + backward + AdamW update, timed in interleaved rounds (median and minimum; on a "
         "shared machine the minimum is the less disturbed estimate). Peak step memory = highest "
         "live tensor memory during one step minus the memory live before it (parameters and optimizer state). "
-        + ("CUDA: torch.cuda.max_memory_allocated." if env["device"] == "cuda" else
-           "CPU: replayed from torch.profiler allocator events."),
+        + (
+            "CUDA: torch.cuda.max_memory_allocated."
+            if env["device"] == "cuda"
+            else "CPU: replayed from torch.profiler allocator events."
+        ),
         "",
     ]
     for wl in report["workloads"]:
@@ -416,7 +459,9 @@ def markdown_report(report: dict[str, Any]) -> str:
             mf1 = s.get("meanflow_1")
             lines += ["", "| sampler | images/s | vs 1-step MeanFlow |", "|---|---|---|"]
             for name, rate in s.items():
-                lines.append(f"| {name.replace('_', ' ')} steps | {rate:.1f} | {_fmt(rate / mf1 if mf1 else None, '.3f', 'x')} |")
+                lines.append(
+                    f"| {name.replace('_', ' ')} steps | {rate:.1f} | {_fmt(rate / mf1 if mf1 else None, '.3f', 'x')} |"
+                )
         lines.append("")
     loader = report.get("loader")
     if loader:
@@ -424,8 +469,10 @@ def markdown_report(report: dict[str, Any]) -> str:
         if "skipped" in loader:
             lines.append(f"skipped: {loader['skipped']}")
         else:
-            lines.append(f"{loader['samples_per_s']:.0f} samples/s ({loader['shards']}, batch {loader['batch']}, "
-                         f"{loader['workers']} workers)")
+            lines.append(
+                f"{loader['samples_per_s']:.0f} samples/s ({loader['shards']}, batch {loader['batch']}, "
+                f"{loader['workers']} workers)"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -438,8 +485,10 @@ def print_report(report: dict[str, Any]) -> None:
     console = Console()
     for wl in report["workloads"]:
         w = wl["workload"]
-        table = Table(title=f"{w['size']} ({wl['info']['parameters_m']:.1f}M params), batch {w['batch']}, "
-                            f"{wl['info']['layout']}, {report['environment']['device']}")
+        table = Table(
+            title=f"{w['size']} ({wl['info']['parameters_m']:.1f}M params), batch {w['batch']}, "
+            f"{wl['info']['layout']}, {report['environment']['device']}"
+        )
         for h in STEP_HEADER:
             table.add_column(h, justify="left" if h in ("step", "target (median)") else "right")
         for row in step_rows([StepResult(**r) for r in wl["steps"]]):
@@ -461,8 +510,9 @@ def print_report(report: dict[str, Any]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``emf bench``."""
-    p = argparse.ArgumentParser(prog="emf bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="emf bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--sizes", default=None, help="comma-separated presets (default: tiny,S on CPU; S,B,L on CUDA)")
     p.add_argument("--batch", type=int, default=None, help="batch size for every size (default: per size)")
@@ -471,14 +521,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=None)
     p.add_argument("--text-len", type=int, default=24, help="padded caption length (tokens)")
     p.add_argument("--text-dim", type=int, default=576, help="text feature width (576 = SmolLM2-135M)")
-    p.add_argument("--variants", default=",".join(v.key for v in VARIANTS),
-                   help="comma-separated subset of: " + ", ".join(v.key for v in VARIANTS))
+    p.add_argument(
+        "--variants",
+        default=",".join(v.key for v in VARIANTS),
+        help="comma-separated subset of: " + ", ".join(v.key for v in VARIANTS),
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5 on CPU, 20 on CUDA)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the generator's plain forward passes (the JVP stays eager)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the generator's plain forward passes (the JVP stays eager)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--fm-steps", type=int, default=50, help="Euler steps of the flow-matching sampler")
     p.add_argument("--sample-repeats", type=int, default=3)
@@ -550,9 +610,18 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     device, workloads, variants, amp = resolve(args)
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
     if args.dry_run:
-        print(json.dumps({"device": str(device), "precision": str(amp or "fp32"), "repeats": repeats,
-                          "workloads": [asdict(w) for w in workloads], "variants": [v.key for v in variants]},
-                         indent=2))
+        print(
+            json.dumps(
+                {
+                    "device": str(device),
+                    "precision": str(amp or "fp32"),
+                    "repeats": repeats,
+                    "workloads": [asdict(w) for w in workloads],
+                    "variants": [v.key for v in variants],
+                },
+                indent=2,
+            )
+        )
         return 0
 
     def log(msg: str) -> None:
@@ -562,7 +631,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "command": "emf bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": {
             "device": device.type,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "precision": "bf16 autocast" if amp else "fp32",
@@ -587,8 +658,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         # One bar per case: warm-up, each timing round, memory, then sampling.
         total = 1 + repeats + 1 + (0 if args.no_sampling else 1)
         with progress(f"bench {w.size}: warm-up", total=total) as advance:
-            steps, info = bench_steps(w, variants, device, amp, repeats, args.warmup, args.compile, args.seed, log,
-                                      advance)
+            steps, info = bench_steps(
+                w, variants, device, amp, repeats, args.warmup, args.compile, args.seed, log, advance
+            )
             entry: dict[str, Any] = {"workload": asdict(w), "info": info, "steps": [asdict(s) for s in steps]}
             if not args.no_sampling:
                 advance(0, description=f"bench {w.size}: sampling")
@@ -600,8 +672,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         w0 = workloads[0]
         # Latent workloads (channels != 3) stand for images 8x larger (SD-VAE downsampling).
         pixels = w0.image_size if w0.channels == 3 else 8 * w0.image_size
-        report["loader"] = bench_loader(args.shards, pixels, w0.batch, args.workers, args.loader_samples,
-                                        args.loader_batches)
+        report["loader"] = bench_loader(
+            args.shards, pixels, w0.batch, args.workers, args.loader_samples, args.loader_batches
+        )
     print_report(report)
     write()
     return 0

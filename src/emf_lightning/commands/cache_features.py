@@ -20,8 +20,9 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import yaml
 
@@ -40,7 +41,9 @@ def default_root() -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options of ``emf cache-features``."""
     p = argparse.ArgumentParser(
-        prog="emf cache-features", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="emf cache-features",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--encoder",
@@ -48,8 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="registry name (llm, qwen3, t5, clip, minilm, bow, label), a class path, or a YAML/JSON file with "
         "the encoder's class_path/init_args (top level, under 'encoder', or a training config's model.init_args.encoder)",
     )
-    p.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="constructor argument (YAML value), repeatable; e.g. max_length=64 or pretrained=false")
+    p.add_argument(
+        "--encoder-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="constructor argument (YAML value), repeatable; e.g. max_length=64 or pretrained=false",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", help="WebDataset shards: path, brace pattern, glob or '::'-separated list")
     source.add_argument("--captions", help="text file with one caption per line, or .jsonl with 'caption'/'captions'")
@@ -126,7 +134,11 @@ def captions_from_file(path: Path, skipped: Counter) -> Iterator[str]:
                 skipped["bad JSON line"] += 1
                 log.warning("%s:%d: not JSON (%s); skipped", path, number, err)
                 continue
-            found = [row.get("caption") or row.get("text")] + list(row.get("captions") or []) if isinstance(row, dict) else []
+            found = (
+                [row.get("caption") or row.get("text")] + list(row.get("captions") or [])
+                if isinstance(row, dict)
+                else []
+            )
             found = [c.strip() for c in found if isinstance(c, str) and c.strip()]
             if not found:
                 skipped["row without caption"] += 1
@@ -209,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with progress("encoding captions", total=todo) as advance:
         # The bar replaces the every-10-batches log line where it is drawn.
-        computed = cache.precompute(captions, batch_size=args.batch_size, advance=advance,
-                                    log_every=0 if advance.drawn else 10)
+        computed = cache.precompute(
+            captions, batch_size=args.batch_size, advance=advance, log_every=0 if advance.drawn else 10
+        )
     elapsed = time.perf_counter() - start
     if not args.no_compact:
         cache.compact()

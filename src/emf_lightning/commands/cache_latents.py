@@ -43,15 +43,30 @@ LATENT_MEMBERS = ("latent.npy", "latent.pth", "latent_flip.npy")  # replaced: th
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options of ``emf cache-latents``."""
-    p = argparse.ArgumentParser(prog="emf cache-latents", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae", required=True, help="autoencoder: none, sd-vae, flux-vae, dc-ae-f32, a local folder, a "
-                   "cached HF id or a class path (emf_lightning.autoencoders.build_autoencoder)")
-    p.add_argument("--vae-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="autoencoder constructor argument (YAML value), repeatable; e.g. pretrained=false")
+    p = argparse.ArgumentParser(
+        prog="emf cache-latents",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--vae",
+        required=True,
+        help="autoencoder: none, sd-vae, flux-vae, dc-ae-f32, a local folder, a "
+        "cached HF id or a class path (emf_lightning.autoencoders.build_autoencoder)",
+    )
+    p.add_argument(
+        "--vae-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="autoencoder constructor argument (YAML value), repeatable; e.g. pretrained=false",
+    )
     p.add_argument("--shards", required=True, help="input WebDataset shards: path, brace pattern, glob or '::' list")
-    p.add_argument("--out", required=True, help="output shard pattern with an integer field, e.g. out/train-%%06d.tar "
-                   "(output i holds input shard i)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output shard pattern with an integer field, e.g. out/train-%%06d.tar (output i holds input shard i)",
+    )
     p.add_argument("--image-size", type=int, default=256, help="resize the shorter side and centre-crop to this")
     p.add_argument("--flip", action="store_true", help="also store the latent of the horizontally flipped image")
     p.add_argument("--batch-size", type=int, default=16, help="images per autoencoder call")
@@ -87,8 +102,14 @@ def npy_bytes(array: torch.Tensor) -> bytes:
 
 def latent_settings(ae: Any, image_size: int, flip: bool) -> dict[str, Any]:
     """What the cached latents depend on; a rerun into the same output must match it."""
-    return {"autoencoder": ae.spec, "cache_key": ae.cache_key, "image_size": image_size, "flip": flip,
-            "shape": list(ae.latent_shape(image_size)), "dtype": "float16"}
+    return {
+        "autoencoder": ae.spec,
+        "cache_key": ae.cache_key,
+        "image_size": image_size,
+        "flip": flip,
+        "shape": list(ae.latent_shape(image_size)),
+        "dtype": "float16",
+    }
 
 
 # -- one shard -------------------------------------------------------------------------------------
@@ -158,14 +179,20 @@ def finished_shards(path: Path, settings: dict[str, Any], out_dir: Path) -> dict
         return {}
     doc = json.loads(path.read_text())
     earlier = doc.get("latent") or {}
-    if {k: earlier.get(k) for k in ("cache_key", "image_size", "flip")} != \
-            {k: settings[k] for k in ("cache_key", "image_size", "flip")}:
-        raise SystemExit(f"emf cache-latents: {path} records latents made with different settings "
-                         f"({earlier.get('cache_key')}, image size {earlier.get('image_size')}, flip "
-                         f"{earlier.get('flip')}); write to another --out or delete that folder first")
+    if {k: earlier.get(k) for k in ("cache_key", "image_size", "flip")} != {
+        k: settings[k] for k in ("cache_key", "image_size", "flip")
+    }:
+        raise SystemExit(
+            f"emf cache-latents: {path} records latents made with different settings "
+            f"({earlier.get('cache_key')}, image size {earlier.get('image_size')}, flip "
+            f"{earlier.get('flip')}); write to another --out or delete that folder first"
+        )
     # a shard that could not be opened (network, failing pipe) is tried again
-    return {s["source"]: s for s in doc.get("shards", [])
-            if (out_dir / s["name"]).is_file() and UNREADABLE_SHARD not in (s.get("skipped") or {})}
+    return {
+        s["source"]: s
+        for s in doc.get("shards", [])
+        if (out_dir / s["name"]).is_file() and UNREADABLE_SHARD not in (s.get("skipped") or {})
+    }
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -211,9 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     counter, skipped = SkipCounter("cache-latents"), Counter()
     entries: list[dict[str, Any]] = []
     urls_out = str(out_dir / brace_url(outputs_pattern.name, len(urls)))
-    doc = {"format": MANIFEST_FORMAT, "pattern": args.out, "urls": urls_out, "total": 0,
-           "shards": entries, "source": {"kind": "cache-latents", "shards": args.shards}, "skipped": skipped,
-           "latent": settings, "complete": False}
+    doc = {
+        "format": MANIFEST_FORMAT,
+        "pattern": args.out,
+        "urls": urls_out,
+        "total": 0,
+        "shards": entries,
+        "source": {"kind": "cache-latents", "shards": args.shards},
+        "skipped": skipped,
+        "latent": settings,
+        "complete": False,
+    }
     encoded = 0
     for url, out in track(list(zip(urls, outputs)), description="encoding shards", console=Console(stderr=True)):
         if url in done and done[url]["name"] == out.name:

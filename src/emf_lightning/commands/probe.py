@@ -58,9 +58,9 @@ class EncoderChoice:
     """One encoder to probe: a label for the table and how to build it."""
 
     label: str
-    name: str | None = None                # registry name
-    kwargs: dict[str, Any] | None = None   # registry kwargs
-    spec: dict[str, Any] | None = None     # class_path / init_args from a YAML config
+    name: str | None = None  # registry name
+    kwargs: dict[str, Any] | None = None  # registry kwargs
+    spec: dict[str, Any] | None = None  # class_path / init_args from a YAML config
 
     def build(self):
         """Instantiate the encoder (may raise MissingWeightsError)."""
@@ -76,28 +76,47 @@ class EncoderChoice:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options of ``emf probe``."""
-    p = argparse.ArgumentParser(prog="emf probe", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", default="all",
-                   help="registry name (llm, qwen3, t5, clip, minilm, bow, label), a comma-separated list, "
-                        "'all' (every encoder whose weights are present) or a YAML config with an encoder "
-                        "class_path (default: all)")
-    p.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword argument for registry encoders (YAML value), repeatable; e.g. max_length=64")
-    p.add_argument("--data", default=None,
-                   help="WebDataset shards (path, brace pattern or comma list); default: the shapes world")
+    p = argparse.ArgumentParser(
+        prog="emf probe", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--encoder",
+        default="all",
+        help="registry name (llm, qwen3, t5, clip, minilm, bow, label), a comma-separated list, "
+        "'all' (every encoder whose weights are present) or a YAML config with an encoder "
+        "class_path (default: all)",
+    )
+    p.add_argument(
+        "--encoder-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument for registry encoders (YAML value), repeatable; e.g. max_length=64",
+    )
+    p.add_argument(
+        "--data", default=None, help="WebDataset shards (path, brace pattern or comma list); default: the shapes world"
+    )
     p.add_argument("--n", type=int, default=1000, help="captions in the retrieval pool (default 1000)")
     p.add_argument("--k", type=int, default=2, help="neighbours per query for retrieval (default 2)")
     p.add_argument("--group", type=int, default=2, help="paraphrases per shapes-world scene in the pool")
-    p.add_argument("--pairs", type=int, default=200,
-                   help="shapes-world scenes used for minimal pairs and reductions (default 200)")
-    p.add_argument("--image-encoder", default="dinov2", choices=("dinov2", "clip", "pixels", "none"),
-                   help="image features that score retrieval on shards without scene specs (default dinov2)")
+    p.add_argument(
+        "--pairs", type=int, default=200, help="shapes-world scenes used for minimal pairs and reductions (default 200)"
+    )
+    p.add_argument(
+        "--image-encoder",
+        default="dinov2",
+        choices=("dinov2", "clip", "pixels", "none"),
+        help="image features that score retrieval on shards without scene specs (default dinov2)",
+    )
     p.add_argument("--image-weights", default=None, help="local weights file for --image-encoder")
     p.add_argument("--batch-size", type=int, default=64, help="captions per encoder call")
     p.add_argument("--seed", type=int, default=0, help="probe-set seed")
-    p.add_argument("--feature-cache", default=None, metavar="DIR",
-                   help="keep text features in this FeatureCache root, so a rerun does not re-encode")
+    p.add_argument(
+        "--feature-cache",
+        default=None,
+        metavar="DIR",
+        help="keep text features in this FeatureCache root, so a rerun does not re-encode",
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/probe/<encoder>)")
     p.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
     return p.parse_args(argv)
@@ -121,8 +140,10 @@ def _spec_from_yaml(path: Path) -> dict[str, Any]:
     for candidate in (cfg, cfg.get("encoder"), (model.get("init_args") or {}).get("encoder"), model.get("encoder")):
         if isinstance(candidate, dict) and "class_path" in candidate:
             return candidate
-    raise SystemExit(f"emf probe: no encoder class_path found in {path} (looked at the top level, 'encoder', "
-                     "'model.init_args.encoder' and 'model.encoder')")
+    raise SystemExit(
+        f"emf probe: no encoder class_path found in {path} (looked at the top level, 'encoder', "
+        "'model.init_args.encoder' and 'model.encoder')"
+    )
 
 
 def resolve_encoders(arg: str, kwargs: dict[str, Any], say) -> tuple[list[EncoderChoice], dict[str, str]]:
@@ -140,8 +161,10 @@ def resolve_encoders(arg: str, kwargs: dict[str, Any], say) -> tuple[list[Encode
         names = [n.strip() for n in arg.split(",") if n.strip()]
         unknown = [n for n in names if n not in ENCODERS]
         if unknown:
-            raise SystemExit(f"emf probe: unknown encoder {', '.join(unknown)}; choose from "
-                             f"{', '.join(ENCODERS)}, 'all' or a YAML config")
+            raise SystemExit(
+                f"emf probe: unknown encoder {', '.join(unknown)}; choose from "
+                f"{', '.join(ENCODERS)}, 'all' or a YAML config"
+            )
         return [EncoderChoice(label=n, name=n, kwargs=kwargs) for n in names], {}
     chosen, skipped, seen = [], {}, set()
     for name, cls in ENCODERS.items():
@@ -174,11 +197,16 @@ def print_tables(results: dict[str, dict[str, Any]], k: int, console) -> None:
     table.add_column("s", justify="right")
     for label, res in results.items():
         m = res["metrics"]
-        table.add_row(label, str(res["dim"]), *[_fmt(m.get(key)) for key, _ in TABLE_COLUMNS],
-                      f"{res['seconds']:.1f}")
+        table.add_row(label, str(res["dim"]), *[_fmt(m.get(key)) for key, _ in TABLE_COLUMNS], f"{res['seconds']:.1f}")
     console.print(table)
-    kinds = sorted({key.split("/", 2)[2] for res in results.values() for key in res["metrics"]
-                    if key.startswith("minimal_pairs/accuracy/")})
+    kinds = sorted(
+        {
+            key.split("/", 2)[2]
+            for res in results.values()
+            for key in res["metrics"]
+            if key.startswith("minimal_pairs/accuracy/")
+        }
+    )
     if kinds:
         per = Table(title="Minimal-pair accuracy per edit (pooled / token)")
         per.add_column("encoder")
@@ -186,8 +214,14 @@ def print_tables(results: dict[str, dict[str, Any]], k: int, console) -> None:
             per.add_column(kind, justify="right")
         for label, res in results.items():
             m = res["metrics"]
-            per.add_row(label, *[f"{_fmt(m.get(f'minimal_pairs/accuracy/{kd}'))} / "
-                                 f"{_fmt(m.get(f'minimal_pairs_token/accuracy/{kd}'))}" for kd in kinds])
+            per.add_row(
+                label,
+                *[
+                    f"{_fmt(m.get(f'minimal_pairs/accuracy/{kd}'))} / "
+                    f"{_fmt(m.get(f'minimal_pairs_token/accuracy/{kd}'))}"
+                    for kd in kinds
+                ],
+            )
         console.print(per)
 
 
@@ -218,8 +252,14 @@ def save_figure(results: dict[str, dict[str, Any]], histograms: dict[str, tuple]
         if j == 0:
             ax.set_ylabel("density")
             ax.legend(fontsize=8)
-    kinds = sorted({key.split("/", 2)[2] for res in results.values() for key in res["metrics"]
-                    if key.startswith("minimal_pairs/accuracy/")})
+    kinds = sorted(
+        {
+            key.split("/", 2)[2]
+            for res in results.values()
+            for key in res["metrics"]
+            if key.startswith("minimal_pairs/accuracy/")
+        }
+    )
     bar = fig.add_subplot(grid[1, :])  # one grouped bar chart across the whole bottom row
     if kinds:
         width = 0.8 / len(labels)
@@ -243,11 +283,12 @@ def save_figure(results: dict[str, dict[str, Any]], histograms: dict[str, tuple]
 def _counting(encode, advance, total: int, label: str):
     """``encode`` that also advances a progress bar by the number of captions it was given, and relabels it
     once all ``total`` are encoded (the metrics come next, under the same bar)."""
+
     def counted(captions: list[str]):
         out = encode(captions)
-        advance(len(captions), description=f"metrics ({label})" if advance.completed + len(captions) >= total
-                else None)
+        advance(len(captions), description=f"metrics ({label})" if advance.completed + len(captions) >= total else None)
         return out
+
     return counted
 
 
@@ -260,14 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 180)
     say = console.print
     if args.k < 1 or args.n < 2 * max(args.group, 1) or args.k >= args.n:
-        raise SystemExit(f"emf probe: need 1 <= k < n and n >= 2 * group; got n={args.n}, k={args.k}, "
-                         f"group={args.group}")
+        raise SystemExit(
+            f"emf probe: need 1 <= k < n and n >= 2 * group; got n={args.n}, k={args.k}, group={args.group}"
+        )
     kwargs = _encoder_kwargs(args.encoder_arg)
     choices, skipped = resolve_encoders(args.encoder, kwargs, say)
     if not choices:
         say("emf probe: no encoder to probe (none has its weights here)")
         return 2
-    out = Path(args.out or f"runs/probe/{Path(args.encoder).stem if args.encoder.endswith(('.yaml', '.yml')) else args.encoder.replace(',', '+')}")
+    out = Path(
+        args.out
+        or f"runs/probe/{Path(args.encoder).stem if args.encoder.endswith(('.yaml', '.yml')) else args.encoder.replace(',', '+')}"
+    )
     out.mkdir(parents=True, exist_ok=True)
 
     from emf_lightning.probe.evaluation import evaluate_probe
@@ -276,13 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.data:
         shards = args.data.split(",") if "," in args.data and "{" not in args.data else args.data
-        probe = shard_probe_set(shards, n=args.n,
-                                image_encoder=None if args.image_encoder == "none" else args.image_encoder,
-                                image_weights=args.image_weights)
+        probe = shard_probe_set(
+            shards,
+            n=args.n,
+            image_encoder=None if args.image_encoder == "none" else args.image_encoder,
+            image_weights=args.image_weights,
+        )
     else:
         probe = shapes_probe_set(n=args.n, group=args.group, seed=args.seed, n_pairs=args.pairs, n_reduce=args.pairs)
-    say(f"probe set {probe.name}: {len(probe.captions)} retrieval captions, {len(probe.reduced)} reductions, "
-        f"{len(probe.anchors)} minimal pairs ({time.perf_counter() - t0:.1f} s); relevance: {probe.relevance_source}")
+    say(
+        f"probe set {probe.name}: {len(probe.captions)} retrieval captions, {len(probe.reduced)} reductions, "
+        f"{len(probe.anchors)} minimal pairs ({time.perf_counter() - t0:.1f} s); relevance: {probe.relevance_source}"
+    )
     for note in probe.notes:
         say(f"note: {note}")
 
@@ -308,12 +358,21 @@ def main(argv: list[str] | None = None) -> int:
             encode = cache.encode
         n_captions = len(probe.all_captions())
         with progress(f"encoding ({choice.label})", total=n_captions) as advance:
-            result = evaluate_probe(probe, _counting(encode, advance, n_captions, choice.label), k=args.k,
-                                    batch_size=args.batch_size, seed=args.seed)
+            result = evaluate_probe(
+                probe,
+                _counting(encode, advance, n_captions, choice.label),
+                k=args.k,
+                batch_size=args.batch_size,
+                seed=args.seed,
+            )
         if args.feature_cache:
             cache.save()
-        results[choice.label] = {"dim": encoder.dim, "cache_key": encoder.cache_key,
-                                 "seconds": time.perf_counter() - start, "metrics": result.metrics}
+        results[choice.label] = {
+            "dim": encoder.dim,
+            "cache_key": encoder.cache_key,
+            "seconds": time.perf_counter() - start,
+            "metrics": result.metrics,
+        }
         histograms[choice.label] = (result.same_scene_cosines.numpy(), result.different_scene_cosines.numpy())
         del encoder
     if not results:
@@ -321,8 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     print_tables(results, args.k, console)
-    report = {"command": "emf probe " + " ".join(sys.argv[2:] if argv is None else argv),
-              "args": vars(args), "probe_set": probe.summary(), "encoders": results, "skipped": skipped}
+    report = {
+        "command": "emf probe " + " ".join(sys.argv[2:] if argv is None else argv),
+        "args": vars(args),
+        "probe_set": probe.summary(),
+        "encoders": results,
+        "skipped": skipped,
+    }
     (out / "probe.json").write_text(json.dumps(report, indent=2, sort_keys=False))
     written = [out / "probe.json"]
     if not args.no_figure:

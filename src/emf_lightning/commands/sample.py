@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -32,11 +32,16 @@ def finite_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``emf sample``."""
-    p = argparse.ArgumentParser(prog="emf sample", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="emf sample", description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--ckpt", required=True, help="checkpoint written by `emf fit`")
-    p.add_argument("--prompt", action="append", default=[], help="a caption (repeat for several rows); "
-                   "an empty string is the unconditional (null) prompt")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="a caption (repeat for several rows); an empty string is the unconditional (null) prompt",
+    )
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line (added to --prompt)")
     p.add_argument("--steps", type=int, nargs="+", default=[1], help="sampling step counts (one column each)")
     p.add_argument("--cfg", type=finite_float, default=1.0, help="classifier-free guidance scale (1 = none)")
@@ -73,18 +78,23 @@ def resolve_device(name: str) -> torch.device:
         return device
     backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
     if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
-        raise ConfigError(f"--device {name}: this machine has no {device.type} device "
-                          f"(torch.{device.type}.is_available() is False); use --device cpu or --device auto")
+        raise ConfigError(
+            f"--device {name}: this machine has no {device.type} device "
+            f"(torch.{device.type}.is_available() is False); use --device cpu or --device auto"
+        )
     count = getattr(backend, "device_count", None)
     if device.index is not None and callable(count) and device.index >= count():
-        raise ConfigError(f"--device {name}: this machine has {count()} {device.type} device(s), "
-                          f"{device.type}:0 to {device.type}:{count() - 1}")
+        raise ConfigError(
+            f"--device {name}: this machine has {count()} {device.type} device(s), "
+            f"{device.type}:0 to {device.type}:{count() - 1}"
+        )
     return device
 
 
 @torch.no_grad()
-def sample_grid(module, prompts: list[str], steps: Sequence[int], cfg: float, seed: int,
-                use_ema: bool = True) -> torch.Tensor:
+def sample_grid(
+    module, prompts: list[str], steps: Sequence[int], cfg: float, seed: int, use_ema: bool = True
+) -> torch.Tensor:
     """Images [P * S, C, H, W] in row-major order: row = prompt, column = step count."""
     columns = [module.generate(prompts, steps=s, cfg_scale=cfg, seed=seed, use_ema=use_ema) for s in steps]
     grid = torch.stack(columns, dim=1)  # [P, S, C, H, W]
@@ -110,8 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = sample_grid(module, prompts, args.steps, args.cfg, args.seed, use_ema=not args.no_ema)
     col_labels = [f"{s} step" + ("s" if s != 1 else "") for s in args.steps]
     row_labels = [p if p else "(unconditional)" for p in prompts]
-    path = save_grid(images.cpu(), args.out, nrow=len(args.steps), row_labels=row_labels, col_labels=col_labels,
-                     upscale=args.upscale)
+    path = save_grid(
+        images.cpu(), args.out, nrow=len(args.steps), row_labels=row_labels, col_labels=col_labels, upscale=args.upscale
+    )
     print(f"wrote {path} ({len(prompts)} prompts x steps {args.steps}, cfg {args.cfg}, seed {args.seed})")
     return 0
 

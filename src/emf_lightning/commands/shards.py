@@ -51,21 +51,26 @@ def parse_mix(text: str | None) -> dict[str, float] | None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True,
-                   help="printf shard pattern (shards/train-%%06d.tar), or a folder: <folder>/<split>-%%06d.tar "
-                        "for shapes, <folder>/data-%%06d.tar otherwise")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="printf shard pattern (shards/train-%%06d.tar), or a folder: <folder>/<split>-%%06d.tar "
+        "for shapes, <folder>/data-%%06d.tar otherwise",
+    )
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard before starting a new one")
-    p.add_argument("--encoder", default=None,
-                   help="registry name of a text encoder: store its features of each primary caption")
+    p.add_argument(
+        "--encoder", default=None, help="registry name of a text encoder: store its features of each primary caption"
+    )
     p.add_argument("--features-batch-size", type=int, default=64)
     p.add_argument("--features-dtype", choices=("float32", "float16"), default="float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `emf shards` with subcommands shapes, folder, list, check."""
-    parser = argparse.ArgumentParser(prog="emf shards", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="emf shards", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="source", required=True)
 
     p = sub.add_parser("shapes", help="the synthetic shapes world (offline, exact ground truth)")
@@ -81,8 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("folder", help="images with sibling <stem>.txt captions (one caption per line)")
     p.add_argument("root")
     _common(p)
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize + centre crop to this side and store PNG (default: keep files as they are)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize + centre crop to this side and store PNG (default: keep files as they are)",
+    )
 
     p = sub.add_parser("list", help="a JSONL or CSV file of image paths and captions")
     p.add_argument("path")
@@ -102,18 +111,48 @@ def _samples(args: argparse.Namespace, counter: SkipCounter) -> tuple[Iterator[S
     if args.source == "shapes":
         from emf_lightning.shapes import ShapesWorld
 
-        world = ShapesWorld(seed=args.seed, resolution=args.resolution, split=args.split, mix=args.mix,
-                            size=args.start + args.n, n_captions=args.n_captions)
-        source = {"kind": "shapes", "split": args.split, "n": args.n, "start": args.start,
-                  "resolution": args.resolution, "seed": args.seed, "mix": args.mix, "n_captions": args.n_captions}
+        world = ShapesWorld(
+            seed=args.seed,
+            resolution=args.resolution,
+            split=args.split,
+            mix=args.mix,
+            size=args.start + args.n,
+            n_captions=args.n_captions,
+        )
+        source = {
+            "kind": "shapes",
+            "split": args.split,
+            "n": args.n,
+            "start": args.start,
+            "resolution": args.resolution,
+            "seed": args.seed,
+            "mix": args.mix,
+            "n_captions": args.n_captions,
+        }
         return shapes_samples(world, n=args.n, start=args.start), source
     if args.source == "folder":
-        return (folder_samples(args.root, counter, image_size=args.image_size),
-                {"kind": "folder", "root": str(args.root), "image_size": args.image_size})
-    return (list_samples(args.path, counter, root=args.root, image_field=args.image_field,
-                         caption_field=args.caption_field, image_size=args.image_size),
-            {"kind": "list", "path": str(args.path), "root": args.root, "image_field": args.image_field,
-             "caption_field": args.caption_field, "image_size": args.image_size})
+        return (
+            folder_samples(args.root, counter, image_size=args.image_size),
+            {"kind": "folder", "root": str(args.root), "image_size": args.image_size},
+        )
+    return (
+        list_samples(
+            args.path,
+            counter,
+            root=args.root,
+            image_field=args.image_field,
+            caption_field=args.caption_field,
+            image_size=args.image_size,
+        ),
+        {
+            "kind": "list",
+            "path": str(args.path),
+            "root": args.root,
+            "image_field": args.image_field,
+            "caption_field": args.caption_field,
+            "image_size": args.image_size,
+        },
+    )
 
 
 def output_pattern(args: argparse.Namespace) -> str:
@@ -140,22 +179,36 @@ def write(args: argparse.Namespace) -> WriteResult:
         from emf_lightning.encoders import build_encoder
 
         encoder = build_encoder(args.encoder)
-        samples = attach_features(samples, encoder.encode, batch_size=args.features_batch_size,
-                                  dtype=args.features_dtype)
-        features = {"encoder": args.encoder, "cache_key": encoder.cache_key, "dim": encoder.dim,
-                    "dtype": args.features_dtype, "caption": "primary"}
+        samples = attach_features(
+            samples, encoder.encode, batch_size=args.features_batch_size, dtype=args.features_dtype
+        )
+        features = {
+            "encoder": args.encoder,
+            "cache_key": encoder.cache_key,
+            "dim": encoder.dim,
+            "dtype": args.features_dtype,
+            "caption": "primary",
+        }
     total = args.n if args.source == "shapes" else None  # folders and lists are not counted up front
     with progress(f"writing {args.source} shards", total=total) as advance:
-        return write_shards(counted(samples, advance), output_pattern(args), maxcount=args.maxcount,
-                            maxsize=args.maxsize, source=source, skipped=skipped, features=features)
+        return write_shards(
+            counted(samples, advance),
+            output_pattern(args),
+            maxcount=args.maxcount,
+            maxsize=args.maxsize,
+            source=source,
+            skipped=skipped,
+            features=features,
+        )
 
 
 def check(args: argparse.Namespace) -> SkipTally:
     """Read every shard once (one process) and tally delivered samples and skips."""
     from emf_lightning.data.pipeline import DecodeOptions, ShardStream, expand_shard_urls
 
-    stream = ShardStream(expand_shard_urls(args.shards), batch_size=256, train=False,
-                         options=DecodeOptions(image_size=args.image_size))
+    stream = ShardStream(
+        expand_shard_urls(args.shards), batch_size=256, train=False, options=DecodeOptions(image_size=args.image_size)
+    )
     tally = SkipTally()
     with progress("checking shards (samples)") as advance:
         for batch in stream:

@@ -23,8 +23,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from emf_lightning.data.health import SkipTally
-from emf_lightning.errors import ConfigError
 from emf_lightning.data.pipeline import CAPTION_SAMPLING, DecodeOptions, ShardStream, expand_shard_urls
+from emf_lightning.errors import ConfigError
 
 log = logging.getLogger("emf_lightning.data")
 
@@ -49,20 +49,32 @@ class ShardLoader(DataLoader):
     number of workers, ranks, batch size or shards is warned about and resumes at the same position only).
     """
 
-    def __init__(self, stream: ShardStream, label: str, num_workers: int = 0, pin_memory: bool = False,
-                 persistent_workers: bool = False, prefetch_factor: int | None = None, start_epoch: int = 0,
-                 timeout: float = 0.0, sampler: None = None, batch_sampler: None = None) -> None:
+    def __init__(
+        self,
+        stream: ShardStream,
+        label: str,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+        start_epoch: int = 0,
+        timeout: float = 0.0,
+        sampler: None = None,
+        batch_sampler: None = None,
+    ) -> None:
         if sampler is not None or batch_sampler is not None:
-            raise ValueError("ShardLoader takes no sampler or batch_sampler: its ShardStream shards, shuffles "
-                             "and batches by itself")
+            raise ValueError(
+                "ShardLoader takes no sampler or batch_sampler: its ShardStream shards, shuffles and batches by itself"
+            )
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs["persistent_workers"] = persistent_workers
             if prefetch_factor is not None:
                 kwargs["prefetch_factor"] = prefetch_factor
         # batch_size=None: the stream batches inside each worker (far less inter-process traffic)
-        super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                         timeout=timeout, **kwargs)
+        super().__init__(
+            stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, timeout=timeout, **kwargs
+        )
         self.label = label
         self.tally = SkipTally()
         self.next_epoch = start_epoch
@@ -83,8 +95,9 @@ class ShardLoader(DataLoader):
         self._position = (epoch, 0)
         self.tally.reset()
         if replay:
-            log.info("%s: resuming epoch %d after %d batches: replaying the stream to that point", self.label,
-                     epoch, replay)
+            log.info(
+                "%s: resuming epoch %d after %d batches: replaying the stream to that point", self.label, epoch, replay
+            )
         for batch in super().__iter__():
             self.tally.add(batch.get("skipped"), len(batch["key"]))
             if batch["key"]:
@@ -98,10 +111,16 @@ class ShardLoader(DataLoader):
     def _layout(self) -> dict[str, Any]:
         """What, besides (seed, epoch, rank, worker), decides which batch comes when."""
         stream: ShardStream = self.dataset  # type: ignore[assignment]
-        return {"seed": stream.seed, "shards": len(stream.urls), "batch_size": stream.batch_size,
-                "num_workers": self.num_workers, "world_size": stream.world_size,
-                "samples_per_rank": stream.samples_per_rank, "shuffle_buffer": stream.shuffle_buffer,
-                "options": dataclasses.asdict(stream.options)}
+        return {
+            "seed": stream.seed,
+            "shards": len(stream.urls),
+            "batch_size": stream.batch_size,
+            "num_workers": self.num_workers,
+            "world_size": stream.world_size,
+            "samples_per_rank": stream.samples_per_rank,
+            "shuffle_buffer": stream.shuffle_buffer,
+            "options": dataclasses.asdict(stream.options),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """The stream's position: {"epoch", "batches" handed out in that epoch, "layout"}. Every rank is at the
@@ -120,9 +139,15 @@ class ShardLoader(DataLoader):
         now = self._layout()
         if saved is not None and saved != now:
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            log.warning("%s: resuming at epoch %d batch %d, but the data layout changed since the checkpoint (%s): "
-                        "the stream continues from the same position, not with the samples an uninterrupted run "
-                        "would have seen", self.label, epoch, batches, ", ".join(changed))
+            log.warning(
+                "%s: resuming at epoch %d batch %d, but the data layout changed since the checkpoint (%s): "
+                "the stream continues from the same position, not with the samples an uninterrupted run "
+                "would have seen",
+                self.label,
+                epoch,
+                batches,
+                ", ".join(changed),
+            )
         self.next_epoch, self._replay = epoch, batches
 
 
@@ -165,20 +190,36 @@ class ShardDataModule(LightningDataModule):
         pin_memory, persistent_workers, prefetch_factor: passed to the DataLoader.
     """
 
-    def __init__(self, train_shards: ShardSpec | None = None, val_shards: ShardSpec | None = None,
-                 test_shards: ShardSpec | None = None, predict_shards: ShardSpec | None = None,
-                 batch_size: int = 64, val_batch_size: int | None = None,
-                 num_workers: int = 2, image_size: int = 32, shuffle_buffer: int = 1000, epoch_length: int = 10_000,
-                 caption_sampling: str = "first", caption_dropout: float = 0.0, seed: int = 0,
-                 load_features: bool = False, load_latents: bool = False, latent_flip: bool = False,
-                 pin_memory: bool = False,
-                 persistent_workers: bool = False, prefetch_factor: int | None = None) -> None:
+    def __init__(
+        self,
+        train_shards: ShardSpec | None = None,
+        val_shards: ShardSpec | None = None,
+        test_shards: ShardSpec | None = None,
+        predict_shards: ShardSpec | None = None,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        image_size: int = 32,
+        shuffle_buffer: int = 1000,
+        epoch_length: int = 10_000,
+        caption_sampling: str = "first",
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+        load_features: bool = False,
+        load_latents: bool = False,
+        latent_flip: bool = False,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+    ) -> None:
         super().__init__()
         if caption_sampling not in CAPTION_SAMPLING:
             raise ConfigError(f"caption_sampling must be one of {CAPTION_SAMPLING}, got {caption_sampling!r}")
         if load_features and caption_sampling != "first":
-            raise ConfigError("load_features=True needs caption_sampling='first': precomputed features belong to "
-                              "the primary caption, not to a random paraphrase")
+            raise ConfigError(
+                "load_features=True needs caption_sampling='first': precomputed features belong to "
+                "the primary caption, not to a random paraphrase"
+            )
         if not 0.0 <= caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         for name, value in (("batch_size", batch_size), ("image_size", image_size), ("epoch_length", epoch_length)):
@@ -211,24 +252,42 @@ class ShardDataModule(LightningDataModule):
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
     def _options(self, train: bool) -> DecodeOptions:
-        return DecodeOptions(image_size=self.image_size, caption_sampling=self.caption_sampling,
-                             caption_dropout=self.caption_dropout if train else 0.0,
-                             load_features=self.load_features, load_latents=self.load_latents,
-                             latent_flip=self.latent_flip)
+        return DecodeOptions(
+            image_size=self.image_size,
+            caption_sampling=self.caption_sampling,
+            caption_dropout=self.caption_dropout if train else 0.0,
+            load_features=self.load_features,
+            load_latents=self.load_latents,
+            latent_flip=self.latent_flip,
+        )
 
     def _eval_stream(self, spec: ShardSpec, label: str) -> ShardStream:
         urls = expand_shard_urls(spec)
         if len(urls) < self.world_size:
             # A rank with no batch never joins the other ranks' metric sync (sync_dist, all_gather), and they
             # wait for it forever (seen with 1 val shard on 2 DDP ranks): refuse it up front.
-            raise ConfigError(f"{label}: {len(urls)} shard(s) for {self.world_size} ranks; every rank needs at least "
-                              "one shard. Write more, smaller shards (emf shards --maxcount)")
+            raise ConfigError(
+                f"{label}: {len(urls)} shard(s) for {self.world_size} ranks; every rank needs at least "
+                "one shard. Write more, smaller shards (emf shards --maxcount)"
+            )
         readers = self.world_size * max(1, self.num_workers)
         if len(urls) < readers:
-            log.info("%s: %d shard(s) for %d rank(s) x %d worker(s): some readers get no shard (nothing is lost)",
-                     label, len(urls), self.world_size, max(1, self.num_workers))
-        return ShardStream(urls, self.val_batch_size, train=False, options=self._options(False), seed=self.seed,
-                           rank=self.rank, world_size=self.world_size)
+            log.info(
+                "%s: %d shard(s) for %d rank(s) x %d worker(s): some readers get no shard (nothing is lost)",
+                label,
+                len(urls),
+                self.world_size,
+                max(1, self.num_workers),
+            )
+        return ShardStream(
+            urls,
+            self.val_batch_size,
+            train=False,
+            options=self._options(False),
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Expand and check the shard lists needed for `stage` ("fit", "validate", "test", "predict"; None: all
@@ -238,12 +297,21 @@ class ShardDataModule(LightningDataModule):
             if self.train_shards is None:
                 raise ConfigError("ShardDataModule: train_shards is required to fit")
             if self.epoch_length % self.world_size:
-                raise ConfigError(f"epoch_length={self.epoch_length} must be divisible by the world size "
-                                  f"{self.world_size} (each rank yields epoch_length / world_size samples)")
+                raise ConfigError(
+                    f"epoch_length={self.epoch_length} must be divisible by the world size "
+                    f"{self.world_size} (each rank yields epoch_length / world_size samples)"
+                )
             self.streams["train"] = ShardStream(
-                expand_shard_urls(self.train_shards), self.batch_size, train=True, options=self._options(True),
-                samples_per_rank=self.epoch_length // self.world_size, shuffle_buffer=self.shuffle_buffer,
-                seed=self.seed, rank=self.rank, world_size=self.world_size)
+                expand_shard_urls(self.train_shards),
+                self.batch_size,
+                train=True,
+                options=self._options(True),
+                samples_per_rank=self.epoch_length // self.world_size,
+                shuffle_buffer=self.shuffle_buffer,
+                seed=self.seed,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
         if stage in ("fit", "validate", None) and self.val_shards is not None:
             self.streams["val"] = self._eval_stream(self.val_shards, "val")
         if stage == "validate" and self.val_shards is None:
@@ -266,9 +334,15 @@ class ShardDataModule(LightningDataModule):
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[name])
         trainer = self.trainer
         start = trainer.current_epoch if (trainer is not None and name == "train") else 0  # resume-aware
-        loader = ShardLoader(self.streams[name], label=name, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                             persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
-                             start_epoch=start)
+        loader = ShardLoader(
+            self.streams[name],
+            label=name,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            prefetch_factor=self.prefetch_factor,
+            start_epoch=start,
+        )
         self.loaders[name] = loader
         return loader
 

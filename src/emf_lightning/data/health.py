@@ -29,8 +29,18 @@ BAD_LATENT = "bad_latent"  # precomputed latent unreadable (a missing one raises
 
 SHARD_REASONS = frozenset({UNREADABLE_SHARD, CORRUPT_SHARD})
 # Every reason the datamodule counts, in a fixed order (ranks sum them as one vector).
-ALL_REASONS = (UNREADABLE_SHARD, CORRUPT_SHARD, DUPLICATE_ENTRY, MISSING_IMAGE, UNDECODABLE_IMAGE, EMPTY_CAPTION,
-               BAD_JSON, BAD_FEATURES, BAD_LATENT, UNDECODABLE_CAPTION)
+ALL_REASONS = (
+    UNREADABLE_SHARD,
+    CORRUPT_SHARD,
+    DUPLICATE_ENTRY,
+    MISSING_IMAGE,
+    UNDECODABLE_IMAGE,
+    EMPTY_CAPTION,
+    BAD_JSON,
+    BAD_FEATURES,
+    BAD_LATENT,
+    UNDECODABLE_CAPTION,
+)
 
 
 class SkipCounter:
@@ -50,8 +60,13 @@ class SkipCounter:
         self._pending[reason] += n
         if reason not in self._warned:
             self._warned.add(reason)
-            log.warning("%s: skipping input (%s): %s. Further '%s' skips are counted, "
-                        "and summarised at the end of the epoch.", self.name, reason, detail, reason)
+            log.warning(
+                "%s: skipping input (%s): %s. Further '%s' skips are counted, and summarised at the end of the epoch.",
+                self.name,
+                reason,
+                detail,
+                reason,
+            )
         else:
             log.debug("%s: skipping input (%s): %s", self.name, reason, detail)
 

@@ -35,8 +35,16 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from emf_lightning.data.health import (BAD_FEATURES, BAD_JSON, BAD_LATENT, EMPTY_CAPTION, MISSING_IMAGE,
-                                       UNDECODABLE_CAPTION, UNDECODABLE_IMAGE, SkipCounter)
+from emf_lightning.data.health import (
+    BAD_FEATURES,
+    BAD_JSON,
+    BAD_LATENT,
+    EMPTY_CAPTION,
+    MISSING_IMAGE,
+    UNDECODABLE_CAPTION,
+    UNDECODABLE_IMAGE,
+    SkipCounter,
+)
 from emf_lightning.data.tar_reader import iter_shard_samples
 from emf_lightning.data.transforms import open_rgb, resize_center_crop
 from emf_lightning.errors import ConfigError, InputNotFoundError
@@ -62,31 +70,37 @@ def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs or all(not str(s).strip() for s in specs):
-        raise ConfigError(f"empty shard list {spec!r}: give a path, brace pattern (data/train-{{000000..000009}}.tar) "
-                          "or URL")
+        raise ConfigError(
+            f"empty shard list {spec!r}: give a path, brace pattern (data/train-{{000000..000009}}.tar) or URL"
+        )
     urls: list[str] = []
     for one in specs:
         one = str(one).strip()
         if not one:
             continue
         for url in wds.shardlists.expand_urls(one):
-            local = url[len("file:"):] if url.startswith("file:") else url
+            local = url[len("file:") :] if url.startswith("file:") else url
             if url.startswith(_REMOTE_PREFIXES):
                 urls.append(url)  # checked when opened; failures are counted as unreadable shards
             elif glob.has_magic(local):
                 matches = sorted(glob.glob(local))
                 if not matches:
-                    raise InputNotFoundError(f"shard pattern {one!r} matches no files (glob {local!r}): check the "
-                                             "path, or write shards there with `emf shards`")
+                    raise InputNotFoundError(
+                        f"shard pattern {one!r} matches no files (glob {local!r}): check the "
+                        "path, or write shards there with `emf shards`"
+                    )
                 urls.extend(matches)
             else:
                 urls.append(local)
         missing = [u for u in urls if not u.startswith(_REMOTE_PREFIXES) and not _exists(u)]
         if missing:
-            shown = ", ".join(repr(m) for m in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
-                                                               else "")
-            raise InputNotFoundError(f"shard pattern {one!r}: {len(missing)} shard file(s) not found: {shown}; check "
-                                     "the pattern's range against the files written")
+            shown = ", ".join(repr(m) for m in missing[:3]) + (
+                f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            )
+            raise InputNotFoundError(
+                f"shard pattern {one!r}: {len(missing)} shard file(s) not found: {shown}; check "
+                "the pattern's range against the files written"
+            )
     if not urls:
         raise ConfigError(f"shard list {spec!r} expands to no shards")
     return urls
@@ -151,8 +165,9 @@ def _features(data: bytes, ext: str) -> dict[str, torch.Tensor]:
     return {"tokens": tokens.float(), "pooled": pooled.float().reshape(-1)}
 
 
-def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, counter: SkipCounter,
-                  train: bool) -> dict[str, Any] | None:
+def decode_sample(
+    raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, counter: SkipCounter, train: bool
+) -> dict[str, Any] | None:
     """A raw tar sample -> {"image", "caption", "spec", "meta", "key"[, "features", "latent"]}, or None (counted).
 
     "image" is uint8 [H, W, 3] here; `collate` converts whole batches to [-1, 1] floats at once.
@@ -181,8 +196,11 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, 
         return None
     image_key = _first_key(raw, IMAGE_KEYS)
     if image_key is None:
-        counter.skip(MISSING_IMAGE, f"{where}: no image ({', '.join(IMAGE_KEYS)}) in sample with "
-                                    f"members {sorted(k for k in raw if not k.startswith('__'))}")
+        counter.skip(
+            MISSING_IMAGE,
+            f"{where}: no image ({', '.join(IMAGE_KEYS)}) in sample with "
+            f"members {sorted(k for k in raw if not k.startswith('__'))}",
+        )
         return None
     try:
         image = np.array(resize_center_crop(open_rgb(raw[image_key]), opts.image_size), dtype=np.uint8)
@@ -205,7 +223,8 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, 
             raise MissingLatentsError(
                 f"{where}: no precomputed latent ({', '.join(LATENT_KEYS)}) but latents were asked for "
                 "(load_latents=True): these shards were written without latents. Encode them once with "
-                "`emf cache-latents --vae NAME --shards URLS --out PATTERN` and train on its output shards")
+                "`emf cache-latents --vae NAME --shards URLS --out PATTERN` and train on its output shards"
+            )
         flipped = _first_key(raw, FLIPPED_LATENT_KEYS) if opts.latent_flip and train else None
         if flipped is not None and rng.random() < 0.5:  # the mirrored image's latent, half the time
             lkey = flipped
@@ -237,8 +256,14 @@ def decode_sample(raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, 
 def collate(samples: list[dict[str, Any]], skipped: dict[str, int], image_size: int) -> dict[str, Any]:
     """Stack samples into a batch; variable-length feature tokens are right-padded with zeros and masked."""
     if not samples:
-        return {"image": torch.empty(0, 3, image_size, image_size), "caption": [], "spec": [], "meta": [],
-                "key": [], "skipped": skipped}
+        return {
+            "image": torch.empty(0, 3, image_size, image_size),
+            "caption": [],
+            "spec": [],
+            "meta": [],
+            "key": [],
+            "skipped": skipped,
+        }
     batch: dict[str, Any] = {
         "image": from_uint8(np.stack([s["image"] for s in samples])),
         "caption": [s["caption"] for s in samples],
@@ -251,23 +276,28 @@ def collate(samples: list[dict[str, Any]], skipped: dict[str, int], image_size: 
         toks = [s["features"]["tokens"] for s in samples]
         dims = {t.shape[1] for t in toks}
         if len(dims) != 1:
-            raise ValueError(f"precomputed features of different widths in one batch: {sorted(dims)}; "
-                             "the shards mix encoders")
+            raise ValueError(
+                f"precomputed features of different widths in one batch: {sorted(dims)}; the shards mix encoders"
+            )
         length = max(t.shape[0] for t in toks)
         tokens = torch.zeros(len(toks), length, dims.pop())
         mask = torch.zeros(len(toks), length, dtype=torch.bool)
         for i, t in enumerate(toks):
             tokens[i, : t.shape[0]] = t
             mask[i, : t.shape[0]] = True
-        batch["features"] = {"tokens": tokens, "mask": mask,
-                             "pooled": torch.stack([s["features"]["pooled"] for s in samples])}
+        batch["features"] = {
+            "tokens": tokens,
+            "mask": mask,
+            "pooled": torch.stack([s["features"]["pooled"] for s in samples]),
+        }
     if "latent" in samples[0]:
         batch["latent"] = torch.stack([s["latent"] for s in samples])
     return batch
 
 
-def batches(samples: Iterable[dict[str, Any]], batch_size: int, counter: SkipCounter,
-            image_size: int) -> Iterator[dict[str, Any]]:
+def batches(
+    samples: Iterable[dict[str, Any]], batch_size: int, counter: SkipCounter, image_size: int
+) -> Iterator[dict[str, Any]]:
     """Group samples into batches (the last may be partial), each carrying the skips counted so far.
 
     One full batch is held back until the next one is complete or the stream ends, so skips that
@@ -309,9 +339,18 @@ class ShardStream(IterableDataset):
             because DataLoader workers may not see torch.distributed).
     """
 
-    def __init__(self, urls: Sequence[str], batch_size: int, train: bool, options: DecodeOptions,
-                 samples_per_rank: int | None = None, shuffle_buffer: int = 1000, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        batch_size: int,
+        train: bool,
+        options: DecodeOptions,
+        samples_per_rank: int | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -370,8 +409,9 @@ class ShardStream(IterableDataset):
                 # shuffle encoded samples, before decoding: a buffer of raw bytes is far smaller than of tensors
                 # start yielding after 100 samples (webdataset's default) while the buffer keeps filling:
                 # each epoch restarts the stream, and a full fill first would delay every epoch's start
-                raw = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
-                                  rng=random.Random(seed + 1))(raw)
+                raw = wds.shuffle(
+                    self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=random.Random(seed + 1)
+                )(raw)
             samples = _decode_all(raw, self.options, rng, counter, progress, train=True)
             samples = islice(samples, worker_share(self.samples_per_rank, worker, num_workers))
         else:
@@ -388,8 +428,9 @@ class _Progress:
         self.good = 0
 
 
-def _read_shards(urls: Iterator[str], counter: SkipCounter, progress: _Progress,
-                 limit: int | None) -> Iterator[dict[str, Any]]:
+def _read_shards(
+    urls: Iterator[str], counter: SkipCounter, progress: _Progress, limit: int | None
+) -> Iterator[dict[str, Any]]:
     """Raw samples of each shard in turn. With `limit`, stop with an error after that many consecutive
     shards during which no good sample was decoded: an endless resampled stream over shards that are
     all bad would otherwise spin forever (a few bad shards never trip it)."""
@@ -400,12 +441,20 @@ def _read_shards(urls: Iterator[str], counter: SkipCounter, progress: _Progress,
         barren = barren + 1 if progress.good == seen_good else 0
         seen_good = progress.good
         if limit is not None and barren >= limit:
-            raise RuntimeError(f"no valid sample decoded while reading the last {barren} shards (e.g. {first!r}); "
-                               f"skipped: {counter.drain()}")
+            raise RuntimeError(
+                f"no valid sample decoded while reading the last {barren} shards (e.g. {first!r}); "
+                f"skipped: {counter.drain()}"
+            )
 
 
-def _decode_all(raw: Iterable[dict[str, Any]], opts: DecodeOptions, rng: random.Random, counter: SkipCounter,
-                progress: _Progress, train: bool) -> Iterator[dict[str, Any]]:
+def _decode_all(
+    raw: Iterable[dict[str, Any]],
+    opts: DecodeOptions,
+    rng: random.Random,
+    counter: SkipCounter,
+    progress: _Progress,
+    train: bool,
+) -> Iterator[dict[str, Any]]:
     for r in raw:
         sample = decode_sample(r, opts, rng, counter, train)
         if sample is not None:
@@ -413,5 +462,15 @@ def _decode_all(raw: Iterable[dict[str, Any]], opts: DecodeOptions, rng: random.
             yield sample
 
 
-__all__ = ["ShardStream", "DecodeOptions", "MissingLatentsError", "expand_shard_urls", "split_shards", "worker_share", "decode_sample",
-           "collate", "batches", "IMAGE_KEYS"]
+__all__ = [
+    "ShardStream",
+    "DecodeOptions",
+    "MissingLatentsError",
+    "expand_shard_urls",
+    "split_shards",
+    "worker_share",
+    "decode_sample",
+    "collate",
+    "batches",
+    "IMAGE_KEYS",
+]

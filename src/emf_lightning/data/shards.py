@@ -107,7 +107,7 @@ def brace_url(pattern: str, n_shards: int) -> str:
         return pattern % 0
     width = int(m.group(2)) if m.group(1) == "0" and m.group(2) else 0
     span = "{" + f"{0:0{width}d}..{n_shards - 1:0{width}d}" + "}" if width else "{" + f"0..{n_shards - 1}" + "}"
-    return pattern[: m.start()] + span + pattern[m.end():]
+    return pattern[: m.start()] + span + pattern[m.end() :]
 
 
 @dataclass
@@ -124,16 +124,30 @@ class WriteResult:
 
     def to_json(self) -> dict[str, Any]:
         """The manifest document."""
-        doc = {"format": MANIFEST_FORMAT, "pattern": self.pattern, "urls": self.urls, "total": self.total,
-               "shards": self.shards, "source": self.source, "skipped": self.skipped}
+        doc = {
+            "format": MANIFEST_FORMAT,
+            "pattern": self.pattern,
+            "urls": self.urls,
+            "total": self.total,
+            "shards": self.shards,
+            "source": self.source,
+            "skipped": self.skipped,
+        }
         if self.features is not None:
             doc["features"] = self.features
         return doc
 
 
-def write_shards(samples: Iterable[ShardSample], pattern: str, maxcount: int = 1000, maxsize: float = 1e9,
-                 source: dict[str, Any] | None = None, skipped: Callable[[], dict[str, int]] | None = None,
-                 features: dict[str, Any] | None = None, mtime: int = 0) -> WriteResult:
+def write_shards(
+    samples: Iterable[ShardSample],
+    pattern: str,
+    maxcount: int = 1000,
+    maxsize: float = 1e9,
+    source: dict[str, Any] | None = None,
+    skipped: Callable[[], dict[str, int]] | None = None,
+    features: dict[str, Any] | None = None,
+    mtime: int = 0,
+) -> WriteResult:
     """Write `samples` into tar shards named by the printf `pattern` (e.g. 'out/train-%06d.tar').
 
     A new shard starts after `maxcount` samples or `maxsize` bytes. Keys must be unique. `source`
@@ -143,8 +157,7 @@ def write_shards(samples: Iterable[ShardSample], pattern: str, maxcount: int = 1
     to every member (twice the headers, slower reading).
     """
     if _PRINTF_INT.search(pattern) is None:
-        raise ValueError(f"shard pattern {pattern!r} needs an integer field such as %06d "
-                         "(e.g. out/train-%06d.tar)")
+        raise ValueError(f"shard pattern {pattern!r} needs an integer field such as %06d (e.g. out/train-%06d.tar)")
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
     it = iter(samples)
@@ -161,8 +174,18 @@ def write_shards(samples: Iterable[ShardSample], pattern: str, maxcount: int = 1
         result.shards.append({"name": os.path.basename(fname), "count": writer.count})
 
     # encoder=False: we hand over bytes we encoded ourselves (deterministic PNG/JSON, no pickle)
-    writer = wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, post=finished, verbose=0,
-                             encoder=False, mtime=int(mtime), user="emf", group="emf", mode=0o644)
+    writer = wds.ShardWriter(
+        pattern,
+        maxcount=maxcount,
+        maxsize=maxsize,
+        post=finished,
+        verbose=0,
+        encoder=False,
+        mtime=int(mtime),
+        user="emf",
+        group="emf",
+        mode=0o644,
+    )
     try:
         for sample in _chain(first, it):
             record = sample.to_wds()
@@ -196,8 +219,9 @@ def _chain(first: ShardSample, rest: Iterator[ShardSample]) -> Iterator[ShardSam
     yield from rest
 
 
-def attach_features(samples: Iterable[ShardSample], encode: Callable[[list[str]], Any],
-                    batch_size: int = 64, dtype: str = "float32") -> Iterator[ShardSample]:
+def attach_features(
+    samples: Iterable[ShardSample], encode: Callable[[list[str]], Any], batch_size: int = 64, dtype: str = "float32"
+) -> Iterator[ShardSample]:
     """Add precomputed text features of each sample's primary caption, computed `batch_size` at a time.
 
     `encode(captions)` returns an object with `tokens` [B, L, D], `mask` [B, L] and `pooled` [B, D]
@@ -208,9 +232,10 @@ def attach_features(samples: Iterable[ShardSample], encode: Callable[[list[str]]
     it = iter(samples)
     while chunk := list(islice(it, batch_size)):
         feats = encode([s.caption for s in chunk])
-        tokens, mask, pooled = (feats.tokens.detach().cpu(), feats.mask.detach().cpu(),
-                                feats.pooled.detach().cpu())
+        tokens, mask, pooled = (feats.tokens.detach().cpu(), feats.mask.detach().cpu(), feats.pooled.detach().cpu())
         for i, sample in enumerate(chunk):
-            sample.features = {"tokens": tokens[i][mask[i]].float().numpy().astype(dtype),
-                               "pooled": pooled[i].float().numpy().astype(dtype)}
+            sample.features = {
+                "tokens": tokens[i][mask[i]].float().numpy().astype(dtype),
+                "pooled": pooled[i].float().numpy().astype(dtype),
+            }
             yield sample

@@ -43,8 +43,14 @@ def _captions_from_text(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _sample_from_file(path: Path, key: str, captions: list[str], image_size: int | None,
-                      counter: SkipCounter, meta: dict[str, Any] | None = None) -> ShardSample | None:
+def _sample_from_file(
+    path: Path,
+    key: str,
+    captions: list[str],
+    image_size: int | None,
+    counter: SkipCounter,
+    meta: dict[str, Any] | None = None,
+) -> ShardSample | None:
     if not captions:
         counter.skip(EMPTY_CAPTION, f"{path}: no caption")
         return None
@@ -56,8 +62,14 @@ def _sample_from_file(path: Path, key: str, captions: list[str], image_size: int
     except Exception as exn:  # Pillow raises many types for damaged/unsupported files
         counter.skip(UNDECODABLE_IMAGE, f"{path}: {type(exn).__name__}: {exn}")
         return None
-    return ShardSample(key=key, image=image, image_format=ext, caption=captions[0],
-                       captions=captions if len(captions) > 1 else None, meta=meta or None)
+    return ShardSample(
+        key=key,
+        image=image,
+        image_format=ext,
+        caption=captions[0],
+        captions=captions if len(captions) > 1 else None,
+        meta=meta or None,
+    )
 
 
 def folder_samples(root: str | Path, counter: SkipCounter, image_size: int | None = None) -> Iterator[ShardSample]:
@@ -69,8 +81,7 @@ def folder_samples(root: str | Path, counter: SkipCounter, image_size: int | Non
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
-    images = sorted(p for p in root.rglob("*")
-                    if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     if not images:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
     for path in images:
@@ -111,9 +122,14 @@ def _read_rows(path: Path, counter: SkipCounter) -> Iterator[tuple[int, dict[str
             raise ValueError(f"unsupported list file {str(path)!r}: use .jsonl, .ndjson, .csv or .tsv")
 
 
-def list_samples(path: str | Path, counter: SkipCounter, root: str | Path | None = None,
-                 image_field: str = "image", caption_field: str = "caption",
-                 image_size: int | None = None) -> Iterator[ShardSample]:
+def list_samples(
+    path: str | Path,
+    counter: SkipCounter,
+    root: str | Path | None = None,
+    image_field: str = "image",
+    caption_field: str = "caption",
+    image_size: int | None = None,
+) -> Iterator[ShardSample]:
     """Rows of a JSONL or CSV file naming an image path and its caption(s).
 
     The caption field holds one caption, or (JSONL) a list of captions, primary first. A row's "key"

@@ -91,7 +91,7 @@ def _seek_next_header(source: _Readable) -> tuple[bytes | None, bool]:
         data = carry + chunk
         usable = len(data) - len(data) % BLOCK
         for start in range(0, usable, BLOCK):
-            block = data[start:start + BLOCK]
+            block = data[start : start + BLOCK]
             if block.count(0) != BLOCK:
                 if _is_header(block):
                     return data[start:], damaged
@@ -140,12 +140,12 @@ def iter_tar_members(fileobj: _Readable, on_damage: Callable[[str], None]) -> It
             return
         prefix, damaged = _seek_next_header(stream)
         if damaged:
-            on_damage("damaged bytes between members" + ("; reading resumed at the next header"
-                                                         if prefix is not None else ""))
+            on_damage(
+                "damaged bytes between members" + ("; reading resumed at the next header" if prefix is not None else "")
+            )
 
 
-def iter_shard_samples(url: str, counter: SkipCounter,
-                       opener: Callable[[str], BinaryIO] = wds.gopen) -> Iterator[dict]:
+def iter_shard_samples(url: str, counter: SkipCounter, opener: Callable[[str], BinaryIO] = wds.gopen) -> Iterator[dict]:
     """Group the members of one shard into WebDataset samples: {"__key__", "__url__", ext: bytes}.
 
     An unreadable shard is counted and yields nothing; a damaged one is counted once and yields every

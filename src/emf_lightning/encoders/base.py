@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -44,7 +45,7 @@ class TextFeatures:
         """Feature width D."""
         return self.tokens.shape[-1]
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TextFeatures":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextFeatures:
         """Move to a device and/or cast the float tensors (the mask stays bool)."""
         return TextFeatures(
             tokens=self.tokens.to(device=device, dtype=dtype),
@@ -56,7 +57,7 @@ class TextFeatures:
         """Number of real tokens per row, [B] long."""
         return self.mask.sum(dim=1)
 
-    def validate(self) -> "TextFeatures":
+    def validate(self) -> TextFeatures:
         """Check shapes, dtypes and the zero-padding invariant; return self so it can be chained."""
         if self.tokens.ndim != 3 or self.mask.ndim != 2 or self.pooled.ndim != 2:
             raise ValueError(
@@ -79,13 +80,13 @@ class TextFeatures:
             raise ValueError("TextFeatures.tokens must be exactly zero where mask is False")
         return self
 
-    def row(self, i: int) -> "TextFeatures":
+    def row(self, i: int) -> TextFeatures:
         """Row `i` trimmed to its own length: tokens [1, l_i, D]."""
         n = int(self.mask[i].sum())
         return TextFeatures(self.tokens[i : i + 1, :n], self.mask[i : i + 1, :n], self.pooled[i : i + 1])
 
     @staticmethod
-    def cat(parts: Sequence["TextFeatures"]) -> "TextFeatures":
+    def cat(parts: Sequence[TextFeatures]) -> TextFeatures:
         """Concatenate along the batch, right-padding every part to the longest sequence with zeros."""
         if not parts:
             raise ValueError("TextFeatures.cat needs at least one part")
@@ -232,7 +233,7 @@ class TextEncoder(RecordsInitArgs, nn.Module):
                 module.to(dtype=self.compute_dtype)
         self.eval()
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         """Always stays in eval mode: the encoder is frozen (no dropout), whatever the parent does."""
         return super().train(False)
 
@@ -242,7 +243,9 @@ class TextEncoder(RecordsInitArgs, nn.Module):
         if not captions:
             raise ValueError("encode() got an empty caption list")
         # Chunks of similar length waste less compute on padding; results go back in the caller's order.
-        order = sorted(range(len(captions)), key=lambda i: len(captions[i])) if len(captions) > self.batch_size else None
+        order = (
+            sorted(range(len(captions)), key=lambda i: len(captions[i])) if len(captions) > self.batch_size else None
+        )
         ordered = [captions[i] for i in order] if order else captions
         parts, truncated = [], 0
         with torch.no_grad():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
 
 import torch
 
@@ -68,7 +67,7 @@ class BagOfWordsEncoder(TextEncoder):
         """The fixed vector of `word` (CPU float32), the same in every process."""
         vec = self._vectors.get(word)
         if vec is None:
-            digest = hashlib.blake2b(f"{self.seed}\x00{word}".encode("utf-8"), digest_size=8).digest()
+            digest = hashlib.blake2b(f"{self.seed}\x00{word}".encode(), digest_size=8).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
             vec = torch.randn(self._dim, generator=gen)
             self._vectors[word] = vec

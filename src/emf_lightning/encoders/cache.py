@@ -19,8 +19,8 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -91,8 +91,13 @@ class FeatureCache:
             self._add(missing, self.encoder.encode(missing))
         return self._assemble(captions)
 
-    def precompute(self, captions: Iterable[str], batch_size: int | None = None, log_every: int = 10,
-                   advance: Callable[[int], None] | None = None) -> int:
+    def precompute(
+        self,
+        captions: Iterable[str],
+        batch_size: int | None = None,
+        log_every: int = 10,
+        advance: Callable[[int], None] | None = None,
+    ) -> int:
         """Encode every not-yet-cached unique caption in chunks of `batch_size` (default: the encoder's);
         saves each chunk when the cache has a root, so an interrupted run keeps its work.
         `advance(n)` is called after each chunk with its size (a progress bar's counter).
@@ -133,7 +138,12 @@ class FeatureCache:
                 "pooled": torch.stack([self._pooled[c] for c in chunk]).contiguous(),
                 "offsets": lengths.cumsum(0),
             }
-            metadata = {"format": FORMAT, "version": VERSION, "cache_key": self.cache_key, "captions": json.dumps(chunk)}
+            metadata = {
+                "format": FORMAT,
+                "version": VERSION,
+                "cache_key": self.cache_key,
+                "captions": json.dumps(chunk),
+            }
             name = f"part-{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
             tmp = self.dir / f".tmp-{name}"
             save_file(tensors, str(tmp), metadata=metadata)
@@ -195,7 +205,9 @@ class FeatureCache:
         key_file = self.dir / "cache_key.json"
         if not key_file.exists():
             tmp = self.dir / f".tmp-key-{uuid.uuid4().hex[:8]}"
-            tmp.write_text(json.dumps({"cache_key": self.cache_key, "dim": self.dim, "format": FORMAT, "version": VERSION}))
+            tmp.write_text(
+                json.dumps({"cache_key": self.cache_key, "dim": self.dim, "format": FORMAT, "version": VERSION})
+            )
             os.replace(tmp, key_file)
 
     def _add(self, captions: list[str], features: TextFeatures) -> None:

@@ -44,7 +44,9 @@ def _locate_open_clip_weights(model: str, weights: str) -> tuple[str, dict]:
         raise ValueError(f"open_clip has no pretrained tag {weights!r} for {model!r}; known tags: {tags}")
     hub = cfg.get("hf_hub", "")
     if not hub:
-        raise MissingWeightsError(f"open_clip {model} / {weights}", str(hf_cache_dir()), hint=f"Download {cfg.get('url', '')}")
+        raise MissingWeightsError(
+            f"open_clip {model} / {weights}", str(hf_cache_dir()), hint=f"Download {cfg.get('url', '')}"
+        )
     # open_clip writes 'org/repo/' (default file names) or 'org/repo/file.bin'.
     repo, filename = os.path.split(hub)
     for name in (filename,) if filename else OPEN_CLIP_WEIGHT_FILES:
@@ -52,7 +54,9 @@ def _locate_open_clip_weights(model: str, weights: str) -> tuple[str, dict]:
         if found:
             return found, cfg
     raise MissingWeightsError(
-        repo, str(hf_cache_dir()), hint=f"(open_clip {model} with pretrained={weights!r}; or pass weights=<checkpoint file>)"
+        repo,
+        str(hf_cache_dir()),
+        hint=f"(open_clip {model} with pretrained={weights!r}; or pass weights=<checkpoint file>)",
     )
 
 
@@ -66,7 +70,9 @@ class CLIPTextTower(torch.nn.Module):
             raise ValueError(f"{model}: unsupported text tower (class token or Hugging Face text model)")
         pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
         if pool not in ("argmax", "eos") or getattr(tower, "attn_mask", None) is None:
-            raise ValueError(f"{model}: only causal text towers with EOT pooling are supported (got pool_type={pool!r})")
+            raise ValueError(
+                f"{model}: only causal text towers with EOT pooling are supported (got pool_type={pool!r})"
+            )
         self.token_embedding = tower.token_embedding
         self.positional_embedding = tower.positional_embedding
         self.transformer = tower.transformer
@@ -156,7 +162,9 @@ class CLIPTextEncoder(TextEncoder):
         weights = weights or self.default_weights
         if pretrained:
             checkpoint, cfg = _locate_open_clip_weights(model, weights)
-            clip = open_clip.create_model(model, pretrained=checkpoint, force_quick_gelu=bool(cfg.get("quick_gelu", False)))
+            clip = open_clip.create_model(
+                model, pretrained=checkpoint, force_quick_gelu=bool(cfg.get("quick_gelu", False))
+            )
             self.tokenizer = open_clip.get_tokenizer(model)
             self._model_id = f"{model}/{weights}"
         else:
@@ -184,10 +192,17 @@ class CLIPTextEncoder(TextEncoder):
         return self._dim
 
     def _key_parts(self) -> list[str]:
-        return [self._model_id, f"len{self.max_length}", "proj" if self.project_tokens else "ln", str(self.compute_dtype).removeprefix("torch.")]
+        return [
+            self._model_id,
+            f"len{self.max_length}",
+            "proj" if self.project_tokens else "ln",
+            str(self.compute_dtype).removeprefix("torch."),
+        ]
 
     @classmethod
-    def weights_available(cls, model: str | None = None, weights: str | None = None, pretrained: bool = True, **_: Any) -> bool:
+    def weights_available(
+        cls, model: str | None = None, weights: str | None = None, pretrained: bool = True, **_: Any
+    ) -> bool:
         if not pretrained:
             return True
         try:

@@ -83,7 +83,9 @@ class HFTextEncoder(TextEncoder):
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.d_model)
+        return int(
+            self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.d_model
+        )
 
     def _key_parts(self) -> list[str]:
         parts = [self._model_id, *self._model_key_extra, f"layer{self.layer}", f"len{self.max_length}"]
@@ -101,7 +103,10 @@ class HFTextEncoder(TextEncoder):
     def _tokenize(self, captions: list[str]) -> tuple[dict[str, Tensor], Tensor, int]:
         """Tokenise with truncation and padding; return the model inputs, the keep mask and #truncated."""
         texts = self._texts(captions)
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=self._add_special_tokens, verbose=False)["input_ids"]]
+        lengths = [
+            len(ids)
+            for ids in self.tokenizer(texts, add_special_tokens=self._add_special_tokens, verbose=False)["input_ids"]
+        ]
         truncated = sum(n > self.max_length for n in lengths)
         enc = self.tokenizer(
             texts,

@@ -8,13 +8,12 @@ random orthogonal matrix scaled to unit RMS per entry, so classes are equally fa
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from emf_lightning.encoders.base import TextEncoder, TextFeatures, short_hash
-
 
 DEFAULT_NUM_CLASSES = 1000
 
@@ -66,7 +65,9 @@ class LabelEncoder(TextEncoder):
         if classes is None and num_classes is None:
             num_classes = DEFAULT_NUM_CLASSES
         if isinstance(classes, (str, Path)):
-            classes = [line.rstrip("\n") for line in Path(classes).read_text(encoding="utf-8").splitlines() if line.strip()]
+            classes = [
+                line.rstrip("\n") for line in Path(classes).read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
         self.classes = list(classes) if classes is not None else None
         if self.classes is not None:
             if len(set(self.classes)) != len(self.classes):

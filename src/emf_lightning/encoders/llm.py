@@ -22,7 +22,7 @@ from emf_lightning.encoders.tiny import tiny_tokenizer
 
 EMF_PROMPT_TEMPLATE = "Please generate image based on the following caption: {caption}"
 CAPTION_FIELD = "{caption}"
-_MARKER = "\uE000EMF-CAPTION\uE000"  # private-use characters: never in a real template
+_MARKER = "\ue000EMF-CAPTION\ue000"  # private-use characters: never in a real template
 
 TINY_QWEN3 = dict(
     hidden_size=32,

@@ -137,7 +137,9 @@ def export_features(
     wanted = list(dict.fromkeys(captions)) if captions is not None else list(source._store._pooled)
     missing = [c for c in wanted if c not in source._store]
     if missing:
-        raise MissingCaptionError(f"{len(missing)} caption(s) to export are not in {source.cache_dir}, e.g. {missing[:3]}")
+        raise MissingCaptionError(
+            f"{len(missing)} caption(s) to export are not in {source.cache_dir}, e.g. {missing[:3]}"
+        )
     out = FeatureCache(_SourceKey(source.source_key, source.dim), root=out_root)
     for caption in wanted:
         out._tokens[caption] = source._store._tokens[caption].to(dtype)

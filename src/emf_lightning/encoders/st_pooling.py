@@ -30,8 +30,14 @@ _FLAGS = {
     "pooling_mode_lasttoken": "last",
 }
 # The string form sentence-transformers' Pooling(pooling_mode=...) accepts -> our names
-_NAMES = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
-          "weightedmean": "weightedmean", "lasttoken": "last"}
+_NAMES = {
+    "mean": "mean",
+    "cls": "cls",
+    "max": "max",
+    "mean_sqrt_len_tokens": "mean_sqrt_len",
+    "weightedmean": "weightedmean",
+    "lasttoken": "last",
+}
 
 
 def _read_json(source: str, name: str) -> Any | None:
@@ -50,13 +56,19 @@ def pooling_from_config(config: dict[str, Any], where: str) -> str:
     """Our pooling name for a sentence-transformers Pooling ``config.json``; a clear error for what the
     encoder cannot do (several modes concatenated, weighted mean)."""
     mode = config.get("pooling_mode")
-    modes = [_NAMES.get(mode, mode)] if isinstance(mode, str) else [name for key, name in _FLAGS.items() if config.get(key)]
+    modes = (
+        [_NAMES.get(mode, mode)] if isinstance(mode, str) else [name for key, name in _FLAGS.items() if config.get(key)]
+    )
     if len(modes) != 1:
-        raise ValueError(f"{where} declares pooling {modes or 'none'}; SentenceEncoder pools one way, "
-                         f"one of {', '.join(POOLING_MODES)} (pass pooling=... to choose)")
+        raise ValueError(
+            f"{where} declares pooling {modes or 'none'}; SentenceEncoder pools one way, "
+            f"one of {', '.join(POOLING_MODES)} (pass pooling=... to choose)"
+        )
     if modes[0] not in POOLING_MODES:
-        raise ValueError(f"{where} declares pooling {modes[0]!r}, which SentenceEncoder does not implement; "
-                         f"pass pooling= one of {', '.join(POOLING_MODES)}")
+        raise ValueError(
+            f"{where} declares pooling {modes[0]!r}, which SentenceEncoder does not implement; "
+            f"pass pooling= one of {', '.join(POOLING_MODES)}"
+        )
     return modes[0]
 
 
@@ -72,8 +84,10 @@ def declared_pooling(source: str) -> str | None:
     name = f"{entry.get('path') or ''}/config.json".lstrip("/")
     config = _read_json(source, name)
     if not isinstance(config, dict):
-        raise ValueError(f"{source}: modules.json names a Pooling module but {name} is missing or not a JSON "
-                         "object; restore it or pass pooling=...")
+        raise ValueError(
+            f"{source}: modules.json names a Pooling module but {name} is missing or not a JSON "
+            "object; restore it or pass pooling=..."
+        )
     return pooling_from_config(config, f"{source}/{name}")
 
 

@@ -8,7 +8,7 @@ pad id 0) and `bert` (`[CLS] ... [SEP]`, pad id 0).
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from transformers import PreTrainedTokenizerFast
 
@@ -40,7 +40,7 @@ def _corpus() -> list[str]:
     return lines
 
 
-@lru_cache(maxsize=None)
+@cache
 def tiny_tokenizer(style: str = "causal", vocab_size: int = 384) -> PreTrainedTokenizerFast:
     """Build (once per style) a small byte-level BPE tokenizer wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,7 @@ class CLIPScorer(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.model_id = model_id
 
-    def train(self, mode: bool = True) -> "CLIPScorer":
+    def train(self, mode: bool = True) -> CLIPScorer:
         """Always eval: a metric network must not change with the trainer's mode."""
         return super().train(False)
 
@@ -126,7 +126,9 @@ class CLIPScorer(nn.Module):
 # ---------------------------------------------------------------- open_clip
 
 
-def open_clip_weight_candidates(model_name: str, tag: str, cache_dir: str | None = None) -> list[tuple[str, Path | None]]:
+def open_clip_weight_candidates(
+    model_name: str, tag: str, cache_dir: str | None = None
+) -> list[tuple[str, Path | None]]:
     """(description, cached file or None) for each place open_clip would fetch ``model_name``/``tag`` from."""
     import open_clip
     from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
@@ -254,7 +256,12 @@ def load_hf_clip_scorer(model_id_or_path: str, device: str | torch.device = "cpu
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     return CLIPScorer(
-        _HFCLIPAdapter(model), tokenize, model.config.vision_config.image_size, mean, std, model_id=f"hf:{model_id_or_path}"
+        _HFCLIPAdapter(model),
+        tokenize,
+        model.config.vision_config.image_size,
+        mean,
+        std,
+        model_id=f"hf:{model_id_or_path}",
     ).to(device)
 
 

@@ -7,8 +7,8 @@ compute the same numbers from the full set and no further reduction is needed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -78,8 +78,9 @@ class Processes:
         """This rank's (or ``rank``'s) generation batches over ``n`` rows. Under several processes the batch size
         shrinks so every rank owns a batch (a rank without rows could not join the gather with the right shape)."""
         if self.world_size > n:
-            raise ValueError(f"{n} held-out samples cannot be split over {self.world_size} processes; "
-                             "raise num_samples")
+            raise ValueError(
+                f"{n} held-out samples cannot be split over {self.world_size} processes; raise num_samples"
+            )
         size = min(batch_size, math.ceil(n / self.world_size))
         return batch_plan(n, size, self.rank if rank is None else rank, self.world_size)
 
@@ -89,6 +90,7 @@ class Processes:
         if self.world_size == 1:
             return rows  # one process: the plan is every batch, in order
         max_rows = max(sum(b - a for _, a, b in self.plan(total, batch_size, r)) for r in range(self.world_size))
-        out = gather_in_order(rows.to(self.device), idx.to(self.device), total, self.world_size, max_rows,
-                              self.all_gather)
+        out = gather_in_order(
+            rows.to(self.device), idx.to(self.device), total, self.world_size, max_rows, self.all_gather
+        )
         return out.cpu()

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,12 +219,18 @@ class Evaluator:
         if held is not self._real_for:
             self._real_for, self._real_features, self._real_row = held, None, None
         real_feats = self._reference_features(held, extractor) if extractor is not None else None
-        result = EvaluationResult(self.settings_for(model), {REAL: self._real_metrics(held, clip, shapes)},
-                                  num_samples=len(held), seed=self.seed)
+        result = EvaluationResult(
+            self.settings_for(model),
+            {REAL: self._real_metrics(held, clip, shapes)},
+            num_samples=len(held),
+            seed=self.seed,
+        )
         n_batches = len(processes.plan(len(held), self.batch_size))
         with progress("evaluation", total=n_batches * len(result.settings), enabled=processes.rank == 0) as advance:
-            measured = [self._generate_and_measure(model, held, steps, cfg, extractor, clip, advance)
-                        for steps, cfg in result.settings]
+            measured = [
+                self._generate_and_measure(model, held, steps, cfg, extractor, clip, advance)
+                for steps, cfg in result.settings
+            ]
         for (steps, cfg), (images, feats, clip_scores) in zip(result.settings, measured):
             row: dict[str, float] = {}
             if feats is not None and real_feats is not None:
@@ -233,7 +239,8 @@ class Evaluator:
                 else:
                     row["fid"] = frechet_distance(real_feats, feats)
                     row["kid"], row["kid_std"] = kernel_inception_distance(
-                        real_feats, feats, self.kid_subsets, self.kid_subset_size, seed=self.seed)
+                        real_feats, feats, self.kid_subsets, self.kid_subset_size, seed=self.seed
+                    )
             if clip_scores is not None:
                 row["clip_score"] = float(clip_scores.mean())
             if shapes is not None:
@@ -283,8 +290,10 @@ class Evaluator:
         judged = sum(1 for spec in held.specs if spec)
         if not self._shapes_announced and self._processes.rank == 0:  # once: a run's held-out set is fixed
             self._shapes_announced = True
-            log.info(f"ShapesEval judges {judged} of {len(held)} held-out samples"
-                     + (" (the others carry no shapes-world scene spec)" if judged < len(held) else ""))
+            log.info(
+                f"ShapesEval judges {judged} of {len(held)} held-out samples"
+                + (" (the others carry no shapes-world scene spec)" if judged < len(held) else "")
+            )
         if not judged:
             self._disabled["shapes"] = "the held-out samples carry no shapes-world scene spec"
             return None
@@ -301,13 +310,17 @@ class Evaluator:
     # ------------------------------------------------------------------ the real images, once per held-out set
     def _reference_features(self, held: HeldOutSet, extractor: nn.Module) -> Tensor:
         if self._real_features is None:
-            compute = lambda: self._sharded(  # noqa: E731
-                len(held), lambda a, b: extract_features(extractor, held.images[a:b], batch_size=self.batch_size))
+            compute = (
+                lambda: self._sharded(  # noqa: E731
+                    len(held), lambda a, b: extract_features(extractor, held.images[a:b], batch_size=self.batch_size)
+                )
+            )
             feature_id = getattr(extractor, "feature_id", None)
             if feature_id is not None and held.source:
                 # Every rank takes part in computing (collectives), only rank 0 writes the file.
                 self._real_features = self.reference_cache.get_or_compute(
-                    held.source, held.keys, held.images.shape[1], feature_id, compute, write=self._processes.rank == 0)
+                    held.source, held.keys, held.images.shape[1], feature_id, compute, write=self._processes.rank == 0
+                )
             else:
                 self._real_features = compute()
         return self._real_features
@@ -326,13 +339,21 @@ class Evaluator:
     def _sharded(self, n: int, rows: Callable[[int, int], Tensor]) -> Tensor:
         """``rows(start, stop)`` over this rank's batches of ``n``, gathered in order."""
         plan = self._processes.plan(n, self.batch_size)
-        return self._processes.gather([rows(a, b) for _, a, b in plan], [i for _, a, b in plan for i in range(a, b)],
-                                      n, self.batch_size)
+        return self._processes.gather(
+            [rows(a, b) for _, a, b in plan], [i for _, a, b in plan for i in range(a, b)], n, self.batch_size
+        )
 
     # ------------------------------------------------------------------ the samples
-    def _generate_and_measure(self, model: Any, held: HeldOutSet, steps: int, cfg: float, extractor: nn.Module | None,
-                              clip: nn.Module | None, advance: Callable[..., None],
-                              ) -> tuple[np.ndarray, Tensor | None, Tensor | None]:
+    def _generate_and_measure(
+        self,
+        model: Any,
+        held: HeldOutSet,
+        steps: int,
+        cfg: float,
+        extractor: nn.Module | None,
+        clip: nn.Module | None,
+        advance: Callable[..., None],
+    ) -> tuple[np.ndarray, Tensor | None, Tensor | None]:
         """Generate every held-out caption (this rank's batches), measure, gather in order; ``advance`` (a
         progress counter) moves once per generation batch."""
         n, processes = len(held), self._processes
@@ -357,5 +378,8 @@ class Evaluator:
             for _ in range(most - len(plan)):
                 model.generate(held.captions[:1], steps=steps, cfg_scale=cfg, seed=self.seed)
         gather = lambda parts: processes.gather(parts, index, n, self.batch_size)  # noqa: E731
-        return (gather(imgs).numpy(), gather(feats) if extractor is not None else None,
-                gather(scores) if clip is not None else None)
+        return (
+            gather(imgs).numpy(),
+            gather(feats) if extractor is not None else None,
+            gather(scores) if clip is not None else None,
+        )

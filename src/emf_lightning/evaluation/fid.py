@@ -25,8 +25,8 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ class InceptionFeatures(nn.Module):
             # clean-fid's "clean" mode: resize each float channel with PIL bicubic, no re-quantisation.
             self._resize = resize.make_resizer("PIL", False, "bicubic", (INCEPTION_SIZE, INCEPTION_SIZE))
 
-    def train(self, mode: bool = True) -> "InceptionFeatures":
+    def train(self, mode: bool = True) -> InceptionFeatures:
         """Stay in eval mode: FID features must not depend on batch statistics."""
         return super().train(False)
 

@@ -14,8 +14,14 @@ from emf_lightning.utils.grids import save_grid
 from emf_lightning.utils.report import print_metrics_table, write_metrics_json
 
 
-def write_outputs(result: EvaluationResult, held: HeldOutSet, out_dir: str | Path, grid_prompts: int = 8,
-                  grid_upscale: int | None = None, **context: Any) -> None:
+def write_outputs(
+    result: EvaluationResult,
+    held: HeldOutSet,
+    out_dir: str | Path,
+    grid_prompts: int = 8,
+    grid_upscale: int | None = None,
+    **context: Any,
+) -> None:
     """Write the grid (unless ``grid_prompts`` is 0) and the JSON into ``out_dir``; sets ``result.grid_path``
     and ``result.json_path``. ``context`` (e.g. ``epoch``, ``checkpoint``) goes into the JSON as it is.
     ``grid_upscale``: magnification of the cells; ``None`` makes them at least 128 px."""
@@ -25,16 +31,23 @@ def write_outputs(result: EvaluationResult, held: HeldOutSet, out_dir: str | Pat
     if grid_prompts > 0 and result.images:
         g = min(grid_prompts, len(held))
         cells = np.stack([held.images[:g], *[result.images[label][:g] for label in labels]], axis=1)
-        result.grid_path = save_grid(cells.reshape(-1, *cells.shape[2:]), out / f"grid-{stem}.png",
-                                     nrow=cells.shape[1], row_labels=held.captions[:g], col_labels=["real", *labels],
-                                     upscale=grid_upscale or max(1, math.ceil(128 / held.images.shape[1])))
+        result.grid_path = save_grid(
+            cells.reshape(-1, *cells.shape[2:]),
+            out / f"grid-{stem}.png",
+            nrow=cells.shape[1],
+            row_labels=held.captions[:g],
+            col_labels=["real", *labels],
+            upscale=grid_upscale or max(1, math.ceil(128 / held.images.shape[1])),
+        )
     payload = {
         "global_step": result.global_step,
         "num_samples": result.num_samples,
         "seed": result.seed,
         **context,
-        "settings": [{"steps": s, "cfg_scale": c, "metrics": result.rows.get(label, {})}
-                     for (s, c), label in zip(result.settings, labels)],
+        "settings": [
+            {"steps": s, "cfg_scale": c, "metrics": result.rows.get(label, {})}
+            for (s, c), label in zip(result.settings, labels)
+        ],
         "real": result.rows.get(REAL, {}),
         "metrics": result.flat(),
         "skipped": result.skipped,

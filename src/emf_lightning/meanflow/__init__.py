@@ -1,11 +1,11 @@
 """MeanFlow (Geng et al., 2025) and flow matching for text-conditioned generators, in pure torch.
 
-    time.py        TimeSampler: (r, t) draws and the (start, end) schedules used across the project
-    conditions.py  condition tensors, the null condition, padding/stacking helpers
-    jvp.py         du/dt: the one production JVP (r != t rows only, graph-free, closed-form tangent rules)
-    losses.py      MeanFlowLoss, FlowMatchingLoss (one shared __call__, targets in ``compute``)
-    sampling.py    sample_meanflow, sample_flow_matching (one integrator), classifier-free guidance
-    draws.py       reproducible noise
+time.py        TimeSampler: (r, t) draws and the (start, end) schedules used across the project
+conditions.py  condition tensors, the null condition, padding/stacking helpers
+jvp.py         du/dt: the one production JVP (r != t rows only, graph-free, closed-form tangent rules)
+losses.py      MeanFlowLoss, FlowMatchingLoss (one shared __call__, targets in ``compute``)
+sampling.py    sample_meanflow, sample_flow_matching (one integrator), classifier-free guidance
+draws.py       reproducible noise
 """
 
 from emf_lightning.meanflow.conditions import (

@@ -20,8 +20,9 @@ from emf_lightning.encoders.base import TextFeatures
 Cond = tuple[Tensor, ...]
 
 
-def null_condition(batch_size: int, dim: int, device: torch.device | str | None = None,
-                   dtype: torch.dtype = torch.float32) -> Cond:
+def null_condition(
+    batch_size: int, dim: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> Cond:
     """(tokens [B, 1, D] zeros, mask [B, 1] True): the one definition of the null condition."""
     tokens = torch.zeros(batch_size, 1, dim, device=device, dtype=dtype)
     mask = torch.ones(batch_size, 1, device=device, dtype=torch.bool)
@@ -34,8 +35,12 @@ def null_features(like: TextFeatures) -> TextFeatures:
     return TextFeatures(tokens=tokens, mask=mask, pooled=tokens[:, 0].clone())
 
 
-def encode_with_null(captions: Sequence[str], encode: Callable[[list[str]], TextFeatures], dim: int,
-                     device: torch.device | str | None = None) -> TextFeatures:
+def encode_with_null(
+    captions: Sequence[str],
+    encode: Callable[[list[str]], TextFeatures],
+    dim: int,
+    device: torch.device | str | None = None,
+) -> TextFeatures:
     """Encode ``captions``; empty captions ``""`` become null rows and never reach ``encode``.
 
     Returns float32 features on ``device``, right-padded to the longest caption (at least length 1).

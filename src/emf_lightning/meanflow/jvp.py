@@ -29,8 +29,9 @@ Net = Callable[..., Tensor]
 JVP_PRECISIONS = ("autocast", "fp32")
 
 
-def du_dt(net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Cond,
-          precision: str = "autocast") -> Tensor:
+def du_dt(
+    net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Cond, precision: str = "autocast"
+) -> Tensor:
     """du/dt along (tangent_z, 0, 1) on the rows with r != t, zeros elsewhere; no autograd graph, z's dtype.
 
     ``precision``: "autocast" runs the JVP in whatever autocast is active (bf16 under bf16-mixed training);
@@ -45,8 +46,9 @@ def du_dt(net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor, cond: Co
     args = (z[rows], r[rows], t[rows], tangent_z[rows], take_rows(cond, rows))
     if precision == "fp32":
         with torch.autocast(z.device.type, enabled=False):
-            rows_dudt = graph_free_jvp(net, *(_at_least_fp32(a) for a in args[:4]),
-                                       tuple(_at_least_fp32(c) for c in args[4]))
+            rows_dudt = graph_free_jvp(
+                net, *(_at_least_fp32(a) for a in args[:4]), tuple(_at_least_fp32(c) for c in args[4])
+            )
     else:
         rows_dudt = graph_free_jvp(net, *args)
     return out.index_copy(0, rows, rows_dudt.to(out.dtype))

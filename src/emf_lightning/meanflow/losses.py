@@ -65,8 +65,14 @@ class Objective(RecordsInitArgs):
         cond_drop_prob: float = 0.1,
     ):
         self.time_sampler = time_sampler if time_sampler is not None else TimeSampler()
-        numbers = dict(adaptive_p=adaptive_p, adaptive_c=adaptive_c, guidance_omega=guidance_omega,
-                       guidance_kappa=guidance_kappa, guidance_interval=guidance_interval, cond_drop_prob=cond_drop_prob)
+        numbers = dict(
+            adaptive_p=adaptive_p,
+            adaptive_c=adaptive_c,
+            guidance_omega=guidance_omega,
+            guidance_kappa=guidance_kappa,
+            guidance_interval=guidance_interval,
+            cond_drop_prob=cond_drop_prob,
+        )
         for name, value in numbers.items():  # a NaN passes every range check and fails far from its cause
             require_finite(f"loss.{name}", value)
         if adaptive_p < 0 or adaptive_c <= 0:
@@ -116,8 +122,9 @@ class Objective(RecordsInitArgs):
             drop = drop_mask.to(device=x.device, dtype=torch.bool)
         return self.compute(net, x, e, r, t, cond, null_cond, drop)
 
-    def draw(self, x: Tensor, progress: float = 0.0,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def draw(
+        self, x: Tensor, progress: float = 0.0, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Noise e, times (r, t) in x's dtype and, when cond_drop_prob > 0, the per-sample dropout mask."""
         b = x.shape[0]
         r, t = self.time_sampler(b, progress, x.device, generator, dtype=x.dtype)
@@ -125,15 +132,25 @@ class Objective(RecordsInitArgs):
         drop = rand((b,), generator, x.device) < self.cond_drop_prob if self.cond_drop_prob > 0 else None
         return e, r, t, drop
 
-    def compute(self, net: Net, x: Tensor, e: Tensor, r: Tensor, t: Tensor, cond: Cond,
-                null_cond: Cond | None = None, drop: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute(
+        self,
+        net: Net,
+        x: Tensor,
+        e: Tensor,
+        r: Tensor,
+        t: Tensor,
+        cond: Cond,
+        null_cond: Cond | None = None,
+        drop: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss for given data x, noise e, times r <= t and dropout mask (all batch-first)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ the parts
     @staticmethod
-    def path(x: Tensor, e: Tensor, t: Tensor, cond: Cond, null_cond: Cond | None,
-             drop: Tensor | None) -> tuple[Tensor, Tensor, Cond]:
+    def path(
+        x: Tensor, e: Tensor, t: Tensor, cond: Cond, null_cond: Cond | None, drop: Tensor | None
+    ) -> tuple[Tensor, Tensor, Cond]:
         """Path point z_t, the sample's velocity v = e - x, and the conditions after dropout."""
         if e.shape != x.shape:
             raise ValueError(f"noise shape {tuple(e.shape)} != data shape {tuple(x.shape)}")
@@ -144,22 +161,28 @@ class Objective(RecordsInitArgs):
         return (1.0 - tb) * x + tb * e, e - x, cond
 
     @torch.no_grad()
-    def own_velocities(self, net: Net, z: Tensor, t: Tensor, cond: Cond | None,
-                       null_cond: Cond | None) -> tuple[Tensor | None, Tensor | None]:
+    def own_velocities(
+        self, net: Net, z: Tensor, t: Tensor, cond: Cond | None, null_cond: Cond | None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """The network's instantaneous velocities u(z, t, t, c) and/or u(z, t, t, null) (those asked for by a
         non-None condition): constants of the target, no gradient, both in one batch when both are asked for."""
         b = z.shape[0]
         if cond is not None and null_cond is not None:
-            both = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]),
-                       *concat_conditions(cond, expand_rows(null_cond, b)))
+            both = net(
+                torch.cat([z, z]),
+                torch.cat([t, t]),
+                torch.cat([t, t]),
+                *concat_conditions(cond, expand_rows(null_cond, b)),
+            )
             u_cond, u_null = _acc(both).chunk(2)
             return u_cond, u_null
         if null_cond is not None:
             return None, _acc(net(z, t, t, *expand_rows(null_cond, b)))
         return _acc(net(z, t, t, *cond)), None
 
-    def guide(self, v: Tensor, u_cond: Tensor | None, u_null: Tensor | None, t: Tensor,
-              dropped: Tensor | None) -> Tensor:
+    def guide(
+        self, v: Tensor, u_cond: Tensor | None, u_null: Tensor | None, t: Tensor, dropped: Tensor | None
+    ) -> Tensor:
         """omega v + (1 - omega - kappa) u_null + kappa u_cond inside the guidance t-interval; v elsewhere and
         for samples whose condition was dropped."""
         if not self.uses_guidance:
@@ -174,16 +197,18 @@ class Objective(RecordsInitArgs):
             apply = apply & ~dropped
         return torch.where(_bcast(apply, v), v_g.to(v.dtype), v)
 
-    def guided_velocity(self, net: Net, z: Tensor, t: Tensor, v: Tensor, cond: Cond, null_cond: Cond | None,
-                        dropped: Tensor | None) -> Tensor:
+    def guided_velocity(
+        self, net: Net, z: Tensor, t: Tensor, v: Tensor, cond: Cond, null_cond: Cond | None, dropped: Tensor | None
+    ) -> Tensor:
         """The target velocity v_g (``guide``), running the network only when guidance is on."""
         if not self.uses_guidance:
             return v
         u_cond, u_null = self.own_velocities(net, z, t, cond if self.guidance_kappa != 0.0 else None, null_cond)
         return self.guide(v, u_cond, u_null, t, dropped)
 
-    def regress(self, u: Tensor, target: Tensor, r: Tensor, t: Tensor,
-                drop: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def regress(
+        self, u: Tensor, target: Tensor, r: Tensor, t: Tensor, drop: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Adaptively weighted squared error of u against the (constant) target, and the step's statistics.
 
         Per sample: l = ||u - target||^2 summed over dims, weighted by 1 / (l.detach() + c)^p; in float32 even
@@ -248,8 +273,9 @@ class MeanFlowLoss(Objective):
         jvp_tangent: str = "conditional",
         jvp_precision: str = "autocast",
     ):
-        super().__init__(time_sampler, adaptive_p, adaptive_c, guidance_omega, guidance_kappa, guidance_interval,
-                         cond_drop_prob)
+        super().__init__(
+            time_sampler, adaptive_p, adaptive_c, guidance_omega, guidance_kappa, guidance_interval, cond_drop_prob
+        )
         if jvp_tangent not in JVP_TANGENTS:
             raise ValueError(f"unknown jvp_tangent '{jvp_tangent}'; choose one of {JVP_TANGENTS}")
         if jvp_precision not in JVP_PRECISIONS:
@@ -257,8 +283,17 @@ class MeanFlowLoss(Objective):
         self.jvp_tangent = jvp_tangent
         self.jvp_precision = jvp_precision
 
-    def compute(self, net: Net, x: Tensor, e: Tensor, r: Tensor, t: Tensor, cond: Cond,
-                null_cond: Cond | None = None, drop: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute(
+        self,
+        net: Net,
+        x: Tensor,
+        e: Tensor,
+        r: Tensor,
+        t: Tensor,
+        cond: Cond,
+        null_cond: Cond | None = None,
+        drop: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss for given data x, noise e, times r <= t and dropout mask (all batch-first)."""
         if bool((r > t).any()):
             raise ValueError("MeanFlowLoss needs r <= t for every sample")
@@ -272,8 +307,17 @@ class MeanFlowLoss(Objective):
             stats["dudt_rms"] = _acc(dudt[r != t]).pow(2).mean().sqrt()
         return loss, stats
 
-    def velocity_and_tangent(self, net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Cond,
-                             null_cond: Cond | None, drop: Tensor | None) -> tuple[Tensor, Tensor]:
+    def velocity_and_tangent(
+        self,
+        net: Net,
+        z: Tensor,
+        r: Tensor,
+        t: Tensor,
+        v: Tensor,
+        cond: Cond,
+        null_cond: Cond | None,
+        drop: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
         """The (guided) target velocity v_g and the z-tangent of du/dt (see ``jvp_tangent``)."""
         if self.jvp_tangent == "conditional":
             v_g = self.guided_velocity(net, z, t, v, cond, null_cond, drop)
@@ -301,8 +345,17 @@ class FlowMatchingLoss(Objective):
     sampler = staticmethod(sample_flow_matching)
     eval_steps = (1, 2, 4, 50)
 
-    def compute(self, net: Net, x: Tensor, e: Tensor, r: Tensor, t: Tensor, cond: Cond,
-                null_cond: Cond | None = None, drop: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute(
+        self,
+        net: Net,
+        x: Tensor,
+        e: Tensor,
+        r: Tensor,
+        t: Tensor,
+        cond: Cond,
+        null_cond: Cond | None = None,
+        drop: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss for given data x, noise e, times t (r ignored) and dropout mask."""
         z, v, cond = self.path(x, e, t, cond, null_cond, drop)
         v_g = self.guided_velocity(net, z, t, v, cond, null_cond, drop)

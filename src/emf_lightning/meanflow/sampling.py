@@ -17,8 +17,9 @@ from emf_lightning.meanflow.conditions import Cond, concat_conditions, expand_ro
 Net = Callable[..., Tensor]
 
 
-def cfg_velocity(net: Net, z: Tensor, r: Tensor, t: Tensor, cond: Cond, cfg_scale: float = 1.0,
-                 null_cond: Cond | None = None) -> Tensor:
+def cfg_velocity(
+    net: Net, z: Tensor, r: Tensor, t: Tensor, cond: Cond, cfg_scale: float = 1.0, null_cond: Cond | None = None
+) -> Tensor:
     """Classifier-free guided velocity u_null + s (u_c - u_null); s = 1 is the conditional output alone.
 
     Conditional and null rows go through the network as one batch of 2B.
@@ -28,15 +29,23 @@ def cfg_velocity(net: Net, z: Tensor, r: Tensor, t: Tensor, cond: Cond, cfg_scal
     if null_cond is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs null_cond")
     b = z.shape[0]
-    both = net(torch.cat([z, z]), torch.cat([r, r]), torch.cat([t, t]),
-               *concat_conditions(cond, expand_rows(null_cond, b)))
+    both = net(
+        torch.cat([z, z]), torch.cat([r, r]), torch.cat([t, t]), *concat_conditions(cond, expand_rows(null_cond, b))
+    )
     u_c, u_null = both.chunk(2)
     return u_null + cfg_scale * (u_c - u_null)
 
 
 @torch.no_grad()
-def integrate(net: Net, noise: Tensor, cond: Cond, steps: int, average_velocity: bool, cfg_scale: float = 1.0,
-              null_cond: Cond | None = None) -> Tensor:
+def integrate(
+    net: Net,
+    noise: Tensor,
+    cond: Cond,
+    steps: int,
+    average_velocity: bool,
+    cfg_scale: float = 1.0,
+    null_cond: Cond | None = None,
+) -> Tensor:
     """Jump from t = 1 to t = 0 on linspace(1, 0, steps + 1); times in the noise's dtype (float32 or wider).
 
     ``average_velocity``: query u(z, t_{i+1}, t_i) (MeanFlow) instead of u(z, t_i, t_i) (Euler).
@@ -54,13 +63,15 @@ def integrate(net: Net, noise: Tensor, cond: Cond, steps: int, average_velocity:
     return z
 
 
-def sample_meanflow(net: Net, noise: Tensor, cond: Cond, steps: int = 1, cfg_scale: float = 1.0,
-                    null_cond: Cond | None = None) -> Tensor:
+def sample_meanflow(
+    net: Net, noise: Tensor, cond: Cond, steps: int = 1, cfg_scale: float = 1.0, null_cond: Cond | None = None
+) -> Tensor:
     """MeanFlow sampling in ``steps`` jumps; one step is x = e - u(e, 0, 1). Deterministic given ``noise``."""
     return integrate(net, noise, cond, steps, True, cfg_scale, null_cond)
 
 
-def sample_flow_matching(net: Net, noise: Tensor, cond: Cond, steps: int = 50, cfg_scale: float = 1.0,
-                         null_cond: Cond | None = None) -> Tensor:
+def sample_flow_matching(
+    net: Net, noise: Tensor, cond: Cond, steps: int = 50, cfg_scale: float = 1.0, null_cond: Cond | None = None
+) -> Tensor:
     """Euler integration of dz/dt = u(z, t, t) in ``steps`` steps."""
     return integrate(net, noise, cond, steps, False, cfg_scale, null_cond)

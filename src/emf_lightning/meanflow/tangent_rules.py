@@ -61,8 +61,9 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None) -> Tensor:
         x, weight = ctx.saved_tensors
-        return _sum_tangents(ctx, None if dx is None else F.linear(dx, weight),
-                             None if dweight is None else F.linear(x, dweight), dbias)
+        return _sum_tangents(
+            ctx, None if dx is None else F.linear(dx, weight), None if dweight is None else F.linear(x, dweight), dbias
+        )
 
     backward = _no_backward("_Linear")
 
@@ -83,9 +84,12 @@ class _Conv2d(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, *_) -> Tensor:
         x, weight = ctx.saved_tensors
-        return _sum_tangents(ctx, None if dx is None else F.conv2d(dx, weight, None, *ctx.args),
-                             None if dweight is None else F.conv2d(x, dweight, None, *ctx.args),
-                             None if dbias is None else dbias.reshape(1, -1, 1, 1))
+        return _sum_tangents(
+            ctx,
+            None if dx is None else F.conv2d(dx, weight, None, *ctx.args),
+            None if dweight is None else F.conv2d(x, dweight, None, *ctx.args),
+            None if dbias is None else dbias.reshape(1, -1, 1, 1),
+        )
 
     backward = _no_backward("_Conv2d")
 
@@ -130,8 +134,12 @@ class _GroupNorm(torch.autograd.Function):
             if weight is not None:
                 scale = scale * weight.reshape(channel_shape).to(scale.dtype)
             d_norm = _normalised_tangent(dx, x_hat, group_mean, scale.to(x.dtype))
-        return _sum_tangents(ctx, d_norm, None if dweight is None else x_hat * dweight.reshape(channel_shape),
-                             None if dbias is None else dbias.reshape(channel_shape))
+        return _sum_tangents(
+            ctx,
+            d_norm,
+            None if dweight is None else x_hat * dweight.reshape(channel_shape),
+            None if dbias is None else dbias.reshape(channel_shape),
+        )
 
     backward = _no_backward("_GroupNorm")
 
@@ -165,7 +173,7 @@ class _LayerNorm(torch.autograd.Function):
 
 def _arguments(defaults: dict, args: tuple, kwargs: dict) -> list:
     """A call's positional + keyword arguments -> every argument in order, defaults filled in."""
-    values = list(args) + list(defaults.values())[len(args):]
+    values = list(args) + list(defaults.values())[len(args) :]
     names = list(defaults)
     for key, value in kwargs.items():
         values[names.index(key)] = value
@@ -175,11 +183,12 @@ def _arguments(defaults: dict, args: tuple, kwargs: dict) -> list:
 # torch function -> (rule, its parameters with defaults, in order)
 _RULES = {
     F.linear: (_Linear, {"input": None, "weight": None, "bias": None}),
-    F.conv2d: (_Conv2d, {"input": None, "weight": None, "bias": None, "stride": 1, "padding": 0, "dilation": 1,
-                         "groups": 1}),
+    F.conv2d: (
+        _Conv2d,
+        {"input": None, "weight": None, "bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1},
+    ),
     F.group_norm: (_GroupNorm, {"input": None, "num_groups": None, "weight": None, "bias": None, "eps": 1e-5}),
-    F.layer_norm: (_LayerNorm, {"input": None, "normalized_shape": None, "weight": None, "bias": None,
-                                "eps": 1e-5}),
+    F.layer_norm: (_LayerNorm, {"input": None, "normalized_shape": None, "weight": None, "bias": None, "eps": 1e-5}),
 }
 
 

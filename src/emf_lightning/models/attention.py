@@ -90,9 +90,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
         if mask.dtype != torch.bool:
             raise TypeError(f"attention mask must be bool (True = attend), got {mask.dtype}")
         if mask.shape != (k.shape[0], k.shape[-2]):
-            raise ValueError(
-                f"attention mask must be [B, Lk] = {(k.shape[0], k.shape[-2])}, got {tuple(mask.shape)}"
-            )
+            raise ValueError(f"attention mask must be [B, Lk] = {(k.shape[0], k.shape[-2])}, got {tuple(mask.shape)}")
     if _JVP_SAFE:
         backend = fused_jvp_backend(q, k, v)
         if backend is not None:

@@ -58,13 +58,34 @@ INTERVAL_INITS = ("zero", "copy", "random", "existing")
 # (SanaMS_1600M_P1_D20: 20 blocks of width 2240, DC-AE latents 32 x 32 x 32, Gemma-2 captions of width 2304),
 # for benchmarks at the real size; "tiny" builds in milliseconds for tests.
 SANA_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
-                 num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
-                 caption_channels=24, sample_size=8, patch_size=2, mlp_ratio=2.5),
-    "sana-1.6b": dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32,
-                      num_layers=20, num_cross_attention_heads=20, cross_attention_head_dim=112,
-                      cross_attention_dim=2240, caption_channels=2304, sample_size=32, patch_size=1,
-                      mlp_ratio=2.5),
+    "tiny": dict(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=24,
+        sample_size=8,
+        patch_size=2,
+        mlp_ratio=2.5,
+    ),
+    "sana-1.6b": dict(
+        in_channels=32,
+        out_channels=32,
+        num_attention_heads=70,
+        attention_head_dim=32,
+        num_layers=20,
+        num_cross_attention_heads=20,
+        cross_attention_head_dim=112,
+        cross_attention_dim=2240,
+        caption_channels=2304,
+        sample_size=32,
+        patch_size=1,
+        mlp_ratio=2.5,
+    ),
 }
 
 # Parameter-name patterns (fnmatch, relative to the transformer) trained in full for each named selection.
@@ -91,10 +112,9 @@ class PreciseTimesteps(nn.Module):
         self.scale = scale
 
     @classmethod
-    def like(cls, timesteps: nn.Module) -> "PreciseTimesteps":
+    def like(cls, timesteps: nn.Module) -> PreciseTimesteps:
         """The same features as a diffusers `Timesteps` module."""
-        return cls(timesteps.num_channels, timesteps.flip_sin_to_cos, timesteps.downscale_freq_shift,
-                   timesteps.scale)
+        return cls(timesteps.num_channels, timesteps.flip_sin_to_cos, timesteps.downscale_freq_shift, timesteps.scale)
 
     def forward(self, timesteps: Tensor) -> Tensor:
         """[B] -> [B, num_channels]."""
@@ -118,8 +138,13 @@ class PreciseLinearAttnProcessor:
     """SANA's ReLU linear attention (diffusers' `SanaLinearAttnProcessor2_0`) accumulated in at least float32 and
     in float64 for float64 input (diffusers always uses float32); for float32 and bf16 the same operations."""
 
-    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
         dtype = hidden_states.dtype
         source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = attn.to_q(hidden_states), attn.to_k(source), attn.to_v(source)
@@ -150,8 +175,10 @@ def _resolve_trainable(trainable: str | list[str] | tuple[str, ...] | None, lora
         trainable = "none" if lora else "all"
     if isinstance(trainable, str):
         if trainable not in TRAINABLE_PRESETS:
-            raise ValueError(f"trainable={trainable!r}: use one of {sorted(TRAINABLE_PRESETS)} or a list of "
-                             "parameter-name patterns (fnmatch, e.g. 'transformer_blocks.*')")
+            raise ValueError(
+                f"trainable={trainable!r}: use one of {sorted(TRAINABLE_PRESETS)} or a list of "
+                "parameter-name patterns (fnmatch, e.g. 'transformer_blocks.*')"
+            )
         return TRAINABLE_PRESETS[trainable]
     return tuple(str(p) for p in trainable)
 
@@ -210,8 +237,10 @@ class SanaMeanFlowBackbone(Backbone):
         cfg = self.transformer.config
         out_channels = cfg.out_channels or cfg.in_channels
         if out_channels != cfg.in_channels:
-            raise ValueError(f"SANA transformer with in_channels={cfg.in_channels} but out_channels={out_channels}: "
-                             "a MeanFlow backbone predicts a velocity of the input's shape")
+            raise ValueError(
+                f"SANA transformer with in_channels={cfg.in_channels} but out_channels={out_channels}: "
+                "a MeanFlow backbone predicts a velocity of the input's shape"
+            )
         size = input_size if input_size is not None else cfg.sample_size
         self.input_size = (size, size) if isinstance(size, int) else tuple(size)
         if self.input_size[0] % cfg.patch_size or self.input_size[1] % cfg.patch_size:
@@ -231,29 +260,41 @@ class SanaMeanFlowBackbone(Backbone):
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model: str | None = None, subfolder: str | None = "transformer",
-                        **kwargs: Any) -> "SanaMeanFlowBackbone":
+    def from_pretrained(
+        cls, model: str | None = None, subfolder: str | None = "transformer", **kwargs: Any
+    ) -> SanaMeanFlowBackbone:
         """Load pretrained weights offline (local folder or HF cache); missing weights -> MissingWeightsError."""
         return cls(model=model, subfolder=subfolder, pretrained=True, **kwargs)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any] | str, **kwargs: Any) -> "SanaMeanFlowBackbone":
+    def from_config(cls, config: dict[str, Any] | str, **kwargs: Any) -> SanaMeanFlowBackbone:
         """A transformer with RANDOM weights from a config dict or a SANA_CONFIGS name (tests, benchmarks)."""
         return cls(config=config, pretrained=False, **kwargs)
 
-    def _build_transformer(self, model: str | None, subfolder: str | None, config: dict[str, Any] | str | None,
-                           pretrained: bool, variant: str | None, seed: int, dtype: torch.dtype) -> nn.Module:
+    def _build_transformer(
+        self,
+        model: str | None,
+        subfolder: str | None,
+        config: dict[str, Any] | str | None,
+        pretrained: bool,
+        variant: str | None,
+        seed: int,
+        dtype: torch.dtype,
+    ) -> nn.Module:
         from diffusers import SanaTransformer2DModel
 
         from emf_lightning.encoders.hf_base import random_init
         from emf_lightning.utils.diffusers_hub import load_diffusers, load_diffusers_config
 
         if config is not None and pretrained:
-            raise ValueError("config= builds a transformer with random weights: set pretrained=False "
-                             "(or drop config to load pretrained weights)")
+            raise ValueError(
+                "config= builds a transformer with random weights: set pretrained=False "
+                "(or drop config to load pretrained weights)"
+            )
         if pretrained:
-            return load_diffusers(SanaTransformer2DModel, model or self.default_model, subfolder, variant,
-                                  torch_dtype=dtype)
+            return load_diffusers(
+                SanaTransformer2DModel, model or self.default_model, subfolder, variant, torch_dtype=dtype
+            )
         if isinstance(config, str):
             if config not in SANA_CONFIGS:
                 raise ValueError(f"unknown SANA config {config!r}; named configs: {sorted(SANA_CONFIGS)}")
@@ -272,14 +313,18 @@ class SanaMeanFlowBackbone(Backbone):
         tr = self.transformer
         if init == "existing":
             if not tr.config.guidance_embeds:
-                raise ValueError("interval_init='existing' needs a transformer that already has the interval "
-                                 "embedder (guidance_embeds=True, as this adapter saves it); this one has none: "
-                                 "use 'zero' or 'copy'")
+                raise ValueError(
+                    "interval_init='existing' needs a transformer that already has the interval "
+                    "embedder (guidance_embeds=True, as this adapter saves it); this one has none: "
+                    "use 'zero' or 'copy'"
+                )
             return
         if tr.config.guidance_embeds:
-            raise ValueError("this SANA transformer already has a guidance embedder (guidance_embeds=True, e.g. "
-                             "SANA-Sprint); the interval t - r needs that slot. Start from a flow-matching SANA, "
-                             "or pass interval_init='existing' if it is this adapter's own export")
+            raise ValueError(
+                "this SANA transformer already has a guidance embedder (guidance_embeds=True, e.g. "
+                "SANA-Sprint); the interval t - r needs that slot. Start from a flow-matching SANA, "
+                "or pass interval_init='existing' if it is this adapter's own export"
+            )
         old = tr.time_embed  # AdaLayerNormSingle: emb (time_proj + timestep_embedder) -> silu -> linear
         width = old.linear.in_features
         with torch.device("meta"):  # only the new embedder needs real weights; the rest is reused below
@@ -290,8 +335,7 @@ class SanaMeanFlowBackbone(Backbone):
         reference = old.linear.weight
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            new.guidance_embedder = TimestepEmbedding(in_channels=old.emb.time_proj.num_channels,
-                                                      time_embed_dim=width)
+            new.guidance_embedder = TimestepEmbedding(in_channels=old.emb.time_proj.num_channels, time_embed_dim=width)
         new.guidance_embedder.to(device=reference.device, dtype=reference.dtype)
         tr.time_embed = new
         tr.register_to_config(guidance_embeds=True)
@@ -318,9 +362,13 @@ class SanaMeanFlowBackbone(Backbone):
         if unknown:
             raise ValueError(f"unknown LoRA option(s) {sorted(unknown)}; allowed: {sorted(_LORA_KEYS)}")
         rank = int(lora.get("r", 16))
-        config = LoraConfig(r=rank, lora_alpha=float(lora.get("alpha", rank)),
-                            target_modules=list(lora.get("target_modules", LORA_DEFAULT_TARGETS)),
-                            lora_dropout=float(lora.get("dropout", 0.0)), init_lora_weights=True)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=float(lora.get("alpha", rank)),
+            target_modules=list(lora.get("target_modules", LORA_DEFAULT_TARGETS)),
+            lora_dropout=float(lora.get("dropout", 0.0)),
+            init_lora_weights=True,
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.transformer.add_adapter(config)  # lora_B starts at zero: the output is unchanged
@@ -329,8 +377,10 @@ class SanaMeanFlowBackbone(Backbone):
         names = [n for n, _ in self.transformer.named_parameters()]
         unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
         if unmatched:
-            raise ValueError(f"trainable pattern(s) {unmatched} match no parameter of the SANA transformer "
-                             f"(names look like {names[:3]})")
+            raise ValueError(
+                f"trainable pattern(s) {unmatched} match no parameter of the SANA transformer "
+                f"(names look like {names[:3]})"
+            )
         for name, param in self.transformer.named_parameters():
             is_lora = ".lora_" in name
             param.requires_grad_(is_lora or any(fnmatch.fnmatchcase(name, p) for p in patterns))
@@ -362,8 +412,16 @@ class SanaMeanFlowBackbone(Backbone):
             transformer.fuse_lora()
             transformer.unload_lora()
         transformer.save_pretrained(str(directory / "transformer"))
-        return {"model": "transformer", "subfolder": None, "config": None, "pretrained": True,
-                "interval_init": "existing", "lora": None, "trainable": "all", "gradient_checkpointing": False}
+        return {
+            "model": "transformer",
+            "subfolder": None,
+            "config": None,
+            "pretrained": True,
+            "interval_init": "existing",
+            "lora": None,
+            "trainable": "all",
+            "gradient_checkpointing": False,
+        }
 
     def sharding_units(self) -> list[nn.Module]:
         """The transformer blocks: FSDP units (every other module belongs to the root unit)."""
@@ -373,8 +431,7 @@ class SanaMeanFlowBackbone(Backbone):
         """Names (relative to this backbone) of the parameters that require grad."""
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
-    def forward(self, x: Tensor, r: Tensor, t: Tensor, context: Tensor,
-                context_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, r: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
         """Average velocity over [r, t].
 
         Args:
@@ -395,6 +452,11 @@ class SanaMeanFlowBackbone(Backbone):
 
             math_sdpa = sdpa_kernel(SDPBackend.MATH)
         with math_sdpa:
-            return self.transformer(x, encoder_hidden_states=context, timestep=t * self.time_scale,
-                                    guidance=(t - r) * self.interval_scale, encoder_attention_mask=mask,
-                                    return_dict=False)[0]
+            return self.transformer(
+                x,
+                encoder_hidden_states=context,
+                timestep=t * self.time_scale,
+                guidance=(t - r) * self.interval_scale,
+                encoder_attention_mask=mask,
+                return_dict=False,
+            )[0]

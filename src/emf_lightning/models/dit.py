@@ -82,9 +82,7 @@ class CrossAttention(nn.Module):
         """x [B, N, D], context [B, L, Dc], mask [B, L] bool -> [B, N, D]."""
         b, n, d = x.shape
         q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(context).reshape(b, context.shape[1], 2, self.num_heads, self.head_dim).permute(
-            2, 0, 3, 1, 4
-        )
+        k, v = self.kv(context).reshape(b, context.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = attention(self.q_norm(q), self.k_norm(k), v, mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -173,8 +171,14 @@ class DiT(Backbone):
         time_scale: float = 1.0,
         frequency_dim: int = 256,
     ):
-        cfg = self.preset_args(preset, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
-                               num_heads=num_heads, mlp_ratio=mlp_ratio)
+        cfg = self.preset_args(
+            preset,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+        )
         patch_size, hidden_size, depth = cfg["patch_size"], cfg["hidden_size"], cfg["depth"]
         num_heads, mlp_ratio = cfg["num_heads"], cfg["mlp_ratio"]
         super().__init__()
@@ -252,9 +256,7 @@ class DiT(Backbone):
             c = c + self.context_embedder(pooled_context(context, mask))
         return c
 
-    def forward(
-        self, x: Tensor, r: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, r: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
         """Average velocity over [r, t].
 
         Args:

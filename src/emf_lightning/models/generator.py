@@ -31,8 +31,9 @@ def build_backbone(name: str, input_size: int | tuple[int, int], in_channels: in
     return cls(preset=preset, input_size=input_size, in_channels=in_channels, **overrides)
 
 
-def build_generator(name: str, text_dim: int, input_size: int | tuple[int, int], in_channels: int = 3,
-                    **overrides: Any) -> Generator:
+def build_generator(
+    name: str, text_dim: int, input_size: int | tuple[int, int], in_channels: int = 3, **overrides: Any
+) -> Generator:
     """A named backbone (``build_backbone``) behind a text connector from ``text_dim``."""
     return Generator.for_backbone(build_backbone(name, input_size, in_channels, **overrides), text_dim)
 

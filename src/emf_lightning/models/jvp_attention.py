@@ -88,15 +88,18 @@ def resolve_backend(device: torch.device, name: str | None = None) -> str:
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_available() else "torch"
     elif name == "triton" and not (triton_available() and _triton_runs_on(device)):
-        raise RuntimeError(f"{ENV_VAR}=triton needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
-                           f"got {device.type} tensors{'' if triton_available() else ' and no importable Triton'}; "
-                           f"use {ENV_VAR}=torch")
+        raise RuntimeError(
+            f"{ENV_VAR}=triton needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
+            f"got {device.type} tensors{'' if triton_available() else ' and no importable Triton'}; "
+            f"use {ENV_VAR}=torch"
+        )
     if (name, device.type) not in _logged:
         _logged.add((name, device.type))
         from lightning.fabric.utilities.rank_zero import rank_zero_info
 
-        rank_zero_info(f"JVP attention on {device.type}: {_DESCRIPTIONS[name]} (set {ENV_VAR}=math|torch|triton "
-                       "to change)")
+        rank_zero_info(
+            f"JVP attention on {device.type}: {_DESCRIPTIONS[name]} (set {ENV_VAR}=math|torch|triton to change)"
+        )
     return name
 
 
@@ -161,8 +164,16 @@ def _torch_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
 
 
 def _torch_tangent(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, out: Tensor, probs: Tensor, scale: float,
-    dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    out: Tensor,
+    probs: Tensor,
+    scale: float,
+    dq: Tensor | None,
+    dk: Tensor | None,
+    dv: Tensor | None,
 ) -> Tensor:
     bias = _bias_or_none(mask, q.dtype)
     # dS = dq k^T + q dk^T as one product [dq, q] [k, dk]^T: one [rows, Lk] result instead of two.

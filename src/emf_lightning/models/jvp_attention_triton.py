@@ -34,15 +34,13 @@ MAX_HEAD_DIM = 256
 @triton.jit
 def _load_rows(base, rows, dims, row_stride, row_ok, dim_ok):
     """A [rows, dims] tile of a [L, D] matrix with unit stride along D; zeros outside the matrix."""
-    return tl.load(base + rows[:, None] * row_stride + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                   other=0.0)
+    return tl.load(base + rows[:, None] * row_stride + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
 
 @triton.jit
 def _load_cols(base, cols, dims, row_stride, col_ok, dim_ok):
     """The transposed [dims, cols] tile of a [L, D] matrix (keys as columns of q k^T)."""
-    return tl.load(base + cols[None, :] * row_stride + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None],
-                   other=0.0)
+    return tl.load(base + cols[None, :] * row_stride + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
 
 
 @triton.jit
@@ -56,11 +54,34 @@ def _scores(q, k_t, bias_ptr, cols, col_ok, scale, HAS_BIAS: tl.constexpr, PRECI
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, Bias, Out, Lse,
-    q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh, o_sl,
-    num_heads, len_q, len_k, head_dim, scale,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    Bias,
+    Out,
+    Lse,
+    q_sb,
+    q_sh,
+    q_sl,
+    k_sb,
+    k_sh,
+    k_sl,
+    v_sb,
+    v_sh,
+    v_sl,
+    o_sb,
+    o_sh,
+    o_sl,
+    num_heads,
+    len_q,
+    len_k,
+    head_dim,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h = bh // num_heads, bh % num_heads
@@ -76,8 +97,9 @@ def _forward_kernel(
     for start in range(0, len_k, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < len_k
-        s = _scores(q, _load_cols(k_base, cols, dims, k_sl, col_ok, dim_ok), bias_base, cols, col_ok, scale,
-                    HAS_BIAS, PRECISION)
+        s = _scores(
+            q, _load_cols(k_base, cols, dims, k_sl, col_ok, dim_ok), bias_base, cols, col_ok, scale, HAS_BIAS, PRECISION
+        )
         m_new = tl.maximum(m, tl.max(s, 1))  # finite from the first block on: it holds >= 1 real key
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -94,12 +116,51 @@ def _forward_kernel(
 
 @triton.jit
 def _tangent_kernel(
-    Q, K, V, DQ, DK, DV, Bias, Out, Lse, DOut,
-    q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl,
-    dq_sb, dq_sh, dq_sl, dk_sb, dk_sh, dk_sl, dv_sb, dv_sh, dv_sl, o_sb, o_sh, o_sl,
-    num_heads, len_q, len_k, head_dim, scale,
-    HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr, HAS_DS: tl.constexpr, HAS_DV: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DQ,
+    DK,
+    DV,
+    Bias,
+    Out,
+    Lse,
+    DOut,
+    q_sb,
+    q_sh,
+    q_sl,
+    k_sb,
+    k_sh,
+    k_sl,
+    v_sb,
+    v_sh,
+    v_sl,
+    dq_sb,
+    dq_sh,
+    dq_sl,
+    dk_sb,
+    dk_sh,
+    dk_sl,
+    dv_sb,
+    dv_sh,
+    dv_sl,
+    o_sb,
+    o_sh,
+    o_sl,
+    num_heads,
+    len_q,
+    len_k,
+    head_dim,
+    scale,
+    HAS_DQ: tl.constexpr,
+    HAS_DK: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    HAS_DV: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h = bh // num_heads, bh % num_heads
@@ -146,8 +207,11 @@ def _blocks(len_q: int, len_k: int, head_dim: int) -> tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m = 64 if block_d <= 128 else 32
     block_n = 64 if block_d <= 64 else 32
-    return (min(block_m, max(16, triton.next_power_of_2(len_q))),
-            min(block_n, max(16, triton.next_power_of_2(len_k))), block_d)
+    return (
+        min(block_m, max(16, triton.next_power_of_2(len_q))),
+        min(block_n, max(16, triton.next_power_of_2(len_k))),
+        block_d,
+    )
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -169,8 +233,10 @@ def _unit_last(x: Tensor) -> Tensor:
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"Triton JVP attention supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}; "
-                         "set EMF_JVP_ATTENTION=torch")
+        raise ValueError(
+            f"Triton JVP attention supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}; "
+            "set EMF_JVP_ATTENTION=torch"
+        )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
@@ -187,18 +253,41 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scal
     block_m, block_n, block_d = _blocks(len_q, len_k, head_dim)
     grid = (triton.cdiv(len_q, block_m), batch * heads)
     _forward_kernel[grid](
-        q, k, v, lse if bias is None else bias, out, lse,  # an unused bias pointer still needs a tensor
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, len_q, len_k, head_dim, scale,
-        HAS_BIAS=bias is not None, PRECISION=_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        q,
+        k,
+        v,
+        lse if bias is None else bias,
+        out,
+        lse,  # an unused bias pointer still needs a tensor
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        heads,
+        len_q,
+        len_k,
+        head_dim,
+        scale,
+        HAS_BIAS=bias is not None,
+        PRECISION=_precision(q.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
     )
     return out, lse
 
 
 def attention_tangent(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out: Tensor, lse: Tensor, scale: float,
-    dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    dq: Tensor | None,
+    dk: Tensor | None,
+    dv: Tensor | None,
 ) -> Tensor:
     """The tangent of :func:`attention_forward`'s ``out`` along (dq, dk, dv); a None tangent is zero."""
     _check(q, k, v)
@@ -211,11 +300,36 @@ def attention_tangent(
     block_m, block_n, block_d = _blocks(len_q, len_k, head_dim)
     grid = (triton.cdiv(len_q, block_m), batch * heads)
     _tangent_kernel[grid](
-        q, k, v, dq_, dk_, dv_, lse if bias is None else bias, out, lse, d_out,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dq_), *_strides(dk_), *_strides(dv_), *_strides(out),
-        heads, len_q, len_k, head_dim, scale,
-        HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DS=dq is not None or dk is not None,
-        HAS_DV=dv is not None, HAS_BIAS=bias is not None,
-        PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        q,
+        k,
+        v,
+        dq_,
+        dk_,
+        dv_,
+        lse if bias is None else bias,
+        out,
+        lse,
+        d_out,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(dq_),
+        *_strides(dk_),
+        *_strides(dv_),
+        *_strides(out),
+        heads,
+        len_q,
+        len_k,
+        head_dim,
+        scale,
+        HAS_DQ=dq is not None,
+        HAS_DK=dk is not None,
+        HAS_DS=dq is not None or dk is not None,
+        HAS_DV=dv is not None,
+        HAS_BIAS=bias is not None,
+        PRECISION=_precision(q.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
     )
     return d_out

@@ -134,12 +134,30 @@ class UNet(Backbone):
     """
 
     PRESETS = {
-        "tiny": {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1, "attention_resolutions": (4,),
-                 "head_dim": 32, "context_dim": 128},
-        "S": {"base_channels": 64, "channel_mult": (1, 2, 2), "num_res_blocks": 2, "attention_resolutions": (2, 4),
-              "head_dim": 32, "context_dim": 256},
-        "B": {"base_channels": 128, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2, "attention_resolutions": (2,),
-              "head_dim": 64, "context_dim": 512},
+        "tiny": {
+            "base_channels": 32,
+            "channel_mult": (1, 2, 2),
+            "num_res_blocks": 1,
+            "attention_resolutions": (4,),
+            "head_dim": 32,
+            "context_dim": 128,
+        },
+        "S": {
+            "base_channels": 64,
+            "channel_mult": (1, 2, 2),
+            "num_res_blocks": 2,
+            "attention_resolutions": (2, 4),
+            "head_dim": 32,
+            "context_dim": 256,
+        },
+        "B": {
+            "base_channels": 128,
+            "channel_mult": (1, 2, 2, 2),
+            "num_res_blocks": 2,
+            "attention_resolutions": (2,),
+            "head_dim": 64,
+            "context_dim": 512,
+        },
     }
 
     def __init__(
@@ -157,9 +175,15 @@ class UNet(Backbone):
         time_scale: float = 1.0,
         frequency_dim: int = 256,
     ):
-        cfg = self.preset_args(preset, base_channels=base_channels, channel_mult=channel_mult,
-                               num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
-                               head_dim=head_dim, context_dim=context_dim)
+        cfg = self.preset_args(
+            preset,
+            base_channels=base_channels,
+            channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions,
+            head_dim=head_dim,
+            context_dim=context_dim,
+        )
         base_channels, channel_mult, num_res_blocks = cfg["base_channels"], cfg["channel_mult"], cfg["num_res_blocks"]
         attention_resolutions, head_dim, context_dim = cfg["attention_resolutions"], cfg["head_dim"], cfg["context_dim"]
         super().__init__()
@@ -196,10 +220,12 @@ class UNet(Backbone):
             if level < len(widths) - 1:
                 self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
                 skips.append(ch)
-        self.mid = nn.ModuleList([
-            UNetStep(ResBlock(ch, ch, cond_dim, dropout), AttentionBlock(ch, context_dim, head_dim)),
-            UNetStep(ResBlock(ch, ch, cond_dim, dropout)),
-        ])
+        self.mid = nn.ModuleList(
+            [
+                UNetStep(ResBlock(ch, ch, cond_dim, dropout), AttentionBlock(ch, context_dim, head_dim)),
+                UNetStep(ResBlock(ch, ch, cond_dim, dropout)),
+            ]
+        )
         # Up: one more step per level than down, each taking one skip; a level ends by upsampling.
         self.up = nn.ModuleList()
         for level in reversed(range(len(widths))):
@@ -227,9 +253,7 @@ class UNet(Backbone):
         pooled = self.context_embedder(pooled_context(context, mask))
         return self.t_embedder(t) + self.interval_embedder(t - r) + pooled
 
-    def forward(
-        self, x: Tensor, r: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, r: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
         """Average velocity over [r, t]; shapes as :meth:`DiT.forward`."""
         self.check_inputs(x, r, t, context)
         c = self.conditioning(r, t, context, context_mask)

@@ -5,5 +5,12 @@ embedders that give shards without scene specs their relevance (``image_embedder
 from emf_lightning.probe.evaluation import ProbeResult, encode_captions, evaluate_encoded, evaluate_probe
 from emf_lightning.probe.sets import ProbeSet, shapes_probe_set, shard_probe_set
 
-__all__ = ["ProbeResult", "ProbeSet", "encode_captions", "evaluate_encoded", "evaluate_probe", "shapes_probe_set",
-           "shard_probe_set"]
+__all__ = [
+    "ProbeResult",
+    "ProbeSet",
+    "encode_captions",
+    "evaluate_encoded",
+    "evaluate_probe",
+    "shapes_probe_set",
+    "shard_probe_set",
+]

@@ -39,7 +39,7 @@ class EncodedCaptions:
 
     captions: list[str]
     tokens: Tensor  # [U, L, D] float32, zero where mask is False
-    mask: Tensor    # [U, L] bool
+    mask: Tensor  # [U, L] bool
 
     def __post_init__(self) -> None:
         self._row = {c: i for i, c in enumerate(self.captions)}
@@ -59,7 +59,7 @@ def encode_captions(encode: EncodeFn, captions: Sequence[str], batch_size: int =
     masks: list[Tensor] = []
     with torch.no_grad():
         for start in range(0, len(unique), batch_size):
-            batch = unique[start:start + batch_size]
+            batch = unique[start : start + batch_size]
             out = encode(batch)
             if out.tokens.shape[0] != len(batch):
                 raise ValueError(f"encoder returned {out.tokens.shape[0]} rows for {len(batch)} captions")
@@ -97,8 +97,7 @@ class ProbeResult:
     different_scene_cosines: Tensor
 
 
-def evaluate_probe(probe: ProbeSet, encode: EncodeFn, k: int = 2, batch_size: int = 64,
-                   seed: int = 0) -> ProbeResult:
+def evaluate_probe(probe: ProbeSet, encode: EncodeFn, k: int = 2, batch_size: int = 64, seed: int = 0) -> ProbeResult:
     """Encode every caption of ``probe`` with ``encode`` and compute all probe metrics.
 
     Metric names (flat, ``/``-separated, ready for a Lightning logger): ``retrieval/*``
@@ -145,9 +144,11 @@ def evaluate_encoded(probe: ProbeSet, enc: EncodedCaptions, k: int = 2, seed: in
         # With channels standardised over the retrieval pool: a shared offset no longer makes every pair close.
         z_of = standardizer(pool)
         metrics["disentanglement/pooled_standardized"] = P.disentanglement(
-            z_of(enc.pooled[full_rows]), z_of(enc.pooled[red_rows]), owner)
+            z_of(enc.pooled[full_rows]), z_of(enc.pooled[red_rows]), owner
+        )
         metrics["disentanglement/token"] = P.token_disentanglement(
-            enc.tokens[full_rows], enc.mask[full_rows], enc.tokens[red_rows], enc.mask[red_rows], owner)
+            enc.tokens[full_rows], enc.mask[full_rows], enc.tokens[red_rows], enc.mask[red_rows], owner
+        )
 
     if probe.anchors:
         a, p, q = enc.rows(probe.anchors), enc.rows(probe.paraphrases), enc.rows(probe.perturbed)

@@ -52,12 +52,17 @@ def _weights_file(model_id: str, weights: str | None) -> str:
     snap = _hf_snapshot(model_id)
     looked.append(str(hf_cache_dir() / ("models--" + model_id.replace("/", "--"))))
     if snap is not None:
-        for name in ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
-                     "pytorch_model.bin"):
+        for name in (
+            "open_clip_model.safetensors",
+            "model.safetensors",
+            "open_clip_pytorch_model.bin",
+            "pytorch_model.bin",
+        ):
             if (snap / name).is_file():
                 return str(snap / name)
-    raise MissingWeightsError(model_id, looked,
-                              hint="Or run the probe on shards with scene specs, or pass --image-encoder pixels.")
+    raise MissingWeightsError(
+        model_id, looked, hint="Or run the probe on shards with scene specs, or pass --image-encoder pixels."
+    )
 
 
 @torch.no_grad()
@@ -70,8 +75,15 @@ def _pixel_features(images: np.ndarray) -> Tensor:
 class _TorchImageEmbedder:
     """Resize, normalise and run a frozen vision model in batches."""
 
-    def __init__(self, model: torch.nn.Module, size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 forward: Callable[[Tensor], Tensor], batch_size: int = 32):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        forward: Callable[[Tensor], Tensor],
+        batch_size: int = 32,
+    ):
         self.model = model.eval().requires_grad_(False)
         self.size, self.forward, self.batch_size = size, forward, batch_size
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
@@ -81,7 +93,7 @@ class _TorchImageEmbedder:
     def __call__(self, images: np.ndarray) -> Tensor:
         out = []
         for start in range(0, len(images), self.batch_size):
-            x = (from_uint8(images[start:start + self.batch_size]) + 1) / 2
+            x = (from_uint8(images[start : start + self.batch_size]) + 1) / 2
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
             out.append(self.forward((x - self.mean) / self.std).float())
         return torch.cat(out)
@@ -111,6 +123,7 @@ def build_image_embedder(name: str, weights: str | None = None, pretrained: bool
         import open_clip
 
         model = open_clip.create_model("ViT-B-32", pretrained=_weights_file(CLIP_ID, weights) if pretrained else None)
-        return _TorchImageEmbedder(model, 224, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
-                                   model.encode_image)
+        return _TorchImageEmbedder(
+            model, 224, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, model.encode_image
+        )
     raise ValueError(f"unknown image encoder {name!r}; choose one of {', '.join(IMAGE_EMBEDDERS)}")

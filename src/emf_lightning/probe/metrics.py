@@ -39,8 +39,9 @@ def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
         ``[B, D]`` pooled features, in the dtype of ``tokens``.
     """
     if tokens.dim() != 3 or mask.shape != tokens.shape[:2]:
-        raise ValueError(f"masked_mean expects tokens [B, L, D] and mask [B, L]; got {tuple(tokens.shape)} "
-                         f"and {tuple(mask.shape)}")
+        raise ValueError(
+            f"masked_mean expects tokens [B, L, D] and mask [B, L]; got {tuple(tokens.shape)} and {tuple(mask.shape)}"
+        )
     counts = mask.sum(dim=1)
     if bool((counts == 0).any()):
         raise ValueError(f"masked_mean: rows {torch.nonzero(counts == 0).flatten().tolist()} have an empty mask")
@@ -68,8 +69,9 @@ def paired_cosine(a: Tensor, b: Tensor) -> Tensor:
     return (normalize(a) * normalize(b)).sum(dim=-1)
 
 
-def retrieval_discriminability(features: Tensor, relevance: Tensor, k: int,
-                               same_scene: Tensor | None = None) -> dict[str, float]:
+def retrieval_discriminability(
+    features: Tensor, relevance: Tensor, k: int, same_scene: Tensor | None = None
+) -> dict[str, float]:
     """Paper Table 1: retrieve each caption's ``k`` cosine nearest neighbours and score what they depict.
 
     Args:
@@ -150,33 +152,37 @@ def token_alignment(tokens_a: Tensor, mask_a: Tensor, tokens_b: Tensor, mask_b: 
         ``[B]`` float64 scores in [-1, 1]; identical sequences score 1.
     """
     if tokens_a.shape[0] != tokens_b.shape[0] or tokens_a.shape[-1] != tokens_b.shape[-1]:
-        raise ValueError(f"token_alignment needs the same batch and width; got {tuple(tokens_a.shape)} "
-                         f"and {tuple(tokens_b.shape)}")
+        raise ValueError(
+            f"token_alignment needs the same batch and width; got {tuple(tokens_a.shape)} and {tuple(tokens_b.shape)}"
+        )
     if not bool(mask_a.any(dim=1).all() and mask_b.any(dim=1).all()):
         raise ValueError("token_alignment: every row needs at least one real token in both masks")
     sims = normalize(tokens_a) @ normalize(tokens_b).transpose(1, 2)  # [B, La, Lb]
     valid = mask_a.unsqueeze(2) & mask_b.unsqueeze(1)
     sims = sims.masked_fill(~valid, float("-inf"))
-    recall = (sims.max(dim=2).values.masked_fill(~mask_a, 0).sum(1) / mask_a.sum(1))
-    precision = (sims.max(dim=1).values.masked_fill(~mask_b, 0).sum(1) / mask_b.sum(1))
+    recall = sims.max(dim=2).values.masked_fill(~mask_a, 0).sum(1) / mask_a.sum(1)
+    precision = sims.max(dim=1).values.masked_fill(~mask_b, 0).sum(1) / mask_b.sum(1)
     total = precision + recall
     f1 = 2 * precision * recall / total.clamp_min(_EPS)
     return torch.where(total > _EPS, f1, total / 2)
 
 
-def token_disentanglement(full_tokens: Tensor, full_mask: Tensor, reduced_tokens: Tensor, reduced_mask: Tensor,
-                          owner: Tensor | Sequence[int]) -> float:
+def token_disentanglement(
+    full_tokens: Tensor, full_mask: Tensor, reduced_tokens: Tensor, reduced_mask: Tensor, owner: Tensor | Sequence[int]
+) -> float:
     """Token-level counterpart of :func:`disentanglement`: mean :func:`token_alignment` of each reduction
     with its full prompt."""
     owner = torch.as_tensor(owner, dtype=torch.long, device=full_tokens.device)
     if owner.shape != (reduced_tokens.shape[0],):
-        raise ValueError(f"owner must have one index per reduced prompt ({reduced_tokens.shape[0]}); "
-                         f"got {tuple(owner.shape)}")
+        raise ValueError(
+            f"owner must have one index per reduced prompt ({reduced_tokens.shape[0]}); got {tuple(owner.shape)}"
+        )
     return float(token_alignment(full_tokens[owner], full_mask[owner], reduced_tokens, reduced_mask).mean())
 
 
-def minimal_pair_discrimination(anchor_to_paraphrase: Tensor, anchor_to_perturbed: Tensor,
-                                kinds: Sequence[str] | None = None) -> dict[str, float]:
+def minimal_pair_discrimination(
+    anchor_to_paraphrase: Tensor, anchor_to_perturbed: Tensor, kinds: Sequence[str] | None = None
+) -> dict[str, float]:
     """How often is a minimally different scene farther from the anchor than a paraphrase of the anchor?
 
     Works on similarities so the same function scores pooled cosines and token alignments.
@@ -195,8 +201,10 @@ def minimal_pair_discrimination(anchor_to_paraphrase: Tensor, anchor_to_perturbe
     para = anchor_to_paraphrase.double()
     pert = anchor_to_perturbed.double()
     if para.shape != pert.shape or para.dim() != 1 or para.numel() == 0:
-        raise ValueError(f"minimal_pair_discrimination needs two equal non-empty [P] tensors; got "
-                         f"{tuple(para.shape)} and {tuple(pert.shape)}")
+        raise ValueError(
+            f"minimal_pair_discrimination needs two equal non-empty [P] tensors; got "
+            f"{tuple(para.shape)} and {tuple(pert.shape)}"
+        )
     wins = (pert < para).double() + 0.5 * (pert == para).double()
     out = {"accuracy": float(wins.mean()), "margin": float((para - pert).mean())}
     if kinds is not None:
@@ -268,8 +276,9 @@ def split_pair_similarities(similarity: Tensor, same_scene: Tensor) -> tuple[Ten
     """Upper-triangle similarities split into (same-scene pairs, different-scene pairs), both float64."""
     n = similarity.shape[0]
     if similarity.shape != (n, n) or same_scene.shape != (n, n):
-        raise ValueError(f"need [N, N] similarity and same_scene; got {tuple(similarity.shape)} and "
-                         f"{tuple(same_scene.shape)}")
+        raise ValueError(
+            f"need [N, N] similarity and same_scene; got {tuple(similarity.shape)} and {tuple(same_scene.shape)}"
+        )
     iu = torch.triu_indices(n, n, offset=1, device=similarity.device)
     sims = similarity.double()[iu[0], iu[1]]
     same = same_scene.bool()[iu[0], iu[1]]

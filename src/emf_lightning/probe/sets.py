@@ -39,9 +39,9 @@ class ProbeSet:
 
     name: str
     captions: list[str]
-    relevance: Tensor | None = None          # [N, N] float in [0, 1]
-    same_scene: Tensor | None = None         # [N, N] bool
-    relevance_source: str = ""               # how relevance was obtained, shown next to the numbers
+    relevance: Tensor | None = None  # [N, N] float in [0, 1]
+    same_scene: Tensor | None = None  # [N, N] bool
+    relevance_source: str = ""  # how relevance was obtained, shown next to the numbers
     full: list[str] = field(default_factory=list)
     reduced: list[str] = field(default_factory=list)
     reduced_owner: list[int] = field(default_factory=list)  # index into ``full``
@@ -49,21 +49,31 @@ class ProbeSet:
     paraphrases: list[str] = field(default_factory=list)
     perturbed: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)          # skipped parts and why
+    notes: list[str] = field(default_factory=list)  # skipped parts and why
 
     def all_captions(self) -> list[str]:
         """Every caption any metric needs, first occurrence order, duplicates removed."""
-        return list(dict.fromkeys([*self.captions, *self.full, *self.reduced, *self.anchors,
-                                   *self.paraphrases, *self.perturbed]))
+        return list(
+            dict.fromkeys(
+                [*self.captions, *self.full, *self.reduced, *self.anchors, *self.paraphrases, *self.perturbed]
+            )
+        )
 
     def summary(self) -> dict[str, object]:
         """Sizes and provenance, for the JSON report."""
-        return {"name": self.name, "retrieval_captions": len(self.captions),
-                "relevance_source": self.relevance_source, "reductions": len(self.reduced),
-                "minimal_pairs": len(self.anchors), "kinds": dict(Counter(self.kinds)), "notes": self.notes}
+        return {
+            "name": self.name,
+            "retrieval_captions": len(self.captions),
+            "relevance_source": self.relevance_source,
+            "reductions": len(self.reduced),
+            "minimal_pairs": len(self.anchors),
+            "kinds": dict(Counter(self.kinds)),
+            "notes": self.notes,
+        }
 
 
 # ---------------------------------------------------------------- scene-spec relevance
+
 
 def _binding(obj: dict) -> tuple:
     return (obj.get("shape"), obj.get("color"), obj.get("size"))
@@ -119,14 +129,15 @@ def spec_relevance_matrix(specs: Sequence[dict]) -> Tensor:
     small = torch.empty(len(uniq), len(uniq), dtype=torch.float64)
     chunk = max(1, 2_000_000 // (len(uniq) * uniq.shape[1]))  # bounds the [chunk, U, V] temporary
     for start in range(0, len(uniq), chunk):
-        block = uniq[start:start + chunk]
+        block = uniq[start : start + chunk]
         overlap = torch.minimum(block[:, None, :], uniq[None, :, :]).sum(dim=2)
-        denom = torch.maximum(sizes[start:start + chunk, None], sizes[None, :])
-        small[start:start + chunk] = torch.where(denom > 0, overlap / denom.clamp_min(1), torch.ones_like(overlap))
+        denom = torch.maximum(sizes[start : start + chunk, None], sizes[None, :])
+        small[start : start + chunk] = torch.where(denom > 0, overlap / denom.clamp_min(1), torch.ones_like(overlap))
     return small[inverse][:, inverse]
 
 
 # ---------------------------------------------------------------- shapes world
+
 
 def sample_specs(n: int, seed: int, split: str = "test", mix: dict[str, float] | None = None) -> list[dict]:
     """The scene specs of the first ``n`` samples of ``ShapesWorld(seed, split=split, mix=mix)`` (no rendering),
@@ -137,9 +148,15 @@ def sample_specs(n: int, seed: int, split: str = "test", mix: dict[str, float] |
     return [world.spec(i) for i in range(n)]
 
 
-def shapes_probe_set(n: int = 1000, group: int = 2, seed: int = 0, split: str = "test",
-                     n_pairs: int | None = None, n_reduce: int | None = None,
-                     mix: dict[str, float] | None = None) -> ProbeSet:
+def shapes_probe_set(
+    n: int = 1000,
+    group: int = 2,
+    seed: int = 0,
+    split: str = "test",
+    n_pairs: int | None = None,
+    n_reduce: int | None = None,
+    mix: dict[str, float] | None = None,
+) -> ProbeSet:
     """Probe set from the shapes world.
 
     - Retrieval: ``n // group`` scenes with ``group`` distinct captions each (the canonical caption, then
@@ -165,8 +182,13 @@ def shapes_probe_set(n: int = 1000, group: int = 2, seed: int = 0, split: str = 
         captions += variants
         cap_specs += [spec] * len(variants)
     relevance = spec_relevance_matrix(cap_specs)
-    probe = ProbeSet(name=f"shapes/{split}", captions=captions, relevance=relevance, same_scene=relevance >= 1.0,
-                     relevance_source="scene spec: shared (shape, colour, size) bindings and relations")
+    probe = ProbeSet(
+        name=f"shapes/{split}",
+        captions=captions,
+        relevance=relevance,
+        same_scene=relevance >= 1.0,
+        relevance_source="scene spec: shared (shape, colour, size) bindings and relations",
+    )
 
     for spec in specs[: n_scenes if n_reduce is None else n_reduce]:
         full = describe(spec)
@@ -194,8 +216,10 @@ def shapes_probe_set(n: int = 1000, group: int = 2, seed: int = 0, split: str = 
             probe.perturbed.append(describe(changed))
             probe.kinds.append(kind)
     if not_applicable:
-        probe.notes.append("minimal-pair edits that did not apply (scene count): "
-                           + ", ".join(f"{k} {v}" for k, v in sorted(not_applicable.items())))
+        probe.notes.append(
+            "minimal-pair edits that did not apply (scene count): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(not_applicable.items()))
+        )
     return probe
 
 
@@ -258,8 +282,13 @@ def read_shard_samples(shards: str | Sequence[str], n: int) -> tuple[list[dict],
     return samples, skipped
 
 
-def shard_probe_set(shards: str | Sequence[str], n: int = 1000, image_encoder: str | None = "dinov2",
-                    image_weights: str | None = None, resolution: int = 224) -> ProbeSet:
+def shard_probe_set(
+    shards: str | Sequence[str],
+    n: int = 1000,
+    image_encoder: str | None = "dinov2",
+    image_weights: str | None = None,
+    resolution: int = 224,
+) -> ProbeSet:
     """Probe set from WebDataset shards: up to ``n`` retrieval captions (all captions of a sample are one
     scene). Relevance: from scene specs when every sample has one (shapes-world shards), else the cosine of
     image features (clamped to [0, 1]) from ``image_encoder``; if its weights are absent, relevance falls back

@@ -131,5 +131,10 @@ def shapes_samples(world: ShapesWorld, n: int | None = None, start: int = 0) -> 
     stop = len(world) if n is None else start + n
     for i in range(start, stop):
         s = world[i]
-        yield ShardSample(key=s.key, image=np.asarray(s.image, dtype=np.uint8), caption=s.caption,
-                          captions=list(s.captions or [s.caption]), meta=dict(s.spec))
+        yield ShardSample(
+            key=s.key,
+            image=np.asarray(s.image, dtype=np.uint8),
+            caption=s.caption,
+            captions=list(s.captions or [s.caption]),
+            meta=dict(s.spec),
+        )

@@ -44,10 +44,14 @@ def module_hyperparameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 _LOSS_ARGS = ("adaptive_p", "adaptive_c", "guidance_omega", "guidance_kappa", "guidance_interval", "cond_drop_prob")
-_TIME_ARGS = {"time_distribution": "distribution", "time_mu": "mu", "time_sigma": "sigma",
-              "neq_ratio": "neq_ratio", "one_step_share": "one_step_share"}
-_OPTIM_ARGS = ("lr", "betas", "weight_decay", "warmup_steps", "lr_decay", "min_lr_ratio", "schedule_steps",
-               "ema_decay")
+_TIME_ARGS = {
+    "time_distribution": "distribution",
+    "time_mu": "mu",
+    "time_sigma": "sigma",
+    "neq_ratio": "neq_ratio",
+    "one_step_share": "one_step_share",
+}
+_OPTIM_ARGS = ("lr", "betas", "weight_decay", "warmup_steps", "lr_decay", "min_lr_ratio", "schedule_steps", "ema_decay")
 _KEPT_ARGS = ("encoder", "init_from", "feature_cache_dir", "use_feature_cache", "sample_steps", "cfg_scale", "seed")
 # Version-1 arguments that selected between JVP implementations: the one production path replaced them.
 _RETIRED_ARGS = ("selective_jvp", "jvp_strategy")
@@ -57,11 +61,25 @@ def upgrade_hyperparameters(v1: dict[str, Any]) -> dict[str, Any]:
     """Version-1 flat hyper-parameters -> version-2 constructor arguments (same model, loss and schedule)."""
     from emf_lightning.models.generator import BACKBONES
 
-    known = {"backbone_size", "image_size", "in_channels", "patch_size", "backbone_overrides", "objective",
-             "jvp_tangent", *_LOSS_ARGS, *_TIME_ARGS, *_OPTIM_ARGS, *_KEPT_ARGS, *_RETIRED_ARGS}
+    known = {
+        "backbone_size",
+        "image_size",
+        "in_channels",
+        "patch_size",
+        "backbone_overrides",
+        "objective",
+        "jvp_tangent",
+        *_LOSS_ARGS,
+        *_TIME_ARGS,
+        *_OPTIM_ARGS,
+        *_KEPT_ARGS,
+        *_RETIRED_ARGS,
+    }
     unknown = sorted(set(v1) - known)
     if unknown:
-        raise CheckpointFormatError(f"unrecognised version-1 hyper-parameters {unknown}: cannot convert this checkpoint")
+        raise CheckpointFormatError(
+            f"unrecognised version-1 hyper-parameters {unknown}: cannot convert this checkpoint"
+        )
     name = v1.get("backbone_size", "tiny")
     if name not in BACKBONES:
         raise CheckpointFormatError(f"version-1 checkpoint names an unknown backbone_size {name!r}")

@@ -31,7 +31,7 @@ def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def describe_mismatch(target: nn.Module, state: dict[str, torch.Tensor], limit: int = 20) -> list[str]:
@@ -73,7 +73,8 @@ def load_generator_weights(module: Any, path: str | Path, copy_time_to_interval:
     if problems:
         raise IncompatibleCheckpointError(
             f"Checkpoint {path} was trained with another generator architecture than this model "
-            f"(the backbone class, its size and input shape, and the encoder width must match):\n  " + "\n  ".join(problems)
+            f"(the backbone class, its size and input shape, and the encoder width must match):\n  "
+            + "\n  ".join(problems)
         )
     ema_state = _sub_state(state, "ema_generator.")
     if not ema_state or describe_mismatch(module.ema_generator, ema_state):
@@ -91,5 +92,5 @@ def _time_to_interval(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     out = dict(state)
     for key, value in state.items():
         if key.startswith(src):
-            out[dst + key[len(src):]] = value.clone()
+            out[dst + key[len(src) :]] = value.clone()
     return out

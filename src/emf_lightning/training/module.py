@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -21,8 +22,8 @@ from torch import Tensor, nn
 
 from emf_lightning.autoencoders import IdentityAutoencoder, LatentAutoencoder, build_autoencoder
 from emf_lightning.encoders.base import TextEncoder, TextFeatures
-from emf_lightning.errors import CheckpointError, ConfigError, require_finite
 from emf_lightning.encoders.cache import FeatureCache
+from emf_lightning.errors import CheckpointError, ConfigError, require_finite
 from emf_lightning.inference import sample_images
 from emf_lightning.meanflow import MeanFlowLoss, Objective, encode_with_null, null_condition
 from emf_lightning.models.compiled import CompiledForward
@@ -108,9 +109,13 @@ class EMFModule(pl.LightningModule):
         # The checkpoint keeps how to rebuild every object (plain data), never a pickled module.
         self.hparams.pop("_instantiator", None)
         autoencoder = build_autoencoder(autoencoder)
-        self.hparams.update(encoder=to_spec(encoder), backbone=to_spec(backbone), loss=to_spec(self.loss_fn),
-                            optim=self.optim.to_dict(),
-                            autoencoder=None if isinstance(autoencoder, IdentityAutoencoder) else to_spec(autoencoder))
+        self.hparams.update(
+            encoder=to_spec(encoder),
+            backbone=to_spec(backbone),
+            loss=to_spec(self.loss_fn),
+            optim=self.optim.to_dict(),
+            autoencoder=None if isinstance(autoencoder, IdentityAutoencoder) else to_spec(autoencoder),
+        )
         encoder.eval().requires_grad_(False)
         # object.__setattr__ bypasses nn.Module registration: not a submodule, so not saved, optimised or
         # wrapped by DDP, and not moved by .to(); encode_text moves it lazily to the module's device.
@@ -118,9 +123,11 @@ class EMFModule(pl.LightningModule):
         object.__setattr__(self, "_feature_cache", FeatureCache(encoder, root=feature_cache_dir))
         object.__setattr__(self, "_autoencoder", autoencoder)
         if autoencoder.latent_channels != backbone.in_channels:
-            raise ConfigError(f"the autoencoder ({autoencoder.cache_key}) makes latents of {autoencoder.latent_channels} "
-                              f"channels but the backbone takes in_channels={backbone.in_channels}: set the backbone's "
-                              "in_channels to the latent channels")
+            raise ConfigError(
+                f"the autoencoder ({autoencoder.cache_key}) makes latents of {autoencoder.latent_channels} "
+                f"channels but the backbone takes in_channels={backbone.in_channels}: set the backbone's "
+                "in_channels to the latent channels"
+            )
 
         self.objective = self.loss_fn.objective
         self.generator = Generator.for_backbone(backbone, encoder.dim)
@@ -162,8 +169,14 @@ class EMFModule(pl.LightningModule):
         return (backbone.in_channels, *backbone.input_size)
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, hparams_file: Any = None,
-                             strict: bool | None = None, **overrides: Any) -> EMFModule:
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        **overrides: Any,
+    ) -> EMFModule:
         """The module saved in a checkpoint (any format version this installation reads), weights included.
 
         ``overrides`` replace saved constructor arguments (e.g. ``cfg_scale``). The encoder is rebuilt from its
@@ -237,11 +250,18 @@ class EMFModule(pl.LightningModule):
         data_size = (getattr(datamodule, "hparams", None) or {}).get("image_size")
         if data_size is not None and (data_size, data_size) != self.image_size:
             h, w = self.image_size
-            why = "the backbone's input_size" if isinstance(self.autoencoder, IdentityAutoencoder) else (
-                f"the backbone's input_size {self.data_shape[1]} times the autoencoder's downsampling "
-                f"{self.autoencoder.downsample}")
-            raise ConfigError(f"data.image_size={data_size} but the model makes {h}x{w} images ({why}): the "
-                              "generator learns the data's images, so make the two sizes agree")
+            why = (
+                "the backbone's input_size"
+                if isinstance(self.autoencoder, IdentityAutoencoder)
+                else (
+                    f"the backbone's input_size {self.data_shape[1]} times the autoencoder's downsampling "
+                    f"{self.autoencoder.downsample}"
+                )
+            )
+            raise ConfigError(
+                f"data.image_size={data_size} but the model makes {h}x{w} images ({why}): the "
+                "generator learns the data's images, so make the two sizes agree"
+            )
 
     def configure_model(self) -> None:
         """Under FSDP2 (Lightning's ModelParallelStrategy): shard the generator and its EMA copy alike.
@@ -273,8 +293,11 @@ class EMFModule(pl.LightningModule):
             self.load_init_weights(self.hparams.init_from)
         self._schedule_total = self._resolve_schedule_total()
         if self._schedule_total is None:
-            warnings.warn("the run has no step limit (max_steps/max_epochs): time-sampler schedules stay at "
-                          "their start values; set model.schedule_steps to schedule them")
+            warnings.warn(
+                "the run has no step limit (max_steps/max_epochs): time-sampler schedules stay at "
+                "their start values; set optim.schedule_steps to schedule them",
+                stacklevel=2,
+            )
 
     def on_train_epoch_end(self) -> None:
         self.save_feature_cache()
@@ -318,8 +341,9 @@ class EMFModule(pl.LightningModule):
         gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
         return gen
 
-    def compute_loss(self, batch: dict[str, Any], net: nn.Module, generator: torch.Generator,
-                     train: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(
+        self, batch: dict[str, Any], net: nn.Module, generator: torch.Generator, train: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The objective on one batch: encode captions and call the loss.
 
         Condition dropout (``cond_drop_prob``) is drawn by the loss from ``generator`` in training only;
@@ -350,12 +374,17 @@ class EMFModule(pl.LightningModule):
             x, what = self.autoencoder.encode(batch["image"]), f"latents of {tuple(batch['image'].shape)} images"
         expected = self.data_shape
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            hint = ("make data.image_size match the backbone's input_size" if what == "images" else
-                    f"the backbone takes latents [B, {expected[0]}, {expected[1]}, {expected[2]}]: set its input_size "
-                    f"and in_channels to the autoencoder's latent shape ({self.autoencoder.cache_key}), or re-cache the "
-                    "latents at the data's image size")
-            raise ConfigError(f"batch {what} have shape {tuple(x.shape)}, but the model expects [B, {expected[0]}, "
-                              f"{expected[1]}, {expected[2]}]: {hint}")
+            hint = (
+                "make data.image_size match the backbone's input_size"
+                if what == "images"
+                else f"the backbone takes latents [B, {expected[0]}, {expected[1]}, {expected[2]}]: set its input_size "
+                f"and in_channels to the autoencoder's latent shape ({self.autoencoder.cache_key}), or re-cache the "
+                "latents at the data's image size"
+            )
+            raise ConfigError(
+                f"batch {what} have shape {tuple(x.shape)}, but the model expects [B, {expected[0]}, "
+                f"{expected[1]}, {expected[2]}]: {hint}"
+            )
         return x
 
     def _train_generator(self, batch_idx: int) -> torch.Generator:
@@ -428,8 +457,11 @@ class EMFModule(pl.LightningModule):
         bound = self.hparams.get("max_weight_abs")
         if math.isfinite(largest) and (bound is None or largest <= bound):
             return
-        found = ("a NaN or infinite weight" if not math.isfinite(largest) else
-                 f"a weight of magnitude {largest:.3g} (above model.max_weight_abs={bound:g})")
+        found = (
+            "a NaN or infinite weight"
+            if not math.isfinite(largest)
+            else f"a weight of magnitude {largest:.3g} (above model.max_weight_abs={bound:g})"
+        )
         self._nonfinite = (
             f"The generator or its EMA copy holds {found} {when}: the run diverged. "
             "Training stopped; no checkpoint of these weights is written. Lower the learning rate (or raise "
@@ -478,8 +510,10 @@ class EMFModule(pl.LightningModule):
             missing = own - saved - set(self.rebuilt_state_keys())
             unexpected = saved - own
             if missing or unexpected:
-                raise CheckpointError(f"the checkpoint's weights do not fit this model: missing {sorted(missing)[:5]}, "
-                                      f"unexpected {sorted(unexpected)[:5]} (was it trained with another backbone?)")
+                raise CheckpointError(
+                    f"the checkpoint's weights do not fit this model: missing {sorted(missing)[:5]}, "
+                    f"unexpected {sorted(unexpected)[:5]} (was it trained with another backbone?)"
+                )
         self._schedule_total = checkpoint.get("emf_schedule_total", self._schedule_total)
         self._restored = True
 
@@ -512,8 +546,9 @@ class EMFModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def generate(self, captions: Sequence[str], steps: int = 1, cfg_scale: float = 1.0, seed: int = 0,
-                 use_ema: bool = True) -> Tensor:
+    def generate(
+        self, captions: Sequence[str], steps: int = 1, cfg_scale: float = 1.0, seed: int = 0, use_ema: bool = True
+    ) -> Tensor:
         """Images [B, 3, H, W] in [-1, 1] for ``captions``; the same seed gives the same images.
 
         The loss's sampler (MeanFlow: ``steps`` jumps; flow matching: ``steps`` Euler steps) from noise of the
@@ -521,5 +556,16 @@ class EMFModule(pl.LightningModule):
         classifier-free guidance against the null condition.
         """
         net = self.ema_generator if use_ema else self.generator
-        return sample_images(net, self.encode_text, self.encoder.dim, self.loss_fn, self.autoencoder, self.data_shape,
-                             captions, steps, cfg_scale, seed, self.device)
+        return sample_images(
+            net,
+            self.encode_text,
+            self.encoder.dim,
+            self.loss_fn,
+            self.autoencoder,
+            self.data_shape,
+            captions,
+            steps,
+            cfg_scale,
+            seed,
+            self.device,
+        )

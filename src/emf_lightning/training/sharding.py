@@ -21,8 +21,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["grad_norm", "is_sharded", "load_full_state_dict", "max_abs", "shard_generator", "sharding_units",
-           "unsharded"]
+__all__ = [
+    "grad_norm",
+    "is_sharded",
+    "load_full_state_dict",
+    "max_abs",
+    "shard_generator",
+    "sharding_units",
+    "unsharded",
+]
 
 
 def _dtensor_cls() -> type | None:

@@ -20,10 +20,18 @@ WEIGHT_STEM = "diffusion_pytorch_model"
 def weight_files(variant: str | None = None) -> tuple[str, ...]:
     """File names any one of which, next to config.json, means the weights are present."""
     if variant:
-        return (f"{WEIGHT_STEM}.{variant}.safetensors", f"{WEIGHT_STEM}.safetensors.index.{variant}.json",
-                f"{WEIGHT_STEM}.{variant}.bin", f"{WEIGHT_STEM}.bin.index.{variant}.json")
-    return (f"{WEIGHT_STEM}.safetensors", f"{WEIGHT_STEM}.safetensors.index.json", f"{WEIGHT_STEM}.bin",
-            f"{WEIGHT_STEM}.bin.index.json")
+        return (
+            f"{WEIGHT_STEM}.{variant}.safetensors",
+            f"{WEIGHT_STEM}.safetensors.index.{variant}.json",
+            f"{WEIGHT_STEM}.{variant}.bin",
+            f"{WEIGHT_STEM}.bin.index.{variant}.json",
+        )
+    return (
+        f"{WEIGHT_STEM}.safetensors",
+        f"{WEIGHT_STEM}.safetensors.index.json",
+        f"{WEIGHT_STEM}.bin",
+        f"{WEIGHT_STEM}.bin.index.json",
+    )
 
 
 def _folder_complete(folder: Path, variant: str | None) -> bool:
@@ -53,8 +61,7 @@ def diffusers_weights_available(model: str, subfolder: str | None = None, varian
     return any(_cached_file(model, _in_repo(subfolder, f)) is not None for f in weight_files(variant))
 
 
-def locate_diffusers(model: str, subfolder: str | None = None,
-                     variant: str | None = None) -> tuple[str, str | None]:
+def locate_diffusers(model: str, subfolder: str | None = None, variant: str | None = None) -> tuple[str, str | None]:
     """(what to pass to `from_pretrained`, subfolder) for a local folder or a cached HF id; else MissingWeightsError.
 
     A local folder may be the pipeline folder (with `subfolder` inside) or the component folder itself.
@@ -76,8 +83,9 @@ def locate_diffusers(model: str, subfolder: str | None = None,
     raise MissingWeightsError(model, looked, hint=f"Needed: {needed}{where}.")
 
 
-def load_diffusers(cls: Any, model: str, subfolder: str | None = None, variant: str | None = None,
-                   **kwargs: Any) -> Any:
+def load_diffusers(
+    cls: Any, model: str, subfolder: str | None = None, variant: str | None = None, **kwargs: Any
+) -> Any:
     """`cls.from_pretrained(...)` offline for `model` (see `locate_diffusers`); missing files -> MissingWeightsError."""
     source, sub = locate_diffusers(model, subfolder, variant)
     try:
@@ -97,6 +105,5 @@ def load_diffusers_config(cls: Any, model: str, subfolder: str | None = None) ->
         config = cls.load_config(source, subfolder=sub, local_files_only=True)
     except OSError as err:
         where = f" in its '{subfolder}' subfolder" if subfolder else ""
-        raise MissingWeightsError(model, [source, str(hf_cache_dir())],
-                                  hint=f"No config.json{where} ({err}).") from err
+        raise MissingWeightsError(model, [source, str(hf_cache_dir())], hint=f"No config.json{where} ({err}).") from err
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 import textwrap
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -105,8 +105,12 @@ def _grid_body(cells: np.ndarray, nrow: int, padding: int, background: int) -> n
         return np.pad(cells[0], ((padding, padding), (padding, padding), (0, 0)), constant_values=background)
     from torchvision.utils import make_grid  # imported here: torchvision's import is not free
 
-    grid = make_grid(torch.from_numpy(np.ascontiguousarray(cells)).permute(0, 3, 1, 2), nrow=nrow,
-                     padding=padding, pad_value=background)
+    grid = make_grid(
+        torch.from_numpy(np.ascontiguousarray(cells)).permute(0, 3, 1, 2),
+        nrow=nrow,
+        padding=padding,
+        pad_value=background,
+    )
     return np.ascontiguousarray(grid.permute(1, 2, 0).numpy())
 
 

@@ -19,8 +19,10 @@ class MissingExtraError(ImportError):
 
     def __init__(self, module: str, extra: str, purpose: str):
         self.module, self.extra, self.purpose = module, extra, purpose
-        super().__init__(f"{purpose} needs the `{module}` package, which is not installed: "
-                         f"pip install '{DISTRIBUTION}[{extra}]'", name=module)
+        super().__init__(
+            f"{purpose} needs the `{module}` package, which is not installed: pip install '{DISTRIBUTION}[{extra}]'",
+            name=module,
+        )
 
 
 def install_hint(extra: str) -> str:

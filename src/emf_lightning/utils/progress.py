@@ -114,8 +114,14 @@ def _columns() -> list[Any]:
 
 
 @contextmanager
-def progress(description: str, total: int | None = None, *, enabled: bool = True,
-             console: Any | None = None, transient: bool | None = None) -> Iterator[Advance]:
+def progress(
+    description: str,
+    total: int | None = None,
+    *,
+    enabled: bool = True,
+    console: Any | None = None,
+    transient: bool | None = None,
+) -> Iterator[Advance]:
     """A progress bar for one job; yields an :class:`Advance` (see the module docstring for when it draws).
 
     Args:

@@ -51,7 +51,8 @@ class RecordsInitArgs:
                 bound = signature.bind(self, *args, **kw)
                 bound.apply_defaults()
                 self.__dict__["init_args"] = {
-                    k: v for k, v in bound.arguments.items()
+                    k: v
+                    for k, v in bound.arguments.items()
                     if k != "self" and signature.parameters[k].kind not in _SKIP_KINDS
                 }
 
