@@ -1,6 +1,7 @@
 """Probe metrics on constructed embeddings whose answers are computed by hand."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -384,3 +385,34 @@ def test_dinov2_embedder_missing_weights_and_local_file_round_trip(tmp_path, mon
     save_file({k: v.contiguous() for k, v in random_model.model.state_dict().items()}, str(path))
     loaded = build_image_embedder("dinov2", weights=str(path))
     assert torch.allclose(loaded(images), expected, atol=1e-5)
+
+
+def test_wording_robustness_oracle_is_perfect_and_a_shuffled_encoder_is_not():
+    # The probe's wording score: a prompt in an unseen wording must land nearest a canonical caption of a scene
+    # with its colour and shape. An encoder that reads (colour, shape) from any wording is perfect; one that
+    # maps each reworded prompt to a wrong colour is not.
+    probe = S.shapes_probe_set(n=60, group=2, seed=3, n_pairs=0, n_reduce=0, mix={"colors": 2, "two_objects": 1})
+    assert probe.reworded and probe.gallery and probe.reworded_match.shape == (len(probe.reworded), len(probe.gallery))
+    colours = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange"]
+    shapes = {"circle": ("circle", "disk", "disc", "round", "ball", "dot"), "square": ("square", "box", "block", "tile"),
+              "triangle": ("triangle", "triangular", "three-sided", "wedge")}
+
+    def reader(shift: int):
+        def encode(captions):
+            rows = []
+            for c in captions:
+                c = c.lower()
+                words_in = set(re.findall(r"[a-z-]+", c))  # whole words: "centred" and "coloured" hold no colour
+                colour = next((i for i, name in enumerate(colours) if name in words_in), 0)
+                shape = next((i for i, (_, words) in enumerate(shapes.items()) if words_in & set(words)), 0)
+                is_reworded = c not in [g.lower() for g in probe.gallery]
+                rows.append(3 * ((colour + (shift if is_reworded else 0)) % 8) + shape + 1 if " and " not in c else 0)
+            one_hot = torch.nn.functional.one_hot(torch.tensor(rows), 25).float()
+            return SimpleNamespace(tokens=one_hot[:, None], mask=torch.ones(len(rows), 1, dtype=torch.bool), pooled=one_hot)
+
+        return encode
+
+    perfect = evaluate_probe(probe, reader(0), k=1).metrics
+    assert perfect["wording/retrieval_at_1"] == 1.0 and perfect["wording/auc"] == 1.0
+    wrong = evaluate_probe(probe, reader(1), k=1).metrics
+    assert wrong["wording/retrieval_at_1"] == 0.0 and wrong["wording/auc"] < 0.6

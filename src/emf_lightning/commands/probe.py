@@ -41,6 +41,8 @@ TABLE_COLUMNS = (
     ("disentanglement/token", "disent. tok"),
     ("minimal_pairs/accuracy", "min-pair"),
     ("minimal_pairs_token/accuracy", "min-pair tok"),
+    ("wording/retrieval_at_1", "wording P@1"),
+    ("wording/auc", "wording AUC"),
     ("anisotropy/pooled", "aniso."),
     ("anisotropy/token", "aniso. tok"),
     ("effective_rank/pooled", "eff. rank"),

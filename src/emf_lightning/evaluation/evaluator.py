@@ -5,7 +5,10 @@ For every step count x guidance scale it generates one image per held-out captio
 batch ``b`` uses seed ``seed + b``, so every setting and any number of processes see the same noise) and scores
 them against the real images: ``fid``, ``kid``, ``kid_std`` (Inception features; the real ones cached on disk when
 the set names its source), ``clip_score`` and ``shapes_<category>`` (ShapesEval, on samples with a scene spec).
-The real images get ``clip_score`` and ``shapes_*`` too, as a ceiling (row ``real``). Missing Inception or CLIP
+The real images get ``clip_score`` and ``shapes_*`` too, as a ceiling (row ``real``). With ``wordings``, the
+single-object held-out scenes are also generated from prompts worded as users write them, in wordings the
+caption grammar never produces (``shapes.wordings``), and judged the same way: ``shapes_reworded`` (all of them)
+and ``shapes_reworded_<family>``, beside the grammar's own ``shapes_<category>``. Missing Inception or CLIP
 weights: one warning naming where it looked, then that metric is skipped; every other metric still comes out.
 
 Several processes (:class:`~emf_lightning.evaluation.distributed.Processes`): generation, features and CLIP
@@ -36,6 +39,7 @@ from emf_lightning.evaluation.fid import (
     load_inception,
 )
 from emf_lightning.shapes.judge import ShapesEval
+from emf_lightning.shapes.wordings import families, reword_all
 from emf_lightning.utils.images import to_uint8
 from emf_lightning.utils.progress import progress
 from emf_lightning.utils.weights import MissingWeightsError
@@ -157,6 +161,8 @@ class Evaluator:
             Inception; cached to disk only when it has a ``feature_id`` attribute.
         clip_scorer: a ready :class:`~emf_lightning.evaluation.clip_score.CLIPScorer`.
         shapes_evaluator: an object with ``evaluate(images_uint8, specs) -> dict`` instead of ShapesEval.
+        wordings: also judge single-object scenes prompted in unseen wordings: "final" (the held-out families,
+            never trained on or tuned with), "dev", "all", or None (off).
         name: who speaks in warnings (``<name>: skipping fid: ...``).
     """
 
@@ -179,6 +185,7 @@ class Evaluator:
         fid_feature_extractor: nn.Module | None = None,
         clip_scorer: nn.Module | None = None,
         shapes_evaluator: Any | None = None,
+        wordings: str | None = None,
         name: str = "Evaluator",
     ):
         if steps is not None and (not steps or any(int(s) < 1 for s in steps)):
@@ -187,6 +194,9 @@ class Evaluator:
             raise ValueError("cfg_scales must not be empty")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if wordings is not None:
+            families(wordings)  # a clear error for an unknown split, here rather than mid-run
+        self.wordings = wordings
         self.steps = tuple(int(s) for s in steps) if steps is not None else None
         self.cfg_scales = tuple(float(g) for g in cfg_scales)
         self.seed, self.batch_size, self.keep_images, self.name = seed, batch_size, keep_images, name
@@ -225,13 +235,23 @@ class Evaluator:
             num_samples=len(held),
             seed=self.seed,
         )
+        reworded = self._reworded(held) if shapes is not None else None
         n_batches = len(processes.plan(len(held), self.batch_size))
+        if reworded is not None:
+            n_batches += len(processes.plan(len(reworded), self.batch_size))
         with progress("evaluation", total=n_batches * len(result.settings), enabled=processes.rank == 0) as advance:
             measured = [
                 self._generate_and_measure(model, held, steps, cfg, extractor, clip, advance)
                 for steps, cfg in result.settings
             ]
-        for (steps, cfg), (images, feats, clip_scores) in zip(result.settings, measured):
+            measured_reworded = [
+                self._generate_and_measure(model, reworded, steps, cfg, None, None, advance)[0]
+                if reworded is not None else None
+                for steps, cfg in result.settings
+            ]
+        for (steps, cfg), (images, feats, clip_scores), reworded_images in zip(
+            result.settings, measured, measured_reworded
+        ):
             row: dict[str, float] = {}
             if feats is not None and real_feats is not None:
                 if len(held) < 2:
@@ -245,6 +265,8 @@ class Evaluator:
                 row["clip_score"] = float(clip_scores.mean())
             if shapes is not None:
                 row.update(self._shapes_metrics(shapes, images, held))
+            if reworded_images is not None:
+                row.update(self._reworded_metrics(shapes, reworded_images, reworded))
             label = setting_label(steps, cfg)
             result.rows[label] = row
             result.images[label] = images[: self.keep_images]
@@ -306,6 +328,27 @@ class Evaluator:
         idx = [i for i, spec in enumerate(held.specs) if spec]
         scores = shapes.evaluate(images[idx], [held.specs[i] for i in idx])
         return {f"shapes_{name}": float(value) for name, value in scores.items()}
+
+    def _reworded(self, held: HeldOutSet) -> HeldOutSet | None:
+        """The single-object held-out scenes with their prompts reworded (``keys`` hold the families)."""
+        if self.wordings is None:
+            return None
+        captions = reword_all([spec or {} for spec in held.specs], self.wordings, seed=self.seed)
+        names = families(self.wordings)
+        idx = [i for i, c in enumerate(captions) if c is not None]
+        if not idx:
+            return None
+        return HeldOutSet(held.images[idx], [captions[i] for i in idx], [held.specs[i] for i in idx],
+                          [names[i % len(names)] for i in idx])
+
+    @staticmethod
+    def _reworded_metrics(shapes: Any, images: np.ndarray, reworded: HeldOutSet) -> dict[str, float]:
+        """``shapes_reworded`` (share of reworded prompts judged right) and one ``shapes_reworded_<family>`` each."""
+        passed = [bool(r["passed"]) for r in shapes.evaluate_detailed(images, reworded.specs)]
+        out = {"shapes_reworded": float(np.mean(passed))}
+        for family in dict.fromkeys(reworded.keys):
+            out[f"shapes_reworded_{family}"] = float(np.mean([p for p, k in zip(passed, reworded.keys) if k == family]))
+        return out
 
     # ------------------------------------------------------------------ the real images, once per held-out set
     def _reference_features(self, held: HeldOutSet, extractor: nn.Module) -> Tensor:

@@ -105,7 +105,8 @@ def evaluate_probe(probe: ProbeSet, encode: EncodeFn, k: int = 2, batch_size: in
     standardised features ``retrieval_standardized/{relevance_at_k,exact_precision_at_k}`` and
     ``same_scene_auc_standardized``, ``disentanglement/{pooled,pooled_standardized,token}``,
     ``minimal_pairs/{accuracy,margin}[/<kind>]`` and ``minimal_pairs_token/...``,
-    ``anisotropy/{pooled,token}``, ``effective_rank/{pooled,token}``. Parts the probe set lacks are absent.
+    ``wording/{retrieval_at_1,auc}`` (unseen wordings against canonical captions), ``anisotropy/{pooled,token}``,
+    ``effective_rank/{pooled,token}``. Parts the probe set lacks are absent.
     """
     enc = encode_captions(encode, probe.all_captions(), batch_size)
     return evaluate_encoded(probe, enc, k=k, seed=seed)
@@ -160,6 +161,15 @@ def evaluate_encoded(probe: ProbeSet, enc: EncodedCaptions, k: int = 2, seed: in
         pert_t = P.token_alignment(enc.tokens[a], enc.mask[a], enc.tokens[q], enc.mask[q])
         for name, v in P.minimal_pair_discrimination(para_t, pert_t, probe.kinds).items():
             metrics[f"minimal_pairs_token/{name}"] = v
+
+    if probe.reworded:
+        # Wording robustness: a prompt worded as users write it must land nearest the canonical caption of a scene
+        # with its colour and shape, among all scenes' canonical captions.
+        sims = P.cosine_matrix(enc.pooled[enc.rows(probe.reworded)], enc.pooled[enc.rows(probe.gallery)])
+        match = probe.reworded_match
+        metrics["wording/retrieval_at_1"] = float(match[torch.arange(len(match)), sims.argmax(1)].float().mean())
+        if (~match).any() and match.any():
+            metrics["wording/auc"] = P.pair_auc(sims.flatten(), match.flatten())
 
     metrics["anisotropy/pooled"] = P.anisotropy(pool)
     metrics["effective_rank/pooled"] = P.effective_rank(pool)

@@ -260,16 +260,20 @@ def same_scene_auc(similarity: Tensor, same_scene: Tensor) -> float:
         similarity: ``[N, N]`` symmetric similarities.
         same_scene: ``[N, N]`` bool, True where the two captions depict the same scene.
     """
-    from torchmetrics.functional.classification import binary_auroc
-
     pos, neg = split_pair_similarities(similarity, same_scene)
     if pos.numel() == 0 or neg.numel() == 0:
         raise ValueError("same_scene_auc needs at least one same-scene and one different-scene pair")
+    return pair_auc(torch.cat([pos, neg]), torch.cat([torch.ones(pos.numel()), torch.zeros(neg.numel())]).bool())
+
+
+def pair_auc(cosines: Tensor, positive: Tensor) -> float:
+    """ROC AUC of cosines as a detector of ``positive`` pairs (1-D, same length; ties count one half)."""
+    from torchmetrics.functional.classification import binary_auroc
+
     # binary_auroc takes scores outside [0, 1] for logits and applies a sigmoid; cosines in [-1, 1] go to
     # [0, 1] by an increasing affine map instead, which keeps every comparison (and so the AUC) as it was.
-    scores = ((torch.cat([pos, neg]) + 1) / 2).clamp(0, 1)
-    target = torch.cat([torch.ones(pos.numel()), torch.zeros(neg.numel())]).long().to(scores.device)
-    return float(binary_auroc(scores, target))
+    scores = ((cosines.double() + 1) / 2).clamp(0, 1)
+    return float(binary_auroc(scores, positive.long().to(scores.device)))
 
 
 def split_pair_similarities(similarity: Tensor, same_scene: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,10 @@ A ``ProbeSet`` has up to three parts, each feeding one family of metrics in ``pr
 - a retrieval pool (``captions``) with a relevance matrix saying how much caption j depicts what caption i
   describes, and which pairs depict exactly the same scene;
 - sentence reductions (``full`` -> ``reduced``) for disentanglement;
-- minimal pairs (``anchors`` / ``paraphrases`` / ``perturbed``, with the edit ``kinds``).
+- minimal pairs (``anchors`` / ``paraphrases`` / ``perturbed``, with the edit ``kinds``);
+- wording robustness: single-object scenes prompted in wordings the caption grammar never writes
+  (``reworded``, ``shapes.wordings``) against the canonical captions (``gallery``) of the pool's scenes, with
+  ``reworded_match`` [R, G] saying which gallery captions name the same colour and shape (what ShapesEval judges).
 
 Two builders: ``shapes_probe_set`` (the synthetic shapes world; relevance is exact, from scene specs) and
 ``shard_probe_set`` (WebDataset shards; relevance from scene specs when the shards carry them, else from
@@ -49,13 +52,17 @@ class ProbeSet:
     paraphrases: list[str] = field(default_factory=list)
     perturbed: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
+    reworded: list[str] = field(default_factory=list)
+    gallery: list[str] = field(default_factory=list)
+    reworded_match: Tensor | None = None  # [len(reworded), len(gallery)] bool
     notes: list[str] = field(default_factory=list)  # skipped parts and why
 
     def all_captions(self) -> list[str]:
         """Every caption any metric needs, first occurrence order, duplicates removed."""
         return list(
             dict.fromkeys(
-                [*self.captions, *self.full, *self.reduced, *self.anchors, *self.paraphrases, *self.perturbed]
+                [*self.captions, *self.full, *self.reduced, *self.anchors, *self.paraphrases, *self.perturbed,
+                 *self.gallery, *self.reworded]
             )
         )
 
@@ -67,6 +74,7 @@ class ProbeSet:
             "relevance_source": self.relevance_source,
             "reductions": len(self.reduced),
             "minimal_pairs": len(self.anchors),
+            "reworded": len(self.reworded),
             "kinds": dict(Counter(self.kinds)),
             "notes": self.notes,
         }
@@ -156,6 +164,7 @@ def shapes_probe_set(
     n_pairs: int | None = None,
     n_reduce: int | None = None,
     mix: dict[str, float] | None = None,
+    wordings: str | None = "final",
 ) -> ProbeSet:
     """Probe set from the shapes world.
 
@@ -168,6 +177,8 @@ def shapes_probe_set(
       kind that applies to the scene. Both the anchor and the perturbed caption use the canonical template,
       so the edit changes one or two words while the paraphrase changes the wording: the encoder must weigh
       content over form to score.
+    - Wording robustness (``wordings``: a ``shapes.wordings`` split, None = off): every single-object scene
+      reworded once (the split's families in turn), the gallery = the canonical caption of every scene.
     """
     from emf_lightning.shapes import SceneError, describe, paraphrases, perturb, reduced_captions
 
@@ -198,6 +209,16 @@ def shapes_probe_set(
             probe.reduced += reductions
             probe.reduced_owner += [len(probe.full) - 1] * len(reductions)
 
+    if wordings is not None:
+        from emf_lightning.shapes.wordings import reword_all
+
+        probe.gallery = [describe(spec) for spec in specs]
+        reworded = reword_all(specs, wordings, seed=seed)
+        what = [_judged(spec) for spec in specs]
+        rows = [i for i, caption in enumerate(reworded) if caption is not None]
+        probe.reworded = [reworded[i] for i in rows]
+        probe.reworded_match = torch.tensor([[what[i] == w for w in what] for i in rows], dtype=torch.bool)
+
     not_applicable: Counter = Counter()
     for spec in specs[: n_scenes if n_pairs is None else n_pairs]:
         anchor = describe(spec)
@@ -221,6 +242,12 @@ def shapes_probe_set(
             + ", ".join(f"{k} {v}" for k, v in sorted(not_applicable.items()))
         )
     return probe
+
+
+def _judged(spec: dict) -> tuple | None:
+    """What ShapesEval checks of a single-object scene (its colour and shape); None for other scenes."""
+    objects = spec.get("objects") or []
+    return (objects[0]["color"], objects[0]["shape"]) if len(objects) == 1 else None
 
 
 # ---------------------------------------------------------------- shards
