@@ -362,3 +362,41 @@ def test_clip_loads_a_local_open_clip_checkpoint(tmp_path, encoders) -> None:
     torch.testing.assert_close(got.pooled, expected.pooled, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="has no pretrained tag 'laion9b'"):
         CLIPTextEncoder(model="EMF-Test-Tiny-CLIP", weights="laion9b")
+
+
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("A LARGE RED CIRCLE!", "a large red circle"),
+        ("red circle.", "red circle"),
+        ("  a circle,   coloured red ", "a circle coloured red"),
+        ("hey, can you make me a red box?", "hey can you make me a red box"),
+        ("a three-sided shape (red)", "a three-sided shape red"),
+        ("it's red -- really", "it's red really"),
+        ("?!", "?!"),  # nothing left: the caption stays as it was (never the empty null caption)
+    ],
+)
+def test_normalize_caption_hand_cases(raw, want):
+    from emf_lightning.encoders import normalize_caption
+
+    assert normalize_caption(raw) == want
+
+
+def test_normalized_encoder_gives_the_wrapped_features_of_the_normalized_caption():
+    from emf_lightning.encoders import NormalizedEncoder
+    from emf_lightning.utils.specs import build, to_spec
+
+    from helpers import HashWordEncoder
+
+    inner = HashWordEncoder(width=8)  # case-blind, but "circle!!" and "circle" are different words to it
+    wrapped = NormalizedEncoder(inner)
+    a = wrapped.encode(["A RED Circle!!", "a blue square"])
+    b = inner.encode(["a red circle", "a blue square"])
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask) and wrapped.dim == 8
+    assert wrapped.cache_key != inner.cache_key and inner.cache_key in wrapped.cache_key
+    from emf_lightning.encoders import TextEncoder
+
+    rebuilt = build(to_spec(wrapped), TextEncoder)
+    assert isinstance(rebuilt.encoder, HashWordEncoder) and rebuilt.cache_key == wrapped.cache_key
+    off = NormalizedEncoder(inner, lowercase=False, punctuation=False)
+    assert not torch.equal(off.encode(["A RED Circle!!"]).tokens, a.tokens[:1])

@@ -394,8 +394,11 @@ def test_wording_robustness_oracle_is_perfect_and_a_shuffled_encoder_is_not():
     probe = S.shapes_probe_set(n=60, group=2, seed=3, n_pairs=0, n_reduce=0, mix={"colors": 2, "two_objects": 1})
     assert probe.reworded and probe.gallery and probe.reworded_match.shape == (len(probe.reworded), len(probe.gallery))
     colours = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange"]
-    shapes = {"circle": ("circle", "disk", "disc", "round", "ball", "dot"), "square": ("square", "box", "block", "tile"),
-              "triangle": ("triangle", "triangular", "three-sided", "wedge")}
+    shapes = {
+        "circle": ("circle", "disk", "disc", "round", "ball", "dot"),
+        "square": ("square", "box", "block", "tile"),
+        "triangle": ("triangle", "triangular", "three-sided", "wedge"),
+    }
 
     def reader(shift: int):
         def encode(captions):
@@ -408,7 +411,9 @@ def test_wording_robustness_oracle_is_perfect_and_a_shuffled_encoder_is_not():
                 is_reworded = c not in [g.lower() for g in probe.gallery]
                 rows.append(3 * ((colour + (shift if is_reworded else 0)) % 8) + shape + 1 if " and " not in c else 0)
             one_hot = torch.nn.functional.one_hot(torch.tensor(rows), 25).float()
-            return SimpleNamespace(tokens=one_hot[:, None], mask=torch.ones(len(rows), 1, dtype=torch.bool), pooled=one_hot)
+            return SimpleNamespace(
+                tokens=one_hot[:, None], mask=torch.ones(len(rows), 1, dtype=torch.bool), pooled=one_hot
+            )
 
         return encode
 

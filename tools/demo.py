@@ -4,10 +4,12 @@ Stages (each is a plain `emf` command, echoed so you can rerun any of them by ha
   1. shards    shapes-world WebDataset shards: train, val (new scenes) and heldout (unseen colour-shape pairs)
   2. features  SmolLM2-135M text features for every caption, computed once into a feature cache
   3. fit       MeanFlow training with configs/smollm_shapes.yaml
-  4. evaluate  ShapesEval (and the sample grid) at 1, 2 and 4 steps on val and on heldout
+  4. evaluate  ShapesEval (and the sample grid) at 1, 2 and 4 steps on val and on heldout, with the training
+               grammar's prompts and with the same scenes prompted in unseen wordings (shapes.wordings)
 Then a summary: stage times, ShapesEval per category, where the grids and JSON are.
 
-Usage: python tools/demo.py [--out runs/demo] [--train-n 3000] [--max-steps N] [--fresh]
+Usage: python tools/demo.py [--out runs/demo] [--train-n 3000] [--max-steps N] [--seed S] [--fresh]
+       [--config configs/x.yaml] [--set model.optim.lr=0.002 ...] [--n-captions K] [--reworded-captions K]
 """
 
 from __future__ import annotations
@@ -63,6 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-n", type=int, default=256, help="val and heldout scenes each")
     p.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
     p.add_argument("--fresh", action="store_true", help="delete --out first (shards and features are reused otherwise)")
+    p.add_argument("--config", default=str(CONFIG), help="the training config (default: the offline default)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="training seed (model, data order, time draws); the shards stay those of seed 0",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra `emf fit` override, e.g. model.optim.lr=0.002 (repeatable)",
+    )
+    p.add_argument("--n-captions", type=int, default=None, help="paraphrases per training scene (shards)")
+    p.add_argument(
+        "--reworded-captions",
+        type=int,
+        default=None,
+        help="dev-family rewordings per training scene (shards); the final test's are never used",
+    )
+    p.add_argument("--wordings", default="all", help="unseen-wording evaluation: all, dev, final or none")
     args = p.parse_args(argv)
 
     out = (ROOT / args.out).resolve()
@@ -82,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 def stages(args: argparse.Namespace, out: Path, log: Path, times: dict[str, float], advance) -> tuple[dict, dict]:
     """Run every stage, timing each into `times` and advancing the stage bar after it."""
     shards, cache, runs = out / "shapes", out / "feature_cache", out / "runs"
+    config = Path(args.config).resolve()
+    captions = ["--n-captions", str(args.n_captions or 1)]
+    if args.reworded_captions:
+        captions += ["--reworded-captions", str(args.reworded_captions)]
 
     def done(stage: str) -> None:
         following = STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else stage
@@ -89,6 +117,13 @@ def stages(args: argparse.Namespace, out: Path, log: Path, times: dict[str, floa
 
     # 1. shards (reused when present: they are a pure function of the seed)
     start = time.perf_counter()
+    train_manifest = shards / "train.manifest.json"
+    if train_manifest.exists():  # reused shards must have been written with the asked-for captions
+        source = json.loads(train_manifest.read_text()).get("source", {})
+        wanted = {"n_captions": args.n_captions or 1, "reworded_captions": args.reworded_captions or 0}
+        found = {k: source.get(k, 0 if k == "reworded_captions" else None) for k in wanted}
+        if found != wanted:
+            sys.exit(f"demo: {shards} holds training shards written with {found}, not {wanted}: use --fresh or --out")
     for split, n in (("train", args.train_n), ("val", args.eval_n), ("heldout", args.eval_n)):
         if not (shards / f"{split}.manifest.json").exists():
             run(
@@ -103,8 +138,7 @@ def stages(args: argparse.Namespace, out: Path, log: Path, times: dict[str, floa
                     str(n),
                     "--mix",
                     MIX,
-                    "--n-captions",
-                    "1",
+                    *(captions if split == "train" else ["--n-captions", "1"]),
                     "--seed",
                     "0",
                 ),
@@ -114,18 +148,20 @@ def stages(args: argparse.Namespace, out: Path, log: Path, times: dict[str, floa
     done("shards")
     train, val, heldout = (str(shards / f"{s}-*.tar") for s in ("train", "val", "heldout"))
 
-    # 2. text features, once per caption (SmolLM2 converts its GGUF on first use: ~30 s)
+    # 2. text features, once per caption (SmolLM2 converts its GGUF on first use); the paraphrases too when
+    #    training samples them
     start = time.perf_counter()
+    only_primary = (args.n_captions or 1) == 1 and not args.reworded_captions
     run(
         emf(
             "cache-features",
             "--encoder",
-            str(CONFIG),
+            str(config),
             "--shards",
             f"{train}::{val}::{heldout}",
             "--root",
             str(cache),
-            "--no-paraphrases",
+            *(["--no-paraphrases"] if only_primary else []),
         ),
         log,
     )
@@ -143,7 +179,10 @@ def stages(args: argparse.Namespace, out: Path, log: Path, times: dict[str, floa
     ]
     if args.max_steps:
         overrides.append(f"--trainer.max_steps={args.max_steps}")
-    run(emf("fit", "--config", str(CONFIG), *overrides), log)
+    if args.seed is not None:
+        overrides += [f"--seed_everything={args.seed}", f"--model.seed={args.seed}", f"--data.seed={args.seed}"]
+    overrides += [f"--{kv}" for kv in args.set]
+    run(emf("fit", "--config", str(config), *overrides), log)
     times["fit"] = time.perf_counter() - start
     ckpt = newest("**/last.ckpt", runs)
     if ckpt is None:
@@ -172,6 +211,7 @@ def stages(args: argparse.Namespace, out: Path, log: Path, times: dict[str, floa
                                     "clip_score": False,
                                     "shapes_eval": True,
                                     "grid_prompts": 12,
+                                    "wordings": None if args.wordings == "none" else args.wordings,
                                     "output_dir": str(eval_dir),
                                 },
                             }
@@ -184,7 +224,7 @@ def stages(args: argparse.Namespace, out: Path, log: Path, times: dict[str, floa
             emf(
                 "validate",
                 "--config",
-                str(CONFIG),
+                str(config),
                 "--config",
                 str(eval_config),
                 "--ckpt",
@@ -267,7 +307,9 @@ def summarise(times: dict[str, float], results: dict[str, dict], out: Path, diag
     for name, payload in results.items():
         rows = [(f"{s['steps']} step{'s' if s['steps'] > 1 else ''}", s["metrics"]) for s in payload["settings"]]
         rows.append(("real images", payload.get("real", {})))
-        cats = [k for k in rows[0][1] if k.startswith("shapes_")]
+        # The grammar's categories, then the unseen wordings: dev (may guide tuning) and final (the test).
+        cats = [k for k in rows[0][1] if k.startswith("shapes_") and "reworded" not in k]
+        cats += [k for k in ("shapes_reworded_dev", "shapes_reworded_final", "shapes_reworded") if k in rows[0][1]][:2]
         t = Table(
             title=f"ShapesEval on {name} prompts ({payload['num_samples']} scenes, step {payload['global_step']})"
         )

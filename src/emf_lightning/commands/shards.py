@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mix", type=parse_mix, default=None, help="category weights, e.g. colors=2,position=1")
     p.add_argument("--n-captions", type=int, default=4, help="paraphrases per sample stored in the .json")
+    p.add_argument(
+        "--reworded-captions",
+        type=int,
+        default=0,
+        help="also store this many rewordings of single-object scenes (shapes.wordings' dev families: "
+        "prompts as users write them, for training; the final test's families are never used)",
+    )
 
     p = sub.add_parser("folder", help="images with sibling <stem>.txt captions (one caption per line)")
     p.add_argument("root")
@@ -118,6 +125,7 @@ def _samples(args: argparse.Namespace, counter: SkipCounter) -> tuple[Iterator[S
             mix=args.mix,
             size=args.start + args.n,
             n_captions=args.n_captions,
+            reworded_captions=args.reworded_captions,
         )
         source = {
             "kind": "shapes",
@@ -128,6 +136,7 @@ def _samples(args: argparse.Namespace, counter: SkipCounter) -> tuple[Iterator[S
             "seed": args.seed,
             "mix": args.mix,
             "n_captions": args.n_captions,
+            "reworded_captions": args.reworded_captions,
         }
         return shapes_samples(world, n=args.n, start=args.start), source
     if args.source == "folder":

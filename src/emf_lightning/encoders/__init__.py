@@ -23,6 +23,7 @@ from emf_lightning.encoders.cache import FeatureCache
 from emf_lightning.encoders.clip import CLIPTextEncoder
 from emf_lightning.encoders.label import LabelEncoder
 from emf_lightning.encoders.llm import EMF_PROMPT_TEMPLATE, LLMEncoder, Qwen3Encoder
+from emf_lightning.encoders.normalized import NormalizedEncoder, normalize_caption
 from emf_lightning.encoders.precomputed import PrecomputedEncoder
 from emf_lightning.encoders.sentence import SentenceEncoder
 from emf_lightning.encoders.t5 import T5Encoder
@@ -81,6 +82,7 @@ __all__ = [
     "FeatureCache",
     "LLMEncoder",
     "LabelEncoder",
+    "NormalizedEncoder",
     "PrecomputedEncoder",
     "Qwen3Encoder",
     "SentenceEncoder",
@@ -91,5 +93,6 @@ __all__ = [
     "build_encoder_from_config",
     "encoder_class",
     "masked_mean",
+    "normalize_caption",
     "pack_tokens",
 ]

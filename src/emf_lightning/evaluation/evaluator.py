@@ -246,7 +246,8 @@ class Evaluator:
             ]
             measured_reworded = [
                 self._generate_and_measure(model, reworded, steps, cfg, None, None, advance)[0]
-                if reworded is not None else None
+                if reworded is not None
+                else None
                 for steps, cfg in result.settings
             ]
         for (steps, cfg), (images, feats, clip_scores), reworded_images in zip(
@@ -338,14 +339,22 @@ class Evaluator:
         idx = [i for i, c in enumerate(captions) if c is not None]
         if not idx:
             return None
-        return HeldOutSet(held.images[idx], [captions[i] for i in idx], [held.specs[i] for i in idx],
-                          [names[i % len(names)] for i in idx])
+        return HeldOutSet(
+            held.images[idx],
+            [captions[i] for i in idx],
+            [held.specs[i] for i in idx],
+            [names[i % len(names)] for i in idx],
+        )
 
     @staticmethod
     def _reworded_metrics(shapes: Any, images: np.ndarray, reworded: HeldOutSet) -> dict[str, float]:
         """``shapes_reworded`` (share of reworded prompts judged right) and one ``shapes_reworded_<family>`` each."""
         passed = [bool(r["passed"]) for r in shapes.evaluate_detailed(images, reworded.specs)]
         out = {"shapes_reworded": float(np.mean(passed))}
+        for split in ("dev", "final"):  # both splits present (wordings="all"): each on its own as well
+            in_split = [p for p, k in zip(passed, reworded.keys) if k in families(split)]
+            if in_split and len(in_split) < len(passed):
+                out[f"shapes_reworded_{split}"] = float(np.mean(in_split))
         for family in dict.fromkeys(reworded.keys):
             out[f"shapes_reworded_{family}"] = float(np.mean([p for p, k in zip(passed, reworded.keys) if k == family]))
         return out

@@ -61,8 +61,16 @@ class ProbeSet:
         """Every caption any metric needs, first occurrence order, duplicates removed."""
         return list(
             dict.fromkeys(
-                [*self.captions, *self.full, *self.reduced, *self.anchors, *self.paraphrases, *self.perturbed,
-                 *self.gallery, *self.reworded]
+                [
+                    *self.captions,
+                    *self.full,
+                    *self.reduced,
+                    *self.anchors,
+                    *self.paraphrases,
+                    *self.perturbed,
+                    *self.gallery,
+                    *self.reworded,
+                ]
             )
         )
 

@@ -49,11 +49,20 @@ def _grammar(obj: Obj, rng: np.random.Generator) -> str:
 # Words the caption grammar never uses: fillers, styles and requests a user adds, and out-of-vocabulary synonyms
 # of the shapes (the judge checks the shape, so they must mean the same thing).
 _FILLERS = ("glossy", "flat", "simple", "plain", "bright", "solid", "neat", "clean")
-_STYLES = ("in flat vector style", "as a minimalist icon", "with sharp edges", "in the middle of the frame",
-           "centred on a dark canvas", "as clip art")
-_OOV_SHAPES = {"circle": ("disc", "round shape", "ball"), "square": ("block", "square tile", "box shape"),
-               "triangle": ("three-sided shape", "triangular shape", "wedge shape"),
-               "diamond": ("lozenge", "rhomb", "diamond shape")}
+_STYLES = (
+    "in flat vector style",
+    "as a minimalist icon",
+    "with sharp edges",
+    "in the middle of the frame",
+    "centred on a dark canvas",
+    "as clip art",
+)
+_OOV_SHAPES = {
+    "circle": ("disc", "round shape", "ball"),
+    "square": ("block", "square tile", "box shape"),
+    "triangle": ("three-sided shape", "triangular shape", "wedge shape"),
+    "diamond": ("lozenge", "rhomb", "diamond shape"),
+}
 
 
 @dataclass(frozen=True)
@@ -71,19 +80,31 @@ FAMILIES: tuple[Family, ...] = (
     Family("bare", "dev", lambda o, g: f"{o['color']} {_shape(o, g)}"),
     Family("upper", "dev", lambda o, g: _grammar(o, g).upper()),
     Family("sentence", "dev", lambda o, g: _grammar(o, g).capitalize() + _pick(g, (".", "!", "."))),
-    Family("request", "dev", lambda o, g: _pick(g, ("please draw ", "draw ", "generate ", "show me "))
-           + _grammar(o, g)),
+    Family(
+        "request", "dev", lambda o, g: _pick(g, ("please draw ", "draw ", "generate ", "show me ")) + _grammar(o, g)
+    ),
     Family("relative_clause", "dev", lambda o, g: with_article(f"{_shape(o, g)} that is {o['color']}")),
-    Family("trailing_detail", "dev", lambda o, g: _grammar(o, g) + _pick(g, (", centered", ", high quality",
-                                                                           " on black"))),
+    Family(
+        "trailing_detail", "dev", lambda o, g: _grammar(o, g) + _pick(g, (", centered", ", high quality", " on black"))
+    ),
     # ---- final: never trained on, never used to choose a setting
     Family("bare_upper", "final", lambda o, g: f"{o['color']} {_shape(o, g)}".upper()),
     Family("colour_suffix", "final", lambda o, g: with_article(f"{_shape(o, g)}, coloured {o['color']}")),
     Family("comma_list", "final", lambda o, g: f"{_shape(o, g)}, {o['color']}, {_size(o, g)}"),
-    Family("chatty", "final", lambda o, g: _pick(g, ("hey, can you make me ", "i would like ", "could you paint "))
-           + with_article(f"{o['color']} {_shape(o, g)}") + _pick(g, ("?", " please", "!"))),
-    Family("oov_fillers", "final", lambda o, g: with_article(f"{_pick(g, _FILLERS)} {o['color']} {_shape(o, g)}")
-           + " " + _pick(g, _STYLES)),
+    Family(
+        "chatty",
+        "final",
+        lambda o, g: (
+            _pick(g, ("hey, can you make me ", "i would like ", "could you paint "))
+            + with_article(f"{o['color']} {_shape(o, g)}")
+            + _pick(g, ("?", " please", "!"))
+        ),
+    ),
+    Family(
+        "oov_fillers",
+        "final",
+        lambda o, g: with_article(f"{_pick(g, _FILLERS)} {o['color']} {_shape(o, g)}") + " " + _pick(g, _STYLES),
+    ),
     Family("oov_shape", "final", lambda o, g: with_article(f"{o['color']} {_pick(g, _OOV_SHAPES[o['shape']])}")),
 )
 DEV_FAMILIES = tuple(f.name for f in FAMILIES if f.split == "dev")

@@ -19,6 +19,7 @@ from emf_lightning.data.shards import ShardSample
 from emf_lightning.shapes.captions import describe, paraphrases
 from emf_lightning.shapes.render import render
 from emf_lightning.shapes.scene import ALL_SHAPES, COLORS, HELDOUT_PAIRS, SHAPES, SPLITS, normalise_mix, sample_scene
+from emf_lightning.shapes.wordings import DEV_FAMILIES, reword
 
 
 @dataclass
@@ -48,6 +49,9 @@ class ShapesWorld(Dataset):
         heldout: the held-out (colour, shape) pairs.
         shapes: the shapes scenes use (default SHAPES; ALL_SHAPES adds the diamond, for 64 px and up).
         supersample: antialiasing factor of the renderer.
+        reworded_captions: also add this many rewordings of a single-object scene to ``captions``, in the
+            ``shapes.wordings`` *dev* families (prompts as users write them; the final test's families are never
+            used for training).
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class ShapesWorld(Dataset):
         heldout: Sequence[tuple[str, str]] = HELDOUT_PAIRS,
         shapes: Sequence[str] = SHAPES,
         supersample: int = 4,
+        reworded_captions: int = 0,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
@@ -69,12 +74,15 @@ class ShapesWorld(Dataset):
             raise ValueError(f"size must be >= 0, got {size}")
         if n_captions < 1:
             raise ValueError(f"n_captions must be >= 1, got {n_captions}")
+        if reworded_captions < 0:
+            raise ValueError(f"reworded_captions must be >= 0, got {reworded_captions}")
         if caption_mode not in ("random", "canonical"):
             raise ValueError(f"caption_mode must be 'random' or 'canonical', got '{caption_mode}'")
         if int(seed) < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
         self.seed, self.resolution, self.split, self.size = int(seed), int(resolution), split, int(size)
         self.n_captions, self.caption_mode, self.supersample = n_captions, caption_mode, supersample
+        self.reworded_captions = int(reworded_captions)
         unknown = [s for s in shapes if s not in ALL_SHAPES]
         if unknown or not shapes:
             raise ValueError(f"shapes must be a non-empty subset of {ALL_SHAPES}, got {list(shapes)}")
@@ -114,6 +122,9 @@ class ShapesWorld(Dataset):
         spec = self._spec(i, rng)
         captions = paraphrases(spec, self.n_captions, rng)
         caption = describe(spec) if self.caption_mode == "canonical" else captions[0]
+        if self.reworded_captions:  # training augmentation: only the dev families, never the final test's
+            families = [DEV_FAMILIES[int(k)] for k in rng.choice(len(DEV_FAMILIES), self.reworded_captions, False)]
+            captions += [c for c in (reword(spec, f, rng) for f in families) if c is not None and c not in captions]
         image = render(spec, self.resolution, self.supersample)
         key = f"{self.split}-{self.seed}-{i:08d}"
         return ShapesSample(image=image, caption=caption, captions=captions, spec=spec, key=key)

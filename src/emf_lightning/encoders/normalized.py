@@ -1,0 +1,77 @@
+"""Case and punctuation normalisation in front of any text encoder (``NormalizedEncoder``), off unless chosen.
+
+A prompt typed as "A RED CIRCLE!" and the training grammar's "a red circle" differ only in case and
+punctuation, yet an LLM tokenises them into different tokens with different hidden states, and a one-step
+generator follows the surface form (README, "Prompts as users write them"). This wrapper maps every caption
+to lower case, turns punctuation into spaces and collapses whitespace before the wrapped encoder sees it;
+hyphens and apostrophes inside words stay ("three-sided", "it's"). Words, their order and their number are
+never changed.
+
+    encoder:
+      class_path: emf_lightning.encoders.NormalizedEncoder
+      init_args:
+        encoder: {class_path: emf_lightning.encoders.LLMEncoder, init_args: {model: smollm2}}
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from emf_lightning.encoders.base import TextEncoder, TextFeatures
+
+_PUNCTUATION = re.compile(r"[^\w\s'-]+|(?<!\w)['-]|['-](?!\w)")
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_caption(caption: str, lowercase: bool = True, punctuation: bool = True) -> str:
+    """The caption in lower case, punctuation replaced by spaces, whitespace collapsed (each step optional).
+
+    A caption made only of punctuation keeps its original text: the empty caption is the null condition.
+    """
+    out = caption.lower() if lowercase else caption
+    if punctuation:
+        out = _PUNCTUATION.sub(" ", out)
+    out = _SPACES.sub(" ", out).strip()
+    return out or caption
+
+
+class NormalizedEncoder(TextEncoder):
+    """``encoder`` behind :func:`normalize_caption`; features, width and device are the wrapped encoder's.
+
+    Args:
+        encoder: the text encoder to wrap (frozen like any other).
+        lowercase: map captions to lower case.
+        punctuation: replace punctuation by spaces (hyphens and apostrophes inside words stay).
+    """
+
+    name = "normalized"
+
+    def __init__(self, encoder: TextEncoder, lowercase: bool = True, punctuation: bool = True):
+        super().__init__(batch_size=encoder.batch_size, max_length=encoder.max_length)
+        if not isinstance(encoder, TextEncoder):
+            raise TypeError(f"NormalizedEncoder wraps a TextEncoder, got {type(encoder).__name__}")
+        self.encoder = encoder
+        self.lowercase, self.punctuation = bool(lowercase), bool(punctuation)
+        self._finish_init()
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    @classmethod
+    def weights_available(cls, **kwargs) -> bool:
+        inner = kwargs.get("encoder")
+        return inner.weights_available() if isinstance(inner, TextEncoder) else True
+
+    def _key_parts(self) -> list[str]:
+        return [f"lower{int(self.lowercase)}", f"punct{int(self.punctuation)}", f"({self.encoder.cache_key})"]
+
+    def _encode_batch(self, captions: list[str]) -> tuple[TextFeatures, int]:
+        normalized = [normalize_caption(c, self.lowercase, self.punctuation) for c in captions]
+        return self.encoder._encode_batch(normalized)
