@@ -109,7 +109,7 @@ class SentenceEncoder(HFTextEncoder):
             )
             warn_random(self.name, "tiny BERT")
             self.model = random_init(lambda: AutoModel.from_config(cfg), seed)
-        # Set before _setup: the cache key names the pooling (pool-mean for all-MiniLM, as before).
+        # Set before _setup: the cache key names the pooling (pool-mean for all-MiniLM).
         self.pooling = pooling or declared or "mean"
         self._setup(model if pretrained else "tiny-bert", pretrained, config)
 

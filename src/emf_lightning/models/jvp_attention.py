@@ -1,8 +1,8 @@
 """Attention with a closed-form forward-mode (JVP) rule, for MeanFlow's graph-free JVP.
 
-PyTorch's fused attention kernels have no forward-mode rule, so inside the JVP :func:`.attention.attention`
-used to fall back to matmul + softmax, whose generic tangent rules materialise several [B, H, Lq, Lk]
-float32 tensors (scores, probabilities and the tangent of each). :func:`jvp_attention` is one
+PyTorch's fused attention kernels have no forward-mode rule, and the fallback inside the JVP, matmul + softmax
+under PyTorch's generic tangent rules, materialises several [B, H, Lq, Lk] float32 tensors (scores,
+probabilities and the tangent of each). :func:`jvp_attention` is one
 ``autograd.Function``: its forward returns the attention output and its ``jvp`` the tangent in closed form,
 with S = q k^T * scale, P = softmax(S), dS = (dq k^T + q dk^T) * scale:
 

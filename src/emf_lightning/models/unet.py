@@ -232,7 +232,7 @@ class UNet(Backbone):
             width = widths[level]
             for i in range(num_res_blocks + 1):
                 res, level_attn = ResBlock(ch + skips.pop(), width, cond_dim, dropout), attn(level, width)
-                # Built after the block (as before UNetStep existed): the same seed gives the same weights.
+                # Built after the block and its attention: the order in which a seed fills the weights.
                 upsample = nn.Conv2d(width, width, 3, padding=1) if level > 0 and i == num_res_blocks else None
                 self.up.append(UNetStep(res, level_attn, upsample))
                 ch = width

@@ -393,12 +393,10 @@ class EMFModule(pl.LightningModule):
 
         ``global_step`` advances only after the last micro-batch of a step, so keyed by the step alone every
         micro-batch would draw the same noise, times and dropout. Lightning groups micro-batches by
-        ``batch_idx % accumulate_grad_batches``; the first keeps the plain "train" stream (runs without
-        accumulation draw as before).
+        ``batch_idx % accumulate_grad_batches``.
         """
         accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
-        micro = batch_idx % accumulate
-        return self._step_generator("train" if micro == 0 else f"train.micro{micro}", self.global_step)
+        return self._step_generator(f"train/{batch_idx % accumulate}", self.global_step)
 
     @property
     def train_net(self) -> Any:
