@@ -49,9 +49,10 @@ class NormalizedEncoder(TextEncoder):
     name = "normalized"
 
     def __init__(self, encoder: TextEncoder, lowercase: bool = True, punctuation: bool = True):
+        from emf_lightning.utils.specs import build
+
+        encoder = build(encoder, TextEncoder)  # an instance, or its {class_path, init_args} (a checkpoint's spec)
         super().__init__(batch_size=encoder.batch_size, max_length=encoder.max_length)
-        if not isinstance(encoder, TextEncoder):
-            raise TypeError(f"NormalizedEncoder wraps a TextEncoder, got {type(encoder).__name__}")
         self.encoder = encoder
         self.lowercase, self.punctuation = bool(lowercase), bool(punctuation)
         self._finish_init()
