@@ -400,3 +400,19 @@ def test_normalized_encoder_gives_the_wrapped_features_of_the_normalized_caption
     assert isinstance(rebuilt.encoder, HashWordEncoder) and rebuilt.cache_key == wrapped.cache_key
     off = NormalizedEncoder(inner, lowercase=False, punctuation=False)
     assert not torch.equal(off.encode(["A RED Circle!!"]).tokens, a.tokens[:1])
+
+
+def test_pooled_token_encoder_prepends_the_pooled_vector_as_a_token():
+    from emf_lightning.encoders import PooledTokenEncoder
+
+    from helpers import HashWordEncoder
+
+    inner = HashWordEncoder(width=8)
+    wrapped = PooledTokenEncoder(inner)
+    captions = ["a red circle", "two big blue squares on black"]
+    a, b = wrapped.encode(captions), inner.encode(captions)
+    assert a.tokens.shape == (2, b.tokens.shape[1] + 1, 8) and a.mask[:, 0].all()
+    torch.testing.assert_close(a.tokens[:, 0], b.pooled)
+    torch.testing.assert_close(a.tokens[:, 1:], b.tokens)
+    assert torch.equal(a.mask[:, 1:], b.mask) and torch.equal(a.pooled, b.pooled)
+    assert inner.cache_key in wrapped.cache_key and wrapped.cache_key != inner.cache_key

@@ -23,10 +23,10 @@ from emf_lightning.encoders.cache import FeatureCache
 from emf_lightning.encoders.clip import CLIPTextEncoder
 from emf_lightning.encoders.label import LabelEncoder
 from emf_lightning.encoders.llm import EMF_PROMPT_TEMPLATE, LLMEncoder, Qwen3Encoder
-from emf_lightning.encoders.normalized import NormalizedEncoder, normalize_caption
 from emf_lightning.encoders.precomputed import PrecomputedEncoder
 from emf_lightning.encoders.sentence import SentenceEncoder
 from emf_lightning.encoders.t5 import T5Encoder
+from emf_lightning.encoders.wrappers import NormalizedEncoder, PooledTokenEncoder, normalize_caption
 
 ENCODERS: dict[str, type[TextEncoder]] = {
     "llm": LLMEncoder,
@@ -83,6 +83,7 @@ __all__ = [
     "LLMEncoder",
     "LabelEncoder",
     "NormalizedEncoder",
+    "PooledTokenEncoder",
     "PrecomputedEncoder",
     "Qwen3Encoder",
     "SentenceEncoder",

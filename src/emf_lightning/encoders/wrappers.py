@@ -1,4 +1,7 @@
-"""Case and punctuation normalisation in front of any text encoder (``NormalizedEncoder``), off unless chosen.
+"""Encoders around an encoder: case and punctuation normalisation (``NormalizedEncoder``) and the pooled
+sentence vector as an extra token (``PooledTokenEncoder``). Both are off unless a config wraps its encoder.
+
+``NormalizedEncoder``.
 
 A prompt typed as "A RED CIRCLE!" and the training grammar's "a red circle" differ only in case and
 punctuation, yet an LLM tokenises them into different tokens with different hidden states, and a one-step
@@ -76,3 +79,41 @@ class NormalizedEncoder(TextEncoder):
     def _encode_batch(self, captions: list[str]) -> tuple[TextFeatures, int]:
         normalized = [normalize_caption(c, self.lowercase, self.punctuation) for c in captions]
         return self.encoder._encode_batch(normalized)
+
+
+class PooledTokenEncoder(TextEncoder):
+    """``encoder``'s pooled vector (a sentence encoder's sentence embedding, an LLM's mean state) put in front of
+    its tokens as one more token: the generator's cross-attention and pooled conditioning then read the
+    encoder's own summary of the caption, which for a sentence encoder is the representation trained to
+    match paraphrases, beside the token states.
+
+    Args:
+        encoder: the text encoder to wrap.
+    """
+
+    name = "pooled-token"
+
+    def __init__(self, encoder: TextEncoder):
+        from emf_lightning.utils.specs import build
+
+        encoder = build(encoder, TextEncoder)
+        super().__init__(batch_size=encoder.batch_size, max_length=encoder.max_length)
+        self.encoder = encoder
+        self._finish_init()
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def _key_parts(self) -> list[str]:
+        return [f"({self.encoder.cache_key})"]
+
+    def _encode_batch(self, captions: list[str]) -> tuple[TextFeatures, int]:
+        feats, truncated = self.encoder._encode_batch(captions)
+        tokens = torch.cat([feats.pooled[:, None].to(feats.tokens.dtype), feats.tokens], dim=1)
+        mask = torch.cat([torch.ones_like(feats.mask[:, :1]), feats.mask], dim=1)
+        return TextFeatures(tokens, mask, feats.pooled), truncated
