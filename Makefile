@@ -49,7 +49,7 @@ probe-encoder: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tools/bench_step.py $(BENCH_ARGS)
 
-# The offline default end to end: shards, SmolLM2 features, MeanFlow training, 1/2/4-step ShapesEval + grids.
+# The offline default end to end: shards, MiniLM features, MeanFlow training, 1/2/4-step ShapesEval + grids.
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py $(DEMO_ARGS)
 

@@ -2,8 +2,8 @@
 
 Stages (each is a plain `emf` command, echoed so you can rerun any of them by hand):
   1. shards    shapes-world WebDataset shards: train, val (new scenes) and heldout (unseen colour-shape pairs)
-  2. features  SmolLM2-135M text features for every caption, computed once into a feature cache
-  3. fit       MeanFlow training with configs/smollm_shapes.yaml
+  2. features  text features for every caption (all-MiniLM-L6-v2 by default), computed once into a feature cache
+  3. fit       MeanFlow training with configs/minilm_shapes.yaml (the offline default)
   4. evaluate  ShapesEval (and the sample grid) at 1, 2 and 4 steps on val and on heldout, with the training
                grammar's prompts and with the same scenes prompted in unseen wordings (shapes.wordings)
 Then a summary: stage times, ShapesEval per category, where the grids and JSON are.
@@ -27,7 +27,7 @@ from pathlib import Path
 from emf_lightning.utils.progress import progress
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "smollm_shapes.yaml"
+CONFIG = ROOT / "configs" / "minilm_shapes.yaml"
 # Single objects with a prompted colour, shape and size: the category the demo's target is set on (1-step
 # colour accuracy). Its heldout split asks for colour-shape pairs never seen in training (e.g. a red
 # triangle). `emf shards shapes --mix ...` makes the other GenEval-like categories.
@@ -148,7 +148,7 @@ def stages(args: argparse.Namespace, out: Path, log: Path, times: dict[str, floa
     done("shards")
     train, val, heldout = (str(shards / f"{s}-*.tar") for s in ("train", "val", "heldout"))
 
-    # 2. text features, once per caption (SmolLM2 converts its GGUF on first use); the paraphrases too when
+    # 2. text features, once per caption (an LLM such as SmolLM2 converts its GGUF on first use); paraphrases when
     #    training samples them
     start = time.perf_counter()
     only_primary = (args.n_captions or 1) == 1 and not args.reworded_captions
