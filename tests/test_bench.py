@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from emf_lightning.commands.bench import cpu_peak_bytes, main, markdown_report
@@ -123,3 +124,27 @@ def test_report_is_written_after_every_size(tmp_path, monkeypatch):
     report = json.loads(out_json.read_text())
     assert calls == ["tiny", "tiny"] and [wl["workload"]["size"] for wl in report["workloads"]] == ["tiny"]
     assert out_md.read_text() == markdown_report(report)
+
+
+def test_sana_adapter_workload_trains_what_emf_trains(tmp_path):
+    """`--sizes sana-*`: the diffusers adapter with random weights, EMF's trainable set, every production step."""
+    from emf_lightning.commands.bench import SANA_SIZES
+    from emf_lightning.models.diffusers_adapter import SANA_CONFIGS
+
+    out_json = tmp_path / "bench.json"
+    args = ["--sizes", "sana-tiny", "--batch", "2", "--text-len", "4", "--text-dim", "8", "--repeats", "1"]
+    args += ["--warmup", "1", "--variants", "mf25,mf_pred25", "--no-sampling", "--no-loader", "--threads", "1"]
+    assert main([*args, "--json", str(out_json)]) == 0
+    wl = json.loads(out_json.read_text())["workloads"][0]
+    config = SANA_CONFIGS[SANA_SIZES["sana-tiny"]]
+    assert wl["workload"]["channels"] == config["in_channels"] and wl["workload"]["patch_size"] == config["patch_size"]
+    # the patch embedding, caption projection and output projection stay frozen (trainable="emf")
+    assert 0 < wl["info"]["trainable_m"] < wl["info"]["parameters_m"]
+    steps = {s["variant"]: s for s in wl["steps"]}
+    assert set(steps) == {"fm", "mf25", "mf_pred25"}
+    assert all(s["error"] is None and s["median_ms"] > 0 for s in steps.values())
+
+
+def test_sana_workload_refuses_a_channel_count_its_config_does_not_have():
+    with pytest.raises(SystemExit, match="32 channels"):
+        main(["--dry-run", "--sizes", "sana-1.6b", "--channels", "4"])

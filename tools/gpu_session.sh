@@ -5,7 +5,9 @@
 #   2. environment and a bf16 MeanFlow smoke step (falls back to fp32 if bf16 JVP fails)
 #   3. micro-benchmark of attention inside the graph-free JVP, math vs fused (DiT-B/2 sizes, bf16)
 #   4. the step benchmark on CUDA (DiT-S, DiT-B, unet-S; bf16), alone on the GPU so its timings are clean;
-#      then, time permitting, DiT-B's MeanFlow steps again with EMF_JVP_ATTENTION=math (side by side)
+#      then, time permitting, the SANA adapter at the real 1.6B size (random weights, 512 px: 32x16x16 DC-AE
+#      latents, EMF's trainable set, gradient checkpointing; needs diffusers there, carried in .whl if missing)
+#      and DiT-B's MeanFlow steps again with EMF_JVP_ATTENTION=math (side by side)
 #   5. time permitting, the encoder study at 64 px (unet-S), 4 runs at a time
 # Steps 1, 3 and 4 write straight into $OUT as they go (a run cut short keeps them). Text features for the study come
 # precomputed (.devdata/precomputed, written on a CPU machine where SmolLM2 and MiniLM are installed) so no
@@ -46,6 +48,12 @@ echo "JVP attention micro-benchmark rc=$? (after $(( $(date +%s) - START )) s)" 
 timeout $(( $(left) < 270 ? $(left) - 30 : 240 )) python3 tools/bench_step.py --device cuda --sizes S,B,unet-S \
   --repeats 10 --out "$OUT/bench_gpu.md" --json "$OUT/bench_gpu.json" > "$RESULTS/bench.log" 2>&1
 echo "bench done (after $(( $(date +%s) - START )) s)" | tee -a "$RESULTS/smoke.txt"
+if [ "$(left)" -gt 240 ]; then
+  timeout 150 python3 tools/bench_step.py --device cuda --sizes sana-1.6b --variants mf25,mf75,mf_pred25 \
+    --repeats 5 --no-sampling --no-loader --out "$OUT/bench_gpu_sana.md" --json "$OUT/bench_gpu_sana.json" \
+    > "$RESULTS/bench_sana.log" 2>&1
+  echo "SANA adapter bench rc=$? (after $(( $(date +%s) - START )) s)" | tee -a "$RESULTS/smoke.txt"
+fi
 if [ "$(left)" -gt 120 ]; then
   EMF_JVP_ATTENTION=math timeout $(( $(left) - 60 )) python3 tools/bench_step.py --device cuda --sizes B \
     --variants mf25,mf75 --repeats 10 --no-sampling --no-loader --out "$OUT/bench_gpu_math_attention.md" \

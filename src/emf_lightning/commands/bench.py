@@ -25,6 +25,7 @@ Examples::
     emf bench                                  # CPU: tiny and S, writes nothing
     emf bench --out docs/bench_cpu.md --json docs/bench_cpu.json
     emf bench --device cuda --sizes S,B,L --compile --out docs/bench_gpu.md
+    emf bench --device cuda --sizes sana-1.6b  # EMF's recipe: SANA 1.6B (random weights) at 512 px
     emf bench --dry-run                        # print the resolved setup and exit
 """
 
@@ -72,6 +73,18 @@ CUDA_DEFAULTS = {
     "channels": 4,
     "patch_size": 2,
     "batch": {"tiny": 256, "S": 128, "B": 64, "L": 32, "XL": 32, "unet-S": 128, "unet-B": 64},
+}
+
+# The diffusers SANA adapter (`models.SanaMeanFlowBackbone`) with RANDOM weights of a named config
+# (`SANA_CONFIGS`), trained as EMF's recipe trains it (configs/emf_sana.yaml: blocks, embedders and
+# scale_shift_table; gradient checkpointing). Latent channels and patch come from the config; the default grid is
+# DC-AE's for 512 px (16 x 16) and the text is Qwen3-0.6B's width, 128 tokens.
+SANA_SIZES = {"sana-tiny": "tiny", "sana-1.6b": "sana-1.6b"}
+SANA_DEFAULTS = {
+    "image_size": {"sana-tiny": 8, "sana-1.6b": 16},
+    "batch": {"sana-tiny": 8, "sana-1.6b": 16},
+    "text_len": 128,
+    "text_dim": 1024,
 }
 
 
@@ -215,6 +228,20 @@ def resident_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 # ---------------------------------------------------------------------------------------------- workloads
 
 
+def build_bench_generator(w: Workload) -> torch.nn.Module:
+    """The generator of one workload: a named DiT / U-Net preset, or the SANA adapter with random weights."""
+    if w.size in SANA_SIZES:
+        from emf_lightning.models import Generator, SanaMeanFlowBackbone
+
+        backbone = SanaMeanFlowBackbone.from_config(
+            SANA_SIZES[w.size], input_size=w.image_size, trainable="emf", gradient_checkpointing=True
+        )
+        return Generator.for_backbone(backbone, w.text_dim)
+    return build_generator(
+        w.size, text_dim=w.text_dim, input_size=w.image_size, in_channels=w.channels, patch_size=w.patch_size
+    )
+
+
 def make_batch(w: Workload, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Images in [-1, 1] and text features with padding (lengths between half and all of text_len)."""
     g = torch.Generator().manual_seed(seed)
@@ -248,11 +275,9 @@ def bench_steps(
     ``advance`` (a progress counter) moves once after the warm-up, once per round and once after memory."""
     advance = advance or (lambda *a, **k: None)
     torch.manual_seed(seed)
-    gen = build_generator(
-        w.size, text_dim=w.text_dim, input_size=w.image_size, in_channels=w.channels, patch_size=w.patch_size
-    ).to(device)
+    gen = build_bench_generator(w).to(device)
     net: Any = CompiledForward(gen) if compile_model else gen  # the JVP stays eager (models/compiled.py)
-    opt = torch.optim.AdamW(gen.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW([p for p in gen.parameters() if p.requires_grad], lr=1e-5)
     x, cond = make_batch(w, device, seed)
     timer = Timer(device)
     results = {v.key: StepResult(v.key, v.label) for v in variants}
@@ -304,6 +329,7 @@ def bench_steps(
             r.memory_ratio = r.peak_step_mib / fm.peak_step_mib
     info = {
         "parameters_m": sum(p.numel() for p in gen.parameters()) / 1e6,
+        "trainable_m": sum(p.numel() for p in gen.parameters() if p.requires_grad) / 1e6,
         "resident_mib": resident_bytes(gen, opt) / 2**20,
         "layout": (f"patch {w.patch_size} ({(w.image_size // w.patch_size) ** 2} tokens)" if w.patch_size else "U-Net"),
     }
@@ -315,13 +341,7 @@ def bench_sampling(
 ) -> dict[str, float]:
     """Images/s of MeanFlow at 1 and 2 steps and of flow-matching Euler at ``fm_steps`` (same network)."""
     torch.manual_seed(seed)
-    gen = (
-        build_generator(
-            w.size, text_dim=w.text_dim, input_size=w.image_size, in_channels=w.channels, patch_size=w.patch_size
-        )
-        .to(device)
-        .eval()
-    )
+    gen = build_bench_generator(w).to(device).eval()
     _, cond = make_batch(w, device, seed)
     noise = make_noise((w.batch, w.channels, w.image_size, w.image_size), seed, device)
     timer = Timer(device)
@@ -446,7 +466,13 @@ def markdown_report(report: dict[str, Any]) -> str:
     for wl in report["workloads"]:
         w = wl["workload"]
         lines += [
-            f"## {w['size']}: {wl['info']['parameters_m']:.1f}M parameters, batch {w['batch']}, "
+            f"## {w['size']}: {wl['info']['parameters_m']:.1f}M parameters"
+            + (
+                f" ({wl['info']['trainable_m']:.1f}M trained)"
+                if wl["info"].get("trainable_m", wl["info"]["parameters_m"]) < wl["info"]["parameters_m"]
+                else ""
+            )
+            + f", batch {w['batch']}, "
             f"{w['channels']}x{w['image_size']}x{w['image_size']}, {wl['info']['layout']}, "
             f"text {w['text_len']}x{w['text_dim']}",
             "",
@@ -519,8 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--channels", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)
-    p.add_argument("--text-len", type=int, default=24, help="padded caption length (tokens)")
-    p.add_argument("--text-dim", type=int, default=576, help="text feature width (576 = SmolLM2-135M)")
+    p.add_argument("--text-len", type=int, default=None, help="padded caption length (default 24; SANA: 128)")
+    p.add_argument(
+        "--text-dim", type=int, default=None, help="text feature width (default 576 = SmolLM2-135M; SANA: 1024)"
+    )
     p.add_argument(
         "--variants",
         default=",".join(v.key for v in VARIANTS),
@@ -555,6 +583,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def sana_workload(size: str, args: argparse.Namespace) -> Workload:
+    """A SANA workload: channels and patch from its config, grid / batch / text from SANA_DEFAULTS or the flags."""
+    from emf_lightning.models.diffusers_adapter import SANA_CONFIGS
+
+    config = SANA_CONFIGS[SANA_SIZES[size]]
+    if args.channels not in (None, config["in_channels"]) or args.patch_size not in (None, config["patch_size"]):
+        raise SystemExit(f"emf bench: {size} has {config['in_channels']} channels and patch {config['patch_size']}")
+    return Workload(
+        size=size,
+        batch=args.batch or SANA_DEFAULTS["batch"][size],
+        image_size=args.image_size or SANA_DEFAULTS["image_size"][size],
+        channels=config["in_channels"],
+        patch_size=config["patch_size"],
+        text_len=args.text_len or SANA_DEFAULTS["text_len"],
+        text_dim=args.text_dim or SANA_DEFAULTS["text_dim"],
+    )
+
+
 def resolve(args: argparse.Namespace) -> tuple[torch.device, list[Workload], list[Variant], torch.dtype | None]:
     """Device, workloads, variants and autocast dtype from the arguments."""
     if args.device == "auto":
@@ -567,18 +613,20 @@ def resolve(args: argparse.Namespace) -> tuple[torch.device, list[Workload], lis
     sizes = (args.sizes or ("S,B,L" if device.type == "cuda" else "tiny,S")).split(",")
     from emf_lightning.models import BACKBONES, UNet
 
-    unknown = [s for s in sizes if s not in BACKBONES]
+    unknown = [s for s in sizes if s not in BACKBONES and s not in SANA_SIZES]
     if unknown:
-        raise SystemExit(f"emf bench: unknown size(s) {unknown}; choose from {sorted(BACKBONES)}")
+        raise SystemExit(f"emf bench: unknown size(s) {unknown}; choose from {sorted(BACKBONES) + list(SANA_SIZES)}")
     workloads = [
-        Workload(
+        sana_workload(s, args)
+        if s in SANA_SIZES
+        else Workload(
             size=s,
             batch=args.batch or defaults["batch"].get(s, 16),
             image_size=args.image_size or defaults["image_size"],
             channels=args.channels or defaults["channels"],
             patch_size=None if BACKBONES[s][0] is UNet else args.patch_size or defaults["patch_size"],
-            text_len=args.text_len,
-            text_dim=args.text_dim,
+            text_len=args.text_len or 24,
+            text_dim=args.text_dim or 576,
         )
         for s in sizes
     ]
