@@ -148,3 +148,15 @@ def test_sana_adapter_workload_trains_what_emf_trains(tmp_path):
 def test_sana_workload_refuses_a_channel_count_its_config_does_not_have():
     with pytest.raises(SystemExit, match="32 channels"):
         main(["--dry-run", "--sizes", "sana-1.6b", "--channels", "4"])
+
+
+def test_fp32_jvp_variants_run_under_bf16_autocast_and_are_left_out_without_it(capsys, tmp_path):
+    assert main(["--dry-run", "--sizes", "tiny"]) == 0
+    assert not {"mf_fp32jvp25", "mf_fp32jvp75"} & set(json.loads(capsys.readouterr().out)["variants"])
+    out_json = tmp_path / "bench.json"
+    args = ["--sizes", "tiny", "--batch", "2", "--image-size", "8", "--patch-size", "4", "--text-len", "4"]
+    args += ["--text-dim", "8", "--precision", "bf16", "--repeats", "1", "--warmup", "1", "--no-sampling"]
+    assert main([*args, "--no-loader", "--threads", "1", "--json", str(out_json)]) == 0
+    steps = {s["variant"]: s for s in json.loads(out_json.read_text())["workloads"][0]["steps"]}
+    assert {"mf_fp32jvp25", "mf_fp32jvp75"} <= set(steps)
+    assert all(s["error"] is None and s["median_ms"] > 0 for s in steps.values())

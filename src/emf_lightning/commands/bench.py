@@ -123,6 +123,7 @@ class Variant:
     objective: str  # "fm" | "mf" | "naive"
     neq_ratio: float = 0.25
     tangent: str = "conditional"
+    jvp_precision: str = "autocast"
 
     def loss(self) -> FlowMatchingLoss | MeanFlowLoss:
         """The loss object for this variant (same time distribution everywhere)."""
@@ -134,7 +135,9 @@ class Variant:
             cls = reference_loss_class()
             if cls is None:
                 raise RuntimeError("the reference loss lives in the repository's tests/ folder (not installed)")
-        return cls(sampler, cond_drop_prob=0.0, jvp_tangent=self.tangent)
+        if self.objective == "naive":
+            return cls(sampler, cond_drop_prob=0.0, jvp_tangent=self.tangent)
+        return cls(sampler, cond_drop_prob=0.0, jvp_tangent=self.tangent, jvp_precision=self.jvp_precision)
 
 
 VARIANTS = [
@@ -145,7 +148,11 @@ VARIANTS = [
     # improved MeanFlow's tangent: one more no-gradient forward on the r != t rows
     Variant("mf_pred25", "MeanFlow, predicted tangent, 25% r!=t", "mf", 0.25, tangent="predicted"),
     Variant("mf_pred75", "MeanFlow, predicted tangent, 75% r!=t", "mf", 0.75, tangent="predicted"),
+    # du/dt outside autocast (the reference codes' fp32 JVP); the same step as mf25/mf75 without --precision bf16
+    Variant("mf_fp32jvp25", "MeanFlow, du/dt in fp32, 25% r!=t", "mf", 0.25, jvp_precision="fp32"),
+    Variant("mf_fp32jvp75", "MeanFlow, du/dt in fp32, 75% r!=t", "mf", 0.75, jvp_precision="fp32"),
 ]
+AUTOCAST_ONLY = {"mf_fp32jvp25", "mf_fp32jvp75"}
 
 TARGETS = {"mf25": 1.3, "mf75": 1.7}
 MEMORY_TARGET = 1.3
@@ -551,8 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--variants",
-        default=",".join(v.key for v in VARIANTS),
-        help="comma-separated subset of: " + ", ".join(v.key for v in VARIANTS),
+        default=None,
+        help="comma-separated subset of: " + ", ".join(v.key for v in VARIANTS) + " (default: all; the fp32-JVP "
+        "ones only under bf16 autocast, where they differ)",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5 on CPU, 20 on CUDA)")
     p.add_argument("--warmup", type=int, default=2)
@@ -631,13 +639,16 @@ def resolve(args: argparse.Namespace) -> tuple[torch.device, list[Workload], lis
         for s in sizes
     ]
     by_key = {v.key: v for v in VARIANTS}
-    keys = [k for k in args.variants.split(",") if k]
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if args.variants is None:
+        keys = [v.key for v in VARIANTS if precision == "bf16" or v.key not in AUTOCAST_ONLY]
+    else:
+        keys = [k for k in args.variants.split(",") if k]
     bad = [k for k in keys if k not in by_key]
     if bad:
         raise SystemExit(f"emf bench: unknown variant(s) {bad}; choose from {list(by_key)}")
     if "fm" not in keys:
         keys.insert(0, "fm")  # every ratio is against flow matching
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     amp = torch.bfloat16 if precision == "bf16" else None
     return device, workloads, [by_key[k] for k in keys], amp
 
