@@ -154,9 +154,12 @@ def test_fp32_jvp_variants_run_under_bf16_autocast_and_are_left_out_without_it(c
     assert main(["--dry-run", "--sizes", "tiny"]) == 0
     assert not {"mf_fp32jvp25", "mf_fp32jvp75"} & set(json.loads(capsys.readouterr().out)["variants"])
     out_json = tmp_path / "bench.json"
-    args = ["--sizes", "tiny", "--batch", "2", "--image-size", "8", "--patch-size", "4", "--text-len", "4"]
+    args = ["--sizes", "tiny,unet-tiny", "--batch", "2", "--image-size", "8", "--patch-size", "4", "--text-len", "4"]
     args += ["--text-dim", "8", "--precision", "bf16", "--repeats", "1", "--warmup", "1", "--no-sampling"]
     assert main([*args, "--no-loader", "--threads", "1", "--json", str(out_json)]) == 0
-    steps = {s["variant"]: s for s in json.loads(out_json.read_text())["workloads"][0]["steps"]}
-    assert {"mf_fp32jvp25", "mf_fp32jvp75"} <= set(steps)
-    assert all(s["error"] is None and s["median_ms"] > 0 for s in steps.values())
+    workloads = json.loads(out_json.read_text())["workloads"]
+    assert [wl["workload"]["size"] for wl in workloads] == ["tiny", "unet-tiny"]  # a U-Net takes no patch size
+    for wl in workloads:
+        steps = {s["variant"]: s for s in wl["steps"]}
+        assert {"mf_fp32jvp25", "mf_fp32jvp75"} <= set(steps)
+        assert all(s["error"] is None and s["median_ms"] > 0 for s in steps.values())

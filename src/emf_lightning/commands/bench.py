@@ -244,9 +244,8 @@ def build_bench_generator(w: Workload) -> torch.nn.Module:
             SANA_SIZES[w.size], input_size=w.image_size, trainable="emf", gradient_checkpointing=True
         )
         return Generator.for_backbone(backbone, w.text_dim)
-    return build_generator(
-        w.size, text_dim=w.text_dim, input_size=w.image_size, in_channels=w.channels, patch_size=w.patch_size
-    )
+    patch = {} if w.patch_size is None else {"patch_size": w.patch_size}  # U-Nets have no patches
+    return build_generator(w.size, text_dim=w.text_dim, input_size=w.image_size, in_channels=w.channels, **patch)
 
 
 def make_batch(w: Workload, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
