@@ -163,3 +163,19 @@ def test_fp32_jvp_variants_run_under_bf16_autocast_and_are_left_out_without_it(c
         steps = {s["variant"]: s for s in wl["steps"]}
         assert {"mf_fp32jvp25", "mf_fp32jvp75"} <= set(steps)
         assert all(s["error"] is None and s["median_ms"] > 0 for s in steps.values())
+
+
+@pytest.mark.slow
+def test_compiled_benchmark_of_two_models_in_one_process(tmp_path, monkeypatch):
+    """`--compile --sizes tiny,unet-tiny`: the U-Net's compiled step once failed on the DiT's cached graph."""
+    import emf_lightning.commands.bench as bench
+    from emf_lightning.models.compiled import CompiledForward
+
+    # Dynamo traces and guards as with inductor; the "eager" backend only skips code generation (seconds, not minutes).
+    monkeypatch.setattr(bench, "CompiledForward", lambda module: CompiledForward(module, backend="eager"))
+    out_json = tmp_path / "bench.json"
+    args = ["--sizes", "tiny,unet-tiny", "--compile", "--batch", "2", "--image-size", "8", "--patch-size", "4"]
+    args += ["--text-len", "4", "--text-dim", "8", "--variants", "mf25", "--repeats", "1", "--warmup", "1"]
+    assert main([*args, "--no-sampling", "--no-loader", "--threads", "1", "--json", str(out_json)]) == 0
+    for wl in json.loads(out_json.read_text())["workloads"]:
+        assert all(s["error"] is None for s in wl["steps"]), wl["steps"]

@@ -280,6 +280,11 @@ def bench_steps(
     """Time and measure every variant on one workload, rounds interleaved so load drift hits all alike.
     ``advance`` (a progress counter) moves once after the warm-up, once per round and once after memory."""
     advance = advance or (lambda *a, **k: None)
+    if compile_model:
+        # A fresh compile cache per workload: Dynamo keys its cache on Generator.forward's code, which every
+        # workload shares, and guarding the previous model's graph against this one can fail (KeyError on a
+        # buffer the new backbone lacks). One model per process, as in training, never meets this.
+        torch._dynamo.reset()
     torch.manual_seed(seed)
     gen = build_bench_generator(w).to(device)
     net: Any = CompiledForward(gen) if compile_model else gen  # the JVP stays eager (models/compiled.py)
