@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -165,17 +167,26 @@ def test_fp32_jvp_variants_run_under_bf16_autocast_and_are_left_out_without_it(c
         assert all(s["error"] is None and s["median_ms"] > 0 for s in steps.values())
 
 
-@pytest.mark.slow
-def test_compiled_benchmark_of_two_models_in_one_process(tmp_path, monkeypatch):
-    """`--compile --sizes tiny,unet-tiny`: the U-Net's compiled step once failed on the DiT's cached graph."""
-    import emf_lightning.commands.bench as bench
-    from emf_lightning.models.compiled import CompiledForward
+COMPILED_TWO_MODELS = """
+import sys
+import emf_lightning.commands.bench as bench
+from emf_lightning.models.compiled import CompiledForward
 
-    # Dynamo traces and guards as with inductor; the "eager" backend only skips code generation (seconds, not minutes).
-    monkeypatch.setattr(bench, "CompiledForward", lambda module: CompiledForward(module, backend="eager"))
+# Dynamo traces and guards as with inductor; the "eager" backend only skips code generation (seconds, not minutes).
+bench.CompiledForward = lambda module: CompiledForward(module, backend="eager")
+sys.exit(bench.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_benchmark_of_two_models_in_one_process(tmp_path):
+    """`--compile --sizes tiny,unet-tiny`: the U-Net's compiled step once failed on the DiT's cached graph.
+    In its own process: Dynamo's caches and autograd's threads must not reach the tests that fork after it."""
     out_json = tmp_path / "bench.json"
     args = ["--sizes", "tiny,unet-tiny", "--compile", "--batch", "2", "--image-size", "8", "--patch-size", "4"]
     args += ["--text-len", "4", "--text-dim", "8", "--variants", "mf25", "--repeats", "1", "--warmup", "1"]
-    assert main([*args, "--no-sampling", "--no-loader", "--threads", "1", "--json", str(out_json)]) == 0
+    args += ["--no-sampling", "--no-loader", "--threads", "1", "--json", str(out_json)]
+    run = subprocess.run([sys.executable, "-c", COMPILED_TWO_MODELS, *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
     for wl in json.loads(out_json.read_text())["workloads"]:
         assert all(s["error"] is None for s in wl["steps"]), wl["steps"]
