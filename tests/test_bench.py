@@ -136,8 +136,10 @@ def test_sana_adapter_workload_trains_what_emf_trains(tmp_path):
     out_json = tmp_path / "bench.json"
     args = ["--sizes", "sana-tiny", "--batch", "2", "--text-len", "4", "--text-dim", "8", "--repeats", "1"]
     args += ["--warmup", "1", "--variants", "mf25,mf_pred25", "--no-sampling", "--no-loader", "--threads", "1"]
-    assert main([*args, "--json", str(out_json)]) == 0
+    out_md = tmp_path / "bench.md"
+    assert main([*args, "--json", str(out_json), "--out", str(out_md)]) == 0
     wl = json.loads(out_json.read_text())["workloads"][0]
+    assert f"({wl['info']['trainable_m']:.1f}M trained)" in out_md.read_text()
     config = SANA_CONFIGS[SANA_SIZES["sana-tiny"]]
     assert wl["workload"]["channels"] == config["in_channels"] and wl["workload"]["patch_size"] == config["patch_size"]
     # the patch embedding, caption projection and output projection stay frozen (trainable="emf")

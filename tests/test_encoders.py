@@ -416,3 +416,16 @@ def test_pooled_token_encoder_prepends_the_pooled_vector_as_a_token():
     torch.testing.assert_close(a.tokens[:, 1:], b.tokens)
     assert torch.equal(a.mask[:, 1:], b.mask) and torch.equal(a.pooled, b.pooled)
     assert inner.cache_key in wrapped.cache_key and wrapped.cache_key != inner.cache_key
+
+
+@pytest.mark.parametrize("wrapper", ["NormalizedEncoder", "PooledTokenEncoder"])
+def test_encoder_wrappers_answer_weights_available_for_the_encoder_they_wrap(wrapper):
+    import emf_lightning.encoders as encoders
+
+    from helpers import HashWordEncoder
+
+    cls = getattr(encoders, wrapper)
+    missing = {"class_path": "emf_lightning.encoders.T5Encoder", "init_args": {"model": "no-such-org/no-such-t5"}}
+    random = {"class_path": "emf_lightning.encoders.T5Encoder", "init_args": {"pretrained": False}}
+    assert not cls.weights_available(encoder=missing)  # a checkpoint's spec of an encoder whose weights are absent
+    assert cls.weights_available(encoder=random) and cls.weights_available(encoder=HashWordEncoder(width=8))

@@ -75,6 +75,9 @@ CUDA_DEFAULTS = {
     "batch": {"tiny": 256, "S": 128, "B": 64, "L": 32, "XL": 32, "unet-S": 128, "unet-B": 64},
 }
 
+# Text features of the DiT / U-Net workloads: SmolLM2-135M's width, a short caption's padded length.
+TEXT_DEFAULTS = {"text_len": 24, "text_dim": 576}
+
 # The diffusers SANA adapter (`models.SanaMeanFlowBackbone`) with RANDOM weights of a named config
 # (`SANA_CONFIGS`), trained as EMF's recipe trains it (configs/emf_sana.yaml: blocks, embedders and
 # scale_shift_table; gradient checkpointing). Latent channels and patch come from the config; the default grid is
@@ -130,14 +133,12 @@ class Variant:
         sampler = TimeSampler(neq_ratio=self.neq_ratio)
         if self.objective == "fm":
             return FlowMatchingLoss(sampler, cond_drop_prob=0.0)
-        cls = MeanFlowLoss
-        if self.objective == "naive":
+        if self.objective == "naive":  # the reference computes du/dt as public code does: no precision choice
             cls = reference_loss_class()
             if cls is None:
                 raise RuntimeError("the reference loss lives in the repository's tests/ folder (not installed)")
-        if self.objective == "naive":
             return cls(sampler, cond_drop_prob=0.0, jvp_tangent=self.tangent)
-        return cls(sampler, cond_drop_prob=0.0, jvp_tangent=self.tangent, jvp_precision=self.jvp_precision)
+        return MeanFlowLoss(sampler, cond_drop_prob=0.0, jvp_tangent=self.tangent, jvp_precision=self.jvp_precision)
 
 
 VARIANTS = [
@@ -454,6 +455,12 @@ STEP_HEADER = [
 ]
 
 
+def _parameter_count(info: dict[str, Any]) -> str:
+    """ "45.8M parameters", with "(12.0M trained)" when part of the model is frozen (the SANA workloads)."""
+    total, trained = info["parameters_m"], info.get("trainable_m", info["parameters_m"])
+    return f"{total:.1f}M parameters" + (f" ({trained:.1f}M trained)" if trained < total else "")
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     """The whole report as markdown tables."""
     env = report["environment"]
@@ -477,13 +484,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     for wl in report["workloads"]:
         w = wl["workload"]
         lines += [
-            f"## {w['size']}: {wl['info']['parameters_m']:.1f}M parameters"
-            + (
-                f" ({wl['info']['trainable_m']:.1f}M trained)"
-                if wl["info"].get("trainable_m", wl["info"]["parameters_m"]) < wl["info"]["parameters_m"]
-                else ""
-            )
-            + f", batch {w['batch']}, "
+            f"## {w['size']}: {_parameter_count(wl['info'])}, batch {w['batch']}, "
             f"{w['channels']}x{w['image_size']}x{w['image_size']}, {wl['info']['layout']}, "
             f"text {w['text_len']}x{w['text_dim']}",
             "",
@@ -637,8 +638,8 @@ def resolve(args: argparse.Namespace) -> tuple[torch.device, list[Workload], lis
             image_size=args.image_size or defaults["image_size"],
             channels=args.channels or defaults["channels"],
             patch_size=None if BACKBONES[s][0] is UNet else args.patch_size or defaults["patch_size"],
-            text_len=args.text_len or 24,
-            text_dim=args.text_dim or 576,
+            text_len=args.text_len or TEXT_DEFAULTS["text_len"],
+            text_dim=args.text_dim or TEXT_DEFAULTS["text_dim"],
         )
         for s in sizes
     ]

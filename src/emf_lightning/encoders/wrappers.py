@@ -1,5 +1,6 @@
 """Encoders around an encoder: case and punctuation normalisation (``NormalizedEncoder``) and the pooled
-sentence vector as an extra token (``PooledTokenEncoder``). Both are off unless a config wraps its encoder.
+sentence vector as an extra token (``PooledTokenEncoder``), on a shared ``WrappedEncoder``. Both are off unless a
+config wraps its encoder.
 
 ``NormalizedEncoder``.
 
@@ -40,25 +41,17 @@ def normalize_caption(caption: str, lowercase: bool = True, punctuation: bool = 
     return out or caption
 
 
-class NormalizedEncoder(TextEncoder):
-    """``encoder`` behind :func:`normalize_caption`; features, width and device are the wrapped encoder's.
+class WrappedEncoder(TextEncoder):
+    """An encoder around ``encoder``: batch size, length limit, width and device are the wrapped encoder's, and
+    its cache key is part of this one's. ``encoder`` is an instance or its ``{class_path, init_args}`` spec (as a
+    checkpoint stores it). Subclasses change the captions or the features in ``_encode_batch``."""
 
-    Args:
-        encoder: the text encoder to wrap (frozen like any other).
-        lowercase: map captions to lower case.
-        punctuation: replace punctuation by spaces (hyphens and apostrophes inside words stay).
-    """
-
-    name = "normalized"
-
-    def __init__(self, encoder: TextEncoder, lowercase: bool = True, punctuation: bool = True):
+    def __init__(self, encoder: TextEncoder | dict):
         from emf_lightning.utils.specs import build
 
-        encoder = build(encoder, TextEncoder)  # an instance, or its {class_path, init_args} (a checkpoint's spec)
+        encoder = build(encoder, TextEncoder)
         super().__init__(batch_size=encoder.batch_size, max_length=encoder.max_length)
         self.encoder = encoder
-        self.lowercase, self.punctuation = bool(lowercase), bool(punctuation)
-        self._finish_init()
 
     @property
     def dim(self) -> int:
@@ -70,18 +63,43 @@ class NormalizedEncoder(TextEncoder):
 
     @classmethod
     def weights_available(cls, **kwargs) -> bool:
+        """The wrapped encoder's answer: an instance has its weights; a spec asks its class with its init_args."""
+        from emf_lightning.utils.specs import import_class
+
         inner = kwargs.get("encoder")
-        return inner.weights_available() if isinstance(inner, TextEncoder) else True
+        if isinstance(inner, dict) and "class_path" in inner:
+            return import_class(inner["class_path"]).weights_available(**inner.get("init_args", {}))
+        return True
 
     def _key_parts(self) -> list[str]:
-        return [f"lower{int(self.lowercase)}", f"punct{int(self.punctuation)}", f"({self.encoder.cache_key})"]
+        return [f"({self.encoder.cache_key})"]
+
+
+class NormalizedEncoder(WrappedEncoder):
+    """``encoder`` behind :func:`normalize_caption`.
+
+    Args:
+        encoder: the text encoder to wrap (frozen like any other).
+        lowercase: map captions to lower case.
+        punctuation: replace punctuation by spaces (hyphens and apostrophes inside words stay).
+    """
+
+    name = "normalized"
+
+    def __init__(self, encoder: TextEncoder | dict, lowercase: bool = True, punctuation: bool = True):
+        super().__init__(encoder)
+        self.lowercase, self.punctuation = bool(lowercase), bool(punctuation)
+        self._finish_init()
+
+    def _key_parts(self) -> list[str]:
+        return [f"lower{int(self.lowercase)}", f"punct{int(self.punctuation)}", *super()._key_parts()]
 
     def _encode_batch(self, captions: list[str]) -> tuple[TextFeatures, int]:
         normalized = [normalize_caption(c, self.lowercase, self.punctuation) for c in captions]
         return self.encoder._encode_batch(normalized)
 
 
-class PooledTokenEncoder(TextEncoder):
+class PooledTokenEncoder(WrappedEncoder):
     """``encoder``'s pooled vector (a sentence encoder's sentence embedding, an LLM's mean state) put in front of
     its tokens as one more token: the generator's cross-attention and pooled conditioning then read the
     encoder's own summary of the caption, which for a sentence encoder is the representation trained to
@@ -93,24 +111,9 @@ class PooledTokenEncoder(TextEncoder):
 
     name = "pooled-token"
 
-    def __init__(self, encoder: TextEncoder):
-        from emf_lightning.utils.specs import build
-
-        encoder = build(encoder, TextEncoder)
-        super().__init__(batch_size=encoder.batch_size, max_length=encoder.max_length)
-        self.encoder = encoder
+    def __init__(self, encoder: TextEncoder | dict):
+        super().__init__(encoder)
         self._finish_init()
-
-    @property
-    def dim(self) -> int:
-        return self.encoder.dim
-
-    @property
-    def device(self) -> torch.device:
-        return self.encoder.device
-
-    def _key_parts(self) -> list[str]:
-        return [f"({self.encoder.cache_key})"]
 
     def _encode_batch(self, captions: list[str]) -> tuple[TextFeatures, int]:
         feats, truncated = self.encoder._encode_batch(captions)
