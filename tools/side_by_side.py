@@ -37,6 +37,12 @@ def emf(*args: str) -> list[str]:
     return [str(exe) if exe.exists() else "emf", *args]
 
 
+def setting(s: dict) -> str:
+    """A result row's key: the step count, with the guidance scale when it is not 1 (`1`, `2@cfg2.0`)."""
+    cfg = float(s.get("cfg_scale", 1.0))
+    return f"{s['steps']}" + ("" if cfg == 1.0 else f"@cfg{cfg}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name")
@@ -47,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--cache", default="runs/side_by_side/feature_cache")
     p.add_argument("--out", default="runs/side_by_side")
+    p.add_argument("--num-samples", type=int, default=256, help="held-out scenes judged per split")
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.0], help="guidance scales judged at sampling")
+    p.add_argument("--wordings", default="all", help="unseen-wording evaluation: all, dev, final or none")
     a = p.parse_args(argv)
     out, data = Path(a.out) / a.name, Path(a.data)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         results = {"name": a.name, "args": vars(a), "fit_seconds": float((out / "fit_seconds").read_text())}
         for split in ("val", "heldout"):
             folder = out / f"eval_{split}"
-            callback = {**EVALUATION, "init_args": {**EVALUATION["init_args"], "output_dir": str(folder)}}
+            judged = {
+                "output_dir": str(folder),
+                "num_samples": a.num_samples,
+                "cfg_scales": a.cfg,
+                "wordings": None if a.wordings == "none" else a.wordings,
+            }
+            callback = {**EVALUATION, "init_args": {**EVALUATION["init_args"], **judged}}
             config = out / f"eval_{split}.json"
             config.write_text(json.dumps({"trainer": {"logger": False, "callbacks": [callback]}}))
             if not list(folder.glob("metrics-*.json")):
@@ -104,11 +119,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
             payload = json.loads(sorted(folder.glob("metrics-*.json"))[-1].read_text())
             results[split] = {
-                s["steps"]: {k: v for k, v in s["metrics"].items() if k.startswith("shapes_")}
+                setting(s): {k: v for k, v in s["metrics"].items() if k.startswith("shapes_")}
                 for s in payload["settings"]
             }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    held = results["heldout"][1]
+    if a.wordings == "none":  # scenes of every category: the mean of the categories at each setting
+        for split in ("val", "heldout"):
+            row = ", ".join(f"{k} {v.get('shapes_overall', float('nan')):.3f}" for k, v in results[split].items())
+            print(f"{a.name} {split}: {row} ({results['fit_seconds']:.0f} s fit)")
+        return 0
+    held = results["heldout"][setting({"steps": 1, "cfg_scale": a.cfg[0]})]
     print(
         f"{a.name}: heldout 1 step grammar {held.get('shapes_colors', float('nan')):.3f}, dev wordings "
         f"{held.get('shapes_reworded_dev', float('nan')):.3f}, final wordings "
