@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from emf_lightning.shapes import CATEGORIES
 from emf_lightning.utils.optional import MissingExtraError, require
 from emf_lightning.utils.progress import progress
 
@@ -45,6 +46,10 @@ ENCODER_SPECS = {
     "bow": {"class_path": "emf_lightning.encoders.BagOfWordsEncoder", "init_args": {}},
     "label": {"class_path": "emf_lightning.encoders.LabelEncoder", "init_args": {}},
 }
+# The probe's edit of a scene that each multi-object category is about: a generator that draws "a red circle
+# left of a blue square" must tell it from its mirror image (relation), from the colour-swapped scene (binding)
+# and from one more circle (count). The study asks whether the encoder's score on that edit predicts the category.
+EDIT_CATEGORY = {"relation": "position", "swap_binding": "color_attr", "count": "counting"}
 # The probe's headline numbers shown beside the generators (see docs/probe_results.md for all of them).
 PROBE_KEYS = {
     "retrieval/exact_precision_at_k": "probe P@2",
@@ -308,11 +313,51 @@ def report(results: list[dict], probes: dict, args, out: Path) -> str:
                 f"- Spearman rank correlation of {label} with MeanFlow 1-step ShapesEval overall: {rho:+.2f} "
                 f"(n = {len(mf)} encoders)"
             )
+    lines += composition_report(mf, probes)
     text = "\n".join(lines) + "\n"
     (out / "study.md").write_text(text)
     (out / "study.json").write_text(json.dumps({"args": vars(args), "results": results, "probes": probes}, indent=1))
     plot(results, probes, out)
     return text
+
+
+def composition_report(mf: list[dict], probes: dict) -> list[str]:
+    """Per-category 1-step scores of the MeanFlow runs, and whether the probe's per-edit minimal-pair accuracy
+    predicts the category that edit tests (rank correlation over encoders, per edit and pooled over edits)."""
+    categories = [c for c in CATEGORIES if mf and f"shapes_{c}" in mf[0]["shapes"][1]]
+    if len(categories) < 2:
+        return []
+    lines = ["", "MeanFlow at 1 step, per category:", ""]
+    head = ["encoder", *categories, *[f"probe {e}" for e in EDIT_CATEGORY]]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in mf:
+        p = probes.get(r["encoder"], {})
+        cells = [r["encoder"], *[f"{r['shapes'][1][f'shapes_{c}']:.3f}" for c in categories]]
+        cells += [
+            f"{p[f'minimal_pairs/accuracy/{e}']:.3f}" if f"minimal_pairs/accuracy/{e}" in p else "-"
+            for e in EDIT_CATEGORY
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    pooled: tuple[list[float], list[float]] = ([], [])
+    for edit, category in EDIT_CATEGORY.items():
+        key = f"minimal_pairs/accuracy/{edit}"
+        runs = [r for r in mf if key in probes.get(r["encoder"], {}) and f"shapes_{category}" in r["shapes"][1]]
+        if len(runs) < 3:
+            continue
+        probe, score = [probes[r["encoder"]][key] for r in runs], [r["shapes"][1][f"shapes_{category}"] for r in runs]
+        pooled[0].extend(probe)
+        pooled[1].extend(score)
+        lines.append(
+            f"- probe minimal pairs ({edit}) vs 1-step {category}: Spearman {spearman(probe, score):+.2f} "
+            f"(n = {len(runs)} encoders)"
+        )
+    if pooled[0]:
+        lines.append(
+            f"- pooled over the three edits (each encoder's edit score vs its category): Spearman "
+            f"{spearman(*pooled):+.2f} (n = {len(pooled[0])} encoder-edit pairs)"
+        )
+    return lines
 
 
 def plot(results: list[dict], probes: dict, out: Path) -> None:
