@@ -95,6 +95,19 @@ def test_noise_fid_matches_a_direct_computation_and_the_real_row_is_computed_onc
     assert extractor.seen == 5 + 2 * 2 * 5  # the real images once, then 2 settings x 2 evaluations
 
 
+def test_without_cfg_scales_a_model_is_judged_at_its_own_sampling_scale():
+    items = eval_items(2)
+    model = LookupGenerator(items)
+    evaluator = Evaluator(steps=(1,), fid=False, clip_score=False, shapes_evaluator=MeanPixelShapes())
+    assert evaluator.settings_for(model) == [(1, 1.0)]  # no hparams: unguided
+    model.hparams = {"cfg_scale": 2.5}
+    result = evaluator.evaluate(model, _held(items))
+    assert result.settings == [(1, 2.5)] and {c[1:3] for c in model.calls} == {(1, 2.5)}
+    assert Evaluator(steps=(1,), cfg_scales=(1.0,)).settings_for(model) == [(1, 1.0)]  # an explicit list wins
+    with pytest.raises(ValueError, match="must not be empty"):
+        Evaluator(cfg_scales=())
+
+
 # ---------------------------------------------------------------- two processes
 def _evaluator() -> Evaluator:
     return Evaluator(

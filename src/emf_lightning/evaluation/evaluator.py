@@ -145,7 +145,8 @@ class Evaluator:
     Args:
         steps: sampling step counts; ``None``: (1, 2, 4), or (1, 2, 4, 50) when ``model.objective`` is
             ``"flow_matching"``.
-        cfg_scales: classifier-free guidance scales (1.0 = no guidance).
+        cfg_scales: classifier-free guidance scales (1.0 = no guidance); ``None``: the model's own sampling
+            scale (``model.hparams.cfg_scale``, 1.0 when it has none), so a run is judged as it samples.
         seed: noise seed; generation batch ``b`` uses ``seed + b``.
         batch_size: generation / feature batch size.
         fid: compute FID and KID (needs Inception weights or ``fid_feature_extractor``).
@@ -169,7 +170,7 @@ class Evaluator:
     def __init__(
         self,
         steps: Sequence[int] | None = None,
-        cfg_scales: Sequence[float] = (1.0,),
+        cfg_scales: Sequence[float] | None = None,
         seed: int = 0,
         batch_size: int = 64,
         fid: bool = True,
@@ -190,15 +191,15 @@ class Evaluator:
     ):
         if steps is not None and (not steps or any(int(s) < 1 for s in steps)):
             raise ValueError(f"steps must be a non-empty list of integers >= 1, got {steps}")
-        if not cfg_scales:
-            raise ValueError("cfg_scales must not be empty")
+        if cfg_scales is not None and not cfg_scales:
+            raise ValueError("cfg_scales must not be empty (None: the model's own)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if wordings is not None:
             families(wordings)  # a clear error for an unknown split, here rather than mid-run
         self.wordings = wordings
         self.steps = tuple(int(s) for s in steps) if steps is not None else None
-        self.cfg_scales = tuple(float(g) for g in cfg_scales)
+        self.cfg_scales = tuple(float(g) for g in cfg_scales) if cfg_scales is not None else None
         self.seed, self.batch_size, self.keep_images, self.name = seed, batch_size, keep_images, name
         self.fid, self.kid_subsets, self.kid_subset_size = fid, kid_subsets, kid_subset_size
         self.clip_score, self.shapes_eval = clip_score, shapes_eval
@@ -218,7 +219,8 @@ class Evaluator:
         if steps is None:
             flow_matching = getattr(model, "objective", "meanflow") == "flow_matching"
             steps = FLOW_MATCHING_STEPS if flow_matching else MEANFLOW_STEPS
-        return [(s, g) for s in steps for g in self.cfg_scales]
+        scales = self.cfg_scales or (float(getattr(model, "hparams", {}).get("cfg_scale", 1.0)),)
+        return [(s, g) for s in steps for g in scales]
 
     @torch.no_grad()
     def evaluate(self, model: Any, held: HeldOutSet, processes: Processes | None = None) -> EvaluationResult:
