@@ -10,7 +10,7 @@ ENC     ?= all
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install lint format test test-slow test-all demo probe-encoder bench study clean
+.PHONY: install lint format test test-slow test-all demo demo-compose probe-encoder bench study study-compose clean
 
 install: $(STAMP)
 
@@ -53,9 +53,20 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py $(DEMO_ARGS)
 
+# Whole scenes (two objects, counting, position, colour binding): shards, features, fit, 1/2/4-step ShapesEval per
+# category, failure modes and a grid per category. DEMO_ARGS=--baseline adds flow matching for the same wall time.
+demo-compose: $(STAMP)
+	$(BIN)/python tools/demo.py --task compose $(DEMO_ARGS)
+
 # Encoder study: every offline encoder x {MeanFlow, flow matching}, ShapesEval beside the probe.
 study: $(STAMP)
 	$(BIN)/python tools/encoder_study.py $(STUDY_ARGS)
+
+# The study on whole scenes: per-category 1-step scores of MeanFlow with each offline encoder, and whether the
+# probe's per-edit minimal-pair scores (relation, binding, count) predict position, colour binding and counting.
+study-compose: $(STAMP)
+	$(BIN)/python tools/encoder_study.py --objectives meanflow --out runs/study_compose \
+		--mix single_object=1,two_objects=1,counting=1,colors=1,position=1,color_attr=1 $(STUDY_ARGS)
 
 clean:
 	rm -rf runs outputs .pytest_cache

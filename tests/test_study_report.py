@@ -20,11 +20,10 @@ def run(encoder: str, position: float, color_attr: float, counting: float) -> di
 
 
 def probe(relation: float, binding: float, count: float) -> dict:
-    return {
-        "minimal_pairs/accuracy/relation": relation,
-        "minimal_pairs/accuracy/swap_binding": binding,
-        "minimal_pairs/accuracy/count": count,
-    }
+    """Pooled-feature scores as given; token-level ones in the reverse order of encoders (1 - score)."""
+    scores = {"relation": relation, "swap_binding": binding, "count": count}
+    pooled = {f"minimal_pairs/accuracy/{e}": v for e, v in scores.items()}
+    return pooled | {f"minimal_pairs_token/accuracy/{e}": 1 - v for e, v in scores.items()}
 
 
 def test_each_edit_is_correlated_with_its_own_category_only():
@@ -39,11 +38,13 @@ def test_each_edit_is_correlated_with_its_own_category_only():
     }
     lines = study.composition_report(runs, probes)
     text = "\n".join(lines)
-    assert "probe minimal pairs (relation) vs 1-step position: Spearman +1.00 (n = 4 encoders)" in text
-    assert "probe minimal pairs (swap_binding) vs 1-step color_attr: Spearman -1.00 (n = 4 encoders)" in text
-    assert "probe minimal pairs (count) vs 1-step counting: Spearman +0.80 (n = 4 encoders)" in text
-    assert "(n = 12 encoder-edit pairs)" in text
-    assert "| d | 0.400 | 0.400 | 0.100 | 0.800 | 0.800 | 0.800 |" in text  # CATEGORIES order
+    assert "probe minimal pairs (relation, pooled) vs 1-step position: Spearman +1.00 (n = 4 encoders)" in text
+    assert "probe minimal pairs (swap_binding, pooled) vs 1-step color_attr: Spearman -1.00 (n = 4 encoders)" in text
+    assert "probe minimal pairs (count, pooled) vs 1-step counting: Spearman +0.80 (n = 4 encoders)" in text
+    assert "probe minimal pairs (relation, token) vs 1-step position: Spearman -1.00 (n = 4 encoders)" in text
+    assert text.count("(n = 12 encoder-edit pairs)") == 2
+    # categories in CATEGORIES order, then the pooled and the token-level edit scores
+    assert "| d | 0.400 | 0.400 | 0.100 | 0.800 | 0.800 | 0.800 | 0.200 | 0.200 | 0.200 |" in text
 
 
 def test_no_correlation_from_fewer_than_three_encoders():

@@ -323,40 +323,42 @@ def report(results: list[dict], probes: dict, args, out: Path) -> str:
 
 def composition_report(mf: list[dict], probes: dict) -> list[str]:
     """Per-category 1-step scores of the MeanFlow runs, and whether the probe's per-edit minimal-pair accuracy
-    predicts the category that edit tests (rank correlation over encoders, per edit and pooled over edits)."""
+    predicts the category that edit tests (rank correlation over encoders, per edit and pooled over edits), on
+    mean-pooled features and on the token features the generator's cross-attention reads."""
     categories = [c for c in CATEGORIES if mf and f"shapes_{c}" in mf[0]["shapes"][1]]
     if len(categories) < 2:
         return []
-    lines = ["", "MeanFlow at 1 step, per category:", ""]
-    head = ["encoder", *categories, *[f"probe {e}" for e in EDIT_CATEGORY]]
+    levels = {"pooled": "minimal_pairs", "token": "minimal_pairs_token"}
+    lines = ["", "MeanFlow at 1 step, per category, beside the probe's minimal-pair accuracy per edit:", ""]
+    head = ["encoder", *categories, *[f"probe {e} ({lv})" for lv in levels for e in EDIT_CATEGORY]]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in mf:
         p = probes.get(r["encoder"], {})
         cells = [r["encoder"], *[f"{r['shapes'][1][f'shapes_{c}']:.3f}" for c in categories]]
-        cells += [
-            f"{p[f'minimal_pairs/accuracy/{e}']:.3f}" if f"minimal_pairs/accuracy/{e}" in p else "-"
-            for e in EDIT_CATEGORY
-        ]
+        keys = [f"{prefix}/accuracy/{e}" for prefix in levels.values() for e in EDIT_CATEGORY]
+        cells += [f"{p[k]:.3f}" if k in p else "-" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    pooled: tuple[list[float], list[float]] = ([], [])
-    for edit, category in EDIT_CATEGORY.items():
-        key = f"minimal_pairs/accuracy/{edit}"
-        runs = [r for r in mf if key in probes.get(r["encoder"], {}) and f"shapes_{category}" in r["shapes"][1]]
-        if len(runs) < 3:
-            continue
-        probe, score = [probes[r["encoder"]][key] for r in runs], [r["shapes"][1][f"shapes_{category}"] for r in runs]
-        pooled[0].extend(probe)
-        pooled[1].extend(score)
-        lines.append(
-            f"- probe minimal pairs ({edit}) vs 1-step {category}: Spearman {spearman(probe, score):+.2f} "
-            f"(n = {len(runs)} encoders)"
-        )
-    if pooled[0]:
-        lines.append(
-            f"- pooled over the three edits (each encoder's edit score vs its category): Spearman "
-            f"{spearman(*pooled):+.2f} (n = {len(pooled[0])} encoder-edit pairs)"
-        )
+    for level, prefix in levels.items():
+        pooled: tuple[list[float], list[float]] = ([], [])
+        for edit, category in EDIT_CATEGORY.items():
+            key = f"{prefix}/accuracy/{edit}"
+            runs = [r for r in mf if key in probes.get(r["encoder"], {}) and f"shapes_{category}" in r["shapes"][1]]
+            if len(runs) < 3:
+                continue
+            probe = [probes[r["encoder"]][key] for r in runs]
+            score = [r["shapes"][1][f"shapes_{category}"] for r in runs]
+            pooled[0].extend(probe)
+            pooled[1].extend(score)
+            lines.append(
+                f"- probe minimal pairs ({edit}, {level}) vs 1-step {category}: Spearman "
+                f"{spearman(probe, score):+.2f} (n = {len(runs)} encoders)"
+            )
+        if pooled[0]:
+            lines.append(
+                f"- {level}, pooled over the three edits (each encoder's edit score vs its category): Spearman "
+                f"{spearman(*pooled):+.2f} (n = {len(pooled[0])} encoder-edit pairs)"
+            )
     return lines
 
 
