@@ -278,3 +278,24 @@ def test_validate_with_only_a_checkpoint(trained, tmp_path, capsys):
     )
     assert rc == 0
     assert "val/loss" in capsys.readouterr().out
+
+
+def test_the_encoder_a_leaf_config_names_follows_its_extends_chain(tmp_path):
+    """cache-features and probe read the encoder of a leaf that only extends the config naming it (compose_shapes)
+    and of a leaf that overrides one init arg; a config naming none is None, not a guess."""
+    from emf_lightning.commands.cache_features import spec_from_file
+    from emf_lightning.config_files import encoder_spec_in
+
+    spec = spec_from_file(CONFIGS / "compose_shapes.yaml")
+    assert spec == {
+        "class_path": "emf_lightning.encoders.SentenceEncoder",
+        "init_args": {"model": "minilm", "max_length": 64},
+    }
+    leaf = tmp_path / "leaf.yaml"
+    leaf.write_text(
+        f"extends: {CONFIGS / 'minilm_shapes.yaml'}\nmodel:\n  encoder:\n    init_args: {{max_length: 16}}\n"
+    )
+    assert encoder_spec_in(leaf)["init_args"] == {"model": "minilm", "max_length": 16}
+    assert encoder_spec_in(CONFIGS / "base" / "shapes_cpu.yaml") is None
+    with pytest.raises(SystemExit, match="no encoder class_path in .*shapes_cpu.yaml"):
+        spec_from_file(CONFIGS / "base" / "shapes_cpu.yaml")

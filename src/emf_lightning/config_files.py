@@ -68,3 +68,31 @@ def expand_config_args(argv: list[str], scratch: Path) -> list[str]:
             written.write_text(yaml.safe_dump(content, sort_keys=False))
             out += ["--config", str(written)]
     return out
+
+
+def composed_config(path: str | Path) -> dict:
+    """The whole ``extends`` chain of ``path`` merged into one mapping, later files winning key by key (nested
+    mappings merge, other values are replaced), as LightningCLI reads it."""
+
+    def merge(base: dict, top: dict) -> dict:
+        out = dict(base)
+        for key, value in top.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    merged: dict = {}
+    for _, content in config_chain(path):
+        merged = merge(merged, content)
+    return merged
+
+
+def encoder_spec_in(path: str | Path) -> dict | None:
+    """The text encoder ``{class_path, init_args}`` a config file names (with its ``extends`` chain): at the top
+    level, under ``encoder``, or under ``model.encoder`` / ``model.init_args.encoder`` of a training config.
+    None when it names none."""
+    cfg = composed_config(path)
+    model = cfg.get("model") or {}
+    for candidate in (cfg, cfg.get("encoder"), (model.get("init_args") or {}).get("encoder"), model.get("encoder")):
+        if isinstance(candidate, dict) and "class_path" in candidate:
+            return {"class_path": candidate["class_path"], "init_args": dict(candidate.get("init_args") or {})}
+    return None

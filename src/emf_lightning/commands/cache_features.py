@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from emf_lightning.config_files import encoder_spec_in
 from emf_lightning.utils.optional import MissingExtraError
 from emf_lightning.utils.progress import progress
 from emf_lightning.utils.weights import MissingWeightsError, emf_cache_dir
@@ -84,16 +85,11 @@ def encoder_kwargs(pairs: list[str]) -> dict[str, Any]:
 
 
 def spec_from_file(path: Path) -> dict[str, Any]:
-    """The encoder {class_path, init_args} in a YAML/JSON file (see --encoder)."""
-    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}  # YAML is a superset of JSON
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"emf cache-features: {path} does not hold a mapping")
-    model = cfg.get("model") or {}
-    candidates = [cfg, cfg.get("encoder"), (model.get("init_args") or {}).get("encoder"), model.get("encoder")]
-    for candidate in candidates:
-        if isinstance(candidate, dict) and "class_path" in candidate:
-            return {"class_path": candidate["class_path"], "init_args": dict(candidate.get("init_args") or {})}
-    raise SystemExit(f"emf cache-features: no encoder class_path in {path}")
+    """The encoder {class_path, init_args} in a YAML/JSON file (see --encoder), following its ``extends`` chain."""
+    spec = encoder_spec_in(path)
+    if spec is None:
+        raise SystemExit(f"emf cache-features: no encoder class_path in {path} (or the configs it extends)")
+    return spec
 
 
 def build_from_args(args: argparse.Namespace):

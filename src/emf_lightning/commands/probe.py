@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from emf_lightning.config_files import encoder_spec_in
 from emf_lightning.utils.optional import MissingExtraError, require
 from emf_lightning.utils.progress import progress
 from emf_lightning.utils.weights import MissingWeightsError
@@ -135,17 +136,14 @@ def _encoder_kwargs(pairs: list[str]) -> dict[str, Any]:
 
 
 def _spec_from_yaml(path: Path) -> dict[str, Any]:
-    """The encoder ``{class_path, init_args}`` in a YAML file: at the top level, under ``encoder``, or under
-    ``model.init_args.encoder`` / ``model.encoder`` of a training config."""
-    cfg = yaml.safe_load(path.read_text()) or {}
-    model = cfg.get("model") or {}
-    for candidate in (cfg, cfg.get("encoder"), (model.get("init_args") or {}).get("encoder"), model.get("encoder")):
-        if isinstance(candidate, dict) and "class_path" in candidate:
-            return candidate
-    raise SystemExit(
-        f"emf probe: no encoder class_path found in {path} (looked at the top level, 'encoder', "
-        "'model.init_args.encoder' and 'model.encoder')"
-    )
+    """The encoder ``{class_path, init_args}`` a YAML file names, following its ``extends`` chain."""
+    spec = encoder_spec_in(path)
+    if spec is None:
+        raise SystemExit(
+            f"emf probe: no encoder class_path found in {path} or the configs it extends (looked at the top level, "
+            "'encoder', 'model.init_args.encoder' and 'model.encoder')"
+        )
+    return spec
 
 
 def resolve_encoders(arg: str, kwargs: dict[str, Any], say) -> tuple[list[EncoderChoice], dict[str, str]]:
