@@ -48,7 +48,7 @@ def autoencoder_class(path: str) -> type[LatentAutoencoder]:
 def _config_class_name(model: str) -> tuple[str | None, str | None]:
     """(`_class_name` of the VAE config, subfolder) for a local folder or a cached HF id; (None, None) if absent.
     A pipeline (model_index.json) keeps its VAE in `vae/`."""
-    from emf_lightning.encoders.hub import _cached_file
+    from emf_lightning.utils.hub import cached_file
 
     path = Path(model).expanduser()
     other = None  # a config.json that names some other class
@@ -57,7 +57,7 @@ def _config_class_name(model: str) -> tuple[str | None, str | None]:
             found = path / sub / "config.json" if sub else path / "config.json"
             config = str(found) if found.is_file() else None
         else:
-            config = _cached_file(model, f"{sub}/config.json" if sub else "config.json")
+            config = cached_file(model, f"{sub}/config.json" if sub else "config.json")
         if config is not None:
             name = json.loads(Path(config).read_text()).get("_class_name")
             if name in DIFFUSERS_CLASSES:

@@ -56,7 +56,6 @@ class ShardLoader(DataLoader):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
-        prefetch_factor: int | None = None,
         start_epoch: int = 0,
         timeout: float = 0.0,
         sampler: None = None,
@@ -69,8 +68,6 @@ class ShardLoader(DataLoader):
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs["persistent_workers"] = persistent_workers
-            if prefetch_factor is not None:
-                kwargs["prefetch_factor"] = prefetch_factor
         # batch_size=None: the stream batches inside each worker (far less inter-process traffic)
         super().__init__(
             stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, timeout=timeout, **kwargs
@@ -187,7 +184,7 @@ class ShardDataModule(LightningDataModule):
         latent_flip: training only: take the latent of the mirrored image (<key>.latent_flip.npy, written by
             `emf cache-latents --flip`) half the time, the latent form of a random horizontal flip. Off by
             default: a caption that names left and right no longer matches a mirrored image.
-        pin_memory, persistent_workers, prefetch_factor: passed to the DataLoader.
+        pin_memory, persistent_workers: passed to the DataLoader.
     """
 
     def __init__(
@@ -210,7 +207,6 @@ class ShardDataModule(LightningDataModule):
         latent_flip: bool = False,
         pin_memory: bool = False,
         persistent_workers: bool = False,
-        prefetch_factor: int | None = None,
     ) -> None:
         super().__init__()
         if caption_sampling not in CAPTION_SAMPLING:
@@ -235,7 +231,7 @@ class ShardDataModule(LightningDataModule):
         self.shuffle_buffer, self.epoch_length, self.seed = shuffle_buffer, epoch_length, seed
         self.caption_sampling, self.caption_dropout = caption_sampling, caption_dropout
         self.load_features, self.load_latents, self.latent_flip = load_features, load_latents, latent_flip
-        self.pin_memory, self.persistent_workers, self.prefetch_factor = pin_memory, persistent_workers, prefetch_factor
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.rank, self.world_size = 0, 1
         self.streams: dict[str, ShardStream] = {}
         self.loaders: dict[str, ShardLoader] = {}
@@ -340,7 +336,6 @@ class ShardDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            prefetch_factor=self.prefetch_factor,
             start_epoch=start,
         )
         self.loaders[name] = loader

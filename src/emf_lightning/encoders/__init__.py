@@ -15,7 +15,6 @@ from emf_lightning.encoders.base import (
     CaptionTruncationWarning,
     TextEncoder,
     TextFeatures,
-    masked_mean,
     pack_tokens,
 )
 from emf_lightning.encoders.bow import BagOfWordsEncoder
@@ -27,6 +26,7 @@ from emf_lightning.encoders.precomputed import PrecomputedEncoder
 from emf_lightning.encoders.sentence import SentenceEncoder
 from emf_lightning.encoders.t5 import T5Encoder
 from emf_lightning.encoders.wrappers import NormalizedEncoder, PooledTokenEncoder, normalize_caption
+from emf_lightning.utils.model_helpers import masked_mean
 
 ENCODERS: dict[str, type[TextEncoder]] = {
     "llm": LLMEncoder,

@@ -15,8 +15,10 @@ import torch.nn as nn
 from timm.layers import Mlp, PatchEmbed, to_2tuple
 from torch import Tensor
 
+from emf_lightning.utils.model_helpers import masked_mean
+
 from .attention import attention
-from .layers import Backbone, TimestepEmbedder, init_linears_normal, pooled_context
+from .layers import Backbone, TimestepEmbedder, init_linears_normal
 from .norms import Float32RMSNorm
 
 
@@ -253,7 +255,7 @@ class DiT(Backbone):
         """adaLN conditioning [B, D]: embed(t) + embed(t - r) (+ projection of the pooled text)."""
         c = self.t_embedder(t) + self.interval_embedder(t - r)
         if self.context_embedder is not None:
-            c = c + self.context_embedder(pooled_context(context, mask))
+            c = c + self.context_embedder(masked_mean(context, mask))
         return c
 
     def forward(self, x: Tensor, r: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
