@@ -20,7 +20,7 @@ from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.data.shards import write_shards
 from emf_lightning.data.throughput import loader_throughput
 from emf_lightning.data.transforms import resize_center_crop
-from emf_lightning.shapes import ShapesWorld, shapes_samples
+from emf_lightning.shapes import ShapesWorld, scene_spec_or_none, shapes_samples
 from emf_lightning.utils.images import from_uint8
 
 RES = 16
@@ -79,7 +79,7 @@ def test_validation_pass_format_order_and_exact_pixels(shapes_urls, world):
     expected = torch.stack([from_uint8(world[i].image) for i in range(10)])
     assert torch.equal(images, expected)  # PNG round trip + exact [-1, 1] scaling
     assert [c for b in batches for c in b["caption"]] == [world[i].caption for i in range(10)]
-    spec0 = batches[0]["spec"][0]
+    spec0 = scene_spec_or_none(batches[0]["meta"][0])
     assert spec0 == json.loads(json.dumps(world[0].spec)) and "captions" not in spec0
     assert all(b["skipped"] == {} for b in batches)
     with pytest.raises(TypeError, match="no len"):

@@ -149,10 +149,10 @@ class ShardLoader(DataLoader):
 
 
 class ShardDataModule(LightningDataModule):
-    """WebDataset shards -> batches {"image" [B,3,H,W] in [-1,1], "caption", "spec", "meta", "key", "skipped"}.
+    """WebDataset shards -> batches {"image" [B,3,H,W] in [-1,1], "caption", "meta", "key", "skipped"}.
 
-    "meta" is each sample's .json (without "captions"), "spec" the same dict when it is a shapes-world scene
-    spec and None otherwise (other datasets' metadata, e.g. img2dataset's url/width/height/status).
+    "meta" is each sample's .json (without "captions"): a shapes-world scene spec or other datasets' metadata
+    (e.g. img2dataset's url/width/height/status); consumers tell them apart (`shapes.scene_spec_or_none`).
 
     Args:
         train_shards: training shards: a brace pattern ("data/train-{000000..000099}.tar"), a glob, a

@@ -10,9 +10,10 @@ Two modes:
   so nothing is duplicated or dropped, and the order is fixed for a fixed number of ranks and workers.
   (With fewer shards than ranks x workers, some workers get none; write more, smaller shards.)
 
-Batches are dicts {"image": [B,3,H,W] in [-1,1], "caption": [str], "spec": [dict|None], "meta": [dict|None],
-"key": [str], "skipped": {reason: count}} plus "features" / "latent" when requested. "meta" is the sample's .json
-(without "captions"); "spec" is that same dict only when it is a shapes-world scene spec, otherwise None. "skipped" holds the skips this
+Batches are dicts {"image": [B,3,H,W] in [-1,1], "caption": [str], "meta": [dict|None], "key": [str],
+"skipped": {reason: count}} plus "features" / "latent" when requested. "meta" is the sample's .json (without
+"captions"); whether it is a shapes-world scene spec is the consumers' question (`shapes.scene_spec_or_none`: the
+data layer knows no world). "skipped" holds the skips this
 worker counted since its previous batch; a worker whose samples were all bad yields one empty batch
 (B = 0) to report its counts, which `ShardDataModule`'s loader consumes and drops.
 """
@@ -48,7 +49,6 @@ from emf_lightning.data.health import (
 from emf_lightning.data.tar_reader import iter_shard_samples
 from emf_lightning.data.transforms import open_rgb, resize_center_crop
 from emf_lightning.errors import ConfigError, InputNotFoundError
-from emf_lightning.shapes.scene import scene_spec_or_none
 from emf_lightning.utils.images import from_uint8
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
@@ -168,7 +168,7 @@ def _features(data: bytes, ext: str) -> dict[str, torch.Tensor]:
 def decode_sample(
     raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, counter: SkipCounter, train: bool
 ) -> dict[str, Any] | None:
-    """A raw tar sample -> {"image", "caption", "spec", "meta", "key"[, "features", "latent"]}, or None (counted).
+    """A raw tar sample -> {"image", "caption", "meta", "key"[, "features", "latent"]}, or None (counted).
 
     "image" is uint8 [H, W, 3] here; `collate` converts whole batches to [-1, 1] floats at once.
     """
@@ -245,7 +245,6 @@ def decode_sample(
     out["caption"] = caption
     meta = {k: v for k, v in (doc or {}).items() if k != "captions"}
     out["meta"] = meta or None
-    out["spec"] = scene_spec_or_none(meta)  # other datasets' .json (img2dataset, list columns) is no scene spec
     return out
 
 
@@ -259,7 +258,6 @@ def collate(samples: list[dict[str, Any]], skipped: dict[str, int], image_size: 
         return {
             "image": torch.empty(0, 3, image_size, image_size),
             "caption": [],
-            "spec": [],
             "meta": [],
             "key": [],
             "skipped": skipped,
@@ -267,7 +265,6 @@ def collate(samples: list[dict[str, Any]], skipped: dict[str, int], image_size: 
     batch: dict[str, Any] = {
         "image": from_uint8(np.stack([s["image"] for s in samples])),
         "caption": [s["caption"] for s in samples],
-        "spec": [s["spec"] for s in samples],
         "meta": [s["meta"] for s in samples],
         "key": [s["key"] for s in samples],
         "skipped": skipped,

@@ -40,6 +40,7 @@ from emf_lightning.evaluation.fid import (
 )
 from emf_lightning.meanflow.losses import Objective
 from emf_lightning.shapes.judge import ShapesEval
+from emf_lightning.shapes.scene import scene_spec_or_none
 from emf_lightning.shapes.wordings import families, reword_all
 from emf_lightning.utils.images import to_uint8
 from emf_lightning.utils.progress import progress
@@ -77,9 +78,10 @@ class HeldOutSet:
 
 
 def collect_held_out(batches: Iterable[dict[str, Any]], n: int, source: list[str] | None = None) -> HeldOutSet:
-    """First ``n`` samples of an iterable of datamodule batches ({"image", "caption", "spec", "key"}).
+    """First ``n`` samples of an iterable of datamodule batches ({"image", "caption", "meta", "key"}).
 
-    Samples with an empty caption are skipped (the empty caption is the null condition, not a prompt);
+    A sample's scene spec is its ``meta`` when that is a shapes-world scene (``scene_spec_or_none``); in-memory
+    batches may give ``"spec"`` directly. Samples with an empty caption are skipped (the empty caption is the null condition, not a prompt);
     keys default to the running index when a batch has none.
     """
     images: list[np.ndarray] = []
@@ -91,7 +93,7 @@ def collect_held_out(batches: Iterable[dict[str, Any]], n: int, source: list[str
         imgs = batch["image"]
         arr = to_uint8(imgs) if isinstance(imgs, Tensor) else np.asarray(imgs, dtype=np.uint8)
         caps = list(batch["caption"])
-        bspecs = list(batch.get("spec") or [None] * len(caps))
+        bspecs = batch.get("spec") or [scene_spec_or_none(m) for m in batch.get("meta") or [None] * len(caps)]
         bkeys = list(batch.get("key") or [str(len(keys) + skipped + i) for i in range(len(caps))])
         for img, cap, spec, key in zip(arr, caps, bspecs, bkeys):
             if not cap:
