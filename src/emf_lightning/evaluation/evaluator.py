@@ -81,8 +81,8 @@ def collect_held_out(batches: Iterable[dict[str, Any]], n: int, source: list[str
     """First ``n`` samples of an iterable of datamodule batches ({"image", "caption", "meta", "key"}).
 
     A sample's scene spec is its ``meta`` when that is a shapes-world scene (``scene_spec_or_none``); in-memory
-    batches may give ``"spec"`` directly. Samples with an empty caption are skipped (the empty caption is the null condition, not a prompt);
-    keys default to the running index when a batch has none.
+    batches may give ``"spec"`` directly. Samples with an empty caption are skipped (the empty caption is the null
+    condition, not a prompt); keys default to the running index when a batch has none.
     """
     images: list[np.ndarray] = []
     captions: list[str] = []
