@@ -11,13 +11,13 @@ names the diffusers class (a pipeline folder: its `vae/` subfolder).
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
 
 from emf_lightning.autoencoders.base import IdentityAutoencoder, LatentAutoencoder
 from emf_lightning.autoencoders.diffusers_vae import DCAutoencoder, DiffusersAutoencoder, KLAutoencoder
+from emf_lightning.utils.specs import resolve_class
 
 # name -> (class, default constructor arguments)
 AUTOENCODERS: dict[str, tuple[type[LatentAutoencoder], dict[str, Any]]] = {
@@ -31,18 +31,6 @@ DIFFUSERS_CLASSES: dict[str, type[DiffusersAutoencoder]] = {
     "AutoencoderKL": KLAutoencoder,
     "AutoencoderDC": DCAutoencoder,
 }
-
-
-def autoencoder_class(path: str) -> type[LatentAutoencoder]:
-    """A dotted class path -> the LatentAutoencoder subclass."""
-    module, _, attr = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"cannot import autoencoder class {path!r}: {err}") from err
-    if not (isinstance(cls, type) and issubclass(cls, LatentAutoencoder)):
-        raise ValueError(f"{path!r} is not a LatentAutoencoder subclass")
-    return cls
 
 
 def _config_class_name(model: str) -> tuple[str | None, str | None]:
@@ -83,11 +71,7 @@ def build_autoencoder(
     if isinstance(spec, dict):
         spec = dict(spec)
         if "class_path" in spec:
-            cls = (
-                AUTOENCODERS[spec["class_path"]][0]
-                if spec["class_path"] in AUTOENCODERS
-                else autoencoder_class(spec["class_path"])
-            )
+            cls = resolve_class(spec["class_path"], LatentAutoencoder, {k: c for k, (c, _) in AUTOENCODERS.items()})
             return cls(**{**(spec.get("init_args") or {}), **overrides})
         if "name" in spec:
             return build_autoencoder(spec.pop("name"), **{**spec, **overrides})
@@ -97,7 +81,7 @@ def build_autoencoder(
         cls, defaults = AUTOENCODERS[name]
         return cls(**{**defaults, **overrides})
     if "/" not in name and "." in name and not Path(name).expanduser().exists():
-        return autoencoder_class(name)(**overrides)
+        return resolve_class(name, LatentAutoencoder)(**overrides)
     class_name, subfolder = _config_class_name(name)
     if class_name is None:
         from emf_lightning.utils.weights import MissingWeightsError, hf_cache_dir
@@ -125,6 +109,5 @@ __all__ = [
     "IdentityAutoencoder",
     "KLAutoencoder",
     "LatentAutoencoder",
-    "autoencoder_class",
     "build_autoencoder",
 ]
