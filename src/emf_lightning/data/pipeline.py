@@ -63,6 +63,19 @@ _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", 
 # Shard lists
 
 
+def iter_shards(spec: str | Sequence[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Every raw sample {"__key__", "__url__", ext: bytes} of the shards, in order: the one shard reader (the data
+    module's streams, the probe, `emf cache-features`); damage is counted in ``counter``, never raised."""
+    for url in expand_shard_urls(spec):
+        yield from iter_shard_samples(url, counter)
+
+
+def caption_text(raw: dict[str, Any]) -> str:
+    """A raw sample's .txt as text ("" without one): the one decoding rule, strict UTF-8, because a caption with
+    invalid bytes would otherwise be trained or encoded as U+FFFD text. Raises UnicodeDecodeError."""
+    return raw["txt"].decode("utf-8") if "txt" in raw else ""
+
+
 def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
     """Expand shard URLs the way webdataset does (brace patterns, '::' lists, ${WDS_VAR}), plus globs.
 
@@ -185,8 +198,7 @@ def decode_sample(
             return None
     paraphrases = [c.strip() for c in (doc or {}).get("captions", []) or [] if isinstance(c, str) and c.strip()]
     try:
-        # strict: a caption with invalid bytes would otherwise be trained as U+FFFD text
-        primary = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
+        primary = caption_text(raw).strip()
     except UnicodeDecodeError as exn:
         counter.skip(UNDECODABLE_CAPTION, f"{where}.txt: not UTF-8: {exn}")
         return None
