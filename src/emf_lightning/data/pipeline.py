@@ -145,10 +145,18 @@ class DecodeOptions:
 
     image_size: int = 32
     caption_sampling: str = "first"
-    caption_dropout: float = 0.0
     load_features: bool = False
     load_latents: bool = False
     latent_flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.caption_sampling not in CAPTION_SAMPLING:
+            raise ConfigError(f"caption_sampling must be one of {CAPTION_SAMPLING}, got {self.caption_sampling!r}")
+        if self.load_features and self.caption_sampling != "first":
+            raise ConfigError(
+                "load_features=True needs caption_sampling='first': precomputed features belong to "
+                "the primary caption, not to a random paraphrase"
+            )
 
 
 class MissingLatentsError(ValueError):
@@ -252,8 +260,6 @@ def decode_sample(
     if opts.caption_sampling == "random":
         pool = [primary] + [c for c in paraphrases if c != primary]
         caption = pool[rng.randrange(len(pool))]
-    if train and opts.caption_dropout > 0 and rng.random() < opts.caption_dropout:
-        caption = ""  # the null condition (classifier-free guidance)
     out["caption"] = caption
     meta = {k: v for k, v in (doc or {}).items() if k != "captions"}
     out["meta"] = meta or None
@@ -361,14 +367,9 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # batch size and decode options are checked where the user sets them (ShardDataModule, DecodeOptions)
         if train and (samples_per_rank is None or samples_per_rank < 1):
             raise ValueError(f"a training stream needs samples_per_rank >= 1, got {samples_per_rank}")
-        if options.caption_sampling not in CAPTION_SAMPLING:
-            raise ValueError(f"caption_sampling must be one of {CAPTION_SAMPLING}, got {options.caption_sampling!r}")
-        if not 0.0 <= options.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {options.caption_dropout}")
         self.urls = list(urls)
         self.batch_size = batch_size
         self.train = train
