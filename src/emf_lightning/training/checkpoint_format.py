@@ -51,6 +51,7 @@ def module_hyperparameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
 # code does now}}. A checkpoint holding that value loads without it; another value would change the run: refused.
 RETIRED_INIT_ARGS: dict[str, dict[str, Any]] = {
     "SanaMeanFlowBackbone": {"interval_scale": None},  # t - r is scaled like t
+    "DiT": {"qk_norm": True},  # QK-norm always on
     "ShardDataModule": {"prefetch_factor": None, "caption_dropout": 0.0},  # dropout is the loss's cond_drop_prob
 }
 
