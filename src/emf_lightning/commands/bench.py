@@ -500,31 +500,11 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    """Rich tables on the console."""
+    """The markdown report, rendered on the console (one renderer for the file and the screen)."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.markdown import Markdown
 
-    console = Console()
-    for wl in report["workloads"]:
-        w = wl["workload"]
-        table = Table(
-            title=f"{w['size']} ({wl['info']['parameters_m']:.1f}M params), batch {w['batch']}, "
-            f"{wl['info']['layout']}, {report['environment']['device']}"
-        )
-        for h in STEP_HEADER:
-            table.add_column(h, justify="left" if h in ("step", "target (median)") else "right")
-        for row in step_rows([StepResult(**r) for r in wl["steps"]]):
-            table.add_row(*row)
-        console.print(table)
-        if wl.get("sampling"):
-            st = Table(title="sampling throughput")
-            st.add_column("sampler")
-            st.add_column("images/s", justify="right")
-            for name, rate in wl["sampling"].items():
-                st.add_row(name, f"{rate:.1f}")
-            console.print(st)
-    if report.get("loader"):
-        console.print(f"data loader: {report['loader']}")
+    Console().print(Markdown(markdown_report(report)))
 
 
 # ---------------------------------------------------------------------------------------------- CLI
