@@ -298,7 +298,7 @@ def test_registry_builds_by_name_class_path_and_config() -> None:
     )
     assert same.cache_key == enc.cache_key
     assert build_encoder_from_config({"name": "label", "num_classes": 3}).num_classes == 3
-    with pytest.raises(ValueError, match="not a TextEncoder subclass"):
+    with pytest.raises(ValueError, match="does not name a subclass of TextEncoder"):
         build_encoder("torch.nn.Linear")
 
 
