@@ -17,9 +17,11 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from emf_lightning.data.shards import write_shards
-from emf_lightning.encoders.base import TextEncoder, TextFeatures, masked_mean
+from emf_lightning.encoders.base import TextEncoder, TextFeatures
 from emf_lightning.evaluation.clip_score import CLIPScorer, clip_scores_from_features
+from emf_lightning.meanflow import FlowMatchingLoss, MeanFlowLoss
 from emf_lightning.shapes import ShapesWorld, shapes_samples
+from emf_lightning.utils.model_helpers import masked_mean
 
 # A generator small enough for a CPU training step in ~0.1 s at 16x16.
 TINY_BACKBONE: dict[str, Any] = {"hidden_size": 32, "depth": 1, "num_heads": 2}
@@ -147,7 +149,7 @@ def assert_backbone_jvp_matches_finite_differences(
 
     ``model`` must already be float64 with non-zero weights (zero-initialised branches give a trivial 0 = 0).
     """
-    from emf_lightning.models import jvp_safe_attention
+    from emf_lightning.meanflow.tangent_rules import jvp_safe_attention
 
     z, ctx = z.double(), ctx.double()
     r, t = torch.tensor([0.1, 0.3], dtype=torch.float64), torch.tensor([0.5, 0.8], dtype=torch.float64)
@@ -219,7 +221,8 @@ class LookupGenerator:
 
     def __init__(self, items: list[dict], mode: str = "real", objective: str = "meanflow"):
         self.lookup = {x["caption"]: x["image"] for x in items}
-        self.mode, self.objective = mode, objective
+        self.mode = mode
+        self.objective = FlowMatchingLoss() if objective == "flow_matching" else MeanFlowLoss()
         self.calls: list[tuple] = []
 
     def generate(self, captions, steps=1, cfg_scale=1.0, seed=0, use_ema=True):

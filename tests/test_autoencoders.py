@@ -139,7 +139,7 @@ def test_missing_weights_name_the_model_and_where_we_looked(tmp_path):
 
 
 def test_registry_rejects_unknown_classes():
-    with pytest.raises(ValueError, match="not a LatentAutoencoder subclass"):
+    with pytest.raises(ValueError, match="does not name a subclass of LatentAutoencoder"):
         build_autoencoder("torch.nn.Linear")
     with pytest.raises(ValueError, match="needs 'class_path'"):
         build_autoencoder({"init_args": {}})

@@ -74,6 +74,23 @@ def test_output_has_the_input_shape_and_zero_init_backbones_start_at_zero(kind):
         assert u.abs().max() > 0
 
 
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_the_interval_enters_as_t_minus_r(kind):
+    """With the t embedding silenced, u depends on (r, t) only through t - r: two pairs with the same interval
+    give the same output, and a different interval a different one (an embedder fed r would fail both)."""
+    model = make(kind)
+    with torch.no_grad():
+        for p in model.t_embedder.parameters():
+            p.zero_()
+    z, ctx, mask = inputs(model)
+    with torch.no_grad():
+        u = model(z, torch.tensor([0.125, 0.25]), torch.tensor([0.5, 0.625]), ctx, mask)
+        same_interval = model(z, torch.tensor([0.5, 0.5]), torch.tensor([0.875, 0.875]), ctx, mask)
+        other_interval = model(z, torch.tensor([0.25, 0.5]), torch.tensor([0.5, 0.625]), ctx, mask)
+    torch.testing.assert_close(same_interval, u)
+    assert (other_interval - u).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("kind", sorted(BACKBONES))
 def test_padded_text_tokens_do_not_change_output(kind):
     model = make(kind)

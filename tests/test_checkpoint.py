@@ -136,3 +136,34 @@ def test_last_checkpoint_holds_the_final_weights_when_max_steps_is_off_the_inter
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["last.ckpt", "step=3.ckpt"] + (["step=6.ckpt"] if max_steps == 6 else [])
     )
+
+
+def test_checkpoints_that_recorded_retired_options_still_load():
+    """Options removed since (interval_scale, qk_norm, prefetch_factor, caption_dropout) are dropped when they hold the
+    value that behaves as the code does now; any other value would change the run and is refused."""
+    from emf_lightning.checkpoint_config import config_from_checkpoint
+    from emf_lightning.training.checkpoint_format import (
+        FORMAT_KEY,
+        FORMAT_VERSION,
+        CheckpointFormatError,
+        module_hyperparameters,
+    )
+
+    sana = "emf_lightning.models.diffusers_adapter.SanaMeanFlowBackbone"
+    ckpt = {
+        FORMAT_KEY: FORMAT_VERSION,
+        "hyper_parameters": {"backbone": {"class_path": sana, "init_args": {"config": "tiny", "interval_scale": None}}},
+        "datamodule_hyper_parameters": {"batch_size": 4, "prefetch_factor": None, "caption_dropout": 0.0},
+    }
+    config = config_from_checkpoint(ckpt)
+    assert config["model"]["backbone"]["init_args"] == {"config": "tiny"}
+    assert config["data"] == {"batch_size": 4}
+    ckpt["datamodule_hyper_parameters"]["caption_dropout"] = 0.1
+    with pytest.raises(CheckpointFormatError, match="caption_dropout"):
+        config_from_checkpoint(ckpt)
+    dit = {"class_path": "emf_lightning.models.DiT", "init_args": {"preset": "tiny", "qk_norm": True}}
+    converted = module_hyperparameters({FORMAT_KEY: FORMAT_VERSION, "hyper_parameters": {"backbone": dit}})
+    assert converted["backbone"]["init_args"] == {"preset": "tiny"}
+    dit["init_args"]["qk_norm"] = False  # a model without QK-norm cannot be rebuilt any more
+    with pytest.raises(CheckpointFormatError, match="qk_norm"):
+        module_hyperparameters({FORMAT_KEY: FORMAT_VERSION, "hyper_parameters": {"backbone": dit}})

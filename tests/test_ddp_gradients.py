@@ -32,10 +32,10 @@ import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback
 
 from emf_lightning.meanflow import MeanFlowLoss, TimeSampler, concat_conditions, null_condition
+from emf_lightning.meanflow.naive import ReferenceMeanFlowLoss
 from emf_lightning.models.generator import build_generator
 
 from helpers import FixedBatches, shapes_batch, tiny_module
-from reference_meanflow import ReferenceMeanFlowLoss
 
 PER_RANK = 4
 

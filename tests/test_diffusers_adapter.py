@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from emf_lightning.meanflow import MeanFlowLoss, TimeSampler, graph_free_jvp
-from emf_lightning.models import Generator, TextConnector, jvp_safe_attention
+from emf_lightning.meanflow.tangent_rules import jvp_safe_attention
+from emf_lightning.models import Generator, TextConnector
 from emf_lightning.models.diffusers_adapter import SANA_CONFIGS, SanaMeanFlowBackbone
 from emf_lightning.utils.weights import MissingWeightsError
 

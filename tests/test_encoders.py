@@ -24,9 +24,9 @@ from emf_lightning.encoders import (
     build_encoder_from_config,
     pack_tokens,
 )
-from emf_lightning.encoders.hub import hf_weights_available
 from emf_lightning.encoders.label import hash_class
 from emf_lightning.meanflow import null_features
+from emf_lightning.utils.hub import weights_available
 from emf_lightning.utils.weights import MissingWeightsError
 
 CAPTIONS = [
@@ -194,7 +194,7 @@ def test_clip_pooled_matches_open_clip_encode_text(encoders) -> None:
     import open_clip
 
     from emf_lightning.encoders.clip import TINY_CLIP
-    from emf_lightning.encoders.hf_base import random_init
+    from emf_lightning.utils.model_helpers import random_init
 
     reference = random_init(lambda: open_clip.model.CLIP(**TINY_CLIP), 0).eval()
     tokens = open_clip.tokenizer.SimpleTokenizer()(CAPTIONS)
@@ -278,12 +278,12 @@ def test_pretrained_loads_a_local_folder(tmp_path, cls) -> None:
     folder = tmp_path / "model"
     tiny.model.save_pretrained(folder)
     tiny.tokenizer.save_pretrained(folder)
-    assert hf_weights_available(str(folder)) and cls.weights_available(model=str(folder))
+    assert weights_available(str(folder)) and cls.weights_available(model=str(folder))
     loaded = cls(model=str(folder))
     assert loaded.cache_key.startswith(f"{cls.name}:{folder}:")
     torch.testing.assert_close(loaded.encode(CAPTIONS).tokens, tiny.encode(CAPTIONS).tokens, atol=1e-6, rtol=0)
     (folder / "model.safetensors").unlink()  # config without weights: a clear error, not a random model
-    assert not hf_weights_available(str(folder))
+    assert not weights_available(str(folder))
     with pytest.raises(MissingWeightsError, match="no config.json plus model weights"):
         cls(model=str(folder))
 
@@ -298,7 +298,7 @@ def test_registry_builds_by_name_class_path_and_config() -> None:
     )
     assert same.cache_key == enc.cache_key
     assert build_encoder_from_config({"name": "label", "num_classes": 3}).num_classes == 3
-    with pytest.raises(ValueError, match="not a TextEncoder subclass"):
+    with pytest.raises(ValueError, match="does not name a subclass of TextEncoder"):
         build_encoder("torch.nn.Linear")
 
 
@@ -347,7 +347,7 @@ def test_clip_loads_a_local_open_clip_checkpoint(tmp_path, encoders) -> None:
     import open_clip
 
     from emf_lightning.encoders.clip import TINY_CLIP
-    from emf_lightning.encoders.hf_base import random_init
+    from emf_lightning.utils.model_helpers import random_init
 
     (tmp_path / "EMF-Test-Tiny-CLIP.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(tmp_path / "EMF-Test-Tiny-CLIP.json")

@@ -59,7 +59,7 @@ class StandInGenerator(StandInModule):
     def __init__(self, items: list[dict], mode: str = "real", objective: str = "meanflow"):
         super().__init__()
         self.stand_in = LookupGenerator(items, mode, objective)
-        self.objective, self.calls = objective, self.stand_in.calls
+        self.objective, self.calls = self.stand_in.objective, self.stand_in.calls
 
     def generate(self, *args, **kwargs):
         return self.stand_in.generate(*args, **kwargs)

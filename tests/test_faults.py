@@ -633,7 +633,7 @@ def test_img2dataset_shards_give_metadata_and_no_spec(tmp_path):
     dm.setup("validate")
     batches = list(dm.val_dataloader())
     assert [k for b in batches for k in b["key"]] == keys
-    assert all(spec is None for b in batches for spec in b["spec"])
+    assert all(scene_spec_or_none(m) is None for b in batches for m in b["meta"])
     metas = [m for b in batches for m in b["meta"]]
     assert metas[1]["url"] == "https://example.com/img/1.jpg" and metas[1]["status"] == "success"
     assert metas[4]["key"] == "000010001" and metas[4]["width"] == 24
@@ -709,7 +709,7 @@ def test_shapes_eval_judges_only_the_samples_with_a_spec(tmp_path, lines):
     dm = ShardDataModule(val_shards=shards, batch_size=16, num_workers=0, image_size=RES)
     dm.setup("validate")
     (batch,) = list(dm.val_dataloader())
-    assert [s is not None for s in batch["spec"]] == [True] * 4 + [False] * 5
+    assert [scene_spec_or_none(m) is not None for m in batch["meta"]] == [True] * 4 + [False] * 5
     assert batch["meta"][-1] == {"url": "https://x/1", "width": 24, "height": 20, "status": "success", "objects": "two"}
 
     cb = EvaluationCallback(
@@ -887,8 +887,7 @@ def _train_dm(urls: str, num_workers: int) -> ShardDataModule:
         image_size=8,
         epoch_length=10,
         shuffle_buffer=4,
-        caption_sampling="random",
-        caption_dropout=0.3,
+        caption_sampling="random",  # a random draw per sample: the replay must repeat it
         seed=7,
     )
 
@@ -922,7 +921,7 @@ def test_loader_state_resumes_mid_epoch_exactly(train_urls, num_workers):
     second.setup("fit")
     resumed = second.train_dataloader()
     resumed.load_state_dict(state)
-    assert _batches(resumed) == whole[1][2:]  # the rest of epoch 1, keys, captions and dropouts alike
+    assert _batches(resumed) == whole[1][2:]  # the rest of epoch 1, keys and captions alike
     assert resumed.tally.samples == 10  # the replayed part counts towards the epoch's tally
     assert resumed.state_dict()["batches"] == 4
 

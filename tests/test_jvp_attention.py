@@ -20,7 +20,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from emf_lightning import meanflow
-from emf_lightning.models import build_generator, jvp_safe_attention
+from emf_lightning.meanflow.tangent_rules import jvp_safe_attention
+from emf_lightning.models import build_generator
 from emf_lightning.models import jvp_attention as jvp_module
 from emf_lightning.models.attention import attention, math_attention
 from emf_lightning.models.jvp_attention import jvp_attention, set_jvp_attention_backend

@@ -189,6 +189,21 @@ def test_export_of_a_pixel_space_checkpoint_keeps_everything_in_safetensors(tmp_
     torch.testing.assert_close(exported.generate(CAPTIONS, steps=1, seed=2), module.generate(CAPTIONS, seed=2))
 
 
+def test_exported_generate_defaults_to_the_saved_steps_and_cfg_scale(tmp_path):
+    from emf_lightning.commands.export import export
+
+    from helpers import tiny_module
+    from test_models import perturb_zero_init
+
+    module = tiny_module(sample_steps=(2, 4), cfg_scale=2.0)
+    perturb_zero_init(module.ema_generator)  # a zero velocity would make every setting give the same images
+    exported = MeanFlowGenerator.from_pretrained(export(module, tmp_path / "px", global_step=0))
+    want = module.generate(CAPTIONS, steps=2, cfg_scale=2.0, seed=3)
+    torch.testing.assert_close(exported.generate(CAPTIONS, seed=3), want)
+    for steps, cfg_scale in ((1, 2.0), (2, 1.0)):  # each default alone changes the images
+        assert not torch.allclose(module.generate(CAPTIONS, steps=steps, cfg_scale=cfg_scale, seed=3), want)
+
+
 def test_export_refuses_a_folder_that_is_not_empty(run, tmp_path, capsys):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")

@@ -20,9 +20,9 @@ from emf_lightning.meanflow import (
     sample_meanflow,
 )
 from emf_lightning.meanflow.jvp import du_dt
-from emf_lightning.models import build_generator, jvp_safe_attention
-
-from reference_meanflow import ReferenceMeanFlowLoss
+from emf_lightning.meanflow.naive import ReferenceMeanFlowLoss
+from emf_lightning.meanflow.tangent_rules import jvp_safe_attention
+from emf_lightning.models import build_generator
 
 # The production loss and the naive reference (full-batch torch.func.jvp, as public code) must agree.
 LOSSES = [MeanFlowLoss, ReferenceMeanFlowLoss]

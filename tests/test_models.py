@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from emf_lightning.meanflow import tangent_rules
+from emf_lightning.meanflow.tangent_rules import jvp_safe_attention
 from emf_lightning.models import (
     BACKBONES,
     DiT,
@@ -16,10 +18,8 @@ from emf_lightning.models import (
     TextConnector,
     attention,
     build_generator,
-    jvp_safe_attention,
     math_attention,
 )
-from emf_lightning.models.attention import jvp_safe_attention_active
 from emf_lightning.models.dit import sincos_2d
 from emf_lightning.models.layers import TimestepEmbedder
 
@@ -62,22 +62,26 @@ def test_math_attention_equals_sdpa_with_padding_mask():
     torch.testing.assert_close(math_attention(q, k2, v2, mask), ref, atol=1e-6, rtol=1e-5)
 
 
-def test_attention_switches_path_inside_context_and_restores():
+def test_attention_switches_path_inside_context_and_restores(monkeypatch):
+    """The JVP mode routes attention's SDPA call to jvp_safe_sdpa while it is active, and leaves nothing behind
+    (no global state: after the context, even one left by an exception, no mode is active)."""
     q, k, v = qkv()
     mask = padding_mask([2, 5], 7)
-    assert not jvp_safe_attention_active()
+    routed = []
+    real = tangent_rules.jvp_safe_sdpa
+    monkeypatch.setattr(tangent_rules, "jvp_safe_sdpa", lambda *a, **kw: routed.append(1) or real(*a, **kw))
+    assert not torch._C._is_torch_function_mode_enabled()
     with jvp_safe_attention():
-        assert jvp_safe_attention_active()
-        with jvp_safe_attention(False):
-            assert not jvp_safe_attention_active()
-        assert jvp_safe_attention_active()
+        assert torch._C._is_torch_function_mode_enabled()
         out = attention(q, k, v, mask)
-    assert not jvp_safe_attention_active()
+    assert routed == [1]
+    assert not torch._C._is_torch_function_mode_enabled()
     torch.testing.assert_close(out, attention(q, k, v, mask), atol=1e-6, rtol=1e-5)
+    assert routed == [1]  # outside the context: the fused kernel, not the JVP-safe path
     with pytest.raises(RuntimeError):
         with jvp_safe_attention():
             raise RuntimeError("boom")
-    assert not jvp_safe_attention_active()
+    assert not torch._C._is_torch_function_mode_enabled()
 
 
 def test_attention_under_jvp_matches_math_backend_sdpa_and_finite_differences():

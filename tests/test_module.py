@@ -271,6 +271,28 @@ def test_training_ema_follows_the_warmup_formula_and_progress_schedule():
     assert not all(torch.equal(a, b) for a, b in zip(init, rec.params[-1]))
 
 
+class RecordGradNorm(Callback):
+    """The norm of the gradients the optimiser stepped with (Lightning clears them only in the next step)."""
+
+    def __init__(self):
+        self.norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad.flatten() for p in pl_module.generator.parameters() if p.grad is not None]
+        self.norms.append(float(torch.cat(grads).norm()))
+
+
+def test_gradient_clip_val_bounds_the_gradient_of_every_update():
+    clip = 1e-3
+    module = tiny_module()
+    rec = RecordGradNorm()
+    trainer = quiet_trainer(max_steps=2, callbacks=[rec], gradient_clip_val=clip)
+    trainer.fit(module, loader([shapes_batch(2, 16, seed=s) for s in range(2)]))
+    assert float(trainer.callback_metrics["train/grad_norm"]) > 10 * clip  # logged before clipping
+    assert len(rec.norms) == 2
+    assert all(0 < norm <= clip * (1 + 1e-4) for norm in rec.norms), rec.norms
+
+
 def _learning_rates(module: EMFModule, steps: int) -> list[float]:
     """The learning rate of each of the first ``steps`` optimiser steps (the scheduler stepped every step)."""
     conf = module.configure_optimizers()

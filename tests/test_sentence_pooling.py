@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from emf_lightning.encoders import SentenceEncoder
-from emf_lightning.encoders.base import masked_mean
 from emf_lightning.encoders.sentence import minilm_path
 from emf_lightning.encoders.st_pooling import declared_pooling, pool_tokens, pooling_from_config
+from emf_lightning.utils.model_helpers import masked_mean
 
 CAPTIONS = ["a red circle", "two small blue squares above a green triangle", "x"]
 MODULES = [

@@ -8,8 +8,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-from emf_lightning.meanflow.tangent_rules import fast_tangents
-from emf_lightning.models import build_generator, jvp_safe_attention
+from emf_lightning.meanflow.tangent_rules import fast_tangents, jvp_safe_attention
+from emf_lightning.models import build_generator
 
 
 def _random_params(module: nn.Module, seed: int = 0) -> nn.Module:

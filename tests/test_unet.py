@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from emf_lightning.meanflow import MeanFlowLoss, TimeSampler
+from emf_lightning.meanflow.naive import ReferenceMeanFlowLoss
 from emf_lightning.models import UNet, build_generator
 
-from reference_meanflow import ReferenceMeanFlowLoss
 from test_models import perturb_zero_init
 
 

@@ -81,7 +81,7 @@ def _section(hparams: Any) -> dict[str, Any]:
 def config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The ``model:`` (and ``data:``, when saved) config sections held in a checkpoint's hyper-parameters;
     the model's in the current format whatever the checkpoint's (``training.checkpoint_format``)."""
-    from emf_lightning.training.checkpoint_format import module_hyperparameters
+    from emf_lightning.training.checkpoint_format import module_hyperparameters, without_retired
 
     config: dict[str, Any] = {}
     model = module_hyperparameters(ckpt)
@@ -89,7 +89,7 @@ def config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
         config["model"] = model
     data = _section(ckpt.get("datamodule_hyper_parameters"))
     if data:
-        config["data"] = data
+        config["data"] = without_retired("ShardDataModule", data)
     return config
 
 
@@ -172,7 +172,7 @@ def check_overrides(ckpt: dict[str, Any], model_config: Any, data_config: Any, p
     if data_config is not None and ckpt.get("datamodule_hyper_parameters"):
         lines += [
             f"data.{k}: {old!r} -> {new!r}"
-            for k, old, new in differences(ckpt["datamodule_hyper_parameters"], data_config)
+            for k, old, new in differences(config_from_checkpoint(ckpt).get("data", {}), data_config)
         ]
     return lines
 

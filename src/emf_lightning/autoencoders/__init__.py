@@ -11,13 +11,13 @@ names the diffusers class (a pipeline folder: its `vae/` subfolder).
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
 
 from emf_lightning.autoencoders.base import IdentityAutoencoder, LatentAutoencoder
 from emf_lightning.autoencoders.diffusers_vae import DCAutoencoder, DiffusersAutoencoder, KLAutoencoder
+from emf_lightning.utils.specs import resolve_class
 
 # name -> (class, default constructor arguments)
 AUTOENCODERS: dict[str, tuple[type[LatentAutoencoder], dict[str, Any]]] = {
@@ -33,22 +33,10 @@ DIFFUSERS_CLASSES: dict[str, type[DiffusersAutoencoder]] = {
 }
 
 
-def autoencoder_class(path: str) -> type[LatentAutoencoder]:
-    """A dotted class path -> the LatentAutoencoder subclass."""
-    module, _, attr = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"cannot import autoencoder class {path!r}: {err}") from err
-    if not (isinstance(cls, type) and issubclass(cls, LatentAutoencoder)):
-        raise ValueError(f"{path!r} is not a LatentAutoencoder subclass")
-    return cls
-
-
 def _config_class_name(model: str) -> tuple[str | None, str | None]:
     """(`_class_name` of the VAE config, subfolder) for a local folder or a cached HF id; (None, None) if absent.
     A pipeline (model_index.json) keeps its VAE in `vae/`."""
-    from emf_lightning.encoders.hub import _cached_file
+    from emf_lightning.utils.hub import cached_file
 
     path = Path(model).expanduser()
     other = None  # a config.json that names some other class
@@ -57,7 +45,7 @@ def _config_class_name(model: str) -> tuple[str | None, str | None]:
             found = path / sub / "config.json" if sub else path / "config.json"
             config = str(found) if found.is_file() else None
         else:
-            config = _cached_file(model, f"{sub}/config.json" if sub else "config.json")
+            config = cached_file(model, f"{sub}/config.json" if sub else "config.json")
         if config is not None:
             name = json.loads(Path(config).read_text()).get("_class_name")
             if name in DIFFUSERS_CLASSES:
@@ -83,11 +71,7 @@ def build_autoencoder(
     if isinstance(spec, dict):
         spec = dict(spec)
         if "class_path" in spec:
-            cls = (
-                AUTOENCODERS[spec["class_path"]][0]
-                if spec["class_path"] in AUTOENCODERS
-                else autoencoder_class(spec["class_path"])
-            )
+            cls = resolve_class(spec["class_path"], LatentAutoencoder, {k: c for k, (c, _) in AUTOENCODERS.items()})
             return cls(**{**(spec.get("init_args") or {}), **overrides})
         if "name" in spec:
             return build_autoencoder(spec.pop("name"), **{**spec, **overrides})
@@ -97,7 +81,7 @@ def build_autoencoder(
         cls, defaults = AUTOENCODERS[name]
         return cls(**{**defaults, **overrides})
     if "/" not in name and "." in name and not Path(name).expanduser().exists():
-        return autoencoder_class(name)(**overrides)
+        return resolve_class(name, LatentAutoencoder)(**overrides)
     class_name, subfolder = _config_class_name(name)
     if class_name is None:
         from emf_lightning.utils.weights import MissingWeightsError, hf_cache_dir
@@ -125,6 +109,5 @@ __all__ = [
     "IdentityAutoencoder",
     "KLAutoencoder",
     "LatentAutoencoder",
-    "autoencoder_class",
     "build_autoencoder",
 ]

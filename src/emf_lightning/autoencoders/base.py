@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from emf_lightning.encoders.base import resolve_dtype
+from emf_lightning.utils.model_helpers import resolve_dtype
 from emf_lightning.utils.specs import RecordsInitArgs, to_spec
 
 

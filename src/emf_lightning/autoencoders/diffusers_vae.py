@@ -1,6 +1,6 @@
 """Autoencoders from diffusers: `AutoencoderKL` (SD-VAE, FLUX VAE) and `AutoencoderDC` (SANA's DC-AE).
 
-Weights load offline from a local folder or the Hugging Face cache (`utils/diffusers_hub.py`); missing weights
+Weights load offline from a local folder or the Hugging Face cache (`utils/hub.py`); missing weights
 raise `MissingWeightsError` naming the model, the subfolder and where we looked. The latent scaling is the VAE
 config's: latents = (raw - shift_factor) * scaling_factor, and decode inverts it (shift 0 when the config has
 none, e.g. SD-VAE and DC-AE; FLUX's VAE has one).
@@ -16,9 +16,8 @@ import torch
 from torch import Tensor
 
 from emf_lightning.autoencoders.base import LatentAutoencoder
-from emf_lightning.encoders.base import short_hash
-from emf_lightning.encoders.hf_base import random_init
-from emf_lightning.utils.diffusers_hub import diffusers_weights_available, load_diffusers
+from emf_lightning.utils import hub
+from emf_lightning.utils.model_helpers import random_init, short_hash
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,10 @@ class DiffusersAutoencoder(LatentAutoencoder):
         if pretrained:
             self.model_id = model or self.default_model
             self.subfolder = subfolder
-            self.vae = load_diffusers(cls, self.model_id, subfolder, variant, torch_dtype=self.compute_dtype)
+            source, sub = hub.locate(self.model_id, subfolder, hub.diffusers_weights(variant))
+            self.vae = hub.load(
+                cls.from_pretrained, source, subfolder=sub, variant=variant, torch_dtype=self.compute_dtype
+            )
             self._random_key = ""
         else:
             config = {**self.tiny_config, **(random_config or {})}
@@ -129,7 +131,11 @@ class DiffusersAutoencoder(LatentAutoencoder):
         **_: Any,
     ) -> bool:
         """Whether the weights `cls(model=..., subfolder=...)` would load are on this machine (loads nothing)."""
-        return True if not pretrained else diffusers_weights_available(model or cls.default_model, subfolder, variant)
+        return (
+            True
+            if not pretrained
+            else hub.weights_available(model or cls.default_model, subfolder, hub.diffusers_weights(variant))
+        )
 
     @property
     def latent_channels(self) -> int:

@@ -45,7 +45,6 @@ class EvaluationCallback(Callback):
         num_samples: held-out prompts (and real images) per evaluation.
         grid_prompts: rows of the sample grid (0: no grid).
         grid_upscale: magnification of grid cells; ``None`` makes cells at least 128 px.
-        on_fit_validation: also evaluate at the end of every validation epoch during ``fit``.
         on_train_end: also evaluate the final weights when training ends off the ``every_n_steps`` grid
             (``max_time`` reached, interrupted, or ``max_steps`` not a multiple).
         output_dir: folder for grids and JSON (default ``<trainer.log_dir or default_root_dir>/eval``).
@@ -61,7 +60,6 @@ class EvaluationCallback(Callback):
         num_samples: int = 256,
         grid_prompts: int = 8,
         grid_upscale: int | None = None,
-        on_fit_validation: bool = False,
         on_train_end: bool = False,
         output_dir: str | None = None,
         print_table: bool | None = None,
@@ -78,7 +76,6 @@ class EvaluationCallback(Callback):
         self.num_samples = num_samples
         self.grid_prompts = grid_prompts
         self.grid_upscale = grid_upscale
-        self.on_fit_validation = on_fit_validation
         self.evaluate_on_train_end = on_train_end
         self.output_dir = output_dir
         self.print_table = print_table
@@ -150,19 +147,13 @@ class EvaluationCallback(Callback):
                 callback.on_train_end(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Evaluate under ``validate``, and during ``fit`` when ``on_fit_validation``."""
-        if trainer.sanity_checking:
-            return
+        """Evaluate under ``validate`` (during ``fit``, ``every_n_steps`` decides)."""
         fn = getattr(trainer.state.fn, "value", trainer.state.fn)
-        if fn == "validate":
-            result = self.evaluate(trainer, pl_module)  # evaluation is the job here: errors propagate
-        elif fn == "fit" and self.on_fit_validation and trainer.global_step != self._last_step:
-            result = self._evaluate_during_fit(trainer, pl_module)
-        else:
+        if trainer.sanity_checking or fn != "validate":
             return
-        if result is not None:
-            # Same values on every rank (computed from gathered data): no reduction needed.
-            pl_module.log_dict(result.flat(), sync_dist=False)
+        result = self.evaluate(trainer, pl_module)  # evaluation is the job here: errors propagate
+        # Same values on every rank (computed from gathered data): no reduction needed.
+        pl_module.log_dict(result.flat(), sync_dist=False)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Remember the checkpoint's step: ``validate --ckpt`` runs with ``trainer.global_step == 0``."""

@@ -5,8 +5,7 @@ AdamW update) of
 
 * flow matching (the floor: one forward and one backward),
 * naive MeanFlow (``torch.func.jvp`` over the whole batch, math attention everywhere, u from the JVP's
-  primal, as public code does: the reference loss of the test suite, ``tests/reference_meanflow.py``, run
-  when the repository's tests folder is present),
+  primal, as public code does: ``meanflow.naive.ReferenceMeanFlowLoss``, the reference of the test suite),
 * our MeanFlow (``meanflow.MeanFlowLoss``: a graph-free JVP on the r != t rows only, then one fused forward)
   at 25 % and 75 % r != t, with MeanFlow's tangent and with improved MeanFlow's predicted one,
 
@@ -56,6 +55,7 @@ from emf_lightning.meanflow import (
     sample_flow_matching,
     sample_meanflow,
 )
+from emf_lightning.meanflow.naive import ReferenceMeanFlowLoss
 from emf_lightning.models import build_generator
 from emf_lightning.models.compiled import CompiledForward
 from emf_lightning.utils.progress import progress
@@ -104,19 +104,6 @@ class Workload:
     text_dim: int
 
 
-def reference_loss_class() -> type[MeanFlowLoss] | None:
-    """The naive reference loss of the test suite, when this is a checkout with its ``tests`` folder."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[3] / "tests" / "reference_meanflow.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("emf_reference_meanflow", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ReferenceMeanFlowLoss
-
-
 @dataclass
 class Variant:
     """One training objective / JVP configuration."""
@@ -134,10 +121,7 @@ class Variant:
         if self.objective == "fm":
             return FlowMatchingLoss(sampler, cond_drop_prob=0.0)
         if self.objective == "naive":  # the reference computes du/dt as public code does: no precision choice
-            cls = reference_loss_class()
-            if cls is None:
-                raise RuntimeError("the reference loss lives in the repository's tests/ folder (not installed)")
-            return cls(sampler, cond_drop_prob=0.0, jvp_tangent=self.tangent)
+            return ReferenceMeanFlowLoss(sampler, cond_drop_prob=0.0, jvp_tangent=self.tangent)
         return MeanFlowLoss(sampler, cond_drop_prob=0.0, jvp_tangent=self.tangent, jvp_precision=self.jvp_precision)
 
 
@@ -516,31 +500,11 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    """Rich tables on the console."""
+    """The markdown report, rendered on the console (one renderer for the file and the screen)."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.markdown import Markdown
 
-    console = Console()
-    for wl in report["workloads"]:
-        w = wl["workload"]
-        table = Table(
-            title=f"{w['size']} ({wl['info']['parameters_m']:.1f}M params), batch {w['batch']}, "
-            f"{wl['info']['layout']}, {report['environment']['device']}"
-        )
-        for h in STEP_HEADER:
-            table.add_column(h, justify="left" if h in ("step", "target (median)") else "right")
-        for row in step_rows([StepResult(**r) for r in wl["steps"]]):
-            table.add_row(*row)
-        console.print(table)
-        if wl.get("sampling"):
-            st = Table(title="sampling throughput")
-            st.add_column("sampler")
-            st.add_column("images/s", justify="right")
-            for name, rate in wl["sampling"].items():
-                st.add_row(name, f"{rate:.1f}")
-            console.print(st)
-    if report.get("loader"):
-        console.print(f"data loader: {report['loader']}")
+    Console().print(Markdown(markdown_report(report)))
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -142,28 +142,19 @@ def captions_from_file(path: Path, skipped: Counter) -> Iterator[str]:
 
 
 def captions_from_shards(spec: str, skipped: Counter, paraphrases: bool = True) -> Iterator[str]:
-    """Captions of WebDataset shards: each sample's .txt, plus its .json 'captions' list unless disabled.
-    Unreadable shards or samples are skipped, counted and logged."""
-    import webdataset as wds
+    """Captions of WebDataset shards: each sample's .txt, plus its .json 'captions' list unless disabled. Read as
+    the data module reads them (``data.pipeline.iter_shards``, ``caption_text``); unreadable shards or samples
+    are skipped, counted and logged."""
+    from emf_lightning.data.health import SkipCounter
+    from emf_lightning.data.pipeline import caption_text, iter_shards
 
-    from emf_lightning.data.pipeline import expand_shard_urls
-
-    def handler(err: Exception) -> bool:
-        skipped["unreadable shard or sample"] += 1
-        log.warning("skipping unreadable data: %s", err)
-        return True
-
-    dataset = wds.WebDataset(
-        expand_shard_urls(spec),
-        shardshuffle=False,
-        handler=handler,
-        empty_check=False,
-        select_files=lambda name: name.endswith((".txt", ".json")),
-    )
-    for sample in dataset:
-        found: list[str] = []
-        if sample.get("txt") is not None:
-            found.append(sample["txt"].decode("utf-8", errors="replace"))
+    counter = SkipCounter("cache-features")
+    for sample in iter_shards(spec, counter):
+        try:
+            found = [caption_text(sample)]
+        except UnicodeDecodeError:  # training skips such a sample: no features for a caption it never sees
+            skipped["caption not UTF-8"] += 1
+            continue
         if paraphrases and sample.get("json") is not None:
             try:
                 doc = json.loads(sample["json"])
@@ -175,6 +166,7 @@ def captions_from_shards(spec: str, skipped: Counter, paraphrases: bool = True) 
         if not found:
             skipped["sample without caption"] += 1
         yield from found
+    skipped.update(counter.drain())  # damaged or unreadable shards, by the data module's reasons
 
 
 def unique(captions: Iterable[str]) -> list[str]:

@@ -23,7 +23,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from emf_lightning.data.health import SkipTally
-from emf_lightning.data.pipeline import CAPTION_SAMPLING, DecodeOptions, ShardStream, expand_shard_urls
+from emf_lightning.data.pipeline import DecodeOptions, ShardStream, expand_shard_urls
 from emf_lightning.errors import ConfigError
 
 log = logging.getLogger("emf_lightning.data")
@@ -56,7 +56,6 @@ class ShardLoader(DataLoader):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
-        prefetch_factor: int | None = None,
         start_epoch: int = 0,
         timeout: float = 0.0,
         sampler: None = None,
@@ -69,8 +68,6 @@ class ShardLoader(DataLoader):
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs["persistent_workers"] = persistent_workers
-            if prefetch_factor is not None:
-                kwargs["prefetch_factor"] = prefetch_factor
         # batch_size=None: the stream batches inside each worker (far less inter-process traffic)
         super().__init__(
             stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, timeout=timeout, **kwargs
@@ -152,10 +149,10 @@ class ShardLoader(DataLoader):
 
 
 class ShardDataModule(LightningDataModule):
-    """WebDataset shards -> batches {"image" [B,3,H,W] in [-1,1], "caption", "spec", "meta", "key", "skipped"}.
+    """WebDataset shards -> batches {"image" [B,3,H,W] in [-1,1], "caption", "meta", "key", "skipped"}.
 
-    "meta" is each sample's .json (without "captions"), "spec" the same dict when it is a shapes-world scene
-    spec and None otherwise (other datasets' metadata, e.g. img2dataset's url/width/height/status).
+    "meta" is each sample's .json (without "captions"): a shapes-world scene spec or other datasets' metadata
+    (e.g. img2dataset's url/width/height/status); consumers tell them apart (`shapes.scene_spec_or_none`).
 
     Args:
         train_shards: training shards: a brace pattern ("data/train-{000000..000099}.tar"), a glob, a
@@ -174,20 +171,18 @@ class ShardDataModule(LightningDataModule):
             that epoch's data loading up to where it stopped (see `ShardLoader`), so this also bounds that.
         caption_sampling: "first" = the primary caption (.txt); "random" = a random one among the
             primary caption and the paraphrases in the .json "captions".
-        caption_dropout: training only: probability of replacing the caption with "" (the null
-            condition) for classifier-free guidance.
-        seed: every random choice (shards, shuffle, captions, dropout) is a function of
+        seed: every random choice (shards, shuffle, captions, latent flips) is a function of
             (seed, epoch, rank, worker).
         load_features: read precomputed text features (<key>.features.npz/.npy/.pth) into
             batch["features"] = {"tokens" [B,L,D], "mask" [B,L], "pooled" [B,D]}; they belong to the
-            primary caption, so this needs caption_sampling="first". A dropped caption ("") keeps its
-            features: use the null condition for those rows.
+            primary caption, so this needs caption_sampling="first". (Condition dropout for classifier-free
+            guidance is the loss's ``cond_drop_prob``.)
         load_latents: read precomputed latents (<key>.latent.npy/.pth, written by `emf cache-latents`) into
             batch["latent"]; a sample without one raises `MissingLatentsError` (the shards lack latents).
         latent_flip: training only: take the latent of the mirrored image (<key>.latent_flip.npy, written by
             `emf cache-latents --flip`) half the time, the latent form of a random horizontal flip. Off by
             default: a caption that names left and right no longer matches a mirrored image.
-        pin_memory, persistent_workers, prefetch_factor: passed to the DataLoader.
+        pin_memory, persistent_workers: passed to the DataLoader.
     """
 
     def __init__(
@@ -203,25 +198,16 @@ class ShardDataModule(LightningDataModule):
         shuffle_buffer: int = 1000,
         epoch_length: int = 10_000,
         caption_sampling: str = "first",
-        caption_dropout: float = 0.0,
         seed: int = 0,
         load_features: bool = False,
         load_latents: bool = False,
         latent_flip: bool = False,
         pin_memory: bool = False,
         persistent_workers: bool = False,
-        prefetch_factor: int | None = None,
     ) -> None:
         super().__init__()
-        if caption_sampling not in CAPTION_SAMPLING:
-            raise ConfigError(f"caption_sampling must be one of {CAPTION_SAMPLING}, got {caption_sampling!r}")
-        if load_features and caption_sampling != "first":
-            raise ConfigError(
-                "load_features=True needs caption_sampling='first': precomputed features belong to "
-                "the primary caption, not to a random paraphrase"
-            )
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ConfigError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        # the decode options are checked once, here (DecodeOptions), and the streams trust them
+        self.decode = DecodeOptions(image_size, caption_sampling, load_features, load_latents, latent_flip)
         for name, value in (("batch_size", batch_size), ("image_size", image_size), ("epoch_length", epoch_length)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -233,9 +219,7 @@ class ShardDataModule(LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.image_size = num_workers, image_size
         self.shuffle_buffer, self.epoch_length, self.seed = shuffle_buffer, epoch_length, seed
-        self.caption_sampling, self.caption_dropout = caption_sampling, caption_dropout
-        self.load_features, self.load_latents, self.latent_flip = load_features, load_latents, latent_flip
-        self.pin_memory, self.persistent_workers, self.prefetch_factor = pin_memory, persistent_workers, prefetch_factor
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.rank, self.world_size = 0, 1
         self.streams: dict[str, ShardStream] = {}
         self.loaders: dict[str, ShardLoader] = {}
@@ -250,16 +234,6 @@ class ShardDataModule(LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-    def _options(self, train: bool) -> DecodeOptions:
-        return DecodeOptions(
-            image_size=self.image_size,
-            caption_sampling=self.caption_sampling,
-            caption_dropout=self.caption_dropout if train else 0.0,
-            load_features=self.load_features,
-            load_latents=self.load_latents,
-            latent_flip=self.latent_flip,
-        )
 
     def _eval_stream(self, spec: ShardSpec, label: str) -> ShardStream:
         urls = expand_shard_urls(spec)
@@ -283,7 +257,7 @@ class ShardDataModule(LightningDataModule):
             urls,
             self.val_batch_size,
             train=False,
-            options=self._options(False),
+            options=self.decode,
             seed=self.seed,
             rank=self.rank,
             world_size=self.world_size,
@@ -305,7 +279,7 @@ class ShardDataModule(LightningDataModule):
                 expand_shard_urls(self.train_shards),
                 self.batch_size,
                 train=True,
-                options=self._options(True),
+                options=self.decode,
                 samples_per_rank=self.epoch_length // self.world_size,
                 shuffle_buffer=self.shuffle_buffer,
                 seed=self.seed,
@@ -340,7 +314,6 @@ class ShardDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            prefetch_factor=self.prefetch_factor,
             start_epoch=start,
         )
         self.loaders[name] = loader

@@ -99,11 +99,6 @@ class SkipTally:
         self.counts.clear()
         self.samples = 0
 
-    @property
-    def total_skipped_samples(self) -> int:
-        """Skipped samples (shard-level events are not samples and are not included)."""
-        return sum(n for r, n in self.counts.items() if r not in SHARD_REASONS)
-
     def summary(self, label: str) -> str:
         """One line: delivered samples and skips by reason, e.g. for the end-of-epoch log."""
         if not self.counts:

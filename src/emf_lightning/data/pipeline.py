@@ -10,9 +10,10 @@ Two modes:
   so nothing is duplicated or dropped, and the order is fixed for a fixed number of ranks and workers.
   (With fewer shards than ranks x workers, some workers get none; write more, smaller shards.)
 
-Batches are dicts {"image": [B,3,H,W] in [-1,1], "caption": [str], "spec": [dict|None], "meta": [dict|None],
-"key": [str], "skipped": {reason: count}} plus "features" / "latent" when requested. "meta" is the sample's .json
-(without "captions"); "spec" is that same dict only when it is a shapes-world scene spec, otherwise None. "skipped" holds the skips this
+Batches are dicts {"image": [B,3,H,W] in [-1,1], "caption": [str], "meta": [dict|None], "key": [str],
+"skipped": {reason: count}} plus "features" / "latent" when requested. "meta" is the sample's .json (without
+"captions"); whether it is a shapes-world scene spec is the consumers' question (`shapes.scene_spec_or_none`: the
+data layer knows no world). "skipped" holds the skips this
 worker counted since its previous batch; a worker whose samples were all bad yields one empty batch
 (B = 0) to report its counts, which `ShardDataModule`'s loader consumes and drops.
 """
@@ -48,7 +49,6 @@ from emf_lightning.data.health import (
 from emf_lightning.data.tar_reader import iter_shard_samples
 from emf_lightning.data.transforms import open_rgb, resize_center_crop
 from emf_lightning.errors import ConfigError, InputNotFoundError
-from emf_lightning.shapes.scene import scene_spec_or_none
 from emf_lightning.utils.images import from_uint8
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
@@ -61,6 +61,19 @@ _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shard lists
+
+
+def iter_shards(spec: str | Sequence[str], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Every raw sample {"__key__", "__url__", ext: bytes} of the shards, in order: the one shard reader (the data
+    module's streams, the probe, `emf cache-features`); damage is counted in ``counter``, never raised."""
+    for url in expand_shard_urls(spec):
+        yield from iter_shard_samples(url, counter)
+
+
+def caption_text(raw: dict[str, Any]) -> str:
+    """A raw sample's .txt as text ("" without one): the one decoding rule, strict UTF-8, because a caption with
+    invalid bytes would otherwise be trained or encoded as U+FFFD text. Raises UnicodeDecodeError."""
+    return raw["txt"].decode("utf-8") if "txt" in raw else ""
 
 
 def expand_shard_urls(spec: str | Sequence[str]) -> list[str]:
@@ -132,10 +145,18 @@ class DecodeOptions:
 
     image_size: int = 32
     caption_sampling: str = "first"
-    caption_dropout: float = 0.0
     load_features: bool = False
     load_latents: bool = False
     latent_flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.caption_sampling not in CAPTION_SAMPLING:
+            raise ConfigError(f"caption_sampling must be one of {CAPTION_SAMPLING}, got {self.caption_sampling!r}")
+        if self.load_features and self.caption_sampling != "first":
+            raise ConfigError(
+                "load_features=True needs caption_sampling='first': precomputed features belong to "
+                "the primary caption, not to a random paraphrase"
+            )
 
 
 class MissingLatentsError(ValueError):
@@ -168,7 +189,7 @@ def _features(data: bytes, ext: str) -> dict[str, torch.Tensor]:
 def decode_sample(
     raw: dict[str, Any], opts: DecodeOptions, rng: random.Random, counter: SkipCounter, train: bool
 ) -> dict[str, Any] | None:
-    """A raw tar sample -> {"image", "caption", "spec", "meta", "key"[, "features", "latent"]}, or None (counted).
+    """A raw tar sample -> {"image", "caption", "meta", "key"[, "features", "latent"]}, or None (counted).
 
     "image" is uint8 [H, W, 3] here; `collate` converts whole batches to [-1, 1] floats at once.
     """
@@ -185,8 +206,7 @@ def decode_sample(
             return None
     paraphrases = [c.strip() for c in (doc or {}).get("captions", []) or [] if isinstance(c, str) and c.strip()]
     try:
-        # strict: a caption with invalid bytes would otherwise be trained as U+FFFD text
-        primary = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
+        primary = caption_text(raw).strip()
     except UnicodeDecodeError as exn:
         counter.skip(UNDECODABLE_CAPTION, f"{where}.txt: not UTF-8: {exn}")
         return None
@@ -240,12 +260,9 @@ def decode_sample(
     if opts.caption_sampling == "random":
         pool = [primary] + [c for c in paraphrases if c != primary]
         caption = pool[rng.randrange(len(pool))]
-    if train and opts.caption_dropout > 0 and rng.random() < opts.caption_dropout:
-        caption = ""  # the null condition (classifier-free guidance)
     out["caption"] = caption
     meta = {k: v for k, v in (doc or {}).items() if k != "captions"}
     out["meta"] = meta or None
-    out["spec"] = scene_spec_or_none(meta)  # other datasets' .json (img2dataset, list columns) is no scene spec
     return out
 
 
@@ -259,7 +276,6 @@ def collate(samples: list[dict[str, Any]], skipped: dict[str, int], image_size: 
         return {
             "image": torch.empty(0, 3, image_size, image_size),
             "caption": [],
-            "spec": [],
             "meta": [],
             "key": [],
             "skipped": skipped,
@@ -267,7 +283,6 @@ def collate(samples: list[dict[str, Any]], skipped: dict[str, int], image_size: 
     batch: dict[str, Any] = {
         "image": from_uint8(np.stack([s["image"] for s in samples])),
         "caption": [s["caption"] for s in samples],
-        "spec": [s["spec"] for s in samples],
         "meta": [s["meta"] for s in samples],
         "key": [s["key"] for s in samples],
         "skipped": skipped,
@@ -352,14 +367,9 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # batch size and decode options are checked where the user sets them (ShardDataModule, DecodeOptions)
         if train and (samples_per_rank is None or samples_per_rank < 1):
             raise ValueError(f"a training stream needs samples_per_rank >= 1, got {samples_per_rank}")
-        if options.caption_sampling not in CAPTION_SAMPLING:
-            raise ValueError(f"caption_sampling must be one of {CAPTION_SAMPLING}, got {options.caption_sampling!r}")
-        if not 0.0 <= options.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {options.caption_dropout}")
         self.urls = list(urls)
         self.batch_size = batch_size
         self.train = train

@@ -8,14 +8,12 @@ Registry names: llm, qwen3, t5, clip, minilm, bow, label, precomputed (features 
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from emf_lightning.encoders.base import (
     CaptionTruncationWarning,
     TextEncoder,
     TextFeatures,
-    masked_mean,
     pack_tokens,
 )
 from emf_lightning.encoders.bow import BagOfWordsEncoder
@@ -27,6 +25,8 @@ from emf_lightning.encoders.precomputed import PrecomputedEncoder
 from emf_lightning.encoders.sentence import SentenceEncoder
 from emf_lightning.encoders.t5 import T5Encoder
 from emf_lightning.encoders.wrappers import NormalizedEncoder, PooledTokenEncoder, normalize_caption
+from emf_lightning.utils.model_helpers import masked_mean
+from emf_lightning.utils.specs import resolve_class
 
 ENCODERS: dict[str, type[TextEncoder]] = {
     "llm": LLMEncoder,
@@ -42,18 +42,7 @@ ENCODERS: dict[str, type[TextEncoder]] = {
 
 def encoder_class(name: str) -> type[TextEncoder]:
     """Registry name (e.g. "llm") or dotted class path (e.g. "emf_lightning.encoders.LLMEncoder") -> class."""
-    if name in ENCODERS:
-        return ENCODERS[name]
-    if "." in name:
-        module, _, attr = name.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot import text encoder class {name!r}: {err}") from err
-        if not (isinstance(cls, type) and issubclass(cls, TextEncoder)):
-            raise ValueError(f"{name!r} is not a TextEncoder subclass")
-        return cls
-    raise ValueError(f"unknown text encoder {name!r}; registered: {', '.join(sorted(ENCODERS))}")
+    return resolve_class(name, TextEncoder, ENCODERS, "text encoder")
 
 
 def build_encoder(name: str, **kwargs: Any) -> TextEncoder:

@@ -7,7 +7,6 @@ a pooled vector. Subclasses implement `_encode_batch`; the base class does input
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from emf_lightning.utils.model_helpers import resolve_dtype
 from emf_lightning.utils.specs import RecordsInitArgs
 
 
@@ -117,32 +117,6 @@ def pack_tokens(hidden: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     mask = torch.arange(length, device=hidden.device).unsqueeze(0) < counts.unsqueeze(1)
     tokens = torch.where(mask.unsqueeze(-1), gathered, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     return tokens, mask
-
-
-def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
-    """Mean of tokens [B, L, D] over positions where mask [B, L] is True -> [B, D]."""
-    weights = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """Accept torch dtypes and config strings ('float32', 'bf16', 'torch.float16'); None -> float32."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
-    name = str(dtype).removeprefix("torch.")
-    name = aliases.get(name, name)
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"unknown floating dtype {dtype!r}; use float32, float16 or bfloat16")
-    return value
-
-
-def short_hash(text: str, n: int = 10) -> str:
-    """A stable (cross-process, cross-platform) short hex digest, for cache keys."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
 
 
 def check_captions(captions: Any) -> list[str]:

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from emf_lightning.encoders.base import TextEncoder, TextFeatures, check_captions, short_hash
+from emf_lightning.encoders.base import TextEncoder, TextFeatures, check_captions
+from emf_lightning.utils.model_helpers import short_hash
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from emf_lightning.encoders.base import TextEncoder, TextFeatures, pack_tokens
-from emf_lightning.encoders.hf_base import PaddingSide, random_init
-from emf_lightning.encoders.hub import _cached_file, warn_random
+from emf_lightning.encoders.hf_base import PaddingSide
+from emf_lightning.utils.hub import cached_file, warn_random
+from emf_lightning.utils.model_helpers import random_init
 from emf_lightning.utils.weights import MissingWeightsError, hf_cache_dir
 
 TINY_CLIP = dict(
@@ -50,7 +51,7 @@ def _locate_open_clip_weights(model: str, weights: str) -> tuple[str, dict]:
     # open_clip writes 'org/repo/' (default file names) or 'org/repo/file.bin'.
     repo, filename = os.path.split(hub)
     for name in (filename,) if filename else OPEN_CLIP_WEIGHT_FILES:
-        found = _cached_file(repo, name)
+        found = cached_file(repo, name)
         if found:
             return found, cfg
     raise MissingWeightsError(

@@ -13,18 +13,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from emf_lightning.encoders.base import TextEncoder, TextFeatures, masked_mean, pack_tokens, short_hash
+from emf_lightning.encoders.base import TextEncoder, TextFeatures, pack_tokens
+from emf_lightning.utils.model_helpers import masked_mean, short_hash
 
 PaddingSide = Literal["right", "left"]
 Pooling = Literal["mean", "last"]
-
-
-def random_init(build: Any, seed: int) -> Any:
-    """Run `build()` under a private, seeded RNG so a random test model is reproducible and the caller's
-    global RNG state is untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
 
 
 class HFTextEncoder(TextEncoder):

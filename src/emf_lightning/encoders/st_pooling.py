@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from emf_lightning.encoders.base import masked_mean
+from emf_lightning.utils.model_helpers import masked_mean
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "last")
 # config.json flags (sentence-transformers' Pooling.get_config_dict) -> our names
@@ -46,9 +46,9 @@ def _read_json(source: str, name: str) -> Any | None:
     if folder.is_dir():
         path = folder / name
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    from emf_lightning.encoders.hub import _cached_file
+    from emf_lightning.utils.hub import cached_file
 
-    found = _cached_file(source, name)
+    found = cached_file(source, name)
     return json.loads(Path(found).read_text(encoding="utf-8")) if found else None
 
 

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
-from emf_lightning.encoders.hf_base import HFTextEncoder, PaddingSide, Pooling, random_init
-from emf_lightning.encoders.hub import hf_weights_available, load_pretrained, locate_pretrained, warn_random
+from emf_lightning.encoders.hf_base import HFTextEncoder, PaddingSide, Pooling
 from emf_lightning.encoders.tiny import tiny_tokenizer
+from emf_lightning.utils import hub
+from emf_lightning.utils.model_helpers import random_init
 
 TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
 
@@ -59,9 +60,9 @@ class T5Encoder(HFTextEncoder):
         model = model or self.default_model
         config: dict[str, Any] = {}
         if pretrained:
-            source = locate_pretrained(model)
-            self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, source)
-            self.model = load_pretrained(T5EncoderModel.from_pretrained, source, dtype=self.compute_dtype)
+            source = hub.locate(model)[0]
+            self.tokenizer = hub.load(AutoTokenizer.from_pretrained, source)
+            self.model = hub.load(T5EncoderModel.from_pretrained, source, dtype=self.compute_dtype)
         else:
             self.tokenizer = tiny_tokenizer("t5")
             config = {**TINY_T5, **(random_config or {}), "seed": seed}
@@ -72,10 +73,10 @@ class T5Encoder(HFTextEncoder):
                 decoder_start_token_id=self.tokenizer.pad_token_id,
                 **{k: v for k, v in config.items() if k != "seed"},
             )
-            warn_random(self.name, "tiny T5")
+            hub.warn_random(self.name, "tiny T5")
             self.model = random_init(lambda: T5EncoderModel(cfg), seed)
         self._setup(model if pretrained else "tiny-t5", pretrained, config)
 
     @classmethod
     def weights_available(cls, model: str | None = None, pretrained: bool = True, **_: Any) -> bool:
-        return True if not pretrained else hf_weights_available(model or cls.default_model)
+        return True if not pretrained else hub.weights_available(model or cls.default_model)

@@ -38,7 +38,9 @@ from emf_lightning.evaluation.fid import (
     kernel_inception_distance,
     load_inception,
 )
+from emf_lightning.meanflow.losses import Objective
 from emf_lightning.shapes.judge import ShapesEval
+from emf_lightning.shapes.scene import scene_spec_or_none
 from emf_lightning.shapes.wordings import families, reword_all
 from emf_lightning.utils.images import to_uint8
 from emf_lightning.utils.progress import progress
@@ -46,8 +48,6 @@ from emf_lightning.utils.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
 
-MEANFLOW_STEPS = (1, 2, 4)
-FLOW_MATCHING_STEPS = (1, 2, 4, 50)  # the baseline needs many steps
 REAL = "real"
 
 
@@ -78,10 +78,11 @@ class HeldOutSet:
 
 
 def collect_held_out(batches: Iterable[dict[str, Any]], n: int, source: list[str] | None = None) -> HeldOutSet:
-    """First ``n`` samples of an iterable of datamodule batches ({"image", "caption", "spec", "key"}).
+    """First ``n`` samples of an iterable of datamodule batches ({"image", "caption", "meta", "key"}).
 
-    Samples with an empty caption are skipped (the empty caption is the null condition, not a prompt);
-    keys default to the running index when a batch has none.
+    A sample's scene spec is its ``meta`` when that is a shapes-world scene (``scene_spec_or_none``); in-memory
+    batches may give ``"spec"`` directly. Samples with an empty caption are skipped (the empty caption is the null
+    condition, not a prompt); keys default to the running index when a batch has none.
     """
     images: list[np.ndarray] = []
     captions: list[str] = []
@@ -92,7 +93,7 @@ def collect_held_out(batches: Iterable[dict[str, Any]], n: int, source: list[str
         imgs = batch["image"]
         arr = to_uint8(imgs) if isinstance(imgs, Tensor) else np.asarray(imgs, dtype=np.uint8)
         caps = list(batch["caption"])
-        bspecs = list(batch.get("spec") or [None] * len(caps))
+        bspecs = batch.get("spec") or [scene_spec_or_none(m) for m in batch.get("meta") or [None] * len(caps)]
         bkeys = list(batch.get("key") or [str(len(keys) + skipped + i) for i in range(len(caps))])
         for img, cap, spec, key in zip(arr, caps, bspecs, bkeys):
             if not cap:
@@ -143,14 +144,14 @@ class Evaluator:
     """Few-step sample quality of a generator on a held-out set (see the module docstring).
 
     Args:
-        steps: sampling step counts; ``None``: (1, 2, 4), or (1, 2, 4, 50) when ``model.objective`` is
-            ``"flow_matching"``.
+        steps: sampling step counts; ``None``: ``model.objective.eval_steps`` (the objective knows how many
+            steps its sampler needs: (1, 2, 4) for MeanFlow, (1, 2, 4, 50) for flow matching).
         cfg_scales: classifier-free guidance scales (1.0 = no guidance); ``None``: the model's own sampling
             scale (``model.hparams.cfg_scale``, 1.0 when it has none), so a run is judged as it samples.
         seed: noise seed; generation batch ``b`` uses ``seed + b``.
         batch_size: generation / feature batch size.
         fid: compute FID and KID (needs Inception weights or ``fid_feature_extractor``).
-        kid_subsets, kid_subset_size: KID subsets (the size is clipped to the set size).
+        kid_subsets: KID subsets (of 1000 samples, or the whole set when it is smaller).
         clip_score: compute the CLIP score (needs CLIP weights or ``clip_scorer``).
         shapes_eval: run ShapesEval on samples that carry a shapes-world spec.
         inception_path: Inception weights file or folder; ``None`` searches the usual caches.
@@ -175,7 +176,6 @@ class Evaluator:
         batch_size: int = 64,
         fid: bool = True,
         kid_subsets: int = 100,
-        kid_subset_size: int = 1000,
         clip_score: bool = True,
         shapes_eval: bool = True,
         inception_path: str | None = None,
@@ -201,7 +201,7 @@ class Evaluator:
         self.steps = tuple(int(s) for s in steps) if steps is not None else None
         self.cfg_scales = tuple(float(g) for g in cfg_scales) if cfg_scales is not None else None
         self.seed, self.batch_size, self.keep_images, self.name = seed, batch_size, keep_images, name
-        self.fid, self.kid_subsets, self.kid_subset_size = fid, kid_subsets, kid_subset_size
+        self.fid, self.kid_subsets = fid, kid_subsets
         self.clip_score, self.shapes_eval = clip_score, shapes_eval
         self.inception_path, self.clip_model, self.clip_pretrained = inception_path, clip_model, clip_pretrained
         self.reference_cache = ReferenceFeatureCache(reference_cache_dir)
@@ -214,11 +214,9 @@ class Evaluator:
         self._processes = Processes()
 
     def settings_for(self, model: Any) -> list[tuple[int, float]]:
-        """(steps, cfg) pairs, step-major, defaulting the step list by ``model.objective``."""
-        steps = self.steps
-        if steps is None:
-            flow_matching = getattr(model, "objective", "meanflow") == "flow_matching"
-            steps = FLOW_MATCHING_STEPS if flow_matching else MEANFLOW_STEPS
+        """(steps, cfg) pairs, step-major; the step list defaults to the model's objective's ``eval_steps``, the
+        guidance scales to the model's own."""
+        steps = self.steps if self.steps is not None else getattr(model, "objective", Objective).eval_steps
         scales = self.cfg_scales or (float(getattr(model, "hparams", {}).get("cfg_scale", 1.0)),)
         return [(s, g) for s in steps for g in scales]
 
@@ -262,7 +260,7 @@ class Evaluator:
                 else:
                     row["fid"] = frechet_distance(real_feats, feats)
                     row["kid"], row["kid_std"] = kernel_inception_distance(
-                        real_feats, feats, self.kid_subsets, self.kid_subset_size, seed=self.seed
+                        real_feats, feats, self.kid_subsets, seed=self.seed
                     )
             if clip_scores is not None:
                 row["clip_score"] = float(clip_scores.mean())

@@ -6,6 +6,7 @@ jvp.py         du/dt: the one production JVP (r != t rows only, graph-free, clos
 losses.py      MeanFlowLoss, FlowMatchingLoss (one shared __call__, targets in ``compute``)
 sampling.py    sample_meanflow, sample_flow_matching (one integrator), classifier-free guidance
 draws.py       reproducible noise
+naive.py       ReferenceMeanFlowLoss: the naive full-batch JVP of public code (the tests' reference, the bench's baseline)
 """
 
 from emf_lightning.meanflow.conditions import (

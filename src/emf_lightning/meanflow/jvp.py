@@ -8,7 +8,8 @@ The target u_tgt = v - (t - r) du/dt needs the total derivative of u(z, r, t) al
   with ``torch.autograd.forward_ad`` dual tensors, before the forward that keeps its graph, so the two
   activation peaks never stack (a MeanFlow step needs the memory of a flow-matching step);
 - PyTorch's generic forward-AD rules for linear, conv and the norms are slow; ``tangent_rules`` gives them
-  closed forms, and attention takes a JVP-safe path (fused SDPA kernels have no forward-mode rule).
+  closed forms, and the same mode sends attention down a JVP-safe path (fused SDPA kernels have no
+  forward-mode rule).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from torch import Tensor
 
 from emf_lightning.meanflow.conditions import Cond, take_rows
 from emf_lightning.meanflow.tangent_rules import fast_tangents
-from emf_lightning.models.attention import jvp_safe_attention
 
 Net = Callable[..., Tensor]
 
@@ -64,7 +64,7 @@ def graph_free_jvp(net: Net, z: Tensor, r: Tensor, t: Tensor, tangent_z: Tensor,
 
     r carries no tangent, so it stays a plain tensor; so do the text conditions.
     """
-    with torch.no_grad(), jvp_safe_attention(), fast_tangents(), fwAD.dual_level():
+    with torch.no_grad(), fast_tangents(), fwAD.dual_level():
         u = net(fwAD.make_dual(z, tangent_z.to(z.dtype)), r, fwAD.make_dual(t, torch.ones_like(t)), *cond)
         dudt = fwAD.unpack_dual(u).tangent
     if dudt is None:  # the output does not depend on z or t (e.g. a zero-initialised last layer)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from emf_lightning.models.attention import jvp_safe_sdpa
+
 
 def _no_backward(name: str):
     def backward(ctx, *grads):  # pragma: no cover - only used under torch.no_grad
@@ -192,7 +194,17 @@ _RULES = {
 }
 
 
-class _FastTangentMode(TorchFunctionMode):
+class _JvpSafeAttentionMode(TorchFunctionMode):
+    """Every ``F.scaled_dot_product_attention`` call (ours or a library's) goes to ``jvp_safe_sdpa``: fused SDPA
+    kernels have no forward-mode AD rule."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return jvp_safe_sdpa(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+class _FastTangentMode(_JvpSafeAttentionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         rule = _RULES.get(func)
         if rule is not None:
@@ -200,12 +212,21 @@ class _FastTangentMode(TorchFunctionMode):
             values = _arguments(defaults, args, kwargs or {})
             if fn is not _Conv2d or not isinstance(values[4], str):  # padding="same"/"valid": PyTorch's rule
                 return fn.apply(*values)
-        return func(*args, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@contextlib.contextmanager
+def jvp_safe_attention() -> Iterator[None]:
+    """Route attention through a forward-mode-AD-safe path (for ``torch.func.jvp`` with a graph, as the naive
+    reference loss does); ``fast_tangents`` does this too."""
+    with _JvpSafeAttentionMode():
+        yield
 
 
 @contextlib.contextmanager
 def fast_tangents() -> Iterator[None]:
-    """Route linear, conv2d, group_norm and layer_norm through hand-written tangent rules (no backward).
+    """Route linear, conv2d, group_norm and layer_norm through hand-written tangent rules (no backward), and
+    attention as ``jvp_safe_attention`` does.
 
     Use only around a JVP under ``torch.no_grad`` (``meanflow.jvp.du_dt`` does).
     """

@@ -1,6 +1,6 @@
 """Backbones (DiT, U-Net) and the trainable generator (text connector + backbone)."""
 
-from .attention import attention, jvp_safe_attention, math_attention
+from .attention import attention, jvp_safe_sdpa, math_attention
 from .connector import TextConnector
 from .dit import DiT
 from .generator import BACKBONES, Generator, build_backbone, build_generator
@@ -28,6 +28,6 @@ __all__ = [
     "attention",
     "build_backbone",
     "build_generator",
-    "jvp_safe_attention",
+    "jvp_safe_sdpa",
     "math_attention",
 ]

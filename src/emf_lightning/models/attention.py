@@ -1,49 +1,25 @@
-"""Scaled dot-product attention with a forward-mode-AD-safe fallback.
+"""Scaled dot-product attention, and the forward-mode-AD-safe replacement of the fused kernel.
 
-Fused SDPA kernels (flash / memory-efficient, and the CPU flash kernel) have no forward-mode AD rule, so
-``torch.func.jvp`` through them raises ``NotImplementedError``. MeanFlow needs a JVP through the whole
-network for the samples with r != t, so inside :func:`jvp_safe_attention` every call of :func:`attention`
-takes an explicit math path built from matmul + softmax, which forward-mode AD differentiates. Outside
-that context (plain forwards, sampling) the fused kernel runs. In a graph-free JVP (under ``torch.no_grad``,
-inputs carrying a forward-AD tangent) the context routes to :func:`.jvp_attention.jvp_attention` instead,
-whose tangent rule is closed-form (and a fused Triton kernel on CUDA).
+:func:`attention` always calls ``F.scaled_dot_product_attention`` (the fused kernel). Fused SDPA kernels (flash /
+memory-efficient, and the CPU flash kernel) have no forward-mode AD rule, so ``torch.func.jvp`` through them
+raises ``NotImplementedError``. MeanFlow's JVP modes (``meanflow.tangent_rules``: ``jvp_safe_attention``,
+``fast_tangents``) send every SDPA call, ours and a library's, to :func:`jvp_safe_sdpa`: an explicit math path
+built from matmul + softmax, which forward-mode AD differentiates, or, in a graph-free JVP (under
+``torch.no_grad``, inputs carrying a forward-AD tangent), :func:`.jvp_attention.jvp_attention`, whose tangent rule
+is closed-form (and a fused Triton kernel on CUDA). No global state: the mode on the stack decides.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .jvp_attention import fused_jvp_backend, jvp_attention
-
-# A plain module-level flag: torch.compile guards on it (one graph per value) instead of tracing a
-# context manager, and reading it costs nothing in eager mode.
-_JVP_SAFE: bool = False
-
-
-@contextlib.contextmanager
-def jvp_safe_attention(enabled: bool = True) -> Iterator[None]:
-    """Route :func:`attention` through the explicit math path while the context is active.
-
-    Re-entrant: the previous state is restored on exit, so nesting and exceptions are safe.
-    """
-    global _JVP_SAFE
-    previous = _JVP_SAFE
-    _JVP_SAFE = enabled
-    try:
-        yield
-    finally:
-        _JVP_SAFE = previous
-
-
-def jvp_safe_attention_active() -> bool:
-    """Whether :func:`attention` currently uses the math path."""
-    return _JVP_SAFE
 
 
 def _key_padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -82,19 +58,43 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
         mask: optional key padding mask [B, Lk] bool, True = attend (a real token).
 
     Returns:
-        [B, H, Lq, Dh]. Uses fused ``F.scaled_dot_product_attention`` unless inside
-        :func:`jvp_safe_attention`, where it uses :func:`.jvp_attention.jvp_attention` for a graph-free
-        JVP and :func:`math_attention` otherwise.
+        [B, H, Lq, Dh], by ``F.scaled_dot_product_attention`` (inside a JVP mode: :func:`jvp_safe_sdpa`).
     """
     if mask is not None:
         if mask.dtype != torch.bool:
             raise TypeError(f"attention mask must be bool (True = attend), got {mask.dtype}")
         if mask.shape != (k.shape[0], k.shape[-2]):
             raise ValueError(f"attention mask must be [B, Lk] = {(k.shape[0], k.shape[-2])}, got {tuple(mask.shape)}")
-    if _JVP_SAFE:
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def jvp_safe_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` where forward-mode AD must pass through it (the JVP modes call it).
+
+    No mask or a bool key padding mask [B, 1, 1, Lk] (what :func:`attention` passes): :func:`jvp_attention` in a
+    graph-free JVP, else :func:`math_attention`. Any other call (e.g. a diffusers model's additive mask): SDPA's
+    own math backend, which forward-mode AD differentiates too.
+    """
+    key_padding = attn_mask is None or (
+        attn_mask.dtype == torch.bool and attn_mask.shape == (k.shape[0], 1, 1, k.shape[-2])
+    )
+    if key_padding and dropout_p == 0.0 and not is_causal and scale is None and not kwargs:
+        mask = None if attn_mask is None else attn_mask[:, 0, 0, :]
         backend = fused_jvp_backend(q, k, v)
         if backend is not None:
             return jvp_attention(q, k, v, mask, backend)
         return math_attention(q, k, v, mask)
-    attn_mask = None if mask is None else mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
+        )

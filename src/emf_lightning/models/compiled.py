@@ -5,8 +5,8 @@ JVP (``meanflow.jvp``) runs in, so compiling the whole generator would graph-bre
 other passes of a MeanFlow step (the forward that keeps its graph, the no-gradient forwards of the predicted
 tangent and of training-time guidance) and every sampling step are plain forwards, and compile without a graph
 break (DiT and U-Net; checked with ``torch._dynamo.explain``, see ``tests/test_compile.py``). ``CompiledForward``
-sends each call to the compiled function or, inside the JVP (``models.attention.jvp_safe_attention``), to the
-module itself.
+sends each call to the compiled function or, inside the JVP (a ``TorchFunctionMode`` is active: the JVP modes of
+``meanflow.tangent_rules``), to the module itself.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from .attention import jvp_safe_attention_active
 
 
 class CompiledForward:
@@ -27,7 +25,7 @@ class CompiledForward:
         self.compiled = torch.compile(module, **compile_kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if jvp_safe_attention_active():
+        if torch._C._is_torch_function_mode_enabled():  # inside a JVP mode: dynamo does not trace dual tensors
             return self.module(*args, **kwargs)
         return self.compiled(*args, **kwargs)
 

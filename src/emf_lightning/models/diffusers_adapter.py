@@ -25,8 +25,8 @@ Because the interval lives in a diffusers-native slot, the fine-tuned transforme
 loads back with `SanaTransformer2DModel.from_pretrained` (guidance_embeds=True; pass ``guidance = (t - r) x 1000``).
 
 JVP. SANA's self-attention is linear attention (plain matmuls; forward-mode AD needs nothing special); its
-cross-attention calls `F.scaled_dot_product_attention`, whose fused kernels have no forward-AD rule, so inside the
-project's JVP context (`models.attention.jvp_safe_attention`) the transformer runs under the math SDPA backend. The
+cross-attention calls `F.scaled_dot_product_attention`, whose fused kernels have no forward-AD rule; the JVP modes
+(`meanflow.tangent_rules`) route that call to SDPA's math backend, as they route ours (`models.attention`). The
 sinusoidal time features and the linear attention are computed in at least float32 and in float64 for float64 input
 (diffusers casts both to float32, which would make float64 finite-difference checks meaningless); for float32 and
 bf16 inputs they compute exactly what diffusers computes.
@@ -34,7 +34,6 @@ bf16 inputs they compute exactly what diffusers computes.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
 import math
@@ -46,7 +45,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import jvp_safe_attention_active
 from .layers import Backbone
 
 log = logging.getLogger(__name__)
@@ -196,7 +194,7 @@ class SanaMeanFlowBackbone(Backbone):
         interval_init: how the t - r embedder starts (see the module docstring); "zero" keeps the pretrained
             model's output unchanged.
         time_scale: multiplier of t before the pretrained time embedder; default 1000 x config.timestep_scale
-            (what the pretrained model saw). interval_scale: the same for t - r (default time_scale).
+            (what the pretrained model saw); t - r gets the same scale.
         trainable: parameters trained in full: "all", "none", "emf" (see TRAINABLE_PRESETS) or a list of fnmatch
             patterns over the transformer's parameter names. Default "all", or "none" with LoRA.
         lora: add LoRA adapters (peft): {"r": 16, "alpha": r, "target_modules": [...], "dropout": 0.0}; adapter
@@ -218,7 +216,6 @@ class SanaMeanFlowBackbone(Backbone):
         input_size: int | tuple[int, int] | None = None,
         interval_init: IntervalInit = "zero",
         time_scale: float | None = None,
-        interval_scale: float | None = None,
         trainable: str | list[str] | None = None,
         lora: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
@@ -229,7 +226,7 @@ class SanaMeanFlowBackbone(Backbone):
         super().__init__()
         if interval_init not in INTERVAL_INITS:
             raise ValueError(f"interval_init must be one of {INTERVAL_INITS}, got {interval_init!r}")
-        from emf_lightning.encoders.base import resolve_dtype
+        from emf_lightning.utils.model_helpers import resolve_dtype
 
         param_dtype = resolve_dtype(dtype)
         self.transformer = self._build_transformer(model, subfolder, config, pretrained, variant, seed, param_dtype)
@@ -248,7 +245,6 @@ class SanaMeanFlowBackbone(Backbone):
         self.in_channels = int(cfg.in_channels)
         self.context_dim = int(cfg.caption_channels)
         self.time_scale = float(1000.0 * cfg.timestep_scale if time_scale is None else time_scale)
-        self.interval_scale = float(self.time_scale if interval_scale is None else interval_scale)
         self.interval_init = interval_init
         self._add_interval_embedder(interval_init, seed)
         self._use_precise_time_and_attention()
@@ -283,8 +279,8 @@ class SanaMeanFlowBackbone(Backbone):
     ) -> nn.Module:
         from diffusers import SanaTransformer2DModel
 
-        from emf_lightning.encoders.hf_base import random_init
-        from emf_lightning.utils.diffusers_hub import load_diffusers, load_diffusers_config
+        from emf_lightning.utils import hub
+        from emf_lightning.utils.model_helpers import random_init
 
         if config is not None and pretrained:
             raise ValueError(
@@ -292,15 +288,16 @@ class SanaMeanFlowBackbone(Backbone):
                 "(or drop config to load pretrained weights)"
             )
         if pretrained:
-            return load_diffusers(
-                SanaTransformer2DModel, model or self.default_model, subfolder, variant, torch_dtype=dtype
+            source, sub = hub.locate(model or self.default_model, subfolder, hub.diffusers_weights(variant))
+            return hub.load(
+                SanaTransformer2DModel.from_pretrained, source, subfolder=sub, variant=variant, torch_dtype=dtype
             )
         if isinstance(config, str):
             if config not in SANA_CONFIGS:
                 raise ValueError(f"unknown SANA config {config!r}; named configs: {sorted(SANA_CONFIGS)}")
             config = SANA_CONFIGS[config]
         if config is None:
-            config = load_diffusers_config(SanaTransformer2DModel, model or self.default_model, subfolder)
+            config = hub.load_config(SanaTransformer2DModel, model or self.default_model, subfolder)
         log.warning("SanaTransformer2DModel built with RANDOM weights (pretrained=False): for tests and benchmarks")
         transformer = random_init(lambda: SanaTransformer2DModel(**config), seed)
         return transformer if dtype == torch.float32 else transformer.to(dtype)
@@ -446,17 +443,11 @@ class SanaMeanFlowBackbone(Backbone):
         """
         self.check_inputs(x, r, t, context)
         mask = None if context_mask is None else context_mask.to(x.dtype)  # diffusers turns it into a bias
-        math_sdpa = contextlib.nullcontext()
-        if jvp_safe_attention_active():  # fused SDPA kernels have no forward-mode AD rule
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            math_sdpa = sdpa_kernel(SDPBackend.MATH)
-        with math_sdpa:
-            return self.transformer(
-                x,
-                encoder_hidden_states=context,
-                timestep=t * self.time_scale,
-                guidance=(t - r) * self.interval_scale,
-                encoder_attention_mask=mask,
-                return_dict=False,
-            )[0]
+        return self.transformer(
+            x,
+            encoder_hidden_states=context,
+            timestep=t * self.time_scale,
+            guidance=(t - r) * self.time_scale,
+            encoder_attention_mask=mask,
+            return_dict=False,
+        )[0]

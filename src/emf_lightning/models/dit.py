@@ -15,8 +15,10 @@ import torch.nn as nn
 from timm.layers import Mlp, PatchEmbed, to_2tuple
 from torch import Tensor
 
+from emf_lightning.utils.model_helpers import masked_mean
+
 from .attention import attention
-from .layers import Backbone, TimestepEmbedder, init_linears_normal, pooled_context
+from .layers import Backbone, TimestepEmbedder, init_linears_normal
 from .norms import Float32RMSNorm
 
 
@@ -46,15 +48,15 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over image tokens, optional per-head RMS QK-norm."""
+    """Multi-head self-attention over image tokens, per-head RMS QK-norm (stabilises attention logits)."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = Float32RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = Float32RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = Float32RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = Float32RMSNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -68,14 +70,14 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Image tokens attend to text tokens under a key padding mask (True = real token)."""
 
-    def __init__(self, dim: int, context_dim: int, num_heads: int, qk_norm: bool = True):
+    def __init__(self, dim: int, context_dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim, 2 * dim)
-        self.q_norm = Float32RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = Float32RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = Float32RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = Float32RMSNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
@@ -90,12 +92,12 @@ class CrossAttention(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero block: gated self-attention, gated cross-attention to text, gated MLP."""
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int, mlp_ratio: float = 4.0, qk_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, context_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(dim, num_heads, qk_norm)
+        self.attn = SelfAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.cross_attn = CrossAttention(dim, context_dim, num_heads, qk_norm)
+        self.cross_attn = CrossAttention(dim, context_dim, num_heads)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
         # shift/scale/gate for each of the three sub-blocks.
@@ -139,7 +141,6 @@ class DiT(Backbone):
         num_heads: attention heads; must divide hidden_size.
         mlp_ratio: MLP hidden width / D.
         context_dim: width of the text tokens (default D: the connector maps the encoder's width to it).
-        qk_norm: per-head RMSNorm on queries and keys (stabilises attention logits at scale).
         pool_context: also add a projection of the masked mean of the text tokens into the adaLN
             conditioning, so global prompt content modulates every block, not only cross-attention.
         time_scale: multiplier of t (and t - r) before the sinusoid (1 = raw t; see TimestepEmbedder).
@@ -166,7 +167,6 @@ class DiT(Backbone):
         num_heads: int | None = None,
         mlp_ratio: float | None = None,
         context_dim: int | None = None,
-        qk_norm: bool = True,
         pool_context: bool = True,
         time_scale: float = 1.0,
         frequency_dim: int = 256,
@@ -206,9 +206,7 @@ class DiT(Backbone):
             if pool_context
             else None
         )
-        self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, context_dim, mlp_ratio, qk_norm) for _ in range(depth)]
-        )
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, context_dim, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
@@ -253,7 +251,7 @@ class DiT(Backbone):
         """adaLN conditioning [B, D]: embed(t) + embed(t - r) (+ projection of the pooled text)."""
         c = self.t_embedder(t) + self.interval_embedder(t - r)
         if self.context_embedder is not None:
-            c = c + self.context_embedder(pooled_context(context, mask))
+            c = c + self.context_embedder(masked_mean(context, mask))
         return c
 
     def forward(self, x: Tensor, r: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:

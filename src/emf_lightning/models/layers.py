@@ -124,11 +124,3 @@ def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
-
-
-def pooled_context(context: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of the text tokens [B, L, D] over the real ones (mask True) -> [B, D]."""
-    if mask is None:
-        return context.mean(dim=1)
-    w = mask.to(context.dtype)[..., None]
-    return (context * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 from torch import Tensor
 
+from emf_lightning.utils.model_helpers import masked_mean
+
 from .attention import attention
-from .layers import Backbone, TimestepEmbedder, init_linears_normal, pooled_context, zero_init
+from .layers import Backbone, TimestepEmbedder, init_linears_normal, zero_init
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -250,7 +252,7 @@ class UNet(Backbone):
 
     def conditioning(self, r: Tensor, t: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
         """[B, cond_dim]: embed(t) + embed(t - r) + projection of the (masked) mean text token."""
-        pooled = self.context_embedder(pooled_context(context, mask))
+        pooled = self.context_embedder(masked_mean(context, mask))
         return self.t_embedder(t) + self.interval_embedder(t - r) + pooled
 
     def forward(self, x: Tensor, r: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:

@@ -25,11 +25,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from emf_lightning.utils.model_helpers import masked_mean as pooled_mean
+
 _EPS = 1e-12
 
 
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
-    """Mean of token features over positions where ``mask`` is True.
+    """Mean of token features over positions where ``mask`` is True (``utils.model_helpers.masked_mean``), with
+    the probe's checks: shapes, and no empty row (it would pool to zeros and distort every metric).
 
     Args:
         tokens: ``[B, L, D]`` token features.
@@ -45,8 +48,7 @@ def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     counts = mask.sum(dim=1)
     if bool((counts == 0).any()):
         raise ValueError(f"masked_mean: rows {torch.nonzero(counts == 0).flatten().tolist()} have an empty mask")
-    m = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * m).sum(dim=1) / counts.to(tokens.dtype).unsqueeze(-1)
+    return pooled_mean(tokens, mask)
 
 
 def normalize(x: Tensor) -> Tensor:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from emf_lightning.data.health import SkipCounter
+from emf_lightning.data.pipeline import caption_text, iter_shards
 from emf_lightning.data.transforms import open_rgb
 from emf_lightning.shapes.scene import scene_spec_or_none
 
@@ -280,20 +282,20 @@ def read_shard_samples(shards: str | Sequence[str], n: int) -> tuple[list[dict],
     """Up to ``n`` samples ``{"key", "captions", "spec", "image"}`` from WebDataset shards, and a count of
     problems met on the way.
 
+    Read by the data module's reader with its caption rule (``data.pipeline.iter_shards``, ``caption_text``).
     Each ``.txt`` line is one caption of the sample's image (several lines = paraphrases). Samples without
-    a caption are skipped; an unreadable image or spec drops only that part (``None``). Every problem is
-    counted and logged once per kind.
+    a caption, or whose .txt is not UTF-8, are skipped; an unreadable image or spec drops only that part
+    (``None``). Every problem (damaged shards included) is counted and logged once per kind.
     """
-    import webdataset as wds
-
-    urls = list(shards) if not isinstance(shards, str) else shards
-    samples, skipped = [], Counter()
-    dataset = wds.WebDataset(urls, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False)
-    for raw in dataset:
+    samples, skipped, counter = [], Counter(), SkipCounter("probe shards")
+    for raw in iter_shards(shards, counter):
         if len(samples) >= n:
             break
-        text = raw.get("txt")
-        captions = [c.strip() for c in text.decode("utf-8", "replace").splitlines() if c.strip()] if text else []
+        try:
+            captions = [c.strip() for c in caption_text(raw).splitlines() if c.strip()]
+        except UnicodeDecodeError:
+            skipped["caption not UTF-8: skipped"] += 1
+            continue
         if not captions:
             skipped["sample without caption: skipped"] += 1
             continue
@@ -312,6 +314,7 @@ def read_shard_samples(shards: str | Sequence[str], n: int) -> tuple[list[dict],
             except Exception:  # noqa: BLE001 - PIL raises many types; one bad image must not stop the probe
                 skipped["unreadable image: caption kept"] += 1
         samples.append({"key": raw.get("__key__", ""), "captions": captions, "spec": spec, "image": image})
+    skipped.update(counter.drain())
     for reason, count in skipped.items():
         log.warning("probe shards: %d x %s", count, reason)
     return samples, skipped

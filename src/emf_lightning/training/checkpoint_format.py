@@ -40,7 +40,32 @@ def module_hyperparameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
         )
     if version == 1 or "backbone_size" in hparams:
         hparams = upgrade_hyperparameters(hparams)
+    backbone = hparams.get("backbone")
+    if isinstance(backbone, dict) and isinstance(backbone.get("init_args"), dict):
+        owner = str(backbone.get("class_path", "")).rpartition(".")[2]
+        hparams["backbone"] = {**backbone, "init_args": without_retired(owner, backbone["init_args"])}
     return hparams
+
+
+# Constructor arguments removed after checkpoints recorded them: {class: {argument: the value that behaves as the
+# code does now}}. A checkpoint holding that value loads without it; another value would change the run: refused.
+RETIRED_INIT_ARGS: dict[str, dict[str, Any]] = {
+    "SanaMeanFlowBackbone": {"interval_scale": None},  # t - r is scaled like t
+    "DiT": {"qk_norm": True},  # QK-norm always on
+    "ShardDataModule": {"prefetch_factor": None, "caption_dropout": 0.0},  # dropout is the loss's cond_drop_prob
+}
+
+
+def without_retired(owner: str, init_args: dict[str, Any]) -> dict[str, Any]:
+    """``init_args`` of class ``owner`` saved in a checkpoint, minus the retired arguments (see above)."""
+    retired = RETIRED_INIT_ARGS.get(owner, {})
+    changed = {k: v for k, v in init_args.items() if k in retired and v != retired[k]}
+    if changed:
+        raise CheckpointFormatError(
+            f"this checkpoint sets {owner} options this version no longer has: {changed} "
+            f"(only {dict((k, retired[k]) for k in changed)} loads)"
+        )
+    return {k: v for k, v in init_args.items() if k not in retired}
 
 
 _LOSS_ARGS = ("adaptive_p", "adaptive_c", "guidance_omega", "guidance_kappa", "guidance_interval", "cond_drop_prob")

@@ -129,7 +129,7 @@ class EMFModule(pl.LightningModule):
                 "in_channels to the latent channels"
             )
 
-        self.objective = self.loss_fn.objective
+        self.objective = self.loss_fn  # the evaluator asks it for its step counts
         self.generator = Generator.for_backbone(backbone, encoder.dim)
         self.ema_generator = make_ema_copy(self.generator)
         # The training step's network: compiled lazily (at the first step) when asked for.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -128,6 +129,21 @@ def import_class(path: str) -> type:
     return cls
 
 
+def resolve_class(
+    name: str, expected: type[T], registry: Mapping[str, type] | None = None, kind: str | None = None
+) -> type[T]:
+    """A registry name (``registry``) or a dotted class path -> a subclass of ``expected``: the one class lookup of
+    specs, encoders and autoencoders. ``kind`` names the registry in the error for an unknown name."""
+    if registry is not None and name in registry:
+        return registry[name]
+    if registry is not None and (not isinstance(name, str) or "." not in name):
+        raise ValueError(f"unknown {kind or expected.__name__} {name!r}; registered: {', '.join(sorted(registry))}")
+    cls = import_class(name)
+    if not issubclass(cls, expected):
+        raise ValueError(f"class_path {name!r} does not name a subclass of {expected.__name__}")
+    return cls
+
+
 def build(spec: Any, expected: type[T]) -> T:
     """Instantiate ``{"class_path", "init_args"}`` (nested specs too); an instance of ``expected`` passes through.
 
@@ -138,9 +154,7 @@ def build(spec: Any, expected: type[T]) -> T:
         return spec
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise TypeError(f"expected a {expected.__name__} or a {{class_path, init_args}} dict, got {spec!r}")
-    cls = import_class(spec["class_path"])
-    if not issubclass(cls, expected):
-        raise ValueError(f"class_path {spec['class_path']!r} does not name a subclass of {expected.__name__}")
+    cls = resolve_class(spec["class_path"], expected)
     init_args = {k: _build_nested(v) for k, v in dict(spec.get("init_args") or {}).items()}
     return cls(**init_args)
 

@@ -1,4 +1,5 @@
-"""The naive MeanFlow loss, shaped like public code (py-meanflow): the reference for tests and ``emf bench``.
+"""The naive MeanFlow loss, shaped like public code (py-meanflow): the baseline ``emf bench`` times and the
+reference the tests compare the production loss with.
 
 ``torch.func.jvp`` over the whole batch with math attention everywhere, u taken from the JVP's primal (its
 autograd graph kept). The production loss (``meanflow.MeanFlowLoss``) must give the same loss and gradients.
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from emf_lightning.meanflow import MeanFlowLoss
-from emf_lightning.models import jvp_safe_attention
+from emf_lightning.meanflow.losses import MeanFlowLoss
+from emf_lightning.meanflow.tangent_rules import jvp_safe_attention
 
 
 class ReferenceMeanFlowLoss(MeanFlowLoss):
