@@ -67,7 +67,9 @@ class ServedModel:
         feats = self.encode_text(list(captions))
         noise = torch.cat([make_noise((1, *self.data_shape), int(seed), device=self.device) for seed in seeds])
         null = null_condition(1, self.text_dim, device=self.device) if cfg_scale != 1.0 else None
-        x = self.loss.sampler(self.net, noise, (feats.tokens, feats.mask), steps=steps, cfg_scale=cfg_scale, null_cond=null)
+        x = self.loss.sampler(
+            self.net, noise, (feats.tokens, feats.mask), steps=steps, cfg_scale=cfg_scale, null_cond=null
+        )
         return to_uint8(self.autoencoder.decode(x.float()))
 
 

@@ -70,7 +70,9 @@ def check_prompt(value: Any, limits: Limits) -> str:
     if not prompt:
         raise RequestError("type a prompt to draw")
     if len(prompt) > limits.max_prompt_chars:
-        raise RequestError(f"the prompt is {len(prompt)} characters long; at most {limits.max_prompt_chars} are allowed")
+        raise RequestError(
+            f"the prompt is {len(prompt)} characters long; at most {limits.max_prompt_chars} are allowed"
+        )
     try:
         prompt.encode("utf-8")  # JSON may carry lone surrogates ("\ud800"), which no tokenizer can read
     except UnicodeEncodeError:
