@@ -96,6 +96,15 @@ class ServerProcess:
         self.stop()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its finished children (Linux /proc); NaN elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 # ----------------------------------------------------------------------------------------------- load test
 
 
@@ -109,6 +118,7 @@ class LoadResult:
     latencies_ms: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    server_cpu_s: float = float("nan")  # CPU time the server process used in this phase (when known)
 
     @property
     def images_per_s(self) -> float:
@@ -125,6 +135,8 @@ class LoadResult:
             "p95_ms": round(percentile(self.latencies_ms, 95), 1),
             "images_per_s": round(self.images_per_s, 2),
             "mean_batch": round(sum(self.batch_sizes) / max(1, len(self.batch_sizes)), 2),
+            # Load-independent: what an image costs the server, and so the rate one idle core would reach.
+            "server_cpu_ms_per_image": round(1e3 * self.server_cpu_s / max(1, self.ok), 2),
             "errors": self.errors[:5],
         }
 
@@ -135,7 +147,9 @@ def post_image(conn: http.client.HTTPConnection, payload: dict) -> tuple[int, di
     return response.status, json.loads(response.read())
 
 
-def load_test(url: str, clients: int, duration_s: float, steps: int = 1, seed: int = 0) -> LoadResult:
+def load_test(
+    url: str, clients: int, duration_s: float, steps: int = 1, seed: int = 0, server_pid: int | None = None
+) -> LoadResult:
     """``clients`` threads, each sending 1-step requests back to back for ``duration_s`` seconds."""
     parsed = urlparse(url)
     result = LoadResult(clients=clients, duration_s=duration_s)
@@ -170,11 +184,14 @@ def load_test(url: str, clients: int, duration_s: float, steps: int = 1, seed: i
         conn.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    cpu_before = cpu_seconds(server_pid) if server_pid else float("nan")
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     result.duration_s = time.perf_counter() - start  # the last answers arrive after stop_at
+    if server_pid:
+        result.server_cpu_s = cpu_seconds(server_pid) - cpu_before
     return result
 
 
@@ -245,6 +262,21 @@ def keystroke_latency(url: str, typed: list[str], timeout_s: float = 60.0) -> li
         driver.quit()
 
 
+def screenshot(url: str, path: str, prompt: str = "a large red circle", timeout_s: float = 120.0) -> None:
+    """The page after typing ``prompt`` and every image drawn, as a PNG (the README's picture)."""
+    driver = chromium_driver(width=1000, height=620)
+    try:
+        driver.get(url)
+        wait_for(driver, "return document.querySelectorAll('figure').length > 0", timeout_s)
+        type_prompt(driver, prompt, timeout_s)
+        wait_for(driver, ALL_SHOWN, timeout_s, prompt)
+        time.sleep(0.3)  # let the last caption's text settle
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(path))
+    finally:
+        driver.quit()
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -253,12 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", help="checkpoint to serve")
     p.add_argument("--export", help="export folder to serve (instead of --ckpt)")
     p.add_argument("--url", help="measure a server that is already running instead of starting one")
+    p.add_argument("--server-pid", type=int, default=None, help="with --url: the server's process id, for its CPU time")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--duration", type=float, default=30.0, help="seconds of each load phase")
     p.add_argument("--typed-prompts", type=int, default=40, help="prompts typed in the browser (0: no browser)")
     p.add_argument("--no-browser", action="store_true")
     p.add_argument("--serve-args", default="", help="extra `emf serve` arguments, e.g. '--threads 1'")
     p.add_argument("--out", default=None, help="JSON file for every number")
+    p.add_argument("--screenshot", default=None, help="also save a PNG of the page here")
     args = p.parse_args(argv)
     if not (args.url or args.ckpt or args.export):
         p.error("give --ckpt, --export or --url")
@@ -270,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         server = ServerProcess([*flag, *args.serve_args.split()])
     url = args.url or server.url
     try:
+        if args.screenshot:
+            screenshot(url, args.screenshot)
         if args.typed_prompts and not args.no_browser:
             records = keystroke_latency(url, prompts(args.typed_prompts, seed=1))
             ms = [r["ms"] for r in records]
@@ -280,11 +316,15 @@ def main(argv: list[str] | None = None) -> int:
                 "compute_p50_ms": round(percentile([r["compute_ms"] for r in records], 50), 1),
                 "round_trip_p50_ms": round(percentile([r["round_trip_ms"] for r in records], 50), 1),
             }
-        sequential = load_test(url, 1, args.duration)
-        concurrent = load_test(url, args.clients, args.duration)
+        pid = server.process.pid if server is not None else args.server_pid
+        sequential = load_test(url, 1, args.duration, server_pid=pid)
+        concurrent = load_test(url, args.clients, args.duration, server_pid=pid)
         report["sequential"] = sequential.summary()
         report["concurrent"] = concurrent.summary()
         report["batching_gain"] = round(concurrent.images_per_s / max(sequential.images_per_s, 1e-9), 2)
+        if pid:
+            per_image = [r.server_cpu_s / max(1, r.ok) for r in (sequential, concurrent)]
+            report["batching_gain_server_cpu"] = round(per_image[0] / max(per_image[1], 1e-9), 2)
     finally:
         if server is not None:
             server.stop()
@@ -296,19 +336,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| measure | p50 ms | p95 ms | images/s | ok / busy / failed | mean batch |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| measure | p50 ms | p95 ms | images/s | ok / busy / failed | mean batch | server CPU ms per image |",
+        "|---|---|---|---|---|---|---|",
+    ]
     key = report.get("keystroke_to_1step_image")
     if key:
-        lines.append(f"| keystroke -> 1-step image (browser, n={key['n']}) | {key['p50_ms']} | {key['p95_ms']} | | | |")
+        lines.append(
+            f"| keystroke -> 1-step image (browser, n={key['n']}) | {key['p50_ms']} | {key['p95_ms']} | | | | |"
+        )
     for name in ("sequential", "concurrent"):
         r = report.get(name)
         if r:
             lines.append(
                 f"| {name}, {r['clients']} client(s), {r['duration_s']} s | {r['p50_ms']} | {r['p95_ms']} | "
-                f"{r['images_per_s']} | {r['ok']} / {r['busy']} / {r['failed']} | {r['mean_batch']} |"
+                f"{r['images_per_s']} | {r['ok']} / {r['busy']} / {r['failed']} | {r['mean_batch']} | "
+                f"{r['server_cpu_ms_per_image']} |"
             )
     if "batching_gain" in report:
         lines.append(f"\nthroughput, concurrent / sequential: {report['batching_gain']}x")
+    if "batching_gain_server_cpu" in report:
+        lines.append(f"server CPU per image, sequential / concurrent: {report['batching_gain_server_cpu']}x")
     return "\n".join(lines)
 
 
