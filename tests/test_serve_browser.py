@@ -7,6 +7,7 @@ import base64
 import importlib.util
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "tools" / "serve_bench.py")
 bench = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = bench  # dataclasses look their module up there
 _spec.loader.exec_module(bench)
 
 PROMPT = "a large red circle"
