@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import random
 import re
@@ -47,7 +48,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
 
 
@@ -315,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 "p95_ms": round(percentile(ms, 95), 1),
                 "compute_p50_ms": round(percentile([r["compute_ms"] for r in records], 50), 1),
                 "round_trip_p50_ms": round(percentile([r["round_trip_ms"] for r in records], 50), 1),
+                "records": records,
             }
         pid = server.process.pid if server is not None else args.server_pid
         sequential = load_test(url, 1, args.duration, server_pid=pid)
