@@ -39,6 +39,7 @@ EXTRA_COMMANDS = {
     "cache-features": "Precompute the text feature cache for a dataset",
     "cache-latents": "Encode shard images once with an autoencoder into shards with latents",
     "export": "Write a checkpoint's EMA generator as a loadable folder (safetensors, config, model card)",
+    "serve": "A web page that draws as you type (one checkpoint or export, or two side by side)",
 }
 
 
