@@ -63,7 +63,7 @@ def test_channel_statistics_match_numpy_over_real_tokens_only():
     ref_mean, ref_std = reference_statistics(batches)
     np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(std.numpy(), ref_std, rtol=1e-4)
-    assert mean[0] > 90  # the offset channel
+    assert mean[0] > 50  # the offset channel
 
 
 def test_a_constant_channel_is_floored_not_divided_by_zero():

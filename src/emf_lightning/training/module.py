@@ -319,7 +319,7 @@ class EMFModule(pl.LightningModule):
         """Up to ``STANDARDIZATION_CAPTIONS`` unique captions (with paraphrases) of the datamodule's training shards."""
         from emf_lightning.commands.cache_features import captions_from_shards
 
-        shards = getattr(getattr(self.trainer, "datamodule", None), "train_shards", None)
+        shards = getattr(getattr(self._trainer, "datamodule", None), "train_shards", None)
         if shards is None:
             raise ConfigError(
                 "model.standardize_text fits its statistics on the training captions at fit start, but this fit "
