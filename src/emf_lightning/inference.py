@@ -8,7 +8,8 @@ decode through the autoencoder (a clamp in pixel space).
 
 An export folder holds no pickles:
 
-    config.json          how to rebuild everything: encoder, backbone, loss (its sampler), autoencoder specs
+    config.json          how to rebuild everything: encoder, backbone, loss (its sampler), autoencoder specs, and
+                         whether the connector standardises the text features (its statistics are weights)
     model.safetensors    the EMA generator's weights (connector + backbone, or the connector alone when the
                          backbone lives in its own folder)
     transformer/         diffusers backbones only: a folder diffusers loads (SanaTransformer2DModel.from_pretrained)
@@ -153,7 +154,10 @@ class MeanFlowGenerator(nn.Module):
                 "model": str(directory / config["backbone_folder"]),
             }
         encoder = build(config["encoder"], TextEncoder)
-        generator = Generator.for_backbone(build(backbone_spec, Backbone), encoder.dim)
+        # The connector's standardisation statistics are buffers in the weights file; the flag says to expect them.
+        generator = Generator.for_backbone(
+            build(backbone_spec, Backbone), encoder.dim, standardize_text=bool(config.get("standardize_text", False))
+        )
         state = load_file(str(directory / WEIGHTS_FILE))
         missing, unexpected = generator.load_state_dict(state, strict=False)
         allowed_missing = [k for k in missing if config.get("backbone_folder") and k.startswith("backbone.")]

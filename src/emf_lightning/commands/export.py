@@ -73,6 +73,7 @@ def export(
         "emf_lightning_version": __version__,
         "encoder": hp["encoder"],
         "backbone": backbone,
+        "standardize_text": bool(hp.get("standardize_text", False)),
         "loss": hp["loss"],
         "autoencoder": hp.get("autoencoder"),
         "backbone_folder": overrides.get("model") if overrides else None,

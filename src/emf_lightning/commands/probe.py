@@ -9,11 +9,18 @@ Examples::
     emf probe --encoder bow --n 200
     emf probe --encoder all --n 1000 --k 2 --out runs/probe/all
     emf probe --encoder configs/smollm_shapes.yaml --data 'shards/val-{000000..000003}.tar'
+    emf probe --encoder llm --vary 'layer=[8, 16, [8, 16, -1], -1]' --recommend   # layers, raw and standardised
+
+``--vary KEY=[v1, v2, ...]`` probes one variant of each encoder per value (repeatable: every combination);
+``--standardize`` adds each encoder's features z-scored per channel (statistics fitted on the probe's own
+captions), as ``model.standardize_text: true`` gives them to the generator; ``--recommend`` does both, ranks
+every row by ``RECOMMEND_KEYS`` and prints the best one as config lines to paste.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -50,6 +57,11 @@ TABLE_COLUMNS = (
 )
 
 
+# The recommendation ranks rows by the mean of these scores (those the probe set has): the ones whose ranking of
+# encoders matched the generators' in docs/wording_robustness.md (unseen wordings, same-scene separation).
+RECOMMEND_KEYS = ("wording/retrieval_at_1", "same_scene_auc", "retrieval/exact_precision_at_k")
+STANDARDIZED_SUFFIX = " +std"
+
 # Constructor arguments the probe gives a registry encoder unless --encoder-arg overrides them. The label
 # encoder needs a class list; hashing each whole caption into its own class makes it the baseline with no
 # language understanding at all (what class-conditional MeanFlow sees), which is what the probe compares.
@@ -67,14 +79,85 @@ class EncoderChoice:
 
     def build(self):
         """Instantiate the encoder (may raise MissingWeightsError)."""
+        from emf_lightning.encoders.base import TextEncoder
+        from emf_lightning.utils.specs import build
+
+        return build(self.config_spec(), TextEncoder)
+
+    def config_spec(self) -> dict[str, Any]:
+        """The encoder as a config's ``{class_path, init_args}``."""
         if self.spec is not None:
-            from emf_lightning.encoders.base import TextEncoder
-            from emf_lightning.utils.specs import build
+            return self.spec
+        from emf_lightning import encoders
 
-            return build(self.spec, TextEncoder)
-        from emf_lightning.encoders import build_encoder
+        cls = encoders.encoder_class(self.name)
+        exported = getattr(encoders, cls.__name__, None) is cls
+        path = f"emf_lightning.encoders.{cls.__name__}" if exported else f"{cls.__module__}.{cls.__name__}"
+        return {"class_path": path, "init_args": {**PROBE_DEFAULTS.get(self.name, {}), **(self.kwargs or {})}}
 
-        return build_encoder(self.name, **{**PROBE_DEFAULTS.get(self.name, {}), **(self.kwargs or {})})
+    def with_arg(self, key: str, value: Any) -> EncoderChoice:
+        """This encoder with one constructor argument set (in a wrapper's spec: the innermost encoder's)."""
+        label = f"{self.label} {key}={json.dumps(value)}"
+        if self.spec is None:
+            return EncoderChoice(label=label, name=self.name, kwargs={**(self.kwargs or {}), key: value})
+        spec = copy.deepcopy(self.spec)
+        inner = spec
+        while isinstance((inner.get("init_args") or {}).get("encoder"), dict):
+            inner = inner["init_args"]["encoder"]
+        inner["init_args"] = {**(inner.get("init_args") or {}), key: value}
+        return EncoderChoice(label=label, spec=spec)
+
+
+def expand_variants(choices: list[EncoderChoice], vary: list[str]) -> list[EncoderChoice]:
+    """Every choice once per combination of the ``--vary KEY=[v1, v2, ...]`` values."""
+    for item in vary:
+        key, sep, values = item.partition("=")
+        values = yaml.safe_load(values) if sep else None
+        if not key or not isinstance(values, list) or not values:
+            raise SystemExit(f"emf probe: --vary expects KEY=[v1, v2, ...], got {item!r}")
+        choices = [choice.with_arg(key.strip(), value) for choice in choices for value in values]
+    return choices
+
+
+def recommendation_score(metrics: dict[str, Any]) -> float | None:
+    """Mean of the ``RECOMMEND_KEYS`` scores present in ``metrics`` (None when none is)."""
+    values = [
+        metrics[k] for k in RECOMMEND_KEYS if isinstance(metrics.get(k), (int, float)) and metrics[k] == metrics[k]
+    ]
+    return sum(values) / len(values) if values else None
+
+
+def print_recommendation_table(results: dict[str, dict[str, Any]], k: int, console) -> None:
+    """One row per setting: each ``RECOMMEND_KEYS`` score and their mean, raw / standardised side by side."""
+    from rich.table import Table
+
+    headers = {key: header.replace("@k", f"@{k}") for key, header in TABLE_COLUMNS}
+    table = Table(title="Scores the recommendation ranks by (raw / standardised per channel)")
+    table.add_column("setting")
+    for key in RECOMMEND_KEYS:
+        table.add_column(headers.get(key, key), justify="right")
+    table.add_column("mean", justify="right")
+    for label, res in results.items():
+        if label.endswith(STANDARDIZED_SUFFIX):
+            continue
+        std = results.get(label + STANDARDIZED_SUFFIX, {"metrics": {}})["metrics"]
+        cells = [f"{_fmt(res['metrics'].get(key))} / {_fmt(std.get(key))}" for key in RECOMMEND_KEYS]
+        means = f"{_fmt(recommendation_score(res['metrics']))} / {_fmt(recommendation_score(std))}"
+        table.add_row(label, *cells, means)
+    console.print(table)
+
+
+def recommend(results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The best-scoring row as ``{label, score, config}``; config is the ``model:`` section to paste."""
+    scored = [(recommendation_score(r["metrics"]), label) for label, r in results.items()]
+    scored = [(score, label) for score, label in scored if score is not None]
+    if not scored:
+        return None
+    score, label = max(scored)
+    best = results[label]
+    model: dict[str, Any] = {"encoder": best["spec"]}
+    model["standardize_text"] = bool(best.get("standardized"))
+    return {"label": label, "score": score, "keys": list(RECOMMEND_KEYS), "config": {"model": model}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,6 +181,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--data", default=None, help="WebDataset shards (path, brace pattern or comma list); default: the shapes world"
+    )
+    p.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=[V1, V2]",
+        help="probe each encoder once per value of this constructor argument (YAML list), repeatable; "
+        "e.g. 'layer=[8, 16, -1]' or 'chat_template=[false, true]'",
+    )
+    p.add_argument(
+        "--standardize",
+        action="store_true",
+        help="also score each encoder's features standardised per channel (model.standardize_text)",
+    )
+    p.add_argument(
+        "--recommend",
+        action="store_true",
+        help="implies --standardize; print the best row as config lines (ranked by " + ", ".join(RECOMMEND_KEYS) + ")",
     )
     p.add_argument("--n", type=int, default=1000, help="captions in the retrieval pool (default 1000)")
     p.add_argument("--k", type=int, default=2, help="neighbours per query for retrieval (default 2)")
@@ -280,6 +381,15 @@ def save_figure(results: dict[str, dict[str, Any]], histograms: dict[str, tuple]
     plt.close(fig)
 
 
+def standardized_encode(encode, captions: list[str]):
+    """``encode`` followed by per-channel standardisation with statistics fitted on ``captions``' features:
+    what ``model.standardize_text`` hands the generator's connector."""
+    from emf_lightning.encoders.statistics import fit_channel_statistics, standardize_features
+
+    mean, std = fit_channel_statistics(encode, captions)
+    return lambda batch: standardize_features(encode(batch), mean, std)
+
+
 def _counting(encode, advance, total: int, label: str):
     """``encode`` that also advances a progress bar by the number of captions it was given, and relabels it
     once all ``total`` are encoded (the metrics come next, under the same bar)."""
@@ -336,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     for note in probe.notes:
         say(f"note: {note}")
 
+    choices = expand_variants(choices, args.vary)
+    standardize = args.standardize or args.recommend
     results: dict[str, dict[str, Any]] = {}
     histograms: dict[str, tuple] = {}
     for choice in choices:
@@ -356,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
 
             cache = FeatureCache(encoder, root=args.feature_cache)
             encode = cache.encode
+        else:  # standardising re-encodes the same captions: keep them in memory
+            from emf_lightning.encoders.cache import FeatureCache
+
+            encode = FeatureCache(encoder).encode
         n_captions = len(probe.all_captions())
         with progress(f"encoding ({choice.label})", total=n_captions) as advance:
             result = evaluate_probe(
@@ -367,25 +483,45 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.feature_cache:
             cache.save()
-        results[choice.label] = {
-            "dim": encoder.dim,
-            "cache_key": encoder.cache_key,
-            "seconds": time.perf_counter() - start,
-            "metrics": result.metrics,
-        }
+        row = {"dim": encoder.dim, "cache_key": encoder.cache_key, "spec": choice.config_spec()}
+        results[choice.label] = {**row, "seconds": time.perf_counter() - start, "metrics": result.metrics}
         histograms[choice.label] = (result.same_scene_cosines.numpy(), result.different_scene_cosines.numpy())
+        if standardize:
+            start = time.perf_counter()
+            result = evaluate_probe(
+                probe,
+                standardized_encode(encode, probe.all_captions()),
+                k=args.k,
+                batch_size=args.batch_size,
+                seed=args.seed,
+            )
+            label = choice.label + STANDARDIZED_SUFFIX
+            results[label] = {
+                **row,
+                "standardized": True,
+                "seconds": time.perf_counter() - start,
+                "metrics": result.metrics,
+            }
+            histograms[label] = (result.same_scene_cosines.numpy(), result.different_scene_cosines.numpy())
         del encoder
     if not results:
         say("emf probe: every requested encoder was skipped")
         return 2
 
     print_tables(results, args.k, console)
+    best = recommend(results) if args.recommend else None
+    if args.recommend:
+        print_recommendation_table(results, args.k, console)
+    if best is not None:
+        say(f"recommended: {best['label']} (mean of {', '.join(RECOMMEND_KEYS)} present: {best['score']:.3f}); config:")
+        print(yaml.safe_dump(best["config"], sort_keys=False).rstrip())
     report = {
         "command": "emf probe " + " ".join(sys.argv[2:] if argv is None else argv),
         "args": vars(args),
         "probe_set": probe.summary(),
         "encoders": results,
         "skipped": skipped,
+        "recommendation": best,
     }
     (out / "probe.json").write_text(json.dumps(report, indent=2, sort_keys=False))
     written = [out / "probe.json"]

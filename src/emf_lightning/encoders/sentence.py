@@ -42,6 +42,7 @@ class SentenceEncoder(HFTextEncoder):
     Args:
         model: "minilm" (offline default, the packaged all-MiniLM-L6-v2), an HF id in the local cache or
             a local folder.
+        layer: -1 = the last layer; k = hidden_states[k] (0 = embeddings); a list = the mean of those.
         pooling: None (default) = what the model declares, else mean; or force one of
             `st_pooling.POOLING_MODES` (mean, cls, max, mean_sqrt_len, last).
         max_length: 256 like sentence-transformers' all-MiniLM-L6-v2 setting.
@@ -54,7 +55,7 @@ class SentenceEncoder(HFTextEncoder):
     def __init__(
         self,
         model: str | None = None,
-        layer: int = -1,
+        layer: int | list[int] = -1,
         normalize: bool = False,
         padding_side: PaddingSide = "right",
         max_length: int = 256,

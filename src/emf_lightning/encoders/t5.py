@@ -23,7 +23,7 @@ class T5Encoder(HFTextEncoder):
     Args:
         model: Hugging Face id in the local cache or a local folder. Default google/flan-t5-base
             (d=768); google/t5-v1_1-xxl is the Imagen/SD3 choice (d=4096).
-        layer: -1 = final encoder output; k = hidden_states[k] (0 = embeddings).
+        layer: -1 = final encoder output; k = hidden_states[k] (0 = embeddings); a list = the mean of those.
         pretrained: False builds a tiny random T5 encoder (tests only; logs a warning).
         random_config: overrides of the tiny T5Config.
     """
@@ -35,7 +35,7 @@ class T5Encoder(HFTextEncoder):
     def __init__(
         self,
         model: str | None = None,
-        layer: int = -1,
+        layer: int | list[int] = -1,
         pooling: Pooling = "mean",
         padding_side: PaddingSide = "right",
         max_length: int = 256,

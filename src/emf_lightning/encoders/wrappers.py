@@ -107,16 +107,26 @@ class PooledTokenEncoder(WrappedEncoder):
 
     Args:
         encoder: the text encoder to wrap.
+        keep_tokens: False conditions on the pooled vector alone (one token per caption): pooled rather than
+            token-level conditioning, for an encoder whose pooled summary is its best representation.
     """
 
     name = "pooled-token"
 
-    def __init__(self, encoder: TextEncoder | dict):
+    def __init__(self, encoder: TextEncoder | dict, keep_tokens: bool = True):
         super().__init__(encoder)
+        self.keep_tokens = bool(keep_tokens)
         self._finish_init()
+
+    def _key_parts(self) -> list[str]:
+        # The key of the default (tokens kept) is unchanged, so existing feature caches stay valid.
+        return ([] if self.keep_tokens else ["pooled-only"]) + super()._key_parts()
 
     def _encode_batch(self, captions: list[str]) -> tuple[TextFeatures, int]:
         feats, truncated = self.encoder._encode_batch(captions)
-        tokens = torch.cat([feats.pooled[:, None].to(feats.tokens.dtype), feats.tokens], dim=1)
+        pooled_token = feats.pooled[:, None].to(feats.tokens.dtype)
+        if not self.keep_tokens:
+            return TextFeatures(pooled_token, torch.ones_like(feats.mask[:, :1]), feats.pooled), truncated
+        tokens = torch.cat([pooled_token, feats.tokens], dim=1)
         mask = torch.cat([torch.ones_like(feats.mask[:, :1]), feats.mask], dim=1)
         return TextFeatures(tokens, mask, feats.pooled), truncated

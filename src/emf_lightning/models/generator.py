@@ -32,10 +32,17 @@ def build_backbone(name: str, input_size: int | tuple[int, int], in_channels: in
 
 
 def build_generator(
-    name: str, text_dim: int, input_size: int | tuple[int, int], in_channels: int = 3, **overrides: Any
+    name: str,
+    text_dim: int,
+    input_size: int | tuple[int, int],
+    in_channels: int = 3,
+    standardize_text: bool = False,
+    **overrides: Any,
 ) -> Generator:
     """A named backbone (``build_backbone``) behind a text connector from ``text_dim``."""
-    return Generator.for_backbone(build_backbone(name, input_size, in_channels, **overrides), text_dim)
+    return Generator.for_backbone(
+        build_backbone(name, input_size, in_channels, **overrides), text_dim, standardize_text
+    )
 
 
 class Generator(nn.Module):
@@ -51,9 +58,10 @@ class Generator(nn.Module):
         self.backbone = backbone
 
     @classmethod
-    def for_backbone(cls, backbone: Backbone, text_dim: int) -> Generator:
-        """The backbone behind a new connector from ``text_dim`` to its context width."""
-        return cls(TextConnector(text_dim, backbone.context_dim), backbone)
+    def for_backbone(cls, backbone: Backbone, text_dim: int, standardize_text: bool = False) -> Generator:
+        """The backbone behind a new connector from ``text_dim`` to its context width (``standardize_text``: the
+        connector z-scores the features per channel, ``TextConnector(standardize=True)``)."""
+        return cls(TextConnector(text_dim, backbone.context_dim, standardize=standardize_text), backbone)
 
     @property
     def text_dim(self) -> int:

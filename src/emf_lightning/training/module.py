@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from collections import Counter
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from emf_lightning.autoencoders import IdentityAutoencoder, LatentAutoencoder, build_autoencoder
 from emf_lightning.encoders.base import TextEncoder, TextFeatures
 from emf_lightning.encoders.cache import FeatureCache
+from emf_lightning.encoders.statistics import fit_channel_statistics
 from emf_lightning.errors import CheckpointError, ConfigError, require_finite
 from emf_lightning.inference import sample_images
 from emf_lightning.meanflow import MeanFlowLoss, Objective, encode_with_null, null_condition
@@ -36,6 +39,10 @@ from emf_lightning.training.optim import OptimConfig
 from emf_lightning.training.sharding import grad_norm, is_sharded, max_abs, shard_generator
 from emf_lightning.training.strategies import check_strategy
 from emf_lightning.utils.specs import build, to_spec
+
+# Captions that ``standardize_text`` fits its statistics on: the per-channel mean and std settle long before this
+# (they are averages over every token), and a dataset of millions of captions should not be encoded just for them.
+STANDARDIZATION_CAPTIONS = 20_000
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -71,6 +78,12 @@ class EMFModule(pl.LightningModule):
             run draws exactly what an uninterrupted one does.
         compile: ``torch.compile`` the generator's plain forward passes in training (the graph-free JVP stays
             eager: ``models.compiled``).
+        standardize_text: z-score the frozen encoder's token features per channel before the connector
+            (``TextConnector(standardize=True)``), with the mean and std of each channel over the real tokens of the
+            training captions (up to ``STANDARDIZATION_CAPTIONS`` unique captions of ``data.train_shards``, through
+            the feature cache), fitted once at the start of a fresh fit and kept in the generator's buffers, so
+            checkpoints and exports carry them. For encoders whose features a few channels dominate (an LLM's
+            hidden states; ``emf probe --standardize`` measures it).
         max_weight_abs: after every optimiser step, training stops (``NonFiniteLossError``, before any checkpoint
             callback runs) when a weight of the generator or its EMA copy is NaN, infinite or larger than this in
             magnitude: a diverging run never checkpoints exploded weights. The default is far above what normal
@@ -92,6 +105,7 @@ class EMFModule(pl.LightningModule):
         seed: int = 0,
         compile: bool = False,
         max_weight_abs: float | None = 1e4,
+        standardize_text: bool = False,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -130,7 +144,7 @@ class EMFModule(pl.LightningModule):
             )
 
         self.objective = self.loss_fn  # the evaluator asks it for its step counts
-        self.generator = Generator.for_backbone(backbone, encoder.dim)
+        self.generator = Generator.for_backbone(backbone, encoder.dim, standardize_text=standardize_text)
         self.ema_generator = make_ema_copy(self.generator)
         # The training step's network: compiled lazily (at the first step) when asked for.
         object.__setattr__(self, "_train_net", None)
@@ -291,6 +305,8 @@ class EMFModule(pl.LightningModule):
         self._move_encoder()
         if self.hparams.init_from and not self._restored:
             self.load_init_weights(self.hparams.init_from)
+        if self.generator.connector.standardize and not self.generator.connector.is_fitted:
+            self.fit_text_standardization(self.training_captions())
         self._schedule_total = self._resolve_schedule_total()
         if self._schedule_total is None:
             warnings.warn(
@@ -298,6 +314,27 @@ class EMFModule(pl.LightningModule):
                 "their start values; set optim.schedule_steps to schedule them",
                 stacklevel=2,
             )
+
+    def training_captions(self) -> list[str]:
+        """Up to ``STANDARDIZATION_CAPTIONS`` unique captions (with paraphrases) of the datamodule's training shards."""
+        from emf_lightning.commands.cache_features import captions_from_shards
+
+        shards = getattr(getattr(self._trainer, "datamodule", None), "train_shards", None)
+        if shards is None:
+            raise ConfigError(
+                "model.standardize_text fits its statistics on the training captions at fit start, but this fit "
+                "has no datamodule with train_shards: call EMFModule.fit_text_standardization(captions) first"
+            )
+        return list(islice(dict.fromkeys(captions_from_shards(shards, Counter())), STANDARDIZATION_CAPTIONS))
+
+    @torch.no_grad()
+    def fit_text_standardization(self, captions: Sequence[str]) -> None:
+        """Fit the connector's per-channel statistics on ``captions``' features (through the feature cache) and
+        set them in the generator and its EMA copy."""
+        mean, std = fit_channel_statistics(self.encode_text, captions)
+        for net in (self.generator, self.ema_generator):
+            net.connector.set_standardization(mean.to(self.device), std.to(self.device))
+        self.save_feature_cache()
 
     def on_train_epoch_end(self) -> None:
         self.save_feature_cache()
