@@ -6,10 +6,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from emf_lightning.checkpoint_config import check_overrides, check_weights_fit, read_checkpoint
+from emf_lightning.checkpoint_config import (
+    JUDGING_CONFIG_KEY,
+    check_overrides,
+    check_weights_fit,
+    judging_config,
+    read_checkpoint,
+)
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.training import EMFModule
 
@@ -48,7 +55,10 @@ class EMFLightningCLI(LightningCLI):
         _report_overrides(check_overrides(self._checkpoint, section.get("model"), section.get("data"), ckpt_path))
 
     def after_instantiate_classes(self) -> None:
-        """With a checkpoint: the built model must have its parameter shapes (e.g. the encoder's width)."""
+        """With a checkpoint: the built model must have its parameter shapes (e.g. the encoder's width).
+        Under fit: checkpoints also record how the run logs and judges, for ``emf validate --ckpt`` alone."""
+        if self.subcommand == "fit":
+            self.trainer.callbacks.append(RecordJudgingConfig(judging_config(self.config["fit"].get("trainer"))))
         if self._checkpoint is not None:
             check_weights_fit(self.model, self._checkpoint, self.config[self.subcommand].get("ckpt_path"))
             self._checkpoint = None  # memory-mapped: let the file go
@@ -58,3 +68,14 @@ class EMFLightningCLI(LightningCLI):
 def _report_overrides(lines: list[str]) -> None:
     for line in lines:
         print(f"overriding the checkpoint's {line}", file=sys.stderr)
+
+
+class RecordJudgingConfig(Callback):
+    """Writes the run's logger and evaluation callbacks into every checkpoint (``checkpoint_config.judging_config``),
+    so that ``emf validate --ckpt`` judges as the run did without its config files."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint[JUDGING_CONFIG_KEY] = self.config
