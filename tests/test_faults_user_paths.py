@@ -87,3 +87,150 @@ def test_the_checkpoint_records_the_runs_logger_and_evaluation_callbacks(judged_
     assert recorded["logger"]["class_path"].endswith("CSVLogger")
     (callback,) = recorded["callbacks"]
     assert callback["class_path"].endswith("EvaluationCallback") and callback["init_args"]["num_samples"] == 4
+
+
+# ================================================================================================================
+# One line and exit 2 on the latent path
+# ================================================================================================================
+
+TINY_VAE = ["--vae", "sd-vae", "--vae-arg", "pretrained=false"]  # tiny random AutoencoderKL: f2, 4 channels
+
+
+def cache_latents(shards: dict[str, str], out: Path, *extra: str) -> list[str]:
+    return [
+        "cache-latents",
+        *TINY_VAE,
+        "--shards",
+        shards["train"],
+        "--out",
+        str(out / "train-%06d.tar"),
+        "--image-size",
+        "16",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def latent_fit_args(shards: dict[str, str], root: Path, workers: int) -> list[str]:
+    from test_cli import LATENT_RUN_ARGS
+
+    return [
+        "fit",
+        "--config",
+        str(CONFIGS / "minilm_shapes.yaml"),
+        *small_run_args(shards, root),
+        f"--model.encoder={BOW}",
+        *[a for a in LATENT_RUN_ARGS if a != "--data.load_latents=false"],
+        "--data.load_latents=true",  # but the shards hold images only
+        f"--data.num_workers={workers}",
+        "--trainer.fast_dev_run=true",
+        "--trainer.callbacks=[]",
+    ]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shards_without_latents_under_load_latents_is_one_line(shards, tmp_path, capfd, workers):
+    # With a worker, torch re-raises the worker's error with its whole traceback as the message.
+    assert cli.main(latent_fit_args(shards, tmp_path, workers)) == 2
+    line = one_line_error(capfd.readouterr().err, "fit")
+    assert "no precomputed latent" in line and "data.load_latents=false" in line and "Original" not in line
+
+
+def test_worker_tracebacks_are_reduced_to_the_original_message():
+    from emf_lightning.errors import ConfigError
+
+    wrapped = ConfigError(
+        "Caught ConfigError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise ConfigError("bad")\nemf_lightning.errors.ConfigError: set data.x=1\n'
+    )
+    assert cli.user_message(wrapped) == "set data.x=1"
+
+
+def test_a_folder_whose_config_is_not_a_vae_is_one_line(shards, tmp_path, capfd):
+    diffusers = pytest.importorskip("diffusers")
+    from emf_lightning.autoencoders import build_autoencoder
+    from emf_lightning.errors import ConfigError
+    from emf_lightning.models.diffusers_adapter import SANA_CONFIGS
+
+    folder = tmp_path / "sana"
+    diffusers.SanaTransformer2DModel(**SANA_CONFIGS["tiny"]).save_pretrained(folder)
+    args = cache_latents(shards, tmp_path / "lat")
+    args[1:5] = ["--vae", str(folder)]
+    assert cli.main(args) == 2
+    line = one_line_error(capfd.readouterr().err, "cache-latents")
+    assert "is not a VAE" in line and "SanaTransformer2DModel" in line and "model.autoencoder" in line
+    with pytest.raises(ConfigError, match="is not a VAE"):  # what EMFModule(autoencoder=FOLDER) meets under fit
+        build_autoencoder(str(folder))
+
+
+def test_cache_latents_image_size_not_divisible_by_the_vae_factor_is_one_line(shards, tmp_path, capfd):
+    args = cache_latents(shards, tmp_path / "lat")
+    args[args.index("--image-size") + 1] = "15"
+    assert cli.main(args) == 2
+    line = one_line_error(capfd.readouterr().err, "cache-latents")
+    assert "--image-size 15 is not divisible by the autoencoder's factor 2" in line
+    assert not (tmp_path / "lat").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cache_latents_on_cuda_without_cuda_is_one_line(shards, tmp_path, capfd):
+    args = cache_latents(shards, tmp_path / "lat")
+    args[args.index("--device") + 1] = "cuda"
+    assert cli.main(args) == 2
+    assert "--device cuda: this machine has no cuda device" in one_line_error(capfd.readouterr().err, "cache-latents")
+
+
+def test_cache_latents_rerun_with_other_settings_exits_2(shards, tmp_path, capfd):
+    assert cli.main(cache_latents(shards, tmp_path / "lat")) == 0
+    assert cli.main(cache_latents(shards, tmp_path / "lat", "--flip")) == 2
+    line = one_line_error(capfd.readouterr().err, "cache-latents")
+    assert "different settings" in line and "flip False" in line and "flip True" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_fit_with_accelerator_gpu_without_one_is_one_line(shards, tmp_path, capfd):
+    args = ["fit", "--config", str(CONFIGS / "minilm_shapes.yaml"), *small_run_args(shards, tmp_path)]
+    args += [f"--model.encoder={BOW}", "--trainer.accelerator=gpu", "--trainer.fast_dev_run=true"]
+    assert cli.main(args) == 2
+    line = one_line_error(capfd.readouterr().err, "fit")
+    assert (
+        "trainer.accelerator is 'gpu' but this machine has no CUDA GPU" in line and "--trainer.accelerator=cpu" in line
+    )
+
+
+# ================================================================================================================
+# A class named later takes none of the earlier class's arguments
+# ================================================================================================================
+
+
+def test_emf_sana_does_not_inherit_the_dit_arguments_of_its_base(tmp_path):
+    from emf_lightning.config_files import expand_config_args
+
+    argv = expand_config_args(["fit", "--config", str(CONFIGS / "emf_sana.yaml")], tmp_path)
+    files = [yaml_load(argv[i + 1]) for i, a in enumerate(argv) if a == "--config"]
+    backbones = [f["model"]["backbone"] for f in files if "backbone" in f.get("model", {})]
+    # base/gpu.yaml's DiT keeps its class but not its init_args (input_size 64 ...); the leaf's SANA has its own
+    assert "init_args" not in backbones[0] and backbones[-1]["init_args"]["model"].startswith("Efficient-Large")
+    assert "input_size" not in backbones[-1]["init_args"]
+
+
+def test_switching_the_encoder_class_on_the_command_line_drops_the_recipes_encoder_arguments(tmp_path):
+    from emf_lightning.config_files import expand_config_args
+
+    bow = '{"class_path": "emf_lightning.encoders.BagOfWordsEncoder"}'
+    argv = expand_config_args(["fit", "--config", str(CONFIGS / "emf_sana.yaml"), f"--model.encoder={bow}"], tmp_path)
+    files = [yaml_load(argv[i + 1]) for i, a in enumerate(argv) if a == "--config"]
+    encoders = [f["model"]["encoder"] for f in files if "encoder" in f.get("model", {})]
+    assert encoders and all("init_args" not in e for e in encoders)  # no dtype: bfloat16, no max_length: 256
+    # the same class named again keeps its arguments
+    llm = "--model.encoder.class_path=emf_lightning.encoders.llm.LLMEncoder"
+    argv = expand_config_args(["fit", "--config", str(CONFIGS / "emf_sana.yaml"), llm], tmp_path)
+    files = [yaml_load(argv[i + 1]) for i, a in enumerate(argv) if a == "--config"]
+    assert [f["model"]["encoder"]["init_args"]["max_length"] for f in files if "encoder" in f.get("model", {})] == [256]
+
+
+def yaml_load(path: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text()) or {}

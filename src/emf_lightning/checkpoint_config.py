@@ -35,7 +35,10 @@ JUDGING_CALLBACKS = ("EvaluationCallback",)
 # What ``emf validate --ckpt`` judges with when the checkpoint predates JUDGING_CONFIG_KEY: the run's own
 # logger kind, and every judge the evaluator has (each skipped with one warning when its weights are absent).
 DEFAULT_JUDGING_CONFIG: dict[str, Any] = {
-    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "validate"}},
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": "runs", "name": "validate"},
+    },
     "callbacks": [
         {
             "class_path": "emf_lightning.callbacks.evaluation.EvaluationCallback",

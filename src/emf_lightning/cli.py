@@ -119,9 +119,12 @@ def run_lightning(argv: list[str]) -> int:
     import yaml
 
     from emf_lightning.config_files import expand_config_args
+    from emf_lightning.dry_run import DryRunFinished
     from emf_lightning.lightning_cli import EMFLightningCLI
 
     argv = _rename_ckpt_alias(argv)
+    dry = argv[0] == "fit" and "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"] if dry else argv
     ckpt = _ckpt_path(argv)
     with tempfile.TemporaryDirectory(prefix="emf-config-") as tmp:
         argv = expand_config_args(argv, Path(tmp))
@@ -135,7 +138,10 @@ def run_lightning(argv: list[str]) -> int:
         with warnings.catch_warnings(), _quiet_lightning():
             # We pass argv explicitly (also when called as a console script); that is intended.
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-            EMFLightningCLI(args=argv)
+            try:
+                EMFLightningCLI(args=argv, dry_run=dry)
+            except DryRunFinished:
+                pass
     return 0
 
 
@@ -150,7 +156,10 @@ class _DropAdvertising(logging.Filter):
 def _quiet_lightning():
     """Lightning's advertising tips and the deprecation warnings of the libraries underneath (nothing the user of
     ``emf`` can act on) are not shown; real warnings and Lightning's information lines are."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
+    loggers = [
+        logging.getLogger(name)
+        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
     drop = _DropAdvertising()
     for logger in loggers:
         logger.addFilter(drop)
@@ -208,9 +217,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         name = f"emf {argv[0]}" if argv and (argv[0] in LIGHTNING_COMMANDS or argv[0] in EXTRA_COMMANDS) else "emf"
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{name}: error: {message}", file=sys.stderr)
+        print(f"{name}: error: {user_message(err)}", file=sys.stderr)
         return 2
+
+
+WORKER_TRACEBACK = "Original Traceback (most recent call last)"
+
+
+def user_message(err: BaseException) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker reaches us re-raised by torch with
+    the worker's whole traceback as its message: keep the original message only (its last line)."""
+    text = str(err)
+    if WORKER_TRACEBACK in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        prefix = f"{type(err).__name__}: "
+        text = last.split(prefix, 1)[1] if prefix in last else last
+    return " ".join(text.split()) or type(err).__name__
 
 
 if __name__ == "__main__":

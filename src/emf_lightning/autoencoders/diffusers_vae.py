@@ -19,6 +19,7 @@ from emf_lightning.autoencoders.base import LatentAutoencoder
 from emf_lightning.encoders.base import short_hash
 from emf_lightning.encoders.hf_base import random_init
 from emf_lightning.utils.diffusers_hub import diffusers_weights_available, load_diffusers
+from emf_lightning.utils.specs import absolute_if_local_folder
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ class DiffusersAutoencoder(LatentAutoencoder):
 
         cls = getattr(diffusers, self.diffusers_class)
         if pretrained:
-            self.model_id = model or self.default_model
+            # a local folder by its absolute path: the latents' cache key does not depend on the working directory
+            self.model_id = absolute_if_local_folder(model or self.default_model)
             self.subfolder = subfolder
             self.vae = load_diffusers(cls, self.model_id, subfolder, variant, torch_dtype=self.compute_dtype)
             self._random_key = ""
