@@ -234,3 +234,132 @@ def yaml_load(path: str) -> dict:
     import yaml
 
     return yaml.safe_load(Path(path).read_text()) or {}
+
+
+# ================================================================================================================
+# Nothing silent, and the traps
+# ================================================================================================================
+
+
+@pytest.fixture()
+def sana_folder(tmp_path) -> Path:
+    """A tiny random SANA transformer saved as a pretrained folder (seed 0)."""
+    return save_tiny_sana(tmp_path / "sana", seed=0)
+
+
+def save_tiny_sana(folder: Path, seed: int) -> Path:
+    diffusers = pytest.importorskip("diffusers")
+    from emf_lightning.models.diffusers_adapter import SANA_CONFIGS
+
+    torch.manual_seed(seed)
+    diffusers.SanaTransformer2DModel(**SANA_CONFIGS["tiny"]).save_pretrained(folder / "transformer")
+    return folder
+
+
+def sana_module(folder: Path, **backbone: object):
+    from emf_lightning.training import EMFModule
+
+    return EMFModule(
+        encoder=json.loads(BOW),
+        backbone={
+            "class_path": "emf_lightning.models.SanaMeanFlowBackbone",
+            "init_args": {"model": str(folder), "trainable": "emf", **backbone},
+        },
+        autoencoder={"class_path": "emf_lightning.autoencoders.KLAutoencoder", "init_args": {"pretrained": False}},
+        feature_cache_dir=None,
+    )
+
+
+def test_latents_cached_with_another_autoencoder_are_refused(shards, tmp_path, capfd):
+    assert cli.main(cache_latents(shards, tmp_path / "lat")) == 0  # tiny KL VAE, seed 0
+    args = latent_fit_args(shards, tmp_path, workers=0)
+    args[args.index(f"--data.train_shards={shards['train']}")] = f"--data.train_shards={tmp_path}/lat/train-*.tar"
+    args[args.index(f"--data.val_shards={shards['val']}")] = f"--data.val_shards={tmp_path}/lat/train-*.tar"
+    other = '{"class_path": "emf_lightning.autoencoders.KLAutoencoder", "init_args": {"pretrained": false, "seed": 1}}'
+    assert cli.main([*args, f"--model.autoencoder={other}"]) == 2  # same latent shape, other weights
+    line = one_line_error(capfd.readouterr().err, "fit")
+    assert "were made with the autoencoder" in line and "set model.autoencoder" in line
+    assert cli.main(args) == 0  # the autoencoder that made them trains
+
+
+def test_a_different_base_model_in_the_same_folder_is_refused(sana_folder):
+    from emf_lightning.errors import CheckpointError
+
+    module = sana_module(sana_folder)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    sana_module(sana_folder).on_load_checkpoint(dict(checkpoint))  # the same base: loads
+    save_tiny_sana(sana_folder, seed=1)  # another base model put in its place
+    with pytest.raises(CheckpointError, match="not those this checkpoint was trained on"):
+        sana_module(sana_folder).on_load_checkpoint(dict(checkpoint))
+
+
+def test_relative_model_folders_are_recorded_as_absolute_paths(sana_folder, monkeypatch):
+    monkeypatch.chdir(sana_folder.parent)
+    module = sana_module(Path("sana"))
+    assert module.hparams.backbone["init_args"]["model"] == str(sana_folder)
+
+
+def test_from_pretrained_takes_the_encoder_and_autoencoder_from_elsewhere(tmp_path):
+    from emf_lightning.commands.export import export
+    from emf_lightning.encoders import BagOfWordsEncoder
+    from emf_lightning.inference import MeanFlowGenerator
+
+    from helpers import tiny_module
+
+    out = export(tiny_module(), tmp_path / "px", global_step=0)
+    encoder = BagOfWordsEncoder(dim=tiny_module().encoder.dim)
+    loaded = MeanFlowGenerator.from_pretrained(out, encoder=encoder, autoencoder="none")
+    assert loaded.encoder is encoder
+
+
+def test_lora_with_a_trainable_preset_is_refused(sana_folder):
+    from emf_lightning.errors import ConfigError
+    from emf_lightning.models import SanaMeanFlowBackbone
+
+    with pytest.raises(ConfigError, match="trainable=none"):
+        SanaMeanFlowBackbone(model=str(sana_folder), lora={"r": 4}, trainable="emf")
+
+
+def test_the_exported_transformer_carries_the_interval_scale(sana_folder, tmp_path):
+    from emf_lightning.models import SanaMeanFlowBackbone
+
+    backbone = SanaMeanFlowBackbone(model=str(sana_folder), trainable="emf")
+    backbone.export_pretrained(tmp_path)
+    config = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    assert config["guidance_embeds"] and config["guidance_embeds_scale"] == backbone.interval_scale == 1000.0
+
+
+def test_missing_weights_name_the_key_and_a_missing_folder(tmp_path, monkeypatch, capfd):
+    from emf_lightning.utils.weights import MissingWeightsError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingWeightsError) as info:
+        sana_module(Path("../models/sana"))
+    message = str(info.value)
+    assert "the folder" in message and "does not exist" in message and "download" not in message
+    assert message.endswith("Set model.backbone.init_args.model to the folder that holds them.")
+    hub = str(MissingWeightsError("org/model", ["cache"]))
+    assert "`hf download org/model`" in hub and "huggingface-cli" not in hub
+
+
+def test_cache_latents_draws_its_bar_through_the_progress_helper(shards, tmp_path, monkeypatch):
+    from emf_lightning.utils import progress
+
+    seen = []
+    original = progress.track
+
+    def spy(items, description, *args, **kwargs):
+        seen.append(description)
+        return original(items, description, *args, **kwargs)
+
+    monkeypatch.setattr(progress, "track", spy)
+    assert cli.main(cache_latents(shards, tmp_path / "lat")) == 0
+    assert seen == ["encoding shards"]
+
+
+def test_export_onto_an_existing_file_is_one_line(tmp_path, capfd):
+    target = tmp_path / "model.bin"
+    target.write_text("x")
+    assert cli.main(["export", "--ckpt", str(tmp_path / "any.ckpt"), "--out", str(target)]) == 2
+    assert "is a file, not a folder" in one_line_error(capfd.readouterr().err, "export")

@@ -83,13 +83,17 @@ def _write_changed(out: list[str], files: list[tuple[int, Path, dict | None, boo
     changes), then write every file that changed or comes from an ``extends`` chain into ``scratch``."""
     contents = [content for _, _, content, _ in files]
     changed = [write for _, _, _, write in files]
+    # The class each model part has in each file: its own class_path, or the one an earlier file named.
+    classes: list[dict[str, str]] = []
+    for content in contents:
+        classes.append({**(classes[-1] if classes else {}), **_class_paths(content or {})})
     for n, content in enumerate(contents):
         for key, name in _class_paths(content or {}).items():
             for m in range(n):
-                changed[m] |= _drop_init_args_if_other_class(contents[m], key, name)
+                changed[m] |= _drop_init_args_if_other_class(contents[m], classes[m].get(key), key, name)
     for key, name in command_line_class_paths(out).items():
         for m in range(len(files)):
-            changed[m] |= _drop_init_args_if_other_class(contents[m], key, name)
+            changed[m] |= _drop_init_args_if_other_class(contents[m], classes[m].get(key), key, name)
     for n, (index, file, content, _) in enumerate(files):
         if content is not None and changed[n]:
             written = scratch / f"{n:02d}-{file.name}"
@@ -100,7 +104,6 @@ def _write_changed(out: list[str], files: list[tuple[int, Path, dict | None, boo
 
 def _class_paths(content: dict, prefix: str = "") -> dict[str, str]:
     """``{"model.backbone": "emf_lightning.models.DiT", ...}``: every mapping (outside lists) naming a class."""
-
     found: dict[str, str] = {}
     for key, value in content.items():
         if not isinstance(value, dict):
@@ -117,9 +120,9 @@ def _same_class(a: str, b: str) -> bool:
     return a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1]
 
 
-def _drop_init_args_if_other_class(content: dict | None, key: str, class_name: str) -> bool:
-    """Remove ``init_args`` at dotted ``key`` of ``content`` when it belongs to a class other than ``class_name``
-    (or to a class the content does not name there). Returns whether anything was removed.
+def _drop_init_args_if_other_class(content: dict | None, own: str | None, key: str, class_name: str) -> bool:
+    """Remove ``init_args`` at dotted ``key`` of ``content`` when they belong to ``own``, a class other than
+    ``class_name`` (or to no class named so far). Returns whether anything was removed.
 
     Only the model's components: a logger's ``name`` and ``save_dir`` rightly carry over to another logger."""
     if not key.startswith("model."):
@@ -129,8 +132,7 @@ def _drop_init_args_if_other_class(content: dict | None, key: str, class_name: s
         if not isinstance(node, dict) or not isinstance(node.get(part), dict):
             return False
         node = node[part]
-    own = node.get("class_path")
-    if "init_args" not in node or (isinstance(own, str) and _same_class(own, class_name)):
+    if "init_args" not in node or (own is not None and _same_class(own, class_name)):
         return False
     del node["init_args"]
     return True
