@@ -299,12 +299,11 @@ def trained(shards, tmp_path_factory) -> Path:
 def test_cli_checkpoint_rebuilds_the_module_with_its_encoder(trained):
     ckpt = torch.load(trained, weights_only=True)
     assert ckpt["global_step"] == 2
-    # The encoder's recorded arguments under its defining class path; max_length 64 is carried over from the
-    # config's LLMEncoder init_args (jsonargparse keeps init_args the new class accepts when a class_path is
-    # overridden).
+    # The encoder's recorded arguments under its defining class path; the config's LLMEncoder init_args do not
+    # carry over to the class named on the command line (max_length is BagOfWordsEncoder's own default, 256).
     assert ckpt["hyper_parameters"]["encoder"] == {
         "class_path": "emf_lightning.encoders.bow.BagOfWordsEncoder",
-        "init_args": {"dim": 16, "seed": 0, "max_length": 64, "batch_size": 256, "device": None, "dtype": None},
+        "init_args": {"dim": 16, "seed": 0, "max_length": 256, "batch_size": 256, "device": None, "dtype": None},
     }
     assert not any(k.startswith("encoder") for k in ckpt["state_dict"])
     module = EMFModule.load_from_checkpoint(trained, map_location="cpu")

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LIGHTNING_COMMANDS = {
-    "fit": "Train a generator (LightningCLI: emf fit --config configs/smollm_shapes.yaml)",
-    "validate": "Validation loss and evaluation callbacks on a checkpoint (emf validate --ckpt PATH)",
+    "fit": "Train a generator (LightningCLI: emf fit --config configs/smollm_shapes.yaml; --dry-run: describe only)",
+    "validate": "Judge a checkpoint as its run did: loss, evaluation table, JSON, grid (emf validate --ckpt PATH)",
     "test": "Test loop on a checkpoint",
     "predict": "Generate images for the predict data",
 }

@@ -511,15 +511,20 @@ class EMFModule(pl.LightningModule):
     def rebuilt_fingerprint(self) -> str:
         """A digest of the frozen pretrained weights checkpoints leave out (names, shapes, dtypes and a strided
         sample of each tensor's values): a different base model in the same folder changes it."""
+        cached = self.__dict__.get("_rebuilt_fingerprint")
+        if cached is not None:  # frozen weights: computed once (a gather under sharding)
+            return cached
         digest = hashlib.sha256()
         state = self.generator.backbone.state_dict()
         for name in sorted(self.generator.backbone.pretrained_state_keys()):
             tensor = state[name].detach()
+            tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a DTensor shard
             flat = tensor.reshape(-1)
             sample = flat[:: max(1, flat.numel() // 256)].float().cpu()
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(sample.numpy().tobytes())
-        return digest.hexdigest()[:16]
+        self.__dict__["_rebuilt_fingerprint"] = digest.hexdigest()[:16]
+        return self.__dict__["_rebuilt_fingerprint"]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Last line of defence: a run that saw a non-finite loss, or whose weights are non-finite or exploded now,
