@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import types
@@ -133,21 +134,118 @@ def test_unknown_config_key_in_a_yaml_file(capsys, tmp_path):
 # ---------------------------------------------------------------------------------------------- every config
 
 
+def config_backbone_class(config: str) -> str:
+    """The class name of the config's own backbone, through its extends chain."""
+    found = ""
+    for _, content in config_chain(CONFIGS / config):
+        backbone = (content.get("model") or {}).get("backbone") or {}
+        found = backbone.get("class_path", found)
+    return found.rsplit(".", 1)[-1]
+
+
+@pytest.fixture(scope="session")
+def tiny_sana_folder(tmp_path_factory) -> Path:
+    """A tiny random SANA transformer saved as a pretrained folder (4 latent channels, 8x8, caption width 24)."""
+    diffusers = pytest.importorskip("diffusers")
+    from emf_lightning.models.diffusers_adapter import SANA_CONFIGS
+
+    root = tmp_path_factory.mktemp("tiny_sana")
+    torch.manual_seed(0)
+    diffusers.SanaTransformer2DModel(**SANA_CONFIGS["tiny"]).save_pretrained(root / "transformer")
+    return root
+
+
+def own_backbone_args(config: str, sana_folder: Path | None, latent: bool) -> list[str]:
+    """Shrink the config's own backbone class (never swapped for another) to a CPU-sized stand-in; a pretrained
+    SANA becomes a tiny random one saved as a folder, loaded through the config's own key ``model``."""
+    name = config_backbone_class(config)
+    arg = "--model.backbone.init_args."
+    if name == "SanaMeanFlowBackbone":
+        return [f"{arg}model={sana_folder}", f"{arg}input_size=8"]
+    size, channels, patch = (8, 4, 2) if latent else (16, 3, 4)
+    if name == "DiT":
+        return [
+            f"{arg}preset=tiny",
+            f"{arg}input_size={size}",
+            f"{arg}in_channels={channels}",
+            f"{arg}patch_size={patch}",
+            f"{arg}hidden_size=32",
+            f"{arg}depth=1",
+            f"{arg}num_heads=2",
+        ]
+    if name == "UNet":
+        return [f"{arg}preset=tiny", f"{arg}input_size={size}", f"{arg}in_channels={channels}"]
+    raise AssertionError(f"{config}: no stand-in for backbone {name!r}")
+
+
 # Configs with real offline weights (SmolLM2, MiniLM) load them: slow. The others build tiny random models.
 @pytest.mark.parametrize(
     "config", [c if c in NO_OFFLINE_WEIGHTS else pytest.param(c, marks=pytest.mark.slow) for c in ALL_CONFIGS]
 )
-def test_every_config_runs_fast_dev_run_offline(config, shards, tmp_path):
+def test_every_config_runs_fast_dev_run_offline(config, shards, tmp_path, tiny_sana_folder):
+    """Each shipped config with its own backbone class (a tiny stand-in built from configs), not a swapped-in DiT."""
     # Where the last callback is the DiscriminabilityProbe, shrink its probe set (it encodes ~600 captions
     # at fit start, a minute with SmolLM2 on two busy cores); everything else runs as configured.
-    args = ["fit", "--config", str(CONFIGS / config), *small_run_args(shards, tmp_path), "--trainer.fast_dev_run=true"]
+    run_args = [a for a in small_run_args(shards, tmp_path) if not a.startswith("--model.backbone=")]
+    args = ["fit", "--config", str(CONFIGS / config), *run_args, "--trainer.fast_dev_run=true"]
     if "class_path: emf_lightning.callbacks.probe.DiscriminabilityProbe" in (CONFIGS / config).read_text():
         args += ["--trainer.callbacks.n=8", "--trainer.callbacks.n_pairs=2"]
     if config in NO_OFFLINE_WEIGHTS:
         args.append("--model.encoder.init_args.pretrained=false")
-    if any("autoencoder" in content.get("model", {}) for _, content in config_chain(CONFIGS / config)):
-        args += LATENT_RUN_ARGS
-    assert cli.main(args) == 0
+    latent = any("autoencoder" in content.get("model", {}) for _, content in config_chain(CONFIGS / config))
+    if latent:
+        args += [a for a in LATENT_RUN_ARGS if not a.startswith("--model.backbone.")]
+    args += own_backbone_args(config, tiny_sana_folder, latent)
+    seen = []
+    with pytest.MonkeyPatch.context() as patch:
+        from emf_lightning.training import EMFModule as Module
+
+        original = Module.on_fit_start if hasattr(Module, "on_fit_start") else None
+
+        def record(module):
+            seen.append(type(module.generator.backbone).__name__)
+            if original is not None:
+                original(module)
+
+        patch.setattr(Module, "on_fit_start", record)
+        assert cli.main(args) == 0
+    assert seen == [config_backbone_class(config)]
+
+
+def test_dry_run_of_every_shipped_config_builds_its_own_backbone_at_its_own_shapes(capsys):
+    """`emf fit --config X --dry-run` on every shipped config: no weights, its own backbone class, shapes that fit
+    (no MISMATCH), a trainable count and a memory estimate; it stops (no run directory, exit 0)."""
+    for config in ALL_CONFIGS:
+        assert cli.main(["fit", "--config", str(CONFIGS / config), "--dry-run"]) == 0, config
+        out = capsys.readouterr().out
+        assert f"backbone   {config_backbone_class(config)} " in out, (config, out)
+        assert "MISMATCH" not in out, (config, out)
+        assert " trainable of " in out and "GiB per GPU" in out, (config, out)
+
+
+def test_dry_run_of_emf_sana_shows_the_real_recipe_shapes(capsys):
+    from emf_lightning.dry_run import dry_run
+
+    assert cli.main(["fit", "--config", str(CONFIGS / "emf_sana.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # 1024 px through DC-AE f32 -> 32 x 32 x 32 latents, SANA-1.6B at its own 32 x 32 (not base/gpu.yaml's 64)
+    assert "-> [8, 32, 32, 32]" in out and "input [8, 32, 32, 32]" in out, out
+    assert "SanaMeanFlowBackbone (the published config" in out, out
+    report = dry_run(
+        {
+            "model": {
+                "encoder": json.loads(BOW),
+                "backbone": {
+                    "class_path": "emf_lightning.models.DiT",
+                    "init_args": {"preset": "tiny", "input_size": 16},
+                },
+            },
+            "data": {"batch_size": 2, "image_size": 16},
+            "trainer": {"precision": "32-true"},
+        }
+    )
+    assert report.output_shape == (2, 3, 16, 16) and report.trainable_parameters == report.total_parameters > 0
+    assert report.memory_bytes > 4 * 4 * report.total_parameters  # weights, EMA, gradients, two moments
 
 
 @pytest.mark.parametrize("config", sorted(NO_OFFLINE_WEIGHTS))
@@ -201,12 +299,11 @@ def trained(shards, tmp_path_factory) -> Path:
 def test_cli_checkpoint_rebuilds_the_module_with_its_encoder(trained):
     ckpt = torch.load(trained, weights_only=True)
     assert ckpt["global_step"] == 2
-    # The encoder's recorded arguments under its defining class path; max_length 64 is carried over from the
-    # config's LLMEncoder init_args (jsonargparse keeps init_args the new class accepts when a class_path is
-    # overridden).
+    # The encoder's recorded arguments under its defining class path; the config's LLMEncoder init_args do not
+    # carry over to the class named on the command line (max_length is BagOfWordsEncoder's own default, 256).
     assert ckpt["hyper_parameters"]["encoder"] == {
         "class_path": "emf_lightning.encoders.bow.BagOfWordsEncoder",
-        "init_args": {"dim": 16, "seed": 0, "max_length": 64, "batch_size": 256, "device": None, "dtype": None},
+        "init_args": {"dim": 16, "seed": 0, "max_length": 256, "batch_size": 256, "device": None, "dtype": None},
     }
     assert not any(k.startswith("encoder") for k in ckpt["state_dict"])
     module = EMFModule.load_from_checkpoint(trained, map_location="cpu")

@@ -28,6 +28,24 @@ NON_STRUCTURAL_MODEL_KEYS = (
     "backbone.init_args.trainable",
 )
 _UNSET = "(not set)"
+# Where checkpoints keep the run's logger and evaluation callbacks (``judging_config``).
+JUDGING_CONFIG_KEY = "emf_judging_config"
+# Callbacks that judge a model: what ``emf validate --ckpt`` rebuilds (checkpointing and probes are for fit).
+JUDGING_CALLBACKS = ("EvaluationCallback",)
+# What ``emf validate --ckpt`` judges with when the checkpoint predates JUDGING_CONFIG_KEY: the run's own
+# logger kind, and every judge the evaluator has (each skipped with one warning when its weights are absent).
+DEFAULT_JUDGING_CONFIG: dict[str, Any] = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": "runs", "name": "validate"},
+    },
+    "callbacks": [
+        {
+            "class_path": "emf_lightning.callbacks.evaluation.EvaluationCallback",
+            "init_args": {"shapes_eval": True, "fid": True, "clip_score": True},
+        }
+    ],
+}
 _SPEC_BOOKKEEPING = ("unrecorded",)  # to_spec's note of arguments it could not record
 
 
@@ -78,9 +96,13 @@ def _section(hparams: Any) -> dict[str, Any]:
     return section
 
 
-def config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+def config_from_checkpoint(ckpt: dict[str, Any], judging: bool = False) -> dict[str, Any]:
     """The ``model:`` (and ``data:``, when saved) config sections held in a checkpoint's hyper-parameters;
-    the model's in the current format whatever the checkpoint's (``training.checkpoint_format``)."""
+    the model's in the current format whatever the checkpoint's (``training.checkpoint_format``).
+
+    ``judging`` adds ``trainer:`` with the run's logger and evaluation callbacks (``judging_config``; for a
+    checkpoint that predates them, DEFAULT_JUDGING_CONFIG): ``emf validate --ckpt`` alone judges as the run did.
+    """
     from emf_lightning.training.checkpoint_format import module_hyperparameters, without_retired
 
     config: dict[str, Any] = {}
@@ -90,6 +112,31 @@ def config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     data = _section(ckpt.get("datamodule_hyper_parameters"))
     if data:
         config["data"] = without_retired("ShardDataModule", data)
+    if judging:
+        recorded = ckpt.get(JUDGING_CONFIG_KEY) or {}
+        config["trainer"] = {
+            "logger": recorded.get("logger", DEFAULT_JUDGING_CONFIG["logger"]),
+            # a run without an evaluation callback is still judged: validate's job is the judging
+            "callbacks": recorded.get("callbacks") or DEFAULT_JUDGING_CONFIG["callbacks"],
+        }
+    return config
+
+
+def judging_config(trainer_config: Any) -> dict[str, Any]:
+    """The trainer's logger and judging callbacks (JUDGING_CALLBACKS) as plain data, ready for a config file.
+
+    A logger given as ``true`` (Lightning's default, TensorBoard) or ``false`` is kept as is.
+    """
+    trainer = _plain(trainer_config or {})
+    callbacks = trainer.get("callbacks") or []
+    judging = [
+        c
+        for c in (callbacks if isinstance(callbacks, list) else [callbacks])
+        if isinstance(c, dict) and str(c.get("class_path", "")).rsplit(".", 1)[-1] in JUDGING_CALLBACKS
+    ]
+    config: dict[str, Any] = {"callbacks": judging}
+    if "logger" in trainer and trainer["logger"] is not None:
+        config["logger"] = trainer["logger"]
     return config
 
 

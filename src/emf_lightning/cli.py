@@ -17,7 +17,9 @@ line) or ``EMF_DEBUG=1`` shows their traceback. Every other exception is a bug a
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
 import sys
 import tempfile
@@ -26,8 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LIGHTNING_COMMANDS = {
-    "fit": "Train a generator (LightningCLI: emf fit --config configs/smollm_shapes.yaml)",
-    "validate": "Validation loss and evaluation callbacks on a checkpoint (emf validate --ckpt PATH)",
+    "fit": "Train a generator (LightningCLI: emf fit --config configs/smollm_shapes.yaml; --dry-run: describe only)",
+    "validate": "Judge a checkpoint as its run did: loss, evaluation table, JSON, grid (emf validate --ckpt PATH)",
     "test": "Test loop on a checkpoint",
     "predict": "Generate images for the predict data",
 }
@@ -98,16 +100,19 @@ def _ckpt_path(argv: list[str]) -> str | None:
     return None
 
 
-def config_from_checkpoint(path: str | Path) -> dict:
-    """The ``model:`` (and ``data:``) config sections saved in a Lightning checkpoint's hyper-parameters."""
+def config_from_checkpoint(path: str | Path, judging: bool = False) -> dict:
+    """The ``model:`` (and ``data:``) config sections saved in a Lightning checkpoint's hyper-parameters; with
+    ``judging``, also the run's logger and evaluation callbacks (``trainer:``)."""
     from emf_lightning.checkpoint_config import config_from_checkpoint as from_ckpt
     from emf_lightning.checkpoint_config import read_checkpoint
 
-    return from_ckpt(read_checkpoint(path))
+    return from_ckpt(read_checkpoint(path), judging=judging)
 
 
 # Values of ckpt_path that Lightning resolves itself (``emf fit --ckpt_path last`` resumes the latest run).
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+# Subcommands that judge a checkpoint: they also take the run's logger and evaluation callbacks from it.
+JUDGING_COMMANDS = ("validate", "test")
 
 
 def run_lightning(argv: list[str]) -> int:
@@ -115,24 +120,59 @@ def run_lightning(argv: list[str]) -> int:
     import yaml
 
     from emf_lightning.config_files import expand_config_args
+    from emf_lightning.dry_run import DryRunFinished
     from emf_lightning.lightning_cli import EMFLightningCLI
 
     argv = _rename_ckpt_alias(argv)
+    dry = argv[0] == "fit" and "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"] if dry else argv
     ckpt = _ckpt_path(argv)
     with tempfile.TemporaryDirectory(prefix="emf-config-") as tmp:
         argv = expand_config_args(argv, Path(tmp))
         if ckpt is not None and not (ckpt in LIGHTNING_CKPT_NAMES or ckpt.startswith("registry:")):
-            base = config_from_checkpoint(ckpt)
+            base = config_from_checkpoint(ckpt, judging=argv[0] in JUDGING_COMMANDS)
             if base:
                 cfg_path = Path(tmp) / "from_checkpoint.yaml"
                 cfg_path.write_text(yaml.safe_dump(base))
                 # First, so that the user's --config files and overrides take precedence.
                 argv = [argv[0], "--config", str(cfg_path), *argv[1:]]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_lightning():
             # We pass argv explicitly (also when called as a console script); that is intended.
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-            EMFLightningCLI(args=argv)
+            try:
+                EMFLightningCLI(args=argv, dry_run=dry)
+            except DryRunFinished:
+                pass
     return 0
+
+
+class _DropAdvertising(logging.Filter):
+    """Lightning's "💡 Tip: try installing litlogger / litmodels" lines: advertising, not information."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Lightning's advertising tips and the deprecation warnings of the libraries underneath (nothing the user of
+    ``emf`` can act on) are not shown; real warnings and Lightning's information lines are."""
+    loggers = [
+        logging.getLogger(name)
+        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
+    drop = _DropAdvertising()
+    for logger in loggers:
+        logger.addFilter(drop)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # Under validate/test, the fit-time checkpoint callbacks are rightly absent.
+    warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -178,9 +218,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         name = f"emf {argv[0]}" if argv and (argv[0] in LIGHTNING_COMMANDS or argv[0] in EXTRA_COMMANDS) else "emf"
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{name}: error: {message}", file=sys.stderr)
+        print(f"{name}: error: {user_message(err)}", file=sys.stderr)
         return 2
+
+
+WORKER_TRACEBACK = "Original Traceback (most recent call last)"
+
+
+def user_message(err: BaseException) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker reaches us re-raised by torch with
+    the worker's whole traceback as its message: keep the original message only (its last line)."""
+    text = str(err)
+    if WORKER_TRACEBACK in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        prefix = f"{type(err).__name__}: "
+        text = last.split(prefix, 1)[1] if prefix in last else last
+    return " ".join(text.split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -133,8 +133,19 @@ class MeanFlowGenerator(nn.Module):
         )
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> MeanFlowGenerator:
-        """Load an ``emf export`` folder (no pickles: JSON specs and safetensors)."""
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: torch.device | str = "cpu",
+        encoder: dict[str, Any] | TextEncoder | None = None,
+        autoencoder: Any = None,
+    ) -> MeanFlowGenerator:
+        """Load an ``emf export`` folder (no pickles: JSON specs and safetensors).
+
+        ``encoder`` and ``autoencoder`` replace the export's (a spec dict, an instance, or for the autoencoder a
+        registry name or folder): the same models kept elsewhere on this machine. The encoder must give features of
+        the width the generator was trained on.
+        """
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -153,7 +164,7 @@ class MeanFlowGenerator(nn.Module):
                 **backbone_spec.get("init_args", {}),
                 "model": str(directory / config["backbone_folder"]),
             }
-        encoder = build(config["encoder"], TextEncoder)
+        encoder = build(config["encoder"] if encoder is None else encoder, TextEncoder)
         # The connector's standardisation statistics are buffers in the weights file; the flag says to expect them.
         generator = Generator.for_backbone(
             build(backbone_spec, Backbone), encoder.dim, standardize_text=bool(config.get("standardize_text", False))
@@ -167,6 +178,6 @@ class MeanFlowGenerator(nn.Module):
                 f"missing {sorted(set(missing) - set(allowed_missing))[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
-        autoencoder = build_autoencoder(config.get("autoencoder"))
+        autoencoder = build_autoencoder(config.get("autoencoder") if autoencoder is None else autoencoder)
         model = cls(generator, encoder, build(config["loss"], Objective), autoencoder, config)
         return model.to(device)

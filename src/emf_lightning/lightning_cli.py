@@ -6,10 +6,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from emf_lightning.checkpoint_config import check_overrides, check_weights_fit, read_checkpoint
+from emf_lightning.checkpoint_config import (
+    JUDGING_CONFIG_KEY,
+    check_overrides,
+    check_weights_fit,
+    judging_config,
+    read_checkpoint,
+)
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.training import EMFModule
 
@@ -23,7 +30,8 @@ class EMFLightningCLI(LightningCLI):
     ``EMFModule.load_from_checkpoint`` rebuilds the encoder without saving its weights.
     """
 
-    def __init__(self, args: Any = None, **kwargs: Any) -> None:
+    def __init__(self, args: Any = None, dry_run: bool = False, **kwargs: Any) -> None:
+        self.dry_run = dry_run  # emf fit --dry-run: describe what would be built, build nothing (dry_run.py)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         self._checkpoint: dict[str, Any] | None = None
@@ -47,14 +55,52 @@ class EMFLightningCLI(LightningCLI):
         section = self.config[subcommand]
         _report_overrides(check_overrides(self._checkpoint, section.get("model"), section.get("data"), ckpt_path))
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse an accelerator this machine lacks before anything is built (Lightning's own error is a
+        traceback deep in the trainer)."""
+        if self.dry_run:
+            from emf_lightning.dry_run import DryRunFinished, dry_run
+
+            print("\n".join(dry_run(self.config[self.subcommand]).lines))
+            raise DryRunFinished
+        trainer = self.config[self.subcommand].get("trainer") or {}
+        check_accelerator(trainer.get("accelerator"))
+
     def after_instantiate_classes(self) -> None:
-        """With a checkpoint: the built model must have its parameter shapes (e.g. the encoder's width)."""
+        """With a checkpoint: the built model must have its parameter shapes (e.g. the encoder's width).
+        Under fit: checkpoints also record how the run logs and judges, for ``emf validate --ckpt`` alone."""
+        if self.subcommand == "fit":
+            self.trainer.callbacks.append(RecordJudgingConfig(judging_config(self.config["fit"].get("trainer"))))
         if self._checkpoint is not None:
             check_weights_fit(self.model, self._checkpoint, self.config[self.subcommand].get("ckpt_path"))
             self._checkpoint = None  # memory-mapped: let the file go
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """``trainer.accelerator: gpu`` (or cuda) on a machine without CUDA is a ConfigError naming the key."""
+    import torch
+
+    from emf_lightning.errors import ConfigError
+
+    if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator is {accelerator!r} but this machine has no CUDA GPU "
+            "(torch.cuda.is_available() is False): set --trainer.accelerator=cpu (or auto)"
+        )
 
 
 @rank_zero_only
 def _report_overrides(lines: list[str]) -> None:
     for line in lines:
         print(f"overriding the checkpoint's {line}", file=sys.stderr)
+
+
+class RecordJudgingConfig(Callback):
+    """Writes the run's logger and evaluation callbacks into every checkpoint (``checkpoint_config.judging_config``),
+    so that ``emf validate --ckpt`` judges as the run did without its config files."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint[JUDGING_CONFIG_KEY] = self.config

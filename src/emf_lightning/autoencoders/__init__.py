@@ -96,8 +96,12 @@ def build_autoencoder(
             f"Registered autoencoders: {', '.join(sorted(AUTOENCODERS))}.",
         )
     if class_name not in DIFFUSERS_CLASSES:
-        raise ValueError(
-            f"{name}: config.json names {class_name!r}; supported VAE classes: {', '.join(sorted(DIFFUSERS_CLASSES))}"
+        from emf_lightning.errors import ConfigError
+
+        raise ConfigError(
+            f"the autoencoder {name} is not a VAE: its config.json names {class_name!r} (supported: "
+            f"{', '.join(sorted(DIFFUSERS_CLASSES))}); point model.autoencoder (emf cache-latents: --vae) at the "
+            "VAE's folder, or at a pipeline folder with a vae/ subfolder"
         )
     return DIFFUSERS_CLASSES[class_name](**{"model": name, "subfolder": subfolder, **overrides})
 

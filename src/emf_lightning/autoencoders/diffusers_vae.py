@@ -18,6 +18,7 @@ from torch import Tensor
 from emf_lightning.autoencoders.base import LatentAutoencoder
 from emf_lightning.utils import hub
 from emf_lightning.utils.model_helpers import random_init, short_hash
+from emf_lightning.utils.specs import absolute_if_local_folder
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ class DiffusersAutoencoder(LatentAutoencoder):
 
         cls = getattr(diffusers, self.diffusers_class)
         if pretrained:
-            self.model_id = model or self.default_model
+            # a local folder by its absolute path: the latents' cache key does not depend on the working directory
+            self.model_id = absolute_if_local_folder(model or self.default_model)
             self.subfolder = subfolder
             source, sub = hub.locate(self.model_id, subfolder, hub.diffusers_weights(variant))
             self.vae = hub.load(

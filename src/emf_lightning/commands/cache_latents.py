@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from emf_lightning.data.health import UNREADABLE_SHARD
-from emf_lightning.utils.weights import MissingWeightsError
+from emf_lightning.errors import ConfigError
 
 LATENT_MEMBERS = ("latent.npy", "latent.pth", "latent_flip.npy")  # replaced: they belong to another autoencoder
 
@@ -81,16 +81,16 @@ def vae_kwargs(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"emf cache-latents: --vae-arg expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"--vae-arg expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
 
 def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else as given."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; a device this machine lacks is a ConfigError."""
+    from emf_lightning.commands.sample import resolve_device as checked_device
+
+    return str(checked_device(name))
 
 
 def npy_bytes(array: torch.Tensor) -> bytes:
@@ -182,10 +182,11 @@ def finished_shards(path: Path, settings: dict[str, Any], out_dir: Path) -> dict
     if {k: earlier.get(k) for k in ("cache_key", "image_size", "flip")} != {
         k: settings[k] for k in ("cache_key", "image_size", "flip")
     }:
-        raise SystemExit(
-            f"emf cache-latents: {path} records latents made with different settings "
-            f"({earlier.get('cache_key')}, image size {earlier.get('image_size')}, flip "
-            f"{earlier.get('flip')}); write to another --out or delete that folder first"
+        raise ConfigError(
+            f"{path} records latents made with different settings ({earlier.get('cache_key')}, image size "
+            f"{earlier.get('image_size')}, flip {earlier.get('flip')}) than this run ({settings['cache_key']}, "
+            f"image size {settings['image_size']}, flip {settings['flip']}); write to another --out or delete "
+            "that folder first"
         )
     # a shard that could not be opened (network, failing pipe) is tried again
     return {
@@ -198,35 +199,35 @@ def finished_shards(path: Path, settings: dict[str, Any], out_dir: Path) -> dict
 # -- main ------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run `emf cache-latents`; returns the process exit status."""
-    from rich.console import Console
-    from rich.progress import track
-
     from emf_lightning.autoencoders import build_autoencoder
     from emf_lightning.data.health import SHARD_REASONS, SkipCounter
     from emf_lightning.data.pipeline import expand_shard_urls
     from emf_lightning.data.shards import MANIFEST_FORMAT, brace_url, manifest_path
+    from emf_lightning.utils.progress import track
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.batch_size < 1 or args.image_size < 1:
-        raise SystemExit("emf cache-latents: --batch-size and --image-size must be >= 1")
+        raise ConfigError("--batch-size and --image-size must be >= 1")
     try:
         args.out % 0
     except TypeError:
-        raise SystemExit(f"emf cache-latents: --out {args.out!r} needs an integer field such as %06d") from None
+        raise ConfigError(f"--out {args.out!r} needs an integer field such as %06d") from None
     urls = expand_shard_urls(args.shards)
     outputs = [Path(args.out % i) for i in range(len(urls))]
     if len(set(outputs)) != len(outputs):
-        raise SystemExit(f"emf cache-latents: --out {args.out!r} gives the same name to several shards")
+        raise ConfigError(f"--out {args.out!r} gives the same name to several shards")
     kwargs = vae_kwargs(args.vae_arg)
     kwargs.setdefault("device", resolve_device(args.device))
     if args.dtype:
         kwargs.setdefault("dtype", args.dtype)
-    try:
-        ae = build_autoencoder(args.vae, **kwargs)
-    except MissingWeightsError as err:
-        print(f"emf cache-latents: {err}", file=sys.stderr)
-        return 2
+    ae = build_autoencoder(args.vae, **kwargs)  # missing weights or a folder that is no VAE: one line, exit 2
+    if args.image_size % ae.downsample:
+        raise ConfigError(
+            f"--image-size {args.image_size} is not divisible by the autoencoder's factor {ae.downsample} "
+            f"({ae.cache_key}): use a multiple of {ae.downsample}, e.g. "
+            f"{max(ae.downsample, args.image_size // ae.downsample * ae.downsample)}"
+        )
     settings = latent_settings(ae, args.image_size, args.flip)
     outputs_pattern = Path(args.out)
     out_dir = outputs_pattern.parent
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "complete": False,
     }
     encoded = 0
-    for url, out in track(list(zip(urls, outputs)), description="encoding shards", console=Console(stderr=True)):
+    for url, out in track(list(zip(urls, outputs)), "encoding shards"):
         if url in done and done[url]["name"] == out.name:
             entries.append(done[url])
             skipped.update(done[url].get("skipped") or {})

@@ -151,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from emf_lightning.training import EMFModule
 
     ckpt, out = Path(args.ckpt), Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: export into a new folder")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty: export into a new folder")
     checkpoint = read_checkpoint(ckpt)

@@ -159,8 +159,9 @@ class DecodeOptions:
             )
 
 
-class MissingLatentsError(ValueError):
-    """A sample has no precomputed latent although the data module was asked to load latents."""
+class MissingLatentsError(ConfigError):
+    """A sample has no precomputed latent although the data module was asked to load latents (the wrong shards:
+    ``emf`` reports it as one line, exit 2, also from inside DataLoader workers)."""
 
 
 def _first_key(raw: dict[str, Any], keys: Iterable[str]) -> str | None:
@@ -243,7 +244,8 @@ def decode_sample(
             raise MissingLatentsError(
                 f"{where}: no precomputed latent ({', '.join(LATENT_KEYS)}) but latents were asked for "
                 "(load_latents=True): these shards were written without latents. Encode them once with "
-                "`emf cache-latents --vae NAME --shards URLS --out PATTERN` and train on its output shards"
+                "`emf cache-latents --vae NAME --shards URLS --out PATTERN` and train on its output shards, or set "
+                "data.load_latents=false to encode the images with model.autoencoder on the fly"
             )
         flipped = _first_key(raw, FLIPPED_LATENT_KEYS) if opts.latent_flip and train else None
         if flipped is not None and rng.random() < 0.5:  # the mirrored image's latent, half the time

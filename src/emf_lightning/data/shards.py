@@ -214,6 +214,27 @@ def read_manifest(pattern_or_path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
+def latent_cache_keys(urls: Iterable[str]) -> dict[str, str]:
+    """``{manifest path: autoencoder cache key}`` of the ``emf cache-latents`` manifests that list any of the
+    (local) shard ``urls``: the autoencoder their latents were made with."""
+    by_folder: dict[Path, set[str]] = {}
+    for url in urls:
+        path = Path(url)
+        if ":" not in url.split("/", 1)[0] and path.is_file():  # local files only (no pipe:, http:)
+            by_folder.setdefault(path.parent, set()).add(path.name)
+    found: dict[str, str] = {}
+    for folder, names in by_folder.items():
+        for manifest in sorted(folder.glob("*manifest.json")):
+            try:
+                doc = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                continue
+            key = (doc.get("latent") or {}).get("cache_key") if isinstance(doc, dict) else None
+            if key and names & {s.get("name") for s in doc.get("shards", []) if isinstance(s, dict)}:
+                found[str(manifest)] = str(key)
+    return found
+
+
 def _chain(first: ShardSample, rest: Iterator[ShardSample]) -> Iterator[ShardSample]:
     yield first
     yield from rest

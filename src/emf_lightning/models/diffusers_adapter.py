@@ -226,6 +226,14 @@ class SanaMeanFlowBackbone(Backbone):
         super().__init__()
         if interval_init not in INTERVAL_INITS:
             raise ValueError(f"interval_init must be one of {INTERVAL_INITS}, got {interval_init!r}")
+        if lora and isinstance(trainable, str) and trainable != "none":
+            from emf_lightning.errors import ConfigError
+
+            raise ConfigError(
+                f"model.backbone.init_args.lora is set and trainable={trainable!r} would also train those weights "
+                "in full, not LoRA instead: set model.backbone.init_args.trainable=none (LoRA only), or a list of "
+                "parameter patterns to train beside the adapters"
+            )
         from emf_lightning.utils.model_helpers import resolve_dtype
 
         param_dtype = resolve_dtype(dtype)
@@ -408,6 +416,9 @@ class SanaMeanFlowBackbone(Backbone):
         if getattr(transformer, "peft_config", None):
             transformer.fuse_lora()
             transformer.unload_lora()
+        # diffusers' SanaSprintPipeline feeds guidance = guidance_scale x guidance_embeds_scale: with the interval
+        # scale there, guidance_scale = t - r gives the interval this model was trained with.
+        transformer.register_to_config(guidance_embeds_scale=self.interval_scale)
         transformer.save_pretrained(str(directory / "transformer"))
         return {
             "model": "transformer",

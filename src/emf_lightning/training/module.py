@@ -39,6 +39,10 @@ from emf_lightning.training.optim import OptimConfig
 from emf_lightning.training.sharding import grad_norm, is_sharded, max_abs, shard_generator
 from emf_lightning.training.strategies import check_strategy
 from emf_lightning.utils.specs import build, to_spec
+from emf_lightning.utils.weights import naming_the_key
+
+# Checkpoint key of ``EMFModule.rebuilt_fingerprint``: the frozen weights a checkpoint relies on but leaves out.
+FINGERPRINT_KEY = "emf_rebuilt_fingerprint"
 
 # Captions that ``standardize_text`` fits its statistics on: the per-channel mean and std settle long before this
 # (they are averages over every token), and a dataset of millions of captions should not be encoded just for them.
@@ -112,8 +116,10 @@ class EMFModule(pl.LightningModule):
             # Lightning suggests ignoring nn.Module arguments; they are replaced by their specs just below.
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
-        encoder = build(encoder, TextEncoder)
-        backbone = build(backbone, Backbone)
+        with naming_the_key("model.encoder.init_args.model"):
+            encoder = build(encoder, TextEncoder)
+        with naming_the_key("model.backbone.init_args.model"):
+            backbone = build(backbone, Backbone)
         self.loss_fn = build(loss, Objective) if loss is not None else MeanFlowLoss()
         self.optim = OptimConfig.from_any(optim)
         for name, value in dict(cfg_scale=cfg_scale, max_weight_abs=max_weight_abs).items():
@@ -122,7 +128,8 @@ class EMFModule(pl.LightningModule):
             raise ConfigError(f"model.max_weight_abs must be > 0 (or null to disable the bound), got {max_weight_abs}")
         # The checkpoint keeps how to rebuild every object (plain data), never a pickled module.
         self.hparams.pop("_instantiator", None)
-        autoencoder = build_autoencoder(autoencoder)
+        with naming_the_key("model.autoencoder"):
+            autoencoder = build_autoencoder(autoencoder)
         self.hparams.update(
             encoder=to_spec(encoder),
             backbone=to_spec(backbone),
@@ -290,6 +297,23 @@ class EMFModule(pl.LightningModule):
         shard_generator(self.generator, dp_mesh)
         shard_generator(self.ema_generator, dp_mesh)
 
+    def check_cached_latents(self, datamodule: Any) -> None:
+        """Refuse shards whose latents ``emf cache-latents`` made with another autoencoder than ``model.autoencoder``
+        (same latent shape or not: training on them would go on without a word)."""
+        if not getattr(datamodule, "load_latents", False):
+            return
+        from emf_lightning.data.pipeline import expand_shard_urls
+        from emf_lightning.data.shards import latent_cache_keys
+
+        urls = [u for spec in (datamodule.train_shards, datamodule.val_shards) if spec for u in expand_shard_urls(spec)]
+        for manifest, key in latent_cache_keys(urls).items():
+            if key != self.autoencoder.cache_key:
+                raise ConfigError(
+                    f"the latents listed in {manifest} were made with the autoencoder {key}, but "
+                    f"model.autoencoder is {self.autoencoder.cache_key}: set model.autoencoder to the one that "
+                    "made them, or encode the shards again with `emf cache-latents --vae ...` for this one"
+                )
+
     @property
     def generation_is_collective(self) -> bool:
         """Whether every forward of the generators is a collective (sharded weights): all ranks must call
@@ -303,6 +327,7 @@ class EMFModule(pl.LightningModule):
         ``init_from`` is then skipped, the checkpoint already holds the trained weights.
         """
         self._move_encoder()
+        self.check_cached_latents(getattr(self.trainer, "datamodule", None))
         if self.hparams.init_from and not self._restored:
             self.load_init_weights(self.hparams.init_from)
         if self.generator.connector.standardize and not self.generator.connector.is_fitted:
@@ -520,6 +545,24 @@ class EMFModule(pl.LightningModule):
         keys = self.generator.backbone.pretrained_state_keys()
         return [f"{net}.backbone.{k}" for net in ("generator", "ema_generator") for k in keys]
 
+    def rebuilt_fingerprint(self) -> str:
+        """A digest of the frozen pretrained weights checkpoints leave out (names, shapes, dtypes and a strided
+        sample of each tensor's values): a different base model in the same folder changes it."""
+        cached = self.__dict__.get("_rebuilt_fingerprint")
+        if cached is not None:  # frozen weights: computed once (a gather under sharding)
+            return cached
+        digest = hashlib.sha256()
+        state = self.generator.backbone.state_dict()
+        for name in sorted(self.generator.backbone.pretrained_state_keys()):
+            tensor = state[name].detach()
+            tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a DTensor shard
+            flat = tensor.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)].float().cpu()
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(sample.numpy().tobytes())
+        self.__dict__["_rebuilt_fingerprint"] = digest.hexdigest()[:16]
+        return self.__dict__["_rebuilt_fingerprint"]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Last line of defence: a run that saw a non-finite loss, or whose weights are non-finite or exploded now,
         never writes a checkpoint."""
@@ -536,6 +579,8 @@ class EMFModule(pl.LightningModule):
         for key in rebuilt:
             checkpoint["state_dict"].pop(key, None)
         checkpoint["emf_rebuilt_keys"] = rebuilt
+        if rebuilt:
+            checkpoint[FINGERPRINT_KEY] = self.rebuilt_fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The schedule length of the run (validate/test of a checkpoint reuse it), and a check that the weights
@@ -549,6 +594,15 @@ class EMFModule(pl.LightningModule):
                     f"the checkpoint's weights do not fit this model: missing {sorted(missing)[:5]}, "
                     f"unexpected {sorted(unexpected)[:5]} (was it trained with another backbone?)"
                 )
+        saved_fingerprint = checkpoint.get(FINGERPRINT_KEY)
+        if saved_fingerprint and saved_fingerprint != self.rebuilt_fingerprint():
+            backbone = self.hparams.backbone.get("init_args", {}) if isinstance(self.hparams.backbone, dict) else {}
+            raise CheckpointError(
+                f"the frozen pretrained weights rebuilt from {backbone.get('model')!r} are not those this checkpoint "
+                f"was trained on (fingerprint {self.rebuilt_fingerprint()} here, {saved_fingerprint} in the "
+                "checkpoint): another base model is in that folder; set model.backbone.init_args.model to the base "
+                "model the run started from"
+            )
         self._schedule_total = checkpoint.get("emf_schedule_total", self._schedule_total)
         self._restored = True
 

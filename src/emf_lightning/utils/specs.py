@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -52,12 +53,24 @@ class RecordsInitArgs:
                 bound = signature.bind(self, *args, **kw)
                 bound.apply_defaults()
                 self.__dict__["init_args"] = {
-                    k: v
+                    k: absolute_if_local_folder(v) if k in FOLDER_ARGUMENTS else v
                     for k, v in bound.arguments.items()
                     if k != "self" and signature.parameters[k].kind not in _SKIP_KINDS
                 }
 
         cls.__init__ = recording_init  # type: ignore[method-assign]
+
+
+# Constructor arguments that name a model folder (or a hub id): recorded as absolute paths when they are local
+# relative folders, so a checkpoint or an export loads from any working directory.
+FOLDER_ARGUMENTS = ("model",)
+
+
+def absolute_if_local_folder(value: Any) -> Any:
+    """A relative path to an existing folder -> its absolute path; anything else (hub ids...) unchanged."""
+    if isinstance(value, str) and value and not os.path.isabs(value) and os.path.isdir(value):
+        return os.path.abspath(value)
+    return value
 
 
 def class_path(obj_or_cls: Any) -> str:
