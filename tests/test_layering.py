@@ -29,10 +29,12 @@ LAYERS = {
     "checkpoint_config": 6,
     "config_files": 6,
     "predict_writer": 6,
-    "commands": 7,
-    "lightning_cli": 7,
-    "cli": 8,
-    "__init__": 9,
+    "serve": 7,
+    "dry_run": 7,
+    "commands": 8,
+    "lightning_cli": 8,
+    "cli": 9,
+    "__init__": 10,
 }
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from emf_lightning.commands.cache_features import captions_from_shards
 from emf_lightning.data.datamodule import ShardDataModule
+from emf_lightning.data.pipeline import captions_from_shards
 from emf_lightning.encoders import TextFeatures, build_encoder
 from emf_lightning.encoders.base import masked_mean
 from emf_lightning.encoders.statistics import channel_statistics, fit_channel_statistics, standardize_tokens

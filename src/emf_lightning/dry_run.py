@@ -97,9 +97,9 @@ def _backbone_spec_without_weights(spec: dict[str, Any]) -> tuple[dict[str, Any]
 
     model = init_args.get("model") or cls.default_model
     try:
-        from emf_lightning.utils.diffusers_hub import load_diffusers_config
+        from emf_lightning.utils import hub
 
-        config = load_diffusers_config(SanaTransformer2DModel, model, init_args.get("subfolder", "transformer"))
+        config = hub.load_config(SanaTransformer2DModel, model, init_args.get("subfolder", "transformer"))
         source = f"config.json of {model}"
     except MissingWeightsError:
         if model != cls.default_model:

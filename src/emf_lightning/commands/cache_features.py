@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from emf_lightning.config_files import encoder_spec_in
+from emf_lightning.data.pipeline import captions_from_shards
 from emf_lightning.utils.optional import MissingExtraError
 from emf_lightning.utils.progress import progress
 from emf_lightning.utils.weights import MissingWeightsError, emf_cache_dir
@@ -139,34 +140,6 @@ def captions_from_file(path: Path, skipped: Counter) -> Iterator[str]:
             if not found:
                 skipped["row without caption"] += 1
             yield from found
-
-
-def captions_from_shards(spec: str, skipped: Counter, paraphrases: bool = True) -> Iterator[str]:
-    """Captions of WebDataset shards: each sample's .txt, plus its .json 'captions' list unless disabled. Read as
-    the data module reads them (``data.pipeline.iter_shards``, ``caption_text``); unreadable shards or samples
-    are skipped, counted and logged."""
-    from emf_lightning.data.health import SkipCounter
-    from emf_lightning.data.pipeline import caption_text, iter_shards
-
-    counter = SkipCounter("cache-features")
-    for sample in iter_shards(spec, counter):
-        try:
-            found = [caption_text(sample)]
-        except UnicodeDecodeError:  # training skips such a sample: no features for a caption it never sees
-            skipped["caption not UTF-8"] += 1
-            continue
-        if paraphrases and sample.get("json") is not None:
-            try:
-                doc = json.loads(sample["json"])
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                skipped["bad .json"] += 1
-                doc = {}
-            found.extend(c for c in (doc.get("captions") or []) if isinstance(c, str))
-        found = [c.strip() for c in found if c.strip()]
-        if not found:
-            skipped["sample without caption"] += 1
-        yield from found
-    skipped.update(counter.drain())  # damaged or unreadable shards, by the data module's reasons
 
 
 def unique(captions: Iterable[str]) -> list[str]:

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import random
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -486,3 +487,28 @@ __all__ = [
     "batches",
     "IMAGE_KEYS",
 ]
+
+
+def captions_from_shards(spec: str, skipped: Counter, paraphrases: bool = True) -> Iterator[str]:
+    """Captions of WebDataset shards: each sample's .txt, plus its .json 'captions' list unless disabled. Read as
+    the data module reads them (``data.pipeline.iter_shards``, ``caption_text``); unreadable shards or samples
+    are skipped, counted and logged."""
+    counter = SkipCounter("cache-features")
+    for sample in iter_shards(spec, counter):
+        try:
+            found = [caption_text(sample)]
+        except UnicodeDecodeError:  # training skips such a sample: no features for a caption it never sees
+            skipped["caption not UTF-8"] += 1
+            continue
+        if paraphrases and sample.get("json") is not None:
+            try:
+                doc = json.loads(sample["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                skipped["bad .json"] += 1
+                doc = {}
+            found.extend(c for c in (doc.get("captions") or []) if isinstance(c, str))
+        found = [c.strip() for c in found if c.strip()]
+        if not found:
+            skipped["sample without caption"] += 1
+        yield from found
+    skipped.update(counter.drain())  # damaged or unreadable shards, by the data module's reasons

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from emf_lightning.encoders.base import TextFeatures, masked_mean
+from emf_lightning.encoders.base import TextFeatures
+from emf_lightning.utils.model_helpers import masked_mean, standardize_tokens
 
 # A channel that barely varies is not scaled up by more than 1 / this times the median channel's std: such a
 # channel carries no information about the caption, and dividing by ~0 would only amplify numerical noise.
@@ -51,13 +52,6 @@ def fit_channel_statistics(
     if not unique:
         raise ValueError("no captions to fit standardisation statistics on")
     return channel_statistics(encode(unique[i : i + batch_size]) for i in range(0, len(unique), batch_size))
-
-
-def standardize_tokens(tokens: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """``tokens`` [..., D] z-scored per channel; all-zero tokens (padding, the null condition) stay zero."""
-    is_zero = (tokens == 0).all(dim=-1, keepdim=True)
-    mean, std = mean.to(tokens), std.to(tokens)
-    return torch.where(is_zero, torch.zeros_like(tokens), (tokens - mean) / std)
 
 
 def standardize_features(feats: TextFeatures, mean: Tensor, std: Tensor) -> TextFeatures:

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from emf_lightning.encoders.statistics import standardize_tokens
+from emf_lightning.utils.model_helpers import standardize_tokens
 
 from .norms import Float32RMSNorm
 

@@ -342,7 +342,7 @@ class EMFModule(pl.LightningModule):
 
     def training_captions(self) -> list[str]:
         """Up to ``STANDARDIZATION_CAPTIONS`` unique captions (with paraphrases) of the datamodule's training shards."""
-        from emf_lightning.commands.cache_features import captions_from_shards
+        from emf_lightning.data.pipeline import captions_from_shards
 
         shards = getattr(getattr(self._trainer, "datamodule", None), "train_shards", None)
         if shards is None:

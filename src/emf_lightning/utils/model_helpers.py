@@ -44,3 +44,10 @@ def random_init(build: Any, seed: int) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
+
+
+def standardize_tokens(tokens: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """``tokens`` [..., D] z-scored per channel; all-zero tokens (padding, the null condition) stay zero."""
+    is_zero = (tokens == 0).all(dim=-1, keepdim=True)
+    mean, std = mean.to(tokens), std.to(tokens)
+    return torch.where(is_zero, torch.zeros_like(tokens), (tokens - mean) / std)
