@@ -16,11 +16,11 @@ import yaml
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.data.pipeline import captions_from_shards
 from emf_lightning.encoders import TextFeatures, build_encoder
-from emf_lightning.encoders.base import masked_mean
 from emf_lightning.encoders.statistics import channel_statistics, fit_channel_statistics, standardize_tokens
 from emf_lightning.inference import MeanFlowGenerator
 from emf_lightning.models.connector import TextConnector
 from emf_lightning.training import EMFModule
+from emf_lightning.utils.model_helpers import masked_mean
 
 from helpers import HashWordEncoder, tiny_module, write_shapes_shards
 
