@@ -327,7 +327,7 @@ def test_the_exported_transformer_carries_the_interval_scale(sana_folder, tmp_pa
     backbone = SanaMeanFlowBackbone(model=str(sana_folder), trainable="emf")
     backbone.export_pretrained(tmp_path)
     config = json.loads((tmp_path / "transformer" / "config.json").read_text())
-    assert config["guidance_embeds"] and config["guidance_embeds_scale"] == backbone.interval_scale == 1000.0
+    assert config["guidance_embeds"] and config["guidance_embeds_scale"] == backbone.time_scale == 1000.0
 
 
 def test_missing_weights_name_the_key_and_a_missing_folder(tmp_path, monkeypatch, capfd):

@@ -418,7 +418,7 @@ class SanaMeanFlowBackbone(Backbone):
             transformer.unload_lora()
         # diffusers' SanaSprintPipeline feeds guidance = guidance_scale x guidance_embeds_scale: with the interval
         # scale there, guidance_scale = t - r gives the interval this model was trained with.
-        transformer.register_to_config(guidance_embeds_scale=self.interval_scale)
+        transformer.register_to_config(guidance_embeds_scale=self.time_scale)  # t - r is scaled like t
         transformer.save_pretrained(str(directory / "transformer"))
         return {
             "model": "transformer",

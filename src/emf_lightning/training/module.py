@@ -300,7 +300,7 @@ class EMFModule(pl.LightningModule):
     def check_cached_latents(self, datamodule: Any) -> None:
         """Refuse shards whose latents ``emf cache-latents`` made with another autoencoder than ``model.autoencoder``
         (same latent shape or not: training on them would go on without a word)."""
-        if not getattr(datamodule, "load_latents", False):
+        if not getattr(getattr(datamodule, "decode", None), "load_latents", False):
             return
         from emf_lightning.data.pipeline import expand_shard_urls
         from emf_lightning.data.shards import latent_cache_keys
