@@ -67,6 +67,31 @@ def small_run_args(shards: dict[str, str], root: Path) -> list[str]:
     ]
 
 
+FINAL_CHECKPOINT = "emf_lightning.callbacks.checkpoint.FinalModelCheckpoint"
+
+
+def tiny_checkpoint(
+    shards: dict[str, str], root: Path, config: str, *extra: str, checkpoint: str = FINAL_CHECKPOINT
+) -> Path:
+    """A two-step `emf fit` of a shipped config shrunk by ``small_run_args`` (bag-of-words encoder), with only the
+    ``checkpoint`` callback (save_last) and then ``extra`` overrides; returns its one last.ckpt."""
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / config),
+        *small_run_args(shards, root),
+        f"--model.encoder={BOW}",
+        "--trainer.max_steps=2",
+        "--trainer.callbacks=[]",
+        f"--trainer.callbacks+={checkpoint}",
+        "--trainer.callbacks.save_last=true",
+        *extra,
+    ]
+    assert cli.main(args) == 0
+    (last,) = root.rglob("last.ckpt")
+    return last
+
+
 # ---------------------------------------------------------------------------------------------- front door
 
 
@@ -277,23 +302,10 @@ def test_all_six_configs_exist():
 def trained(shards, tmp_path_factory) -> Path:
     """`emf fit` of the offline config, shrunk, with the bag-of-words encoder; returns last.ckpt."""
     root = tmp_path_factory.mktemp("run")
-    args = [
-        "fit",
-        "--config",
-        str(CONFIGS / "smollm_shapes.yaml"),
-        *small_run_args(shards, root),
-        f"--model.encoder={BOW}",
-        "--trainer.max_steps=2",
-        "--trainer.val_check_interval=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.callbacks=[]",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.save_last=true",
-    ]
-    assert cli.main(args) == 0
-    ckpts = sorted(root.rglob("last.ckpt"))
-    assert len(ckpts) == 1
-    return ckpts[0]
+    validate_once = ["--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]
+    return tiny_checkpoint(
+        shards, root, "smollm_shapes.yaml", *validate_once, checkpoint="lightning.pytorch.callbacks.ModelCheckpoint"
+    )
 
 
 def test_cli_checkpoint_rebuilds_the_module_with_its_encoder(trained):

@@ -46,7 +46,7 @@ from emf_lightning.training import EMFModule, NonFiniteLossError, OptimConfig
 from emf_lightning.training.sharding import max_abs
 
 from helpers import BOW, FixedBatches, StandInModule, shapes_batch, tiny_module
-from test_cli import CONFIGS, small_run_args
+from test_cli import CONFIGS, small_run_args, tiny_checkpoint
 
 # ================================================================================================================
 # CLI and checkpoints
@@ -58,22 +58,8 @@ def trained(shards, tmp_path_factory) -> Path:
     """`emf fit` of the offline config, shrunk (bag-of-words encoder, tiny DiT, 16 px), with the configs' own
     FinalModelCheckpoint; returns its last.ckpt (saved cfg_scale 1.0, val_batch_size 2)."""
     root = tmp_path_factory.mktemp("run")
-    args = [
-        "fit",
-        "--config",
-        str(CONFIGS / "smollm_shapes.yaml"),
-        *small_run_args(shards, root),
-        f"--model.encoder={BOW}",
-        "--trainer.max_steps=2",
-        "--trainer.val_check_interval=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.callbacks=[]",
-        "--trainer.callbacks+=emf_lightning.callbacks.checkpoint.FinalModelCheckpoint",
-        "--trainer.callbacks.save_last=true",
-    ]
-    assert cli.main(args) == 0
-    (last,) = root.rglob("last.ckpt")
-    return last
+    validate_once = ["--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]
+    return tiny_checkpoint(shards, root, "smollm_shapes.yaml", *validate_once)
 
 
 def validate_args(ckpt: Path, root: Path) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from emf_lightning import cli
 
 from helpers import BOW
-from test_cli import CONFIGS, small_run_args
+from test_cli import CONFIGS, small_run_args, tiny_checkpoint
 
 
 def one_line_error(err: str, command: str) -> str:
@@ -31,21 +31,11 @@ def one_line_error(err: str, command: str) -> str:
 
 @pytest.fixture(scope="module")
 def judged_run(shards, tmp_path_factory) -> Path:
-    """`emf fit` of the offline config, shrunk, with its own callbacks (checkpoint, data health, evaluation on 4
-    samples); returns its last.ckpt."""
+    """`emf fit` of the offline config, shrunk, with the final checkpoint and an evaluation callback (4 samples, not
+    run during the fit) among its callbacks; returns its last.ckpt."""
     root = tmp_path_factory.mktemp("judged")
-    args = [
-        "fit",
-        "--config",
-        str(CONFIGS / "minilm_shapes.yaml"),
-        *small_run_args(shards, root),
-        f"--model.encoder={BOW}",
-        "--trainer.max_steps=2",
-        "--trainer.val_check_interval=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.callbacks=[]",
-        "--trainer.callbacks+=emf_lightning.callbacks.checkpoint.FinalModelCheckpoint",
-        "--trainer.callbacks.save_last=true",
+    validate_once = ["--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]
+    evaluation = [
         "--trainer.callbacks+=emf_lightning.callbacks.evaluation.EvaluationCallback",
         "--trainer.callbacks.every_n_steps=0",  # not during this fit
         "--trainer.callbacks.on_train_end=false",
@@ -55,9 +45,7 @@ def judged_run(shards, tmp_path_factory) -> Path:
         "--trainer.callbacks.fid=false",
         "--trainer.callbacks.clip_score=false",
     ]
-    assert cli.main(args) == 0
-    (last,) = root.rglob("last.ckpt")
-    return last
+    return tiny_checkpoint(shards, root, "minilm_shapes.yaml", *validate_once, *evaluation)
 
 
 def test_validate_with_only_the_checkpoint_judges_as_the_run_did(judged_run, tmp_path, monkeypatch, capfd):

@@ -16,8 +16,7 @@ from PIL import Image
 
 from emf_lightning import cli
 
-from helpers import BOW
-from test_cli import CONFIGS, small_run_args
+from test_cli import tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -34,21 +33,7 @@ PROMPT = "a large red circle"
 def checkpoint(shards, tmp_path_factory) -> Path:
     """A two-step `emf fit` of the offline config, shrunk (bag-of-words encoder, tiny DiT, 16 px)."""
     root = tmp_path_factory.mktemp("serve_run")
-    args = [
-        "fit",
-        "--config",
-        str(CONFIGS / "minilm_shapes.yaml"),
-        *small_run_args(shards, root),
-        f"--model.encoder={BOW}",
-        "--trainer.max_steps=2",
-        "--trainer.limit_val_batches=0",
-        "--trainer.callbacks=[]",
-        "--trainer.callbacks+=emf_lightning.callbacks.checkpoint.FinalModelCheckpoint",
-        "--trainer.callbacks.save_last=true",
-    ]
-    assert cli.main(args) == 0
-    (last,) = root.rglob("last.ckpt")
-    return last
+    return tiny_checkpoint(shards, root, "minilm_shapes.yaml", "--trainer.limit_val_batches=0")
 
 
 @pytest.fixture(scope="module")
