@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=256, help="held-out scenes judged per split")
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0], help="guidance scales judged at sampling")
     p.add_argument("--wordings", default="all", help="unseen-wording evaluation: all, dev, final or none")
+    p.add_argument("--fit-only", action="store_true", help="train and stop (a pre-training phase for `init_from`)")
     a = p.parse_args(argv)
     out, data = Path(a.out) / a.name, Path(a.data)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             (out / "fit_seconds").write_text(f"{time.perf_counter() - start:.1f}")
         ckpt = sorted(out.rglob("last.ckpt"))[-1]
+        if a.fit_only:
+            print(f"{a.name}: {ckpt} ({float((out / 'fit_seconds').read_text()):.0f} s fit)")
+            return 0
         results = {"name": a.name, "args": vars(a), "fit_seconds": float((out / "fit_seconds").read_text())}
         for split in ("val", "heldout"):
             folder = out / f"eval_{split}"
