@@ -83,7 +83,8 @@ def report(out: Path) -> None:
     probe_path = out / "probe" / "probe.json"
     probe = json.loads(probe_path.read_text())["encoders"] if probe_path.exists() else {}
     rows = {}
-    for name, (row, _) in SETTINGS.items():
+    # MiniLM's rows (--minilm) have no probe row here: they are reported, not correlated.
+    for name, row in [*((n, r) for n, (r, _) in SETTINGS.items()), ("minilm_raw", None), ("minilm_std", None)]:
         results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{name}_s*/results.json"))]
         if not results:
             continue
@@ -91,13 +92,13 @@ def report(out: Path) -> None:
         rows[name] = {
             "seeds": len(results),
             **{k: sum(h.get(k, float("nan")) for h in held) / len(held) for k in GENERATOR_KEYS},
-            "probe": {k: (probe.get(row) or {}).get("metrics", {}).get(k) for k in PROBE_KEYS},
+            "probe": {k: (probe.get(row) or {}).get("metrics", {}).get(k) for k in PROBE_KEYS} if row else {},
         }
         print(
             f"{name:20s} seeds {len(results)}  heldout 1 step "
             + "  ".join(f"{k} {rows[name][k]:.3f}" for k in GENERATOR_KEYS)
         )
-    named = [n for n in rows if all(v is not None for v in rows[n]["probe"].values())]
+    named = [n for n in rows if rows[n]["probe"] and all(v is not None for v in rows[n]["probe"].values())]
     for key in PROBE_KEYS:
         for target in GENERATOR_KEYS:
             if len(named) >= 3:
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--minilm", action="store_true", help="also MiniLM with model.standardize_text=true")
+    p.add_argument("--minilm", action="store_true", help="also MiniLM, raw and with model.standardize_text=true")
+    p.add_argument("--jobs", type=int, default=2, help="fits at a time (2: one thread each; 1: alone)")
     p.add_argument("--out", default="runs/llm_encoder")
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args(argv)
@@ -120,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         run_probe(out, str(Path(sys.executable).with_name("emf")))
         jobs = [(n, SMOL, SETTINGS[n][1], s) for s in a.seeds for n in a.settings]
         if a.minilm:
+            jobs += [("minilm_raw", "configs/minilm_shapes.yaml", [], s) for s in a.seeds]
             jobs += [("minilm_std", "configs/minilm_shapes.yaml", ["model.standardize_text=true"], s) for s in a.seeds]
-        with ThreadPoolExecutor(2) as pool:  # two fits at a time, one thread each
+        with ThreadPoolExecutor(a.jobs) as pool:
             for future in [pool.submit(fit, *job, a.steps, out) for job in jobs]:
                 future.result()
     report(out)
