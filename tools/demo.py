@@ -11,8 +11,9 @@ Stages (each is a plain `emf` command, echoed so you can rerun any of them by ha
   4. baseline  (compose, `--baseline`) flow matching on the same data for the same wall time
   5. evaluate  ShapesEval (and the sample grid) at 1, 2 and 4 steps on val and on heldout (single: also with the
                same scenes prompted in unseen wordings, shapes.wordings; the baseline: at 1, 2, 4 and 50 steps)
-  6. diagnose  how the 1-step samples fail (single: colour vs shape vs stray blobs; compose: per category, missing
-               object, swapped colours, wrong relation, wrong count, ...), and for compose a grid per category
+  6. diagnose  how the 1-step samples fail, per category (shapes.diagnosis: missing object, wrong shape or colour,
+               extra objects, swapped colours, wrong relation, wrong count, ...; single: also how often the
+               prompted colour is there at all), and a grid per category
 Then a summary: stage times, ShapesEval per category, the failure modes, where the grids and JSON are.
 
 Usage: python tools/demo.py [--task single|compose] [--out DIR] [--train-n N] [--max-steps N] [--seed S] [--fresh]
@@ -239,10 +240,8 @@ def stages(
 
     start = time.perf_counter()
     splits = (("val", val), ("heldout", heldout))
-    if args.task == "single":
-        diagnosis = {name: diagnose(ckpt, shard, args.eval_n) for name, shard in splits}
-    else:
-        diagnosis = {name: diagnose_scenes(ckpt, shard, args.eval_n, out / f"grids_{name}") for name, shard in splits}
+    single = args.task == "single"
+    diagnosis = {name: diagnose(ckpt, shard, args.eval_n, out / f"grids_{name}", single) for name, shard in splits}
     times["diagnose"] = time.perf_counter() - start
     done("diagnose")
     return results, diagnosis
@@ -320,38 +319,10 @@ def samples_of(ckpt: Path, held, steps: tuple[int, ...]) -> dict[int, np.ndarray
     return {steps: result.images[setting_label(steps, cfg)] for steps, cfg in result.settings}
 
 
-def diagnose(ckpt: Path, shards: str, n: int) -> dict:
-    """Why 1-step samples fail ShapesEval's colour category: colour alone vs shape, extra blobs, nothing.
-
-    ShapesEval passes a sample only when the prompted object is found with the right colour AND shape and
-    nothing else is there; this splits the failures so a miss can be explained."""
-    from collections import Counter
-
-    from emf_lightning.shapes import ShapesEval
-
-    held = held_out_set(shards, n)
-    details = ShapesEval().evaluate_detailed(samples_of(ckpt, held, (1,))[1], held.specs)
-    colour_right = 0
-    reasons: Counter = Counter()
-    for spec, d in zip(held.specs, details):
-        want = spec["objects"][0]["color"]
-        colours = [det["color"] for det in d["detections"]]
-        colour_right += int(want in colours)
-        if d["passed"]:
-            reasons["passed"] += 1
-        elif not colours:
-            reasons["nothing detected"] += 1
-        elif "objects detected" in d["reason"]:
-            reasons["extra objects"] += 1
-        else:
-            reasons["wrong shape or colour"] += 1
-    return {"n": n, "colour_present": colour_right / n, "reasons": dict(reasons.most_common(6))}
-
-
-def diagnose_scenes(ckpt: Path, shards: str, n: int, grids: Path, per_category: int = 6) -> dict:
-    """How 1-step samples of whole scenes fail, per category (shapes.diagnosis), and one grid per category:
-    the real image, then 1, 2 and 4 steps, for the first ``per_category`` scenes of it, each row labelled with
-    its prompt and the 1-step sample's failure mode."""
+def diagnose(ckpt: Path, shards: str, n: int, grids: Path, single: bool = False, per_category: int = 6) -> dict:
+    """How 1-step samples fail, per category (shapes.diagnosis), and one grid per category: the real image, then 1,
+    2 and 4 steps, for the first ``per_category`` scenes of it, each row labelled with its prompt and the 1-step
+    sample's failure mode. ``single`` (single objects): also the share of samples showing the prompted colour."""
 
     from emf_lightning.shapes import ShapesEval
     from emf_lightning.shapes.diagnosis import failure_mode, failure_table
@@ -380,7 +351,14 @@ def diagnose_scenes(ckpt: Path, shards: str, n: int, grids: Path, per_category: 
             upscale=4,
             row_label_width=260,
         )
-    return {"n": len(held), "failures_1step": failure_table(held.specs, details), "grids": str(grids)}
+    result = {"n": len(held), "failures_1step": failure_table(held.specs, details), "grids": str(grids)}
+    if single:  # ShapesEval needs colour AND shape right: is the colour alone there (in any shape)?
+        shown = [
+            spec["objects"][0]["color"] in {det["color"] for det in d["detections"]}
+            for spec, d in zip(held.specs, details)
+        ]
+        result["colour_present"] = sum(shown) / len(held)
+    return result
 
 
 def summarise(times: dict[str, float], results: dict[str, dict], out: Path, diagnosis: dict[str, dict]) -> None:
@@ -415,18 +393,14 @@ def summarise(times: dict[str, float], results: dict[str, dict], out: Path, diag
         summary[name] = payload
     summary["diagnosis_1step"] = diagnosis
     for name, d in diagnosis.items():
-        if "failures_1step" in d:
-            t = Table(title=f"How 1-step {name} samples fail (of {d['n']} scenes); grids per category: {d['grids']}")
-            t.add_column("category")
-            t.add_column("outcomes")
-            for category, modes in d["failures_1step"].items():
-                t.add_row(category, ", ".join(f"{mode} {count}" for mode, count in modes.items()))
-            console.print(t)
-        else:
-            console.print(
-                f"1-step {name} samples showing the prompted colour (any shape): {d['colour_present']:.3f}; "
-                f"outcomes: {d['reasons']}"
-            )
+        t = Table(title=f"How 1-step {name} samples fail (of {d['n']} scenes); grids per category: {d['grids']}")
+        t.add_column("category")
+        t.add_column("outcomes")
+        for category, modes in d["failures_1step"].items():
+            t.add_row(category, ", ".join(f"{mode} {count}" for mode, count in modes.items()))
+        console.print(t)
+        if "colour_present" in d:
+            console.print(f"1-step {name} samples showing the prompted colour (any shape): {d['colour_present']:.3f}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"grids and metrics: {out}/eval_val, {out}/eval_heldout; summary: {out}/summary.json")
 

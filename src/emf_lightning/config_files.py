@@ -12,7 +12,9 @@ backbone's, and an LLM encoder's ``dtype`` and ``max_length`` a sentence encoder
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -184,6 +186,20 @@ def composed_config(path: str | Path) -> dict:
     for _, content in config_chain(path):
         merged = merge(merged, content)
     return merged
+
+
+def key_value_args(
+    pairs: Iterable[str], option: str, error: Callable[[str], BaseException] = ConfigError
+) -> dict[str, Any]:
+    """``KEY=VALUE`` strings of a repeatable command-line option (``--encoder-arg``, ``--vae-arg``) -> keyword
+    arguments, each value parsed as YAML ('false', '64', '[1, 2]'); a pair without a key raises ``error``."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise error(f"{option} expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def encoder_spec_in(path: str | Path) -> dict | None:

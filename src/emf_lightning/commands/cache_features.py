@@ -24,9 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from emf_lightning.config_files import encoder_spec_in
+from emf_lightning.config_files import encoder_spec_in, key_value_args
 from emf_lightning.data.pipeline import captions_from_shards
 from emf_lightning.utils.optional import MissingExtraError
 from emf_lightning.utils.progress import progress
@@ -74,17 +72,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # -- encoder ---------------------------------------------------------------------------------------
-def encoder_kwargs(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE strings -> kwargs (values parsed as YAML, so 'false', '64', '[1, 2]' work)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"emf cache-features: --encoder-arg expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def spec_from_file(path: Path) -> dict[str, Any]:
     """The encoder {class_path, init_args} in a YAML/JSON file (see --encoder), following its ``extends`` chain."""
     spec = encoder_spec_in(path)
@@ -97,7 +84,7 @@ def build_from_args(args: argparse.Namespace):
     """Build the encoder named or described by --encoder, with --encoder-arg/--device/--dtype on top."""
     from emf_lightning.encoders import build_encoder
 
-    kwargs = encoder_kwargs(args.encoder_arg)
+    kwargs = key_value_args(args.encoder_arg, "emf cache-features: --encoder-arg", SystemExit)
     for key in ("device", "dtype"):
         if getattr(args, key):
             kwargs[key] = getattr(args, key)

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
+from emf_lightning.config_files import key_value_args
 from emf_lightning.data.health import UNREADABLE_SHARD
 from emf_lightning.errors import ConfigError
 
@@ -73,17 +73,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, help="autoencoder compute dtype: float32 (default), bfloat16, float16")
     return p.parse_args(argv)
-
-
-def vae_kwargs(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE strings -> kwargs (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--vae-arg expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def resolve_device(name: str) -> str:
@@ -217,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = [Path(args.out % i) for i in range(len(urls))]
     if len(set(outputs)) != len(outputs):
         raise ConfigError(f"--out {args.out!r} gives the same name to several shards")
-    kwargs = vae_kwargs(args.vae_arg)
+    kwargs = key_value_args(args.vae_arg, "--vae-arg")
     kwargs.setdefault("device", resolve_device(args.device))
     if args.dtype:
         kwargs.setdefault("dtype", args.dtype)

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from emf_lightning.config_files import encoder_spec_in
+from emf_lightning.config_files import encoder_spec_in, key_value_args
 from emf_lightning.utils.optional import MissingExtraError, require
 from emf_lightning.utils.progress import progress
 from emf_lightning.utils.weights import MissingWeightsError
@@ -226,16 +226,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _encoder_kwargs(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"emf probe: --encoder-arg expects KEY=VALUE, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def _spec_from_yaml(path: Path) -> dict[str, Any]:
     """The encoder ``{class_path, init_args}`` a YAML file names, following its ``extends`` chain."""
     spec = encoder_spec_in(path)
@@ -414,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"emf probe: need 1 <= k < n and n >= 2 * group; got n={args.n}, k={args.k}, group={args.group}"
         )
-    kwargs = _encoder_kwargs(args.encoder_arg)
+    kwargs = key_value_args(args.encoder_arg, "emf probe: --encoder-arg", SystemExit)
     choices, skipped = resolve_encoders(args.encoder, kwargs, say)
     if not choices:
         say("emf probe: no encoder to probe (none has its weights here)")

@@ -1,28 +1,32 @@
 """Shared machinery for encoders built on a transformers model plus a fast tokenizer (llm, t5, minilm).
 
-One code path handles tokenisation with truncation counting, right or left padding, position ids for
-absolute-position models, the choice of layer, keeping only a caption span inside a prompt template, and
-re-packing the output so `mask` marks exactly the kept tokens and everything else is zero.
+One code path loads the tokenizer and model (from a local folder, or a tiny random stand-in for tests), handles
+tokenisation with truncation counting, right or left padding, position ids for absolute-position models, the
+choice of layer, keeping only a caption span inside a prompt template, and re-packing the output so `mask` marks
+exactly the kept tokens and everything else is zero.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from emf_lightning.encoders.base import TextEncoder, TextFeatures, pack_tokens
-from emf_lightning.utils.model_helpers import masked_mean, short_hash
+from emf_lightning.encoders.tiny import tiny_tokenizer
+from emf_lightning.utils import hub
+from emf_lightning.utils.model_helpers import masked_mean, random_init, short_hash
 
 PaddingSide = Literal["right", "left"]
 Pooling = Literal["mean", "last"]
 
 
 class HFTextEncoder(TextEncoder):
-    """Base for transformers encoders. Subclasses load `self.tokenizer` / `self.model` and call `_setup`.
+    """Base for transformers encoders. Subclasses load `self.tokenizer` / `self.model` (with `_load_pretrained` or
+    `_build_random`) and call `_setup`.
 
     Class attributes:
       absolute_positions: pass explicit position ids (cumsum of the attention mask) so left padding does
@@ -63,6 +67,42 @@ class HFTextEncoder(TextEncoder):
         self._caption_span_only = False
         self._model_id = ""
         self._model_key_extra: list[str] = []
+
+    def _load_pretrained(self, source: str, model_class: Any) -> None:
+        """The tokenizer and the `model_class` weights from a local folder, the model in the compute dtype."""
+        from transformers import AutoTokenizer
+
+        self.tokenizer = hub.load(AutoTokenizer.from_pretrained, source)
+        self.model = hub.load(model_class.from_pretrained, source, dtype=self.compute_dtype)
+
+    def _build_random(
+        self,
+        what: str,
+        tokenizer_style: str,
+        config_class: Any,
+        build: Callable[[Any], Any],
+        sizes: dict[str, Any],
+        random_config: dict[str, Any] | None,
+        seed: int,
+        **config_extra: Any,
+    ) -> dict[str, Any]:
+        """A tiny random model on a tiny tokenizer (`pretrained=False`, tests only; logs a warning).
+
+        `sizes` (overridden by `random_config`) and `config_extra` go to `config_class`, `build(config)` makes the
+        model. Returns the sizes and seed, which the cache key records.
+        """
+        self.tokenizer = tiny_tokenizer(tokenizer_style)
+        config = {**sizes, **(random_config or {}), "seed": seed}
+        cfg = config_class(
+            vocab_size=len(self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,  # None for BERT, as its config's default
+            **config_extra,
+            **{k: v for k, v in config.items() if k != "seed"},
+        )
+        hub.warn_random(self.name, what)
+        self.model = random_init(lambda: build(cfg), seed)
+        return config
 
     def _setup(self, model_id: str, pretrained: bool, random_config: dict | None = None) -> None:
         """Record identity for the cache key, validate the layer, pick a pad token, freeze."""

@@ -17,9 +17,7 @@ import torch
 
 from emf_lightning.encoders.hf_base import HFTextEncoder, PaddingSide, Pooling
 from emf_lightning.encoders.smollm2 import ensure_smollm2, smollm2_available
-from emf_lightning.encoders.tiny import tiny_tokenizer
 from emf_lightning.utils import hub
-from emf_lightning.utils.model_helpers import random_init
 
 EMF_PROMPT_TEMPLATE = "Please generate image based on the following caption: {caption}"
 CAPTION_FIELD = "{caption}"
@@ -89,29 +87,20 @@ class LLMEncoder(HFTextEncoder):
         if span not in ("all", "caption"):
             raise ValueError(f"span must be 'all' or 'caption', got {span!r}")
         model = model or self.default_model
-        self.tokenizer, self.model, config = self._load(model, pretrained, random_config, seed)
+        config = self._load(model, pretrained, random_config, seed)
         self._set_template(prompt_template, chat_template)
         self._caption_span_only = span == "caption"
         self._setup(model if pretrained else "tiny-qwen3", pretrained, config)
 
-    def _load(self, model: str, pretrained: bool, random_config: dict | None, seed: int) -> tuple[Any, Any, dict]:
-        from transformers import AutoModel, AutoTokenizer, Qwen3Config
+    def _load(self, model: str, pretrained: bool, random_config: dict | None, seed: int) -> dict[str, Any]:
+        from transformers import AutoModel, Qwen3Config
 
         if not pretrained:
-            tokenizer = tiny_tokenizer("causal")
-            config = {**TINY_QWEN3, **(random_config or {}), "seed": seed}
-            cfg = Qwen3Config(
-                vocab_size=len(tokenizer),
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **{k: v for k, v in config.items() if k != "seed"},
+            return self._build_random(
+                "tiny Qwen3", "causal", Qwen3Config, AutoModel.from_config, TINY_QWEN3, random_config, seed
             )
-            hub.warn_random(self.name, "tiny Qwen3")
-            return tokenizer, random_init(lambda: AutoModel.from_config(cfg), seed), config
-        source = str(ensure_smollm2()) if model == "smollm2" else hub.locate(model)[0]
-        tokenizer = hub.load(AutoTokenizer.from_pretrained, source)
-        net = hub.load(AutoModel.from_pretrained, source, dtype=self.compute_dtype)
-        return tokenizer, net, {}
+        self._load_pretrained(str(ensure_smollm2()) if model == "smollm2" else hub.locate(model)[0], AutoModel)
+        return {}
 
     def _set_template(self, prompt_template: str | None, chat_template: bool) -> None:
         """Split the full text around the caption into a fixed prefix and suffix, once."""

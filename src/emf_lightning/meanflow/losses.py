@@ -10,6 +10,7 @@ training-time guidance and the adaptive weight; they differ only in the target.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -34,6 +35,19 @@ def _acc(x: Tensor) -> Tensor:
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
     """[B] -> [B, 1, ..., 1] broadcastable against ``like``."""
     return v.view(v.shape[0], *([1] * (like.ndim - 1)))
+
+
+@dataclass
+class PathSample:
+    """A batch placed on the path, all batch-first: what each objective builds its target from."""
+
+    z: Tensor  # z_t = (1 - t) x + t e
+    v: Tensor  # the sample's velocity e - x
+    r: Tensor
+    t: Tensor
+    cond: Cond  # after condition dropout
+    null_cond: Cond | None
+    drop: Tensor | None  # [B] bool: the rows whose condition was dropped
 
 
 class Objective(RecordsInitArgs):
@@ -144,13 +158,17 @@ class Objective(RecordsInitArgs):
         drop: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss for given data x, noise e, times r <= t and dropout mask (all batch-first)."""
+        return self.loss_on_path(net, self.path(x, e, r, t, cond, null_cond, drop))
+
+    def loss_on_path(self, net: Net, p: PathSample) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective's own part: its target, the network's prediction and ``regress``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ the parts
     @staticmethod
     def path(
-        x: Tensor, e: Tensor, t: Tensor, cond: Cond, null_cond: Cond | None, drop: Tensor | None
-    ) -> tuple[Tensor, Tensor, Cond]:
+        x: Tensor, e: Tensor, r: Tensor, t: Tensor, cond: Cond, null_cond: Cond | None, drop: Tensor | None
+    ) -> PathSample:
         """Path point z_t, the sample's velocity v = e - x, and the conditions after dropout."""
         if e.shape != x.shape:
             raise ValueError(f"noise shape {tuple(e.shape)} != data shape {tuple(x.shape)}")
@@ -158,7 +176,7 @@ class Objective(RecordsInitArgs):
             assert null_cond is not None
             cond = merge_conditions(cond, null_cond, drop)
         tb = _bcast(t.to(x.dtype), x)
-        return (1.0 - tb) * x + tb * e, e - x, cond
+        return PathSample((1.0 - tb) * x + tb * e, e - x, r, t, cond, null_cond, drop)
 
     @torch.no_grad()
     def own_velocities(
@@ -197,14 +215,12 @@ class Objective(RecordsInitArgs):
             apply = apply & ~dropped
         return torch.where(_bcast(apply, v), v_g.to(v.dtype), v)
 
-    def guided_velocity(
-        self, net: Net, z: Tensor, t: Tensor, v: Tensor, cond: Cond, null_cond: Cond | None, dropped: Tensor | None
-    ) -> Tensor:
+    def guided_velocity(self, net: Net, p: PathSample) -> Tensor:
         """The target velocity v_g (``guide``), running the network only when guidance is on."""
         if not self.uses_guidance:
-            return v
-        u_cond, u_null = self.own_velocities(net, z, t, cond if self.guidance_kappa != 0.0 else None, null_cond)
-        return self.guide(v, u_cond, u_null, t, dropped)
+            return p.v
+        u_cond, u_null = self.own_velocities(net, p.z, p.t, p.cond if self.guidance_kappa != 0.0 else None, p.null_cond)
+        return self.guide(p.v, u_cond, u_null, p.t, p.drop)
 
     def regress(
         self, u: Tensor, target: Tensor, r: Tensor, t: Tensor, drop: Tensor | None
@@ -283,53 +299,34 @@ class MeanFlowLoss(Objective):
         self.jvp_tangent = jvp_tangent
         self.jvp_precision = jvp_precision
 
-    def compute(
-        self,
-        net: Net,
-        x: Tensor,
-        e: Tensor,
-        r: Tensor,
-        t: Tensor,
-        cond: Cond,
-        null_cond: Cond | None = None,
-        drop: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss for given data x, noise e, times r <= t and dropout mask (all batch-first)."""
+    def loss_on_path(self, net: Net, p: PathSample) -> tuple[Tensor, dict[str, Tensor]]:
+        """u_tgt = v_g - (t - r) du/dt, regressed by u(z, r, t)."""
+        r, t = p.r, p.t
         if bool((r > t).any()):
             raise ValueError("MeanFlowLoss needs r <= t for every sample")
-        z, v, cond = self.path(x, e, t, cond, null_cond, drop)
-        v_g, dz_dt = self.velocity_and_tangent(net, z, r, t, v, cond, null_cond, drop)
-        dudt = du_dt(net, z, r, t, dz_dt, cond, self.jvp_precision)  # before the graph-keeping forward
-        u = net(z, r, t, *cond)
-        u_tgt = _acc(v_g) - _acc(_bcast(t - r, x)) * _acc(dudt)
-        loss, stats = self.regress(u, u_tgt, r, t, drop)
+        v_g, dz_dt = self.velocity_and_tangent(net, p)
+        dudt = du_dt(net, p.z, r, t, dz_dt, p.cond, self.jvp_precision)  # before the graph-keeping forward
+        u = net(p.z, r, t, *p.cond)
+        u_tgt = _acc(v_g) - _acc(_bcast(t - r, p.z)) * _acc(dudt)
+        loss, stats = self.regress(u, u_tgt, r, t, p.drop)
         if (r != t).any():
             stats["dudt_rms"] = _acc(dudt[r != t]).pow(2).mean().sqrt()
         return loss, stats
 
-    def velocity_and_tangent(
-        self,
-        net: Net,
-        z: Tensor,
-        r: Tensor,
-        t: Tensor,
-        v: Tensor,
-        cond: Cond,
-        null_cond: Cond | None,
-        drop: Tensor | None,
-    ) -> tuple[Tensor, Tensor]:
+    def velocity_and_tangent(self, net: Net, p: PathSample) -> tuple[Tensor, Tensor]:
         """The (guided) target velocity v_g and the z-tangent of du/dt (see ``jvp_tangent``)."""
         if self.jvp_tangent == "conditional":
-            v_g = self.guided_velocity(net, z, t, v, cond, null_cond, drop)
+            v_g = self.guided_velocity(net, p)
             return v_g, v_g
+        z, t, v, drop = p.z, p.t, p.v, p.drop
         if self.uses_guidance:  # guidance needs u(z, t, t, .) on every row anyway: one forward serves both
-            u_cond, u_null = self.own_velocities(net, z, t, cond, null_cond)
+            u_cond, u_null = self.own_velocities(net, z, t, p.cond, p.null_cond)
             return self.guide(v, u_cond, u_null, t, drop), self.guide(u_cond.to(v.dtype), u_cond, u_null, t, drop)
         # Only the r != t rows use the tangent: elsewhere du/dt is multiplied by t - r = 0.
         tangent = v.clone()
-        rows = (r != t).nonzero().squeeze(1)
+        rows = (p.r != t).nonzero().squeeze(1)
         if rows.numel():
-            u_rows, _ = self.own_velocities(net, z[rows], t[rows], take_rows(cond, rows), None)
+            u_rows, _ = self.own_velocities(net, z[rows], t[rows], take_rows(p.cond, rows), None)
             tangent = tangent.index_copy(0, rows, u_rows.to(v.dtype))
         return v, tangent
 
@@ -345,18 +342,6 @@ class FlowMatchingLoss(Objective):
     sampler = staticmethod(sample_flow_matching)
     eval_steps = (1, 2, 4, 50)
 
-    def compute(
-        self,
-        net: Net,
-        x: Tensor,
-        e: Tensor,
-        r: Tensor,
-        t: Tensor,
-        cond: Cond,
-        null_cond: Cond | None = None,
-        drop: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss for given data x, noise e, times t (r ignored) and dropout mask."""
-        z, v, cond = self.path(x, e, t, cond, null_cond, drop)
-        v_g = self.guided_velocity(net, z, t, v, cond, null_cond, drop)
-        return self.regress(net(z, t, t, *cond), v_g, t, t, drop)
+    def loss_on_path(self, net: Net, p: PathSample) -> tuple[Tensor, dict[str, Tensor]]:
+        """v_g regressed by u(z, t, t) (r ignored)."""
+        return self.regress(net(p.z, p.t, p.t, *p.cond), self.guided_velocity(net, p), p.t, p.t, p.drop)

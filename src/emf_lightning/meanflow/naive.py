@@ -17,12 +17,12 @@ from emf_lightning.meanflow.tangent_rules import jvp_safe_attention
 class ReferenceMeanFlowLoss(MeanFlowLoss):
     """MeanFlowLoss with the full-batch, graph-keeping JVP of public implementations."""
 
-    def compute(self, net, x, e, r, t, cond, null_cond=None, drop=None):
-        z, v, cond = self.path(x, e, t, cond, null_cond, drop)
-        v_g, dz_dt = self.velocity_and_tangent(net, z, r, t, v, cond, null_cond, drop)
+    def loss_on_path(self, net, p):
+        z, r, t, cond = p.z, p.r, p.t, p.cond
+        v_g, dz_dt = self.velocity_and_tangent(net, p)
         with jvp_safe_attention():
             u, dudt = torch.func.jvp(
                 lambda z_, r_, t_: net(z_, r_, t_, *cond), (z, r, t), (dz_dt, torch.zeros_like(r), torch.ones_like(t))
             )
-        interval = (t - r).view(-1, *[1] * (x.ndim - 1))
-        return self.regress(u, (v_g - interval * dudt).detach(), r, t, drop)
+        interval = (t - r).view(-1, *[1] * (z.ndim - 1))
+        return self.regress(u, (v_g - interval * dudt).detach(), r, t, p.drop)
