@@ -33,6 +33,8 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
         ["model.standardize_text=true", "model.encoder.init_args.layer=[8, 16, -1]"],
     ),
 }
+# The offline default beside them (--minilm): generator runs only, no probe row, so reported but not correlated.
+MINILM: dict[str, list[str]] = {"minilm_raw": [], "minilm_std": ["model.standardize_text=true"]}
 PROBE_KEYS = ("wording/retrieval_at_1", "same_scene_auc", "retrieval/exact_precision_at_k", "minimal_pairs/accuracy")
 GENERATOR_KEYS = ("shapes_colors", "shapes_reworded_final")
 
@@ -83,8 +85,7 @@ def report(out: Path) -> None:
     probe_path = out / "probe" / "probe.json"
     probe = json.loads(probe_path.read_text())["encoders"] if probe_path.exists() else {}
     rows = {}
-    # MiniLM's rows (--minilm) have no probe row here: they are reported, not correlated.
-    for name, row in [*((n, r) for n, (r, _) in SETTINGS.items()), ("minilm_raw", None), ("minilm_std", None)]:
+    for name, row in [*((n, r) for n, (r, _) in SETTINGS.items()), *((n, None) for n in MINILM)]:
         results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{name}_s*/results.json"))]
         if not results:
             continue
@@ -122,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         run_probe(out, str(Path(sys.executable).with_name("emf")))
         jobs = [(n, SMOL, SETTINGS[n][1], s) for s in a.seeds for n in a.settings]
         if a.minilm:
-            jobs += [("minilm_raw", "configs/minilm_shapes.yaml", [], s) for s in a.seeds]
-            jobs += [("minilm_std", "configs/minilm_shapes.yaml", ["model.standardize_text=true"], s) for s in a.seeds]
+            jobs += [(n, "configs/minilm_shapes.yaml", sets, s) for s in a.seeds for n, sets in MINILM.items()]
         with ThreadPoolExecutor(a.jobs) as pool:
             for future in [pool.submit(fit, *job, a.steps, out) for job in jobs]:
                 future.result()

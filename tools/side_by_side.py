@@ -91,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             (out / "fit_seconds").write_text(f"{time.perf_counter() - start:.1f}")
         ckpt = sorted(out.rglob("last.ckpt"))[-1]
+        fit_seconds = float((out / "fit_seconds").read_text())
         if a.fit_only:
-            print(f"{a.name}: {ckpt} ({float((out / 'fit_seconds').read_text()):.0f} s fit)")
+            print(f"{a.name}: {ckpt} ({fit_seconds:.0f} s fit)")
             return 0
-        results = {"name": a.name, "args": vars(a), "fit_seconds": float((out / "fit_seconds").read_text())}
+        results = {"name": a.name, "args": vars(a), "fit_seconds": fit_seconds}
         for split in ("val", "heldout"):
             folder = out / f"eval_{split}"
             judged = {
