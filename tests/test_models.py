@@ -20,7 +20,7 @@ from emf_lightning.models import (
     build_generator,
     math_attention,
 )
-from emf_lightning.models.dit import sincos_2d
+from emf_lightning.models.layers import sincos_2d
 from emf_lightning.models.layers import TimestepEmbedder
 
 

@@ -66,7 +66,8 @@ def test_unet_output_depends_on_t_interval_and_text():
     )
 
 
-def test_unet_meanflow_loss_and_gradients_equal_the_naive_full_batch_jvp():
+@pytest.mark.parametrize("position_embedding", [False, True])
+def test_unet_meanflow_loss_and_gradients_equal_the_naive_full_batch_jvp(position_embedding):
     # The production JVP (r != t rows only, graph-free, hand-written tangent rules for GroupNorm and conv)
     # must give the naive full-batch loss and gradients on a U-Net too.
     gen = build_generator(
@@ -78,6 +79,7 @@ def test_unet_meanflow_loss_and_gradients_equal_the_naive_full_batch_jvp():
         attention_resolutions=(2,),
         head_dim=8,
         context_dim=16,
+        position_embedding=position_embedding,
     )
     perturb_zero_init(gen)
     x = torch.randn(6, 3, 8, 8)
@@ -93,6 +95,34 @@ def test_unet_meanflow_loss_and_gradients_equal_the_naive_full_batch_jvp():
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-5)
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_position_embedding_tells_attention_where_a_token_stands():
+    # A spatially uniform input: without the embedding every image token is the same, so the attention block's
+    # output is uniform too (it cannot tell left from right); with it, the output varies with place.
+    from emf_lightning.models.unet import AttentionBlock
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 1, 1, generator=g).expand(2, 16, 4, 6).contiguous()
+    ctx = torch.randn(2, 3, 12, generator=g)
+    outputs = {}
+    for grid in (None, (4, 6)):
+        torch.manual_seed(0)
+        block = AttentionBlock(16, 12, head_dim=8, grid=grid)
+        perturb_zero_init(block)
+        outputs[grid] = block(x, ctx, None)
+    assert outputs[None].flatten(2).std(dim=2).max() < 1e-6
+    assert outputs[(4, 6)].flatten(2).std(dim=2).min() > 1e-4  # every channel, every sample
+    with pytest.raises(ValueError, match=r"built for a \(4, 6\) grid got \(4, 4\)"):
+        block(torch.randn(2, 16, 4, 4), ctx, None)
+
+
+def test_position_embedding_adds_no_parameters_and_reaches_every_attention_block():
+    plain, placed = small_unet(input_size=16), small_unet(input_size=16, position_embedding=True)
+    assert plain.state_dict().keys() == placed.state_dict().keys()  # checkpoints load either way
+    grids = [m.grid for m in placed.modules() if hasattr(m, "pos_embed")]
+    assert grids == [(8, 8), (8, 8), (8, 8), (8, 8)]  # down, mid, two up steps: all at the 2x level
+    assert placed.init_args["position_embedding"] is True
 
 
 def test_unet_presets_build_and_run():

@@ -18,28 +18,8 @@ from torch import Tensor
 from emf_lightning.utils.model_helpers import masked_mean
 
 from .attention import attention
-from .layers import Backbone, TimestepEmbedder, init_linears_normal
+from .layers import Backbone, TimestepEmbedder, init_linears_normal, sincos_2d
 from .norms import Float32RMSNorm
-
-
-def sincos_1d(positions: Tensor, dim: int) -> Tensor:
-    """Fixed sin/cos embedding of float positions [N] -> [N, dim] (dim even), as in the Transformer."""
-    if dim % 2:
-        raise ValueError(f"sin-cos embedding dim must be even, got {dim}")
-    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
-    omega = 1.0 / 10000**omega
-    args = positions.to(torch.float64)[:, None] * omega[None, :]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-
-
-def sincos_2d(grid_size: tuple[int, int], dim: int) -> Tensor:
-    """Fixed 2D sin/cos position embedding [H*W, dim], row-major: half the channels for y, half for x."""
-    if dim % 4:
-        raise ValueError(f"2D sin-cos embedding dim must be divisible by 4, got {dim}")
-    gh, gw = grid_size
-    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-    emb = torch.cat([sincos_1d(ys.reshape(-1), dim // 2), sincos_1d(xs.reshape(-1), dim // 2)], dim=1)
-    return emb.float()
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""What every MeanFlow backbone shares: the forward contract, the two time embedders, pooled text.
+"""What every MeanFlow backbone shares: the forward contract, the two time embedders, fixed position embeddings.
 
 A backbone predicts the average velocity u(x, r, t | context) over [r, t]. MeanFlow's change to a diffusion
 backbone is one more time input: the interval t - r gets its own embedder, summed with the embedding of t
@@ -110,6 +110,26 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         """[B] -> [B, hidden_size]."""
         return self.mlp(self.sinusoid(t))
+
+
+def sincos_1d(positions: Tensor, dim: int) -> Tensor:
+    """Fixed sin/cos embedding of float positions [N] -> [N, dim] (dim even), as in the Transformer."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding dim must be even, got {dim}")
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    args = positions.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def sincos_2d(grid_size: tuple[int, int], dim: int) -> Tensor:
+    """Fixed 2D sin/cos position embedding [H*W, dim], row-major: half the channels for y, half for x."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos embedding dim must be divisible by 4, got {dim}")
+    gh, gw = grid_size
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    emb = torch.cat([sincos_1d(ys.reshape(-1), dim // 2), sincos_1d(xs.reshape(-1), dim // 2)], dim=1)
+    return emb.float()
 
 
 def init_linears_normal(module: nn.Module, std: float = 0.02) -> None:

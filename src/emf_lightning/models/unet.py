@@ -8,7 +8,9 @@ linear patch head paints every 4x4 patch from one token. Layout follows DDPM / A
   (scale and shift, "AdaGN"); the conditioning is embed(t) + embed(t - r) + a projection of the pooled
   text, exactly as in the DiT backbone;
 - cross-attention from the image positions to the text tokens (under their padding mask) after each
-  block at the resolutions listed in ``attention_resolutions``, plus self-attention there;
+  block at the resolutions listed in ``attention_resolutions``, plus self-attention there; with
+  ``position_embedding`` the attention's image tokens carry a fixed 2D sin-cos embedding of where they are
+  (convolutions and attention are otherwise blind to absolute place, which "left of" and "above" need);
 - every residual branch ends in a zero-initialised layer, and so does the output convolution, so a freshly
   initialised network outputs exactly zero (as DiT's adaLN-Zero does).
 
@@ -30,7 +32,7 @@ from torch import Tensor
 from emf_lightning.utils.model_helpers import masked_mean
 
 from .attention import attention
-from .layers import Backbone, TimestepEmbedder, init_linears_normal, zero_init
+from .layers import Backbone, TimestepEmbedder, init_linears_normal, sincos_2d, zero_init
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -63,12 +65,20 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over positions, then cross-attention to the text tokens; both residual, zero-init."""
+    """Self-attention over positions, then cross-attention to the text tokens; both residual, zero-init.
 
-    def __init__(self, channels: int, context_dim: int, head_dim: int = 32):
+    ``grid`` (H, W of this level) adds a fixed 2D sin-cos position embedding to the normalised image tokens
+    before both attentions' projections, so a query knows where it stands (not a parameter: checkpoints of
+    either kind load into the same module tree).
+    """
+
+    def __init__(self, channels: int, context_dim: int, head_dim: int = 32, grid: tuple[int, int] | None = None):
         super().__init__()
         if channels % head_dim:
             raise ValueError(f"attention head_dim {head_dim} must divide the channels {channels}")
+        self.grid = grid
+        if grid is not None:
+            self.register_buffer("pos_embed", sincos_2d(grid, channels)[None], persistent=False)
         self.num_heads = channels // head_dim
         self.head_dim = head_dim
         self.norm_self = _group_norm(channels)
@@ -87,14 +97,23 @@ class AttentionBlock(nn.Module):
         b, _, n, _ = x.shape
         return x.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
 
+    def _tokens(self, normed: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, HW, C], plus the position embedding where the block has one."""
+        tokens = normed.flatten(2).transpose(1, 2)
+        if self.grid is None:
+            return tokens
+        if tuple(normed.shape[-2:]) != self.grid:
+            raise ValueError(f"attention built for a {self.grid} grid got {tuple(normed.shape[-2:])}")
+        return tokens + self.pos_embed.to(tokens.dtype)
+
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
         b, ch, hgt, wid = x.shape
-        tokens = self.norm_self(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        tokens = self._tokens(self.norm_self(x))  # [B, HW, C]
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
         out = self._merge(attention(self._heads(q), self._heads(k), self._heads(v)))
         x = x + self.proj_self(out).transpose(1, 2).reshape(b, ch, hgt, wid)
 
-        tokens = self.norm_cross(x).flatten(2).transpose(1, 2)
+        tokens = self._tokens(self.norm_cross(x))
         k, v = self.kv(context).chunk(2, dim=-1)
         out = self._merge(attention(self._heads(self.q(tokens)), self._heads(k), self._heads(v), mask))
         return x + self.proj_cross(out).transpose(1, 2).reshape(b, ch, hgt, wid)
@@ -131,6 +150,8 @@ class UNet(Backbone):
         attention_resolutions: downsampling factors (1 = full size) at which attention blocks run.
         head_dim: channels per attention head.
         context_dim: width of the text tokens (the connector's output width).
+        position_embedding: give the attention blocks' image tokens a fixed 2D sin-cos embedding of their
+            place (off by default: the presets and their checkpoints predate it; same parameters either way).
         dropout: dropout inside the residual blocks.
         time_scale, frequency_dim: as in the DiT's time embedders.
     """
@@ -173,6 +194,7 @@ class UNet(Backbone):
         attention_resolutions: Sequence[int] | None = None,
         head_dim: int | None = None,
         context_dim: int | None = None,
+        position_embedding: bool = False,
         dropout: float = 0.0,
         time_scale: float = 1.0,
         frequency_dim: int = 256,
@@ -208,8 +230,13 @@ class UNet(Backbone):
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         widths = [base_channels * m for m in channel_mult]
 
+        def grid(level: int) -> tuple[int, int] | None:
+            return (size[0] // 2**level, size[1] // 2**level) if position_embedding else None
+
         def attn(level: int, ch: int) -> AttentionBlock | None:
-            return AttentionBlock(ch, context_dim, head_dim) if 2**level in attention_resolutions else None
+            if 2**level not in attention_resolutions:
+                return None
+            return AttentionBlock(ch, context_dim, head_dim, grid(level))
 
         # Down: steps, and a strided conv between levels; every output is a skip for the way up.
         self.down = nn.ModuleList()
@@ -224,7 +251,10 @@ class UNet(Backbone):
                 skips.append(ch)
         self.mid = nn.ModuleList(
             [
-                UNetStep(ResBlock(ch, ch, cond_dim, dropout), AttentionBlock(ch, context_dim, head_dim)),
+                UNetStep(
+                    ResBlock(ch, ch, cond_dim, dropout),
+                    AttentionBlock(ch, context_dim, head_dim, grid(len(widths) - 1)),
+                ),
                 UNetStep(ResBlock(ch, ch, cond_dim, dropout)),
             ]
         )
