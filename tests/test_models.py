@@ -20,8 +20,7 @@ from emf_lightning.models import (
     build_generator,
     math_attention,
 )
-from emf_lightning.models.layers import sincos_2d
-from emf_lightning.models.layers import TimestepEmbedder
+from emf_lightning.models.layers import TimestepEmbedder, sincos_2d
 
 
 def perturb_zero_init(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> None:
