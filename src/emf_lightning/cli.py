@@ -100,15 +100,6 @@ def _ckpt_path(argv: list[str]) -> str | None:
     return None
 
 
-def config_from_checkpoint(path: str | Path, judging: bool = False) -> dict:
-    """The ``model:`` (and ``data:``) config sections saved in a Lightning checkpoint's hyper-parameters; with
-    ``judging``, also the run's logger and evaluation callbacks (``trainer:``)."""
-    from emf_lightning.checkpoint_config import config_from_checkpoint as from_ckpt
-    from emf_lightning.checkpoint_config import read_checkpoint
-
-    return from_ckpt(read_checkpoint(path), judging=judging)
-
-
 # Values of ckpt_path that Lightning resolves itself (``emf fit --ckpt_path last`` resumes the latest run).
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 # Subcommands that judge a checkpoint: they also take the run's logger and evaluation callbacks from it.
@@ -119,6 +110,7 @@ def run_lightning(argv: list[str]) -> int:
     """Run a LightningCLI subcommand (``argv[0]`` is fit/validate/test/predict)."""
     import yaml
 
+    from emf_lightning.checkpoint_config import config_from_checkpoint, read_checkpoint
     from emf_lightning.config_files import expand_config_args
     from emf_lightning.dry_run import DryRunFinished
     from emf_lightning.lightning_cli import EMFLightningCLI
@@ -130,7 +122,8 @@ def run_lightning(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="emf-config-") as tmp:
         argv = expand_config_args(argv, Path(tmp))
         if ckpt is not None and not (ckpt in LIGHTNING_CKPT_NAMES or ckpt.startswith("registry:")):
-            base = config_from_checkpoint(ckpt, judging=argv[0] in JUDGING_COMMANDS)
+            # the model (and data) sections saved in it; validate/test also its logger and evaluation callbacks
+            base = config_from_checkpoint(read_checkpoint(ckpt), judging=argv[0] in JUDGING_COMMANDS)
             if base:
                 cfg_path = Path(tmp) / "from_checkpoint.yaml"
                 cfg_path.write_text(yaml.safe_dump(base))

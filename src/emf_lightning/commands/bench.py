@@ -162,23 +162,14 @@ class StepResult:
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-class Timer:
-    """Wall-clock timing that waits for queued CUDA work."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def time(self, fn: Callable[[], Any]) -> float:
-        """Seconds for one call of ``fn``."""
-        self.sync()
-        start = time.perf_counter()
-        fn()
-        self.sync()
-        return time.perf_counter() - start
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall-clock seconds for one call of ``fn``, waiting for queued CUDA work."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
 
 
 def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
@@ -275,7 +266,6 @@ def bench_steps(
     net: Any = CompiledForward(gen) if compile_model else gen  # the JVP stays eager (models/compiled.py)
     opt = torch.optim.AdamW([p for p in gen.parameters() if p.requires_grad], lr=1e-5)
     x, cond = make_batch(w, device, seed)
-    timer = Timer(device)
     results = {v.key: StepResult(v.key, v.label) for v in variants}
     steps: dict[str, Callable[[], None]] = {}
     for v in variants:
@@ -303,7 +293,7 @@ def bench_steps(
     advance(1, description=f"bench {w.size}: timing")
     for i in range(repeats):
         for key in live:
-            results[key].times_ms.append(1e3 * timer.time(steps[key]))
+            results[key].times_ms.append(1e3 * timed(steps[key], device))
         log(f"  {w.size}: round {i + 1}/{repeats}")
         advance(1, description=f"bench {w.size}: timing" if i + 1 < repeats else f"bench {w.size}: memory")
     measure = cuda_peak_bytes if device.type == "cuda" else cpu_peak_bytes
@@ -340,7 +330,6 @@ def bench_sampling(
     gen = build_bench_generator(w).to(device).eval()
     _, cond = make_batch(w, device, seed)
     noise = make_noise((w.batch, w.channels, w.image_size, w.image_size), seed, device)
-    timer = Timer(device)
     runs = {
         "meanflow_1": lambda: sample_meanflow(gen, noise, cond, steps=1),
         "meanflow_2": lambda: sample_meanflow(gen, noise, cond, steps=2),
@@ -350,7 +339,7 @@ def bench_sampling(
     with autocast_context(device, amp_dtype):
         for name, fn in runs.items():
             fn()  # warm-up
-            out[name] = w.batch / statistics.median(timer.time(fn) for _ in range(repeats))
+            out[name] = w.batch / statistics.median(timed(fn, device) for _ in range(repeats))
     return out
 
 

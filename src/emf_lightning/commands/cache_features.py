@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +129,6 @@ def captions_from_file(path: Path, skipped: Counter) -> Iterator[str]:
             yield from found
 
 
-def unique(captions: Iterable[str]) -> list[str]:
-    """First-seen order, duplicates dropped."""
-    return list(dict.fromkeys(captions))
-
-
 # -- main ------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run `emf cache-features`; returns the process exit status."""
@@ -144,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.captions)
         if not path.is_file():
             raise SystemExit(f"emf cache-features: captions file {path} not found")
-        captions = unique(captions_from_file(path, skipped))
+        found = captions_from_file(path, skipped)
     else:
-        captions = unique(captions_from_shards(args.shards, skipped, paraphrases=not args.no_paraphrases))
+        found = captions_from_shards(args.shards, skipped, paraphrases=not args.no_paraphrases)
+    captions = list(dict.fromkeys(found))  # first-seen order, duplicates dropped
     for reason, n in sorted(skipped.items()):
         print(f"skipped {n}: {reason}")
     if not captions:

@@ -75,13 +75,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; a device this machine lacks is a ConfigError."""
-    from emf_lightning.commands.sample import resolve_device as checked_device
-
-    return str(checked_device(name))
-
-
 def npy_bytes(array: torch.Tensor) -> bytes:
     """A tensor as float16 .npy bytes (no pickle)."""
     buf = io.BytesIO()
@@ -155,13 +148,6 @@ def encode_shard(url: str, out: Path, ae: Any, image_size: int, flip: bool, batc
 
 
 # -- manifest --------------------------------------------------------------------------------------
-def write_manifest(path: Path, doc: dict[str, Any]) -> None:
-    """Atomic rewrite: a reader never sees half a manifest."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def finished_shards(path: Path, settings: dict[str, Any], out_dir: Path) -> dict[str, dict[str, Any]]:
     """{source url: shard entry} of an earlier run into the same output with the same settings."""
     if not path.is_file():
@@ -189,9 +175,10 @@ def finished_shards(path: Path, settings: dict[str, Any], out_dir: Path) -> dict
 def main(argv: list[str] | None = None) -> int:
     """Run `emf cache-latents`; returns the process exit status."""
     from emf_lightning.autoencoders import build_autoencoder
+    from emf_lightning.commands.sample import resolve_device
     from emf_lightning.data.health import SHARD_REASONS, SkipCounter
     from emf_lightning.data.pipeline import expand_shard_urls
-    from emf_lightning.data.shards import MANIFEST_FORMAT, brace_url, manifest_path
+    from emf_lightning.data.shards import MANIFEST_FORMAT, brace_url, manifest_path, write_manifest
     from emf_lightning.utils.progress import track
 
     args = parse_args(argv)
@@ -207,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(outputs)) != len(outputs):
         raise ConfigError(f"--out {args.out!r} gives the same name to several shards")
     kwargs = key_value_args(args.vae_arg, "--vae-arg")
-    kwargs.setdefault("device", resolve_device(args.device))
+    kwargs.setdefault("device", str(resolve_device(args.device)))  # auto: CUDA when present
     if args.dtype:
         kwargs.setdefault("dtype", args.dtype)
     ae = build_autoencoder(args.vae, **kwargs)  # missing weights or a folder that is no VAE: one line, exit 2

@@ -276,6 +276,12 @@ def _fmt(value: float | None) -> str:
     return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
 
 
+def _edit_kinds(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The minimal-pair edit kinds any row has an accuracy for, sorted."""
+    prefix = "minimal_pairs/accuracy/"
+    return sorted({key[len(prefix) :] for res in results.values() for key in res["metrics"] if key.startswith(prefix)})
+
+
 def print_tables(results: dict[str, dict[str, Any]], k: int, console) -> None:
     """The summary table (one row per encoder) and per-edit minimal-pair accuracy."""
     from rich.table import Table
@@ -290,14 +296,7 @@ def print_tables(results: dict[str, dict[str, Any]], k: int, console) -> None:
         m = res["metrics"]
         table.add_row(label, str(res["dim"]), *[_fmt(m.get(key)) for key, _ in TABLE_COLUMNS], f"{res['seconds']:.1f}")
     console.print(table)
-    kinds = sorted(
-        {
-            key.split("/", 2)[2]
-            for res in results.values()
-            for key in res["metrics"]
-            if key.startswith("minimal_pairs/accuracy/")
-        }
-    )
+    kinds = _edit_kinds(results)
     if kinds:
         per = Table(title="Minimal-pair accuracy per edit (pooled / token)")
         per.add_column("encoder")
@@ -343,14 +342,7 @@ def save_figure(results: dict[str, dict[str, Any]], histograms: dict[str, tuple]
         if j == 0:
             ax.set_ylabel("density")
             ax.legend(fontsize=8)
-    kinds = sorted(
-        {
-            key.split("/", 2)[2]
-            for res in results.values()
-            for key in res["metrics"]
-            if key.startswith("minimal_pairs/accuracy/")
-        }
-    )
+    kinds = _edit_kinds(results)
     bar = fig.add_subplot(grid[1, :])  # one grouped bar chart across the whole bottom row
     if kinds:
         width = 0.8 / len(labels)
@@ -415,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out.mkdir(parents=True, exist_ok=True)
 
+    from emf_lightning.encoders.cache import FeatureCache
     from emf_lightning.probe.evaluation import evaluate_probe
     from emf_lightning.probe.sets import shapes_probe_set, shard_probe_set
 
@@ -451,48 +444,23 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             console.print(f"emf probe: {err}", markup=False)
             return 2
-        say(f"encoding {len(probe.all_captions())} captions with {choice.label} ({encoder.cache_key}) ...")
-        encode = encoder.encode
-        if args.feature_cache:
-            from emf_lightning.encoders.cache import FeatureCache
-
-            cache = FeatureCache(encoder, root=args.feature_cache)
-            encode = cache.encode
-        else:  # standardising re-encodes the same captions: keep them in memory
-            from emf_lightning.encoders.cache import FeatureCache
-
-            encode = FeatureCache(encoder).encode
         n_captions = len(probe.all_captions())
-        with progress(f"encoding ({choice.label})", total=n_captions) as advance:
-            result = evaluate_probe(
-                probe,
-                _counting(encode, advance, n_captions, choice.label),
-                k=args.k,
-                batch_size=args.batch_size,
-                seed=args.seed,
-            )
-        if args.feature_cache:
-            cache.save()
+        say(f"encoding {n_captions} captions with {choice.label} ({encoder.cache_key}) ...")
+        # in memory without --feature-cache: standardising re-encodes the same captions
+        cache = FeatureCache(encoder, root=args.feature_cache)
         row = {"dim": encoder.dim, "cache_key": encoder.cache_key, "spec": choice.config_spec()}
-        results[choice.label] = {**row, "seconds": time.perf_counter() - start, "metrics": result.metrics}
-        histograms[choice.label] = (result.same_scene_cosines.numpy(), result.different_scene_cosines.numpy())
-        if standardize:
-            start = time.perf_counter()
-            result = evaluate_probe(
-                probe,
-                standardized_encode(encode, probe.all_captions()),
-                k=args.k,
-                batch_size=args.batch_size,
-                seed=args.seed,
-            )
-            label = choice.label + STANDARDIZED_SUFFIX
-            results[label] = {
-                **row,
-                "standardized": True,
-                "seconds": time.perf_counter() - start,
-                "metrics": result.metrics,
-            }
+
+        def score(label: str, encode, extra: dict[str, Any], start: float) -> None:
+            result = evaluate_probe(probe, encode, k=args.k, batch_size=args.batch_size, seed=args.seed)
+            results[label] = {**row, **extra, "seconds": time.perf_counter() - start, "metrics": result.metrics}
             histograms[label] = (result.same_scene_cosines.numpy(), result.different_scene_cosines.numpy())
+
+        with progress(f"encoding ({choice.label})", total=n_captions) as advance:
+            score(choice.label, _counting(cache.encode, advance, n_captions, choice.label), {}, start)
+        cache.save()  # nothing to write for an in-memory cache
+        if standardize:
+            encode = standardized_encode(cache.encode, probe.all_captions())
+            score(choice.label + STANDARDIZED_SUFFIX, encode, {"standardized": True}, time.perf_counter())
         del encoder
     if not results:
         say("emf probe: every requested encoder was skipped")

@@ -199,11 +199,15 @@ def write_shards(
     result.urls = str(Path(pattern).parent / brace_url(Path(pattern).name, len(result.shards)))
     if skipped is not None:
         result.skipped = dict(skipped())
-    path = manifest_path(pattern)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)  # a manifest exists only for a complete set of shards
+    write_manifest(manifest_path(pattern), result.to_json())  # a manifest exists only for a complete set of shards
     return result
+
+
+def write_manifest(path: Path, doc: dict[str, Any]) -> None:
+    """Atomic rewrite: a reader never sees half a manifest."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def read_manifest(pattern_or_path: str | os.PathLike[str]) -> dict[str, Any]:

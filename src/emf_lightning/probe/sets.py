@@ -36,6 +36,7 @@ from emf_lightning.shapes.scene import scene_spec_or_none
 log = logging.getLogger(__name__)
 
 PERTURBATION_KINDS = ("color", "shape", "swap_binding", "relation", "count")
+SPEC_RELEVANCE = "scene spec: shared (shape, colour, size) bindings and relations"
 
 
 @dataclass
@@ -61,20 +62,15 @@ class ProbeSet:
 
     def all_captions(self) -> list[str]:
         """Every caption any metric needs, first occurrence order, duplicates removed."""
-        return list(
-            dict.fromkeys(
-                [
-                    *self.captions,
-                    *self.full,
-                    *self.reduced,
-                    *self.anchors,
-                    *self.paraphrases,
-                    *self.perturbed,
-                    *self.gallery,
-                    *self.reworded,
-                ]
-            )
-        )
+        parts = (self.captions, self.full, self.reduced, self.anchors, self.paraphrases, self.perturbed, self.gallery)
+        return list(dict.fromkeys(c for part in (*parts, self.reworded) for c in part))
+
+    def add_reductions(self, full: str, reductions: list[str]) -> None:
+        """``full`` and its shorter versions (nothing when there are none)."""
+        if reductions:
+            self.full.append(full)
+            self.reduced += reductions
+            self.reduced_owner += [len(self.full) - 1] * len(reductions)
 
     def summary(self) -> dict[str, object]:
         """Sizes and provenance, for the JSON report."""
@@ -208,16 +204,12 @@ def shapes_probe_set(
         captions=captions,
         relevance=relevance,
         same_scene=relevance >= 1.0,
-        relevance_source="scene spec: shared (shape, colour, size) bindings and relations",
+        relevance_source=SPEC_RELEVANCE,
     )
 
     for spec in specs[: n_scenes if n_reduce is None else n_reduce]:
         full = describe(spec)
-        reductions = [r for r in reduced_captions(spec) if r != full]
-        if reductions:
-            probe.full.append(full)
-            probe.reduced += reductions
-            probe.reduced_owner += [len(probe.full) - 1] * len(reductions)
+        probe.add_reductions(full, [r for r in reduced_captions(spec) if r != full])
 
     if wordings is not None:
         from emf_lightning.shapes.wordings import reword_all
@@ -352,7 +344,7 @@ def shard_probe_set(
     if all(samples[i]["spec"] is not None for i in used):
         probe.relevance = spec_relevance_matrix([samples[i]["spec"] for i in owner])
         probe.same_scene = probe.relevance >= 1.0
-        probe.relevance_source = "scene spec: shared (shape, colour, size) bindings and relations"
+        probe.relevance_source = SPEC_RELEVANCE
     else:
         probe.same_scene = same
         reason = ""
@@ -378,12 +370,7 @@ def shard_probe_set(
             probe.relevance_source = "same image only (image-feature relevance skipped)"
             probe.notes.append(f"image-feature relevance skipped: {reason}")
     for i in used:
-        full = samples[i]["captions"][0]
-        reductions = reduce_caption(full)
-        if reductions:
-            probe.full.append(full)
-            probe.reduced += reductions
-            probe.reduced_owner += [len(probe.full) - 1] * len(reductions)
+        probe.add_reductions(samples[i]["captions"][0], reduce_caption(samples[i]["captions"][0]))
     probe.notes.append("minimal pairs need scene specs and the shapes world's perturbations; not built from shards")
     return probe
 

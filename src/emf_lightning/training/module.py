@@ -223,13 +223,10 @@ class EMFModule(pl.LightningModule):
         if device != self.device:
             module.to(self.device)
 
-    def _move_encoder(self) -> None:
-        self._move_frozen(self.encoder)
-
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]) -> TextFeatures:
         """Text features for ``captions`` through the feature cache; ``""`` gives the null condition."""
-        self._move_encoder()
+        self._move_frozen(self.encoder)
         encode = self.feature_cache.encode if self.hparams.use_feature_cache else self.encoder.encode
         return encode_with_null(captions, encode, self.encoder.dim, device=self.device)
 
@@ -326,7 +323,7 @@ class EMFModule(pl.LightningModule):
         Lightning restores a resumed checkpoint's weights before this hook (``on_load_checkpoint`` has run):
         ``init_from`` is then skipped, the checkpoint already holds the trained weights.
         """
-        self._move_encoder()
+        self._move_frozen(self.encoder)
         self.check_cached_latents(getattr(self.trainer, "datamodule", None))
         if self.hparams.init_from and not self._restored:
             self.load_init_weights(self.hparams.init_from)
@@ -361,14 +358,8 @@ class EMFModule(pl.LightningModule):
             net.connector.set_standardization(mean.to(self.device), std.to(self.device))
         self.save_feature_cache()
 
-    def on_train_epoch_end(self) -> None:
-        self.save_feature_cache()
-
-    def on_validation_epoch_end(self) -> None:
-        self.save_feature_cache()
-
-    def on_fit_end(self) -> None:
-        self.save_feature_cache()
+    # Newly encoded captions are written at the end of every epoch and of the fit.
+    on_train_epoch_end = on_validation_epoch_end = on_fit_end = save_feature_cache
 
     def load_init_weights(self, path: str) -> None:
         """Start from another run's generator (+ EMA) weights; time embedder -> interval embedder."""
@@ -474,11 +465,7 @@ class EMFModule(pl.LightningModule):
         loss, stats = self.compute_loss(batch, self.train_net, gen, train=True)
         if not torch.isfinite(loss):
             self._fail_nonfinite(f"loss is {loss.item()}", batch)
-        bs = batch["image"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        for name, value in stats.items():
-            if name != "loss":
-                self.log(f"train/{name}", value, batch_size=bs)
+        bs = self._log_loss("train", loss, stats, batch)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         self.log("train/progress", self.progress(), batch_size=bs)
         return loss
@@ -611,12 +598,17 @@ class EMFModule(pl.LightningModule):
         # Fixed streams per batch index: the validation loss of two checkpoints is comparable.
         gen = self._step_generator(stage, batch_idx)
         loss, stats = self.compute_loss(batch, self.ema_generator, gen, train=False)
+        self._log_loss(stage, loss, stats, batch, sync_dist=True)
+        return loss
+
+    def _log_loss(self, stage: str, loss: Tensor, stats: dict[str, Tensor], batch: dict[str, Any], **kw: Any) -> int:
+        """Log ``<stage>/loss`` (on the progress bar) and the loss's other statistics; returns the batch size."""
         bs = batch["image"].shape[0]
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, **kw)
         for name, value in stats.items():
             if name != "loss":
-                self.log(f"{stage}/{name}", value, batch_size=bs, sync_dist=True)
-        return loss
+                self.log(f"{stage}/{name}", value, batch_size=bs, **kw)
+        return bs
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._eval_loss(batch, batch_idx, "val")
