@@ -331,6 +331,27 @@ def test_probe_vary_expands_every_combination_into_labelled_specs():
         expand_variants(base, ["layer=3"])
 
 
+def test_recommendation_ranks_by_same_scene_auc_not_by_the_context_scores():
+    # SmolLM2's case (docs/llm_encoder_2026-12-06.md): layer 8 raw has the best wording P@1 and exact P@k, the last
+    # layer standardised the best AUC, and the generator followed the AUC.
+    from emf_lightning.commands.probe import recommend
+
+    def row(auc, wording, exact, **extra):
+        metrics = {"same_scene_auc": auc, "wording/retrieval_at_1": wording, "retrieval/exact_precision_at_k": exact}
+        return {"metrics": metrics, "spec": {"class_path": "x", "init_args": {}}, **extra}
+
+    results = {
+        "llm layer=8": row(0.738, 0.426, 0.347),
+        "llm layer=-1 +std": row(0.860, 0.055, 0.300, standardized=True),
+        "llm layer=-1": row(0.669, 0.077, 0.289),
+        "no auc": {"metrics": {"same_scene_auc": float("nan")}, "spec": {}},
+    }
+    best = recommend(results)
+    assert best["label"] == "llm layer=-1 +std" and best["score"] == 0.860
+    assert best["config"]["model"]["standardize_text"] is True
+    assert recommend({"no auc": results["no auc"]}) is None
+
+
 def test_probe_recommends_standardisation_for_an_anisotropic_encoder(tmp_path, monkeypatch, capsys):
     """The probe's standardised row must beat the raw one for an encoder dominated by one channel, and the
     printed config lines must build the module it recommends."""
@@ -348,6 +369,7 @@ def test_probe_recommends_standardisation_for_an_anisotropic_encoder(tmp_path, m
     assert std["anisotropy/pooled"] < raw["anisotropy/pooled"]
     best = report["recommendation"]
     assert best["label"] == "offset +std"
+    assert best["keys"] == ["same_scene_auc"] and best["score"] == std["same_scene_auc"]
     out = capsys.readouterr().out
     pasted = yaml.safe_load(out[out.index("model:") : out.index("\nwrote ")])
     assert pasted == best["config"] and pasted["model"]["standardize_text"] is True

@@ -14,7 +14,7 @@ Examples::
 ``--vary KEY=[v1, v2, ...]`` probes one variant of each encoder per value (repeatable: every combination);
 ``--standardize`` adds each encoder's features z-scored per channel (statistics fitted on the probe's own
 captions), as ``model.standardize_text: true`` gives them to the generator; ``--recommend`` does both, ranks
-every row by ``RECOMMEND_KEYS`` and prints the best one as config lines to paste.
+every row by ``RECOMMEND_KEY`` (the same-scene AUC) and prints the best one as config lines to paste.
 """
 
 from __future__ import annotations
@@ -57,9 +57,11 @@ TABLE_COLUMNS = (
 )
 
 
-# The recommendation ranks rows by the mean of these scores (those the probe set has): the ones whose ranking of
-# encoders matched the generators' in docs/wording_robustness.md (unseen wordings, same-scene separation).
-RECOMMEND_KEYS = ("wording/retrieval_at_1", "same_scene_auc", "retrieval/exact_precision_at_k")
+# The recommendation ranks rows by the same-scene AUC: of the probe's scores, the one whose ranking matched the
+# generators' both across encoders (README, `make study`) and across SmolLM2's layers and standardisation
+# (docs/llm_encoder_2026-12-06.md). The context scores are printed beside it, not ranked by.
+RECOMMEND_KEY = "same_scene_auc"
+CONTEXT_KEYS = ("wording/retrieval_at_1", "retrieval/exact_precision_at_k")
 STANDARDIZED_SUFFIX = " +std"
 
 # Constructor arguments the probe gives a registry encoder unless --encoder-arg overrides them. The label
@@ -120,30 +122,26 @@ def expand_variants(choices: list[EncoderChoice], vary: list[str]) -> list[Encod
 
 
 def recommendation_score(metrics: dict[str, Any]) -> float | None:
-    """Mean of the ``RECOMMEND_KEYS`` scores present in ``metrics`` (None when none is)."""
-    values = [
-        metrics[k] for k in RECOMMEND_KEYS if isinstance(metrics.get(k), (int, float)) and metrics[k] == metrics[k]
-    ]
-    return sum(values) / len(values) if values else None
+    """The ``RECOMMEND_KEY`` score of a row (None when the probe set has none, or it is NaN)."""
+    value = metrics.get(RECOMMEND_KEY)
+    return float(value) if isinstance(value, (int, float)) and value == value else None
 
 
 def print_recommendation_table(results: dict[str, dict[str, Any]], k: int, console) -> None:
-    """One row per setting: each ``RECOMMEND_KEYS`` score and their mean, raw / standardised side by side."""
+    """One row per setting: the ranked score, then the context scores, raw / standardised side by side."""
     from rich.table import Table
 
     headers = {key: header.replace("@k", f"@{k}") for key, header in TABLE_COLUMNS}
-    table = Table(title="Scores the recommendation ranks by (raw / standardised per channel)")
+    table = Table(title=f"Ranked by {headers.get(RECOMMEND_KEY, RECOMMEND_KEY)} (raw / standardised per channel)")
     table.add_column("setting")
-    for key in RECOMMEND_KEYS:
+    for key in (RECOMMEND_KEY, *CONTEXT_KEYS):
         table.add_column(headers.get(key, key), justify="right")
-    table.add_column("mean", justify="right")
     for label, res in results.items():
         if label.endswith(STANDARDIZED_SUFFIX):
             continue
         std = results.get(label + STANDARDIZED_SUFFIX, {"metrics": {}})["metrics"]
-        cells = [f"{_fmt(res['metrics'].get(key))} / {_fmt(std.get(key))}" for key in RECOMMEND_KEYS]
-        means = f"{_fmt(recommendation_score(res['metrics']))} / {_fmt(recommendation_score(std))}"
-        table.add_row(label, *cells, means)
+        cells = [f"{_fmt(res['metrics'].get(key))} / {_fmt(std.get(key))}" for key in (RECOMMEND_KEY, *CONTEXT_KEYS)]
+        table.add_row(label, *cells)
     console.print(table)
 
 
@@ -157,7 +155,7 @@ def recommend(results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     best = results[label]
     model: dict[str, Any] = {"encoder": best["spec"]}
     model["standardize_text"] = bool(best.get("standardized"))
-    return {"label": label, "score": score, "keys": list(RECOMMEND_KEYS), "config": {"model": model}}
+    return {"label": label, "score": score, "keys": [RECOMMEND_KEY], "config": {"model": model}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -198,7 +196,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--recommend",
         action="store_true",
-        help="implies --standardize; print the best row as config lines (ranked by " + ", ".join(RECOMMEND_KEYS) + ")",
+        help=f"implies --standardize; print the best row as config lines (ranked by {RECOMMEND_KEY})",
     )
     p.add_argument("--n", type=int, default=1000, help="captions in the retrieval pool (default 1000)")
     p.add_argument("--k", type=int, default=2, help="neighbours per query for retrieval (default 2)")
@@ -471,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.recommend:
         print_recommendation_table(results, args.k, console)
     if best is not None:
-        say(f"recommended: {best['label']} (mean of {', '.join(RECOMMEND_KEYS)} present: {best['score']:.3f}); config:")
+        say(f"recommended: {best['label']} ({RECOMMEND_KEY} {best['score']:.3f}); config:")
         print(yaml.safe_dump(best["config"], sort_keys=False).rstrip())
     report = {
         "command": "emf probe " + " ".join(sys.argv[2:] if argv is None else argv),
