@@ -180,6 +180,7 @@ def run_config(name: str, objective: str, args: argparse.Namespace, urls: dict, 
             "backbone": backbone_spec(args),
             "loss": loss_spec(objective, args),
             "feature_cache_dir": str(cache),
+            "standardize_text": False,  # every encoder's raw features, as the study has always measured them
         },
         "data": {
             "train_shards": urls["train"],

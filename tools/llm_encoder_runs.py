@@ -24,9 +24,9 @@ from pathlib import Path
 SMOL = "configs/smollm_shapes.yaml"
 # name -> (probe row of `emf probe --vary 'layer=[-1, 8, [8, 16, -1]]' --recommend`, side_by_side --set overrides)
 SETTINGS: dict[str, tuple[str, list[str]]] = {
-    "raw_last": ("llm layer=-1", []),
-    "std_last": ("llm layer=-1 +std", ["model.standardize_text=true"]),
-    "raw_layer8": ("llm layer=8", ["model.encoder.init_args.layer=8"]),
+    "raw_last": ("llm layer=-1", ["model.standardize_text=false"]),
+    "std_last": ("llm layer=-1 +std", ["model.standardize_text=true"]),  # smollm_shapes.yaml since 2026-12-06
+    "raw_layer8": ("llm layer=8", ["model.standardize_text=false", "model.encoder.init_args.layer=8"]),
     "std_layer8": ("llm layer=8 +std", ["model.standardize_text=true", "model.encoder.init_args.layer=8"]),
     "std_mean8_16_last": (
         "llm layer=[8, 16, -1] +std",
