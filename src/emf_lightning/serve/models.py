@@ -76,7 +76,8 @@ class ServedModel:
 def model_from_module(module, name: str, source: str, use_ema: bool = True) -> ServedModel:
     """An ``EMFModule`` (loaded from a checkpoint, or built in a test) as a served model."""
     module.eval()
-    module._move_frozen(module.encoder)  # the frozen encoder lives outside the checkpoint; put it where the generator is
+    # the frozen encoder lives outside the checkpoint; put it where the generator is
+    module._move_frozen(module.encoder)
     encoder, device = module.encoder, module.device
 
     def encode_text(captions: list[str]) -> TextFeatures:
