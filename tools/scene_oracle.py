@@ -21,18 +21,19 @@ is stated as "left of" or "above" with its subject first ("B right of A" is "A l
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
-import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from emf_lightning.data.health import SkipCounter
+from emf_lightning.data.pipeline import caption_text, expand_shard_urls, iter_shards
 from emf_lightning.encoders.base import TextEncoder, TextFeatures
 from emf_lightning.encoders.cache import FeatureCache
-from emf_lightning.shapes import ALL_SHAPES, COLORS, RELATIONS, SIZES
+from emf_lightning.errors import UserInputError
+from emf_lightning.shapes import ALL_SHAPES, COLORS, RELATIONS, SIZES, scene_spec_or_none
 from emf_lightning.shapes.scene import INVERSE_RELATION
 
 MAX_OBJECTS = 4  # counting scenes hold up to 4
@@ -40,8 +41,6 @@ BLOCKS = {"color": len(COLORS), "shape": len(ALL_SHAPES), "size": len(SIZES), "s
 BLOCKS |= {"relation": len(RELATIONS), "kind": 2}
 DIM = sum(BLOCKS.values())
 OFFSET = {name: sum(list(BLOCKS.values())[:i]) for i, name in enumerate(BLOCKS)}
-
-log = logging.getLogger("scene_oracle")
 
 
 def canonical(spec: Mapping[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
@@ -117,25 +116,27 @@ class SceneOracleEncoder(TextEncoder):
         return TextFeatures(tokens, mask, pooled), 0
 
 
-def caption_table(shard_paths: Iterable[str]) -> tuple[dict[str, dict[str, Any]], int]:
-    """caption -> spec over every sample's ``.txt`` and ``.json`` captions; also how many captions were stated
-    differently by two scenes (kept with the first; a grammar caption states its scene fully, so expect 0)."""
+def caption_table(shards: str) -> tuple[dict[str, dict[str, Any]], int]:
+    """caption -> scene spec over every sample's caption and paraphrases, read as training reads them (the data
+    module's one shard reader and caption rule; damage is counted and logged, samples without a scene skipped); also
+    how many captions two scenes stated differently (kept with the first; a grammar caption states its scene
+    fully, so expect 0)."""
     table: dict[str, dict[str, Any]] = {}
+    stated: dict[str, str] = {}
     conflicts = 0
-    for path in shard_paths:
-        with tarfile.open(path) as tar:
-            members = {m.name: m for m in tar.getmembers() if m.isfile()}
-            for name, member in members.items():
-                if not name.endswith(".json"):
-                    continue
-                spec = json.loads(tar.extractfile(member).read())
-                captions = list(spec.get("captions", []))
-                txt = members.get(name[: -len(".json")] + ".txt")
-                if txt is not None:
-                    captions.append(tar.extractfile(txt).read().decode("utf-8"))
-                for caption in captions:
-                    known = table.setdefault(caption, spec)
-                    conflicts += statement(known) != statement(spec)
+    counter = SkipCounter("scene_oracle")
+    for sample in iter_shards(shards, counter):
+        meta = json.loads(sample["json"]) if "json" in sample else None
+        spec = scene_spec_or_none(meta)
+        if spec is None:
+            counter.skip("no shapes scene in the .json", sample["__key__"])
+            continue
+        said = statement(spec)
+        for caption in filter(None, [caption_text(sample), *meta.get("captions", [])]):
+            table.setdefault(caption, spec)
+            conflicts += stated.setdefault(caption, said) != said
+    for reason, n in counter.drain().items():
+        print(f"skipped {n}: {reason}")
     return table, conflicts
 
 
@@ -145,14 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="feature-cache root")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = sorted(glob.glob(a.shards))
-    if not paths:
-        raise SystemExit(f"scene_oracle: no shards match {a.shards!r}")
-    table, conflicts = caption_table(paths)
+    try:
+        n_shards = len(expand_shard_urls(a.shards))
+    except UserInputError as err:
+        raise SystemExit(f"scene_oracle: {err}") from None
+    table, conflicts = caption_table(a.shards)
     cache = FeatureCache(SceneOracleEncoder(table), root=a.out)
     cache.precompute(table, batch_size=8192)
     folder = cache.save() or cache.dir
-    print(f"{len(table)} captions from {len(paths)} shards ({conflicts} stated differently by two scenes) -> {folder}")
+    print(f"{len(table)} captions from {n_shards} shards ({conflicts} stated differently by two scenes) -> {folder}")
     return 0
 
 

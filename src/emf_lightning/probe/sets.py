@@ -62,8 +62,9 @@ class ProbeSet:
 
     def all_captions(self) -> list[str]:
         """Every caption any metric needs, first occurrence order, duplicates removed."""
-        parts = (self.captions, self.full, self.reduced, self.anchors, self.paraphrases, self.perturbed, self.gallery)
-        return list(dict.fromkeys(c for part in (*parts, self.reworded) for c in part))
+        parts = (self.captions, self.full, self.reduced, self.anchors, self.paraphrases, self.perturbed)
+        parts += (self.gallery, self.reworded)
+        return list(dict.fromkeys(c for part in parts for c in part))
 
     def add_reductions(self, full: str, reductions: list[str]) -> None:
         """``full`` and its shorter versions (nothing when there are none)."""

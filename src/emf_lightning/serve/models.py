@@ -77,7 +77,7 @@ def model_from_module(module, name: str, source: str, use_ema: bool = True) -> S
     """An ``EMFModule`` (loaded from a checkpoint, or built in a test) as a served model."""
     module.eval()
     # the frozen encoder lives outside the checkpoint; put it where the generator is
-    module._move_frozen(module.encoder)
+    module.move_frozen(module.encoder)
     encoder, device = module.encoder, module.device
 
     def encode_text(captions: list[str]) -> TextFeatures:

@@ -214,8 +214,9 @@ class EMFModule(pl.LightningModule):
         return module
 
     # ------------------------------------------------------------------ text
-    def _move_frozen(self, module: nn.Module) -> None:
-        """Move the encoder or autoencoder (kept outside the module tree) to the module's device, lazily."""
+    def move_frozen(self, module: nn.Module) -> None:
+        """Move the encoder or autoencoder (kept outside the module tree, so ``.to()`` does not reach it) to the
+        module's device, lazily; `emf serve` calls it too, as it encodes prompts without the feature cache."""
         try:
             device = next(module.parameters()).device
         except StopIteration:  # parameter-free (a lookup table, pixel space) have nothing to move
@@ -226,7 +227,7 @@ class EMFModule(pl.LightningModule):
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]) -> TextFeatures:
         """Text features for ``captions`` through the feature cache; ``""`` gives the null condition."""
-        self._move_frozen(self.encoder)
+        self.move_frozen(self.encoder)
         encode = self.feature_cache.encode if self.hparams.use_feature_cache else self.encoder.encode
         return encode_with_null(captions, encode, self.encoder.dim, device=self.device)
 
@@ -323,7 +324,7 @@ class EMFModule(pl.LightningModule):
         Lightning restores a resumed checkpoint's weights before this hook (``on_load_checkpoint`` has run):
         ``init_from`` is then skipped, the checkpoint already holds the trained weights.
         """
-        self._move_frozen(self.encoder)
+        self.move_frozen(self.encoder)
         self.check_cached_latents(getattr(self.trainer, "datamodule", None))
         if self.hparams.init_from and not self._restored:
             self.load_init_weights(self.hparams.init_from)
@@ -423,7 +424,7 @@ class EMFModule(pl.LightningModule):
         elif isinstance(self.autoencoder, IdentityAutoencoder):
             x, what = batch["image"], "images"
         else:
-            self._move_frozen(self.autoencoder)
+            self.move_frozen(self.autoencoder)
             x, what = self.autoencoder.encode(batch["image"]), f"latents of {tuple(batch['image'].shape)} images"
         expected = self.data_shape
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
