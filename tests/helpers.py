@@ -112,6 +112,18 @@ def tiny_module(optim: dict[str, Any] | None = None, **overrides: Any):
     return EMFModule(**kwargs)
 
 
+def quiet_trainer(**kwargs: Any):
+    """A CPU Lightning Trainer with no logger, checkpointing, progress bar, summary or sanity check (overridable)."""
+    import lightning.pytorch as pl
+
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("devices", 1)
+    return pl.Trainer(
+        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs
+    )
+
+
 def write_shapes_shards(
     root: str | Path, n_train: int = 8, n_val: int = 4, resolution: int = 16, seed: int = 0, per_shard: int = 4
 ) -> dict[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -16,20 +15,11 @@ from emf_lightning.training.ema import ema_decay_at, update_ema
 from emf_lightning.training.init_from import IncompatibleCheckpointError
 from emf_lightning.utils.specs import to_spec
 
-from helpers import FixedBatches, HashWordEncoder, shapes_batch, tiny_backbone, tiny_module
+from helpers import FixedBatches, HashWordEncoder, quiet_trainer, shapes_batch, tiny_backbone, tiny_module
 
 
 def loader(batches: list[dict]) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(FixedBatches(batches), batch_size=None)
-
-
-def quiet_trainer(**kwargs) -> pl.Trainer:
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    kwargs.setdefault("devices", 1)
-    return pl.Trainer(
-        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs
-    )
 
 
 # ---------------------------------------------------------------------------------------------- encoder

@@ -7,7 +7,6 @@ import json
 import zlib
 from collections import Counter
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -22,7 +21,7 @@ from emf_lightning.models.connector import TextConnector
 from emf_lightning.training import EMFModule
 from emf_lightning.utils.model_helpers import masked_mean
 
-from helpers import HashWordEncoder, tiny_module, write_shapes_shards
+from helpers import HashWordEncoder, quiet_trainer, tiny_module, write_shapes_shards
 
 CAPTIONS = ["a red circle", "two blue squares left of a green star", "a small yellow triangle"]
 
@@ -130,16 +129,7 @@ def fitted_run(tmp_path_factory):
     calls = {"train": 0}
     module.generator.connector.register_forward_hook(lambda *_: calls.__setitem__("train", calls["train"] + 1))
     dm = ShardDataModule(train_shards=urls["train"], batch_size=4, num_workers=0, image_size=16, epoch_length=8)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     ckpt = root / "last.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -202,16 +192,7 @@ def test_a_resumed_run_keeps_its_statistics_and_does_not_refit(fitted_run, monke
     dm = ShardDataModule(
         train_shards=fitted_run["urls"]["train"], batch_size=4, num_workers=0, image_size=16, epoch_length=8
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
     trainer.fit(module, datamodule=dm, ckpt_path=fitted_run["ckpt"])
     saved = fitted_run["module"].generator.connector
     torch.testing.assert_close(module.generator.connector.feature_mean, saved.feature_mean)

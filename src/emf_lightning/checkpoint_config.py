@@ -19,8 +19,15 @@ from emf_lightning.errors import CheckpointError, InputNotFoundError
 
 # Keys of EMFModule that fix the generator's weights (shapes) or what its output means: the backbone (its class
 # and every constructor argument), the loss class (a flow-matching net sampled as MeanFlow gives wrong images),
-# the encoder class (the features the generator was trained on) and whether the connector standardises them.
-STRUCTURAL_MODEL_KEYS = ("backbone", "loss.class_path", "encoder.class_path", "standardize_text")
+# the encoder class (the features the generator was trained on), whether the connector standardises them and
+# how many token refiner blocks it has.
+STRUCTURAL_MODEL_KEYS = (
+    "backbone",
+    "loss.class_path",
+    "encoder.class_path",
+    "standardize_text",
+    "text_refiner_layers",
+)
 # Backbone arguments that change how it computes or trains, not its weights.
 NON_STRUCTURAL_MODEL_KEYS = (
     "backbone.init_args.gradient_checkpointing",

@@ -10,6 +10,7 @@ An export folder holds no pickles:
 
     config.json          how to rebuild everything: encoder, backbone, loss (its sampler), autoencoder specs, and
                          whether the connector standardises the text features (its statistics are weights)
+                         and how many token refiner blocks it has
     model.safetensors    the EMA generator's weights (connector + backbone, or the connector alone when the
                          backbone lives in its own folder)
     transformer/         diffusers backbones only: a folder diffusers loads (SanaTransformer2DModel.from_pretrained)
@@ -167,7 +168,10 @@ class MeanFlowGenerator(nn.Module):
         encoder = build(config["encoder"] if encoder is None else encoder, TextEncoder)
         # The connector's standardisation statistics are buffers in the weights file; the flag says to expect them.
         generator = Generator.for_backbone(
-            build(backbone_spec, Backbone), encoder.dim, standardize_text=bool(config.get("standardize_text", False))
+            build(backbone_spec, Backbone),
+            encoder.dim,
+            standardize_text=bool(config.get("standardize_text", False)),
+            text_refiner_layers=int(config.get("text_refiner_layers", 0)),
         )
         state = load_file(str(directory / WEIGHTS_FILE))
         missing, unexpected = generator.load_state_dict(state, strict=False)

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from emf_lightning.models.connector import TextConnector
 from emf_lightning.probe.evaluation import EncodedCaptions, encode_captions, evaluate_encoded
 from emf_lightning.probe.sets import ProbeSet, shapes_probe_set
 from emf_lightning.training.sharding import unsharded
@@ -83,7 +84,9 @@ class DiscriminabilityProbe(pl.Callback):
         for start in range(0, frozen.tokens.shape[0], self.batch_size):
             tok = frozen.tokens[start : start + self.batch_size].to(device=device, dtype=dtype)
             mask = frozen.mask[start : start + self.batch_size]
-            out = connector(tok).float().cpu()
+            # a TextConnector's refiner reads the padding mask; any other module maps tokens one by one
+            out = connector(tok, mask.to(device)) if isinstance(connector, TextConnector) else connector(tok)
+            out = out.float().cpu()
             outs.append(out * mask.unsqueeze(-1))
         return EncodedCaptions(frozen.captions, torch.cat(outs), frozen.mask)
 

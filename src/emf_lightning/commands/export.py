@@ -74,6 +74,7 @@ def export(
         "encoder": hp["encoder"],
         "backbone": backbone,
         "standardize_text": bool(hp.get("standardize_text", False)),
+        "text_refiner_layers": int(hp.get("text_refiner_layers", 0)),
         "loss": hp["loss"],
         "autoencoder": hp.get("autoencoder"),
         "backbone_folder": overrides.get("model") if overrides else None,

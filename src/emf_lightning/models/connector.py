@@ -8,11 +8,47 @@ from torch import Tensor
 
 from emf_lightning.utils.model_helpers import standardize_tokens
 
+from .attention import attention
+from .layers import sincos_1d, zero_init
 from .norms import Float32RMSNorm
 
 
+class TokenRefinerBlock(nn.Module):
+    """Pre-norm transformer block over the text tokens: masked self-attention, then an MLP; both residual and
+    zero-initialised, so a new block is the identity and training starts from the per-token connector.
+
+    A fixed 1D sin-cos position embedding is added to the normalised tokens before the projections (the
+    residual stream stays free of it), so a token knows where it stands in the caption.
+    """
+
+    def __init__(self, dim: int, head_dim: int = 32, mlp_ratio: float = 2.0):
+        super().__init__()
+        if dim % head_dim:
+            raise ValueError(f"token refiner head_dim {head_dim} must divide the width {dim}")
+        self.num_heads = dim // head_dim
+        self.head_dim = head_dim
+        self.norm_attn = Float32RMSNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = Float32RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = Float32RMSNorm(head_dim, eps=1e-6)
+        self.proj = zero_init(nn.Linear(dim, dim))
+        self.norm_mlp = Float32RMSNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), zero_init(nn.Linear(hidden, dim)))
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """x [B, L, D], mask [B, L] bool (True = real token) or None -> [B, L, D]."""
+        b, n, d = x.shape
+        h = self.norm_attn(x) + sincos_1d(torch.arange(n, device=x.device), d).to(x.dtype)
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(self.q_norm(q), self.k_norm(k), v, mask)
+        x = x + self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm_mlp(x))
+
+
 class TextConnector(nn.Module):
-    """[optional per-channel standardisation] -> Linear -> GELU(tanh) -> Linear -> RMSNorm, applied per token.
+    """[optional per-channel standardisation] -> Linear -> GELU(tanh) -> Linear -> RMSNorm, applied per token,
+    [-> optional token refiner].
 
     The frozen encoder's last hidden states have their own scale and anisotropy; the connector maps them
     to the backbone width and the RMSNorm fixes their scale, so cross-attention sees well-conditioned keys.
@@ -25,12 +61,28 @@ class TextConnector(nn.Module):
     anything else. The statistics are buffers, so checkpoints and exports carry them and every path that runs
     the generator (training, evaluation, sampling, an export) applies the same map. An all-zero token (the null
     condition, padding) stays zero: the null condition stays the centre of the standardised space.
+
+    With ``refiner_layers > 0`` the mapped tokens then pass through that many trainable transformer blocks
+    (``TokenRefinerBlock``: self-attention among the caption's tokens, under its padding mask) and a final
+    RMSNorm. A per-token map cannot tie "red" to "circle" in "a red circle and a blue square"; the backbone's
+    cross-attention reads tokens one by one, so binding must already be in them. The frozen encoder's own
+    contextual mixing was trained for something else; the refiner learns the mixing the generator needs
+    (docs/composition_2026-12-06.md measures it). Blocks start as the identity.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, eps: float = 1e-6, standardize: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        eps: float = 1e-6,
+        standardize: bool = False,
+        refiner_layers: int = 0,
+    ):
         super().__init__()
         if in_dim <= 0 or out_dim <= 0:
             raise ValueError(f"TextConnector dims must be positive, got in_dim={in_dim}, out_dim={out_dim}")
+        if refiner_layers < 0:
+            raise ValueError(f"refiner_layers must be >= 0, got {refiner_layers}")
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.standardize = bool(standardize)
@@ -43,6 +95,13 @@ class TextConnector(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(out_dim, out_dim)
         self.norm = Float32RMSNorm(out_dim, eps=eps)
+        self.refiner = nn.ModuleList(TokenRefinerBlock(out_dim) for _ in range(refiner_layers))
+        self.refiner_norm = Float32RMSNorm(out_dim, eps=eps) if refiner_layers else None
+
+    @property
+    def refiner_layers(self) -> int:
+        """How many token refiner blocks follow the per-token map (0: none)."""
+        return len(self.refiner)
 
     @property
     def is_fitted(self) -> bool:
@@ -68,11 +127,16 @@ class TextConnector(nn.Module):
             return tokens
         return standardize_tokens(tokens, self.feature_mean, self.feature_std)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """[B, L, in_dim] -> [B, L, out_dim]."""
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """[B, L, in_dim] (mask [B, L] bool, True = real token; only the refiner reads it) -> [B, L, out_dim]."""
         if tokens.shape[-1] != self.in_dim:
             raise ValueError(
                 f"TextConnector expects text features of width {self.in_dim}, got {tokens.shape[-1]} "
                 "(was the generator built for another text encoder?)"
             )
-        return self.norm(self.fc2(self.act(self.fc1(self.standardized(tokens)))))
+        out = self.norm(self.fc2(self.act(self.fc1(self.standardized(tokens)))))
+        if not self.refiner:
+            return out
+        for block in self.refiner:
+            out = block(out, mask)
+        return self.refiner_norm(out)

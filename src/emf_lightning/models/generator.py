@@ -37,11 +37,12 @@ def build_generator(
     input_size: int | tuple[int, int],
     in_channels: int = 3,
     standardize_text: bool = False,
+    text_refiner_layers: int = 0,
     **overrides: Any,
 ) -> Generator:
     """A named backbone (``build_backbone``) behind a text connector from ``text_dim``."""
     return Generator.for_backbone(
-        build_backbone(name, input_size, in_channels, **overrides), text_dim, standardize_text
+        build_backbone(name, input_size, in_channels, **overrides), text_dim, standardize_text, text_refiner_layers
     )
 
 
@@ -58,10 +59,16 @@ class Generator(nn.Module):
         self.backbone = backbone
 
     @classmethod
-    def for_backbone(cls, backbone: Backbone, text_dim: int, standardize_text: bool = False) -> Generator:
+    def for_backbone(
+        cls, backbone: Backbone, text_dim: int, standardize_text: bool = False, text_refiner_layers: int = 0
+    ) -> Generator:
         """The backbone behind a new connector from ``text_dim`` to its context width (``standardize_text``: the
-        connector z-scores the features per channel, ``TextConnector(standardize=True)``)."""
-        return cls(TextConnector(text_dim, backbone.context_dim, standardize=standardize_text), backbone)
+        connector z-scores the features per channel; ``text_refiner_layers``: self-attention blocks over the
+        tokens after the per-token map; both ``TextConnector`` options)."""
+        connector = TextConnector(
+            text_dim, backbone.context_dim, standardize=standardize_text, refiner_layers=text_refiner_layers
+        )
+        return cls(connector, backbone)
 
     @property
     def text_dim(self) -> int:
@@ -70,7 +77,7 @@ class Generator(nn.Module):
 
     def forward(self, z: Tensor, r: Tensor, t: Tensor, text_tokens: Tensor, text_mask: Tensor | None) -> Tensor:
         """z [B, C, H, W], r/t [B], text_tokens [B, L, text_dim], text_mask [B, L] bool -> u [B, C, H, W]."""
-        return self.backbone(z, r, t, self.connector(text_tokens), text_mask)
+        return self.backbone(z, r, t, self.connector(text_tokens, text_mask), text_mask)
 
     def copy_time_embedder_to_interval(self) -> None:
         """EMF fine-tuning recipe: start the interval (t - r) embedder from the trained t embedder."""

@@ -88,6 +88,9 @@ class EMFModule(pl.LightningModule):
             the feature cache), fitted once at the start of a fresh fit and kept in the generator's buffers, so
             checkpoints and exports carry them. For encoders whose features a few channels dominate (an LLM's
             hidden states; ``emf probe --standardize`` measures it).
+        text_refiner_layers: trainable self-attention blocks over the caption's tokens after the connector's
+            per-token map (``TextConnector(refiner_layers=...)``), so the tokens the backbone reads can carry
+            which attribute belongs to which object; 0 (the default) has none.
         max_weight_abs: after every optimiser step, training stops (``NonFiniteLossError``, before any checkpoint
             callback runs) when a weight of the generator or its EMA copy is NaN, infinite or larger than this in
             magnitude: a diverging run never checkpoints exploded weights. The default is far above what normal
@@ -110,6 +113,7 @@ class EMFModule(pl.LightningModule):
         compile: bool = False,
         max_weight_abs: float | None = 1e4,
         standardize_text: bool = False,
+        text_refiner_layers: int = 0,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -151,7 +155,9 @@ class EMFModule(pl.LightningModule):
             )
 
         self.objective = self.loss_fn  # the evaluator asks it for its step counts
-        self.generator = Generator.for_backbone(backbone, encoder.dim, standardize_text=standardize_text)
+        self.generator = Generator.for_backbone(
+            backbone, encoder.dim, standardize_text=standardize_text, text_refiner_layers=text_refiner_layers
+        )
         self.ema_generator = make_ema_copy(self.generator)
         # The training step's network: compiled lazily (at the first step) when asked for.
         object.__setattr__(self, "_train_net", None)
