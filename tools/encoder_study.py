@@ -181,6 +181,7 @@ def run_config(name: str, objective: str, args: argparse.Namespace, urls: dict, 
             "loss": loss_spec(objective, args),
             "feature_cache_dir": str(cache),
             "standardize_text": False,  # every encoder's raw features, as the study has always measured them
+            "text_refiner_layers": 0,  # and the per-token connector alone
         },
         "data": {
             "train_shards": urls["train"],

@@ -23,14 +23,17 @@ from pathlib import Path
 
 SMOL = "configs/smollm_shapes.yaml"
 # name -> (probe row of `emf probe --vary 'layer=[-1, 8, [8, 16, -1]]' --recommend`, side_by_side --set overrides)
+# Every setting is the per-token connector alone: smollm_shapes.yaml adds a token refiner since 2026-12-06, and
+# the probe scores frozen features, not a trained refiner (that run: docs/llm_encoder_2026-12-06.md).
+PER_TOKEN = "model.text_refiner_layers=0"
 SETTINGS: dict[str, tuple[str, list[str]]] = {
-    "raw_last": ("llm layer=-1", ["model.standardize_text=false"]),
-    "std_last": ("llm layer=-1 +std", ["model.standardize_text=true"]),  # smollm_shapes.yaml since 2026-12-06
-    "raw_layer8": ("llm layer=8", ["model.standardize_text=false", "model.encoder.init_args.layer=8"]),
-    "std_layer8": ("llm layer=8 +std", ["model.standardize_text=true", "model.encoder.init_args.layer=8"]),
+    "raw_last": ("llm layer=-1", ["model.standardize_text=false", PER_TOKEN]),
+    "std_last": ("llm layer=-1 +std", ["model.standardize_text=true", PER_TOKEN]),
+    "raw_layer8": ("llm layer=8", ["model.standardize_text=false", "model.encoder.init_args.layer=8", PER_TOKEN]),
+    "std_layer8": ("llm layer=8 +std", ["model.standardize_text=true", "model.encoder.init_args.layer=8", PER_TOKEN]),
     "std_mean8_16_last": (
         "llm layer=[8, 16, -1] +std",
-        ["model.standardize_text=true", "model.encoder.init_args.layer=[8, 16, -1]"],
+        ["model.standardize_text=true", "model.encoder.init_args.layer=[8, 16, -1]", PER_TOKEN],
     ),
 }
 # The offline default beside them (--minilm): generator runs only, no probe row, so reported but not correlated.
