@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from emf_lightning.encoders import build_encoder
 from emf_lightning.shapes import paraphrases
@@ -62,3 +63,24 @@ def test_the_oracle_binds_and_a_bag_of_words_cannot():
     assert oracle["attend"] > 0.95
     # without word order the two colours can only be told apart by the colour-shape priors of the fitting scenes
     assert bow["attend"] < oracle["attend"] - 0.15, (oracle, bow)
+
+
+def test_reading_through_a_checkpoint_gives_its_ema_connectors_tokens(tmp_path):
+    from emf_lightning.data.datamodule import ShardDataModule
+
+    from helpers import quiet_trainer, tiny_module, write_shapes_shards
+
+    urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4)
+    module = tiny_module(text_refiner_layers=1)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(
+        module, datamodule=ShardDataModule(train_shards=urls["train"], batch_size=4, num_workers=0, image_size=16)
+    )
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    captions = ["a red circle and a blue square", "two stars"]
+    got = probe.through_connector(str(tmp_path / "last.ckpt"), None)(captions)
+    feats = module.encode_text(captions)
+    with torch.no_grad():
+        want = module.ema_generator.connector(feats.tokens, feats.mask) * feats.mask[..., None]
+    torch.testing.assert_close(got.tokens, want)
+    assert torch.equal(got.mask, feats.mask)

@@ -13,7 +13,8 @@ the scenes (all paraphrases of a scene on one side) and scored on the rest:
     pooled   a linear classifier per shape on the mean-pooled features: what a pooled condition offers
 
 `bow` (no word order, so no binding) gives the floor and `oracle` (tools/scene_oracle.py, the scene's statement)
-the ceiling.
+the ceiling. `--through CKPT` also reads the tokens as a trained generator's backbone receives them: its encoder's
+features through its (EMA) text connector, so a connector that drops the binding shows.
 
     python tools/binding_probe.py --shards 'runs/compose/shapes/train-*.tar' --encoders oracle bow minilm llm \\
         --cache runs/compose/feature_cache --out runs/compose/diag/binding_probe.json
@@ -182,6 +183,23 @@ def encoder_for(name: str, table: Mapping[str, Any], cache: str | None) -> Calla
     return FeatureCache(encoder, root=cache).encode if cache else encoder.encode
 
 
+def through_connector(checkpoint: str, cache: str | None) -> Callable[[list[str]], TextFeatures]:
+    """Captions -> the checkpoint's encoder features mapped by its EMA generator's connector (padding zero)."""
+    from emf_lightning.training import EMFModule
+
+    overrides = {"feature_cache_dir": cache} if cache else {}
+    module = EMFModule.load_from_checkpoint(checkpoint, map_location="cpu", **overrides)
+    connector = module.ema_generator.connector.eval()
+
+    def encode(captions: list[str]) -> TextFeatures:
+        feats = module.encode_text(captions)
+        with torch.no_grad():
+            tokens = connector(feats.tokens.float(), feats.mask) * feats.mask[..., None]
+        return TextFeatures(tokens, feats.mask, tokens.sum(1) / feats.mask.sum(1, keepdim=True))
+
+    return encode
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, help="shapes-world shards with colour-attribution scenes")
@@ -189,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=None, help="feature-cache root of the registry encoders (optional)")
     p.add_argument("--max-reads", type=int, default=8000, help="fitting reads at most (test: a quarter of it)")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument(
+        "--through", nargs="*", default=[], metavar="CKPT", help="also read through these generators' connectors"
+    )
     p.add_argument("--out", default=None, help="write the scores here as JSON")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -199,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"binding_probe: no colour-attribution captions with two shapes in {a.shards}")
     print(f"{len(fit)} fitting reads, {len(test)} test reads (scenes split 80/20)")
     scores = {}
-    for name in a.encoders:
-        scores[name] = probe_encoder(encoder_for(name, table, a.cache), fit, test, a.epochs)
+    sources = [(name, lambda name=name: encoder_for(name, table, a.cache)) for name in a.encoders]
+    sources += [(f"through {ckpt}", lambda ckpt=ckpt: through_connector(ckpt, a.cache)) for ckpt in a.through]
+    for name, make_encode in sources:
+        scores[name] = probe_encoder(make_encode(), fit, test, a.epochs)
         print(f"{name:10s} attend {scores[name]['attend']:.3f}  pooled {scores[name]['pooled']:.3f}", flush=True)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
