@@ -36,13 +36,20 @@ class WordEncoder:
         return SimpleNamespace(tokens=tokens, mask=mask, pooled=tokens.mean(1))
 
 
+class LinearConnector(nn.Linear):
+    """A per-token linear map called as the generator calls its connector: ``connector(tokens, mask)``."""
+
+    def forward(self, tokens, mask=None):
+        return super().forward(tokens)
+
+
 class StandIn(pl.LightningModule):
     """Trains only a connector (identity at init) to push every caption towards one direction."""
 
     def __init__(self):
         super().__init__()
         self.encoder = WordEncoder()
-        linear = nn.Linear(DIM, DIM)
+        linear = LinearConnector(DIM, DIM)
         with torch.no_grad():
             linear.weight.copy_(torch.eye(DIM))
             linear.bias.zero_()

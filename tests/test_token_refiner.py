@@ -101,3 +101,12 @@ def test_the_refiner_trains_and_survives_checkpoint_and_export(tmp_path):
     exported = MeanFlowGenerator.from_pretrained(out)
     assert exported.generator.connector.refiner_layers == 1
     assert torch.equal(exported.generate(CAPTIONS, steps=1, seed=3), want)
+
+
+def test_a_caption_longer_than_the_position_table_is_refused_with_the_limit():
+    from emf_lightning.models.connector import TokenRefinerBlock
+
+    block = TokenRefinerBlock(64, max_tokens=4)
+    block(torch.randn(1, 4, 64), None)
+    with pytest.raises(ValueError, match="at most 4 text tokens, got 5"):
+        block(torch.randn(1, 5, 64), None)

@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from emf_lightning.encoders import build_encoder
 from emf_lightning.encoders.base import TextFeatures
 from emf_lightning.encoders.cache import FeatureCache
+from emf_lightning.probe.evaluation import encode_captions
 from emf_lightning.shapes import ALL_SHAPES, COLORS
+from emf_lightning.utils.model_helpers import standardize_tokens
 
 _spec = importlib.util.spec_from_file_location("scene_oracle", Path(__file__).with_name("scene_oracle.py"))
 scene_oracle = importlib.util.module_from_spec(_spec)
@@ -84,19 +86,11 @@ def split_by_scene(
 
 
 def standardised_tokens(encode: Callable[[list[str]], TextFeatures], captions: Sequence[str], batch: int = 512):
-    """(tokens [N, L, D] z-scored per channel over real tokens, padding zero; mask [N, L]) for ``captions``."""
-    parts = [encode(list(captions[i : i + batch])) for i in range(0, len(captions), batch)]
-    length = max(p.tokens.shape[1] for p in parts)
-    tokens = torch.zeros(len(captions), length, parts[0].tokens.shape[-1])
-    mask = torch.zeros(len(captions), length, dtype=torch.bool)
-    row = 0
-    for p in parts:
-        n, L = p.tokens.shape[:2]
-        tokens[row : row + n, :L], mask[row : row + n, :L] = p.tokens.float(), p.mask
-        row += n
-    real = tokens[mask]
-    mean, std = real.mean(0), real.std(0).clamp_min(1e-4)
-    return torch.where(mask[..., None], (tokens - mean) / std, 0.0), mask
+    """(tokens [N, L, D] z-scored per channel over real tokens, padding zero; mask [N, L]) for unique ``captions``,
+    in their order."""
+    encoded = encode_captions(encode, captions, batch_size=batch)
+    real = encoded.tokens[encoded.mask]
+    return standardize_tokens(encoded.tokens, real.mean(0), real.std(0).clamp_min(1e-4)), encoded.mask
 
 
 class AttentionReader(nn.Module):

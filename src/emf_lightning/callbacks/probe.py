@@ -15,7 +15,6 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from emf_lightning.models.connector import TextConnector
 from emf_lightning.probe.evaluation import EncodedCaptions, encode_captions, evaluate_encoded
 from emf_lightning.probe.sets import ProbeSet, shapes_probe_set
 from emf_lightning.training.sharding import unsharded
@@ -78,15 +77,14 @@ class DiscriminabilityProbe(pl.Callback):
 
     @torch.no_grad()
     def _through(self, connector: nn.Module, frozen: EncodedCaptions, device: torch.device) -> EncodedCaptions:
-        """The frozen token features mapped by ``connector``, padding zeroed again, on CPU in float32."""
+        """The frozen token features mapped by ``connector`` (called as the generator calls it,
+        ``connector(tokens, mask)``), padding zeroed again, on CPU in float32."""
         outs: list[Tensor] = []
         dtype = next(connector.parameters()).dtype
         for start in range(0, frozen.tokens.shape[0], self.batch_size):
             tok = frozen.tokens[start : start + self.batch_size].to(device=device, dtype=dtype)
             mask = frozen.mask[start : start + self.batch_size]
-            # a TextConnector's refiner reads the padding mask; any other module maps tokens one by one
-            out = connector(tok, mask.to(device)) if isinstance(connector, TextConnector) else connector(tok)
-            out = out.float().cpu()
+            out = connector(tok, mask.to(device)).float().cpu()
             outs.append(out * mask.unsqueeze(-1))
         return EncodedCaptions(frozen.captions, torch.cat(outs), frozen.mask)
 

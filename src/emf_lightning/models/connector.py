@@ -18,13 +18,15 @@ class TokenRefinerBlock(nn.Module):
     zero-initialised, so a new block is the identity and training starts from the per-token connector.
 
     A fixed 1D sin-cos position embedding is added to the normalised tokens before the projections (the
-    residual stream stays free of it), so a token knows where it stands in the caption.
+    residual stream stays free of it), so a token knows where it stands in the caption. It is built once for
+    ``max_tokens`` positions (a buffer outside the state dict), not on every forward.
     """
 
-    def __init__(self, dim: int, head_dim: int = 32, mlp_ratio: float = 2.0):
+    def __init__(self, dim: int, head_dim: int = 32, mlp_ratio: float = 2.0, max_tokens: int = 1024):
         super().__init__()
         if dim % head_dim:
             raise ValueError(f"token refiner head_dim {head_dim} must divide the width {dim}")
+        self.register_buffer("pos_embed", sincos_1d(torch.arange(max_tokens), dim).float(), persistent=False)
         self.num_heads = dim // head_dim
         self.head_dim = head_dim
         self.norm_attn = Float32RMSNorm(dim, eps=1e-6)
@@ -39,7 +41,9 @@ class TokenRefinerBlock(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """x [B, L, D], mask [B, L] bool (True = real token) or None -> [B, L, D]."""
         b, n, d = x.shape
-        h = self.norm_attn(x) + sincos_1d(torch.arange(n, device=x.device), d).to(x.dtype)
+        if n > self.pos_embed.shape[0]:
+            raise ValueError(f"the token refiner takes at most {self.pos_embed.shape[0]} text tokens, got {n}")
+        h = self.norm_attn(x) + self.pos_embed[:n].to(x.dtype)
         q, k, v = self.qkv(h).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = attention(self.q_norm(q), self.k_norm(k), v, mask)
         x = x + self.proj(out.transpose(1, 2).reshape(b, n, d))
