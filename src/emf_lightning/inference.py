@@ -10,7 +10,7 @@ An export folder holds no pickles:
 
     config.json          how to rebuild everything: encoder, backbone, loss (its sampler), autoencoder specs, and
                          whether the connector standardises the text features (its statistics are weights)
-                         and how many token refiner blocks it has
+                         and how many token refiner blocks and slot tokens it has
     model.safetensors    the EMA generator's weights (connector + backbone, or the connector alone when the
                          backbone lives in its own folder)
     transformer/         diffusers backbones only: a folder diffusers loads (SanaTransformer2DModel.from_pretrained)
@@ -31,6 +31,7 @@ from emf_lightning.autoencoders import IdentityAutoencoder, LatentAutoencoder, b
 from emf_lightning.encoders.base import TextEncoder, TextFeatures
 from emf_lightning.errors import CheckpointError, require_finite
 from emf_lightning.meanflow import Objective, encode_with_null, make_noise, null_condition
+from emf_lightning.models.connector import connector_config
 from emf_lightning.models.generator import Generator
 from emf_lightning.models.layers import Backbone
 from emf_lightning.utils.specs import build
@@ -170,8 +171,7 @@ class MeanFlowGenerator(nn.Module):
         generator = Generator.for_backbone(
             build(backbone_spec, Backbone),
             encoder.dim,
-            standardize_text=bool(config.get("standardize_text", False)),
-            text_refiner_layers=int(config.get("text_refiner_layers", 0)),
+            **connector_config(config),
         )
         state = load_file(str(directory / WEIGHTS_FILE))
         missing, unexpected = generator.load_state_dict(state, strict=False)

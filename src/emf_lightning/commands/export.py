@@ -53,6 +53,7 @@ def export(
     from safetensors.torch import save_file
 
     from emf_lightning.inference import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE
+    from emf_lightning.models.connector import connector_config
 
     out.mkdir(parents=True, exist_ok=True)
     hp = module.hparams
@@ -73,8 +74,7 @@ def export(
         "emf_lightning_version": __version__,
         "encoder": hp["encoder"],
         "backbone": backbone,
-        "standardize_text": bool(hp.get("standardize_text", False)),
-        "text_refiner_layers": int(hp.get("text_refiner_layers", 0)),
+        **connector_config(hp),
         "loss": hp["loss"],
         "autoencoder": hp.get("autoencoder"),
         "backbone_folder": overrides.get("model") if overrides else None,

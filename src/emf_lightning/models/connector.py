@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -11,6 +14,19 @@ from emf_lightning.utils.model_helpers import standardize_tokens
 from .attention import attention
 from .layers import sincos_1d, zero_init
 from .norms import Float32RMSNorm
+
+# The connector's options as the model config, checkpoints and exports name them -> TextConnector's arguments.
+CONNECTOR_OPTIONS = {"standardize_text": "standardize", "text_refiner_layers": "refiner_layers", "text_slots": "slots"}
+
+
+def connector_config(source: Mapping[str, Any]) -> dict[str, Any]:
+    """The connector's options in ``source`` (a model's hyperparameters or an export's config.json), keyed as
+    ``CONNECTOR_OPTIONS`` names them, absent ones at their defaults (files written before an option existed)."""
+    return {
+        "standardize_text": bool(source.get("standardize_text", False)),
+        "text_refiner_layers": int(source.get("text_refiner_layers", 0)),
+        "text_slots": int(source.get("text_slots", 0)),
+    }
 
 
 class TokenRefinerBlock(nn.Module):
@@ -50,6 +66,50 @@ class TokenRefinerBlock(nn.Module):
         return x + self.mlp(self.norm_mlp(x))
 
 
+class SlotBlock(nn.Module):
+    """Learned slot tokens read the caption: pre-norm cross-attention from the slots to the caption's tokens and
+    the slots themselves (masked; the slots can share out the objects), then an MLP; both residual and
+    zero-initialised, so new slots are their learned starting vectors.
+
+    The caption's tokens get the same fixed 1D position as in ``TokenRefinerBlock`` on the attention input, so a
+    slot can ask for "the first object" as well as for "the red one".
+    """
+
+    def __init__(self, dim: int, head_dim: int = 32, mlp_ratio: float = 2.0, max_tokens: int = 1024):
+        super().__init__()
+        if dim % head_dim:
+            raise ValueError(f"slot head_dim {head_dim} must divide the width {dim}")
+        self.register_buffer("pos_embed", sincos_1d(torch.arange(max_tokens), dim).float(), persistent=False)
+        self.num_heads = dim // head_dim
+        self.head_dim = head_dim
+        self.norm_slots = Float32RMSNorm(dim, eps=1e-6)
+        self.norm_tokens = Float32RMSNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = Float32RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = Float32RMSNorm(head_dim, eps=1e-6)
+        self.proj = zero_init(nn.Linear(dim, dim))
+        self.norm_mlp = Float32RMSNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), zero_init(nn.Linear(hidden, dim)))
+
+    def forward(self, slots: Tensor, tokens: Tensor, mask: Tensor | None) -> Tensor:
+        """slots [B, K, D], tokens [B, L, D], mask [B, L] bool (True = real token) or None -> slots [B, K, D]."""
+        b, k, d = slots.shape
+        n = tokens.shape[1]
+        if n > self.pos_embed.shape[0]:
+            raise ValueError(f"the slots read at most {self.pos_embed.shape[0]} text tokens, got {n}")
+        s = self.norm_slots(slots)
+        keys = torch.cat([self.norm_tokens(tokens) + self.pos_embed[:n].to(tokens.dtype), s.to(tokens.dtype)], 1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(b, k)], dim=1)
+        q = self.q(s).reshape(b, k, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(keys).reshape(b, n + k, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(self.q_norm(q), self.k_norm(kv[0]), kv[1], mask)
+        slots = slots + self.proj(out.transpose(1, 2).reshape(b, k, d))
+        return slots + self.mlp(self.norm_mlp(slots))
+
+
 class TextConnector(nn.Module):
     """[optional per-channel standardisation] -> Linear -> GELU(tanh) -> Linear -> RMSNorm, applied per token,
     [-> optional token refiner].
@@ -72,7 +132,14 @@ class TextConnector(nn.Module):
     cross-attention reads tokens one by one, so binding must already be in them. The frozen encoder's own
     contextual mixing was trained for something else; the refiner learns the mixing the generator needs
     (docs/composition_2026-12-06.md measures it). Blocks start as the identity.
+
+    With ``slots > 0`` the backbone reads, after the caption's tokens, that many learned slot tokens, each of
+    which has read the whole caption through ``SLOT_LAYERS`` ``SlotBlock``s (a Perceiver-style resampler;
+    :meth:`context` returns them with the mask extended). A slot can gather one object's shape, colour and place
+    into one token, the format the oracle features of the composition study give the backbone.
     """
+
+    SLOT_LAYERS = 2
 
     def __init__(
         self,
@@ -81,12 +148,14 @@ class TextConnector(nn.Module):
         eps: float = 1e-6,
         standardize: bool = False,
         refiner_layers: int = 0,
+        slots: int = 0,
     ):
         super().__init__()
         if in_dim <= 0 or out_dim <= 0:
             raise ValueError(f"TextConnector dims must be positive, got in_dim={in_dim}, out_dim={out_dim}")
-        if refiner_layers < 0:
-            raise ValueError(f"refiner_layers must be >= 0, got {refiner_layers}")
+        for name, value in dict(refiner_layers=refiner_layers, slots=slots).items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.standardize = bool(standardize)
@@ -101,11 +170,20 @@ class TextConnector(nn.Module):
         self.norm = Float32RMSNorm(out_dim, eps=eps)
         self.refiner = nn.ModuleList(TokenRefinerBlock(out_dim) for _ in range(refiner_layers))
         self.refiner_norm = Float32RMSNorm(out_dim, eps=eps) if refiner_layers else None
+        if slots:
+            self.slot_queries = nn.Parameter(torch.randn(slots, out_dim))
+            self.slot_blocks = nn.ModuleList(SlotBlock(out_dim) for _ in range(self.SLOT_LAYERS))
+            self.slot_norm = Float32RMSNorm(out_dim, eps=eps)
 
     @property
     def refiner_layers(self) -> int:
         """How many token refiner blocks follow the per-token map (0: none)."""
         return len(self.refiner)
+
+    @property
+    def slots(self) -> int:
+        """How many learned slot tokens follow the caption's tokens in :meth:`context` (0: none)."""
+        return self.slot_queries.shape[0] if hasattr(self, "slot_queries") else 0
 
     @property
     def is_fitted(self) -> bool:
@@ -144,3 +222,17 @@ class TextConnector(nn.Module):
         for block in self.refiner:
             out = block(out, mask)
         return self.refiner_norm(out)
+
+    def context(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """What the backbone reads: the mapped tokens [B, L, out_dim] and their mask, with the slot tokens after
+        them ([B, L + slots, out_dim], mask extended with True) when the connector has slots."""
+        out = self(tokens, mask)
+        if not self.slots:
+            return out, mask
+        slots = self.slot_queries.expand(out.shape[0], -1, -1)
+        for block in self.slot_blocks:
+            slots = block(slots, out, mask)
+        slots = self.slot_norm(slots).to(out.dtype)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(out.shape[0], self.slots)], dim=1)
+        return torch.cat([out, slots], dim=1), mask

@@ -8,7 +8,7 @@ from typing import Any
 import torch.nn as nn
 from torch import Tensor
 
-from .connector import TextConnector
+from .connector import CONNECTOR_OPTIONS, TextConnector
 from .dit import DiT
 from .layers import Backbone
 from .unet import UNet
@@ -32,18 +32,10 @@ def build_backbone(name: str, input_size: int | tuple[int, int], in_channels: in
 
 
 def build_generator(
-    name: str,
-    text_dim: int,
-    input_size: int | tuple[int, int],
-    in_channels: int = 3,
-    standardize_text: bool = False,
-    text_refiner_layers: int = 0,
-    **overrides: Any,
+    name: str, text_dim: int, input_size: int | tuple[int, int], in_channels: int = 3, **overrides: Any
 ) -> Generator:
     """A named backbone (``build_backbone``) behind a text connector from ``text_dim``."""
-    return Generator.for_backbone(
-        build_backbone(name, input_size, in_channels, **overrides), text_dim, standardize_text, text_refiner_layers
-    )
+    return Generator.for_backbone(build_backbone(name, input_size, in_channels, **overrides), text_dim)
 
 
 class Generator(nn.Module):
@@ -59,16 +51,15 @@ class Generator(nn.Module):
         self.backbone = backbone
 
     @classmethod
-    def for_backbone(
-        cls, backbone: Backbone, text_dim: int, standardize_text: bool = False, text_refiner_layers: int = 0
-    ) -> Generator:
-        """The backbone behind a new connector from ``text_dim`` to its context width (``standardize_text``: the
-        connector z-scores the features per channel; ``text_refiner_layers``: self-attention blocks over the
-        tokens after the per-token map; both ``TextConnector`` options)."""
-        connector = TextConnector(
-            text_dim, backbone.context_dim, standardize=standardize_text, refiner_layers=text_refiner_layers
-        )
-        return cls(connector, backbone)
+    def for_backbone(cls, backbone: Backbone, text_dim: int, **connector_options: Any) -> Generator:
+        """The backbone behind a new connector from ``text_dim`` to its context width; ``connector_options`` are
+        the model config's connector keys (``CONNECTOR_OPTIONS``: ``standardize_text``, ``text_refiner_layers``,
+        ``text_slots``)."""
+        unknown = set(connector_options) - set(CONNECTOR_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown connector option(s) {sorted(unknown)}; choose from {sorted(CONNECTOR_OPTIONS)}")
+        kwargs = {CONNECTOR_OPTIONS[key]: value for key, value in connector_options.items()}
+        return cls(TextConnector(text_dim, backbone.context_dim, **kwargs), backbone)
 
     @property
     def text_dim(self) -> int:
@@ -77,7 +68,7 @@ class Generator(nn.Module):
 
     def forward(self, z: Tensor, r: Tensor, t: Tensor, text_tokens: Tensor, text_mask: Tensor | None) -> Tensor:
         """z [B, C, H, W], r/t [B], text_tokens [B, L, text_dim], text_mask [B, L] bool -> u [B, C, H, W]."""
-        return self.backbone(z, r, t, self.connector(text_tokens, text_mask), text_mask)
+        return self.backbone(z, r, t, *self.connector.context(text_tokens, text_mask))
 
     def copy_time_embedder_to_interval(self) -> None:
         """EMF fine-tuning recipe: start the interval (t - r) embedder from the trained t embedder."""

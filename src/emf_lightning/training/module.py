@@ -91,6 +91,9 @@ class EMFModule(pl.LightningModule):
         text_refiner_layers: trainable self-attention blocks over the caption's tokens after the connector's
             per-token map (``TextConnector(refiner_layers=...)``), so the tokens the backbone reads can carry
             which attribute belongs to which object; 0 (the default) has none.
+        text_slots: learned slot tokens that read the whole caption and follow its tokens into the backbone's
+            cross-attention (``TextConnector(slots=...)``), so an object's attributes can arrive as one token;
+            0 (the default) has none.
         max_weight_abs: after every optimiser step, training stops (``NonFiniteLossError``, before any checkpoint
             callback runs) when a weight of the generator or its EMA copy is NaN, infinite or larger than this in
             magnitude: a diverging run never checkpoints exploded weights. The default is far above what normal
@@ -114,6 +117,7 @@ class EMFModule(pl.LightningModule):
         max_weight_abs: float | None = 1e4,
         standardize_text: bool = False,
         text_refiner_layers: int = 0,
+        text_slots: int = 0,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -156,7 +160,11 @@ class EMFModule(pl.LightningModule):
 
         self.objective = self.loss_fn  # the evaluator asks it for its step counts
         self.generator = Generator.for_backbone(
-            backbone, encoder.dim, standardize_text=standardize_text, text_refiner_layers=text_refiner_layers
+            backbone,
+            encoder.dim,
+            standardize_text=standardize_text,
+            text_refiner_layers=text_refiner_layers,
+            text_slots=text_slots,
         )
         self.ema_generator = make_ema_copy(self.generator)
         # The training step's network: compiled lazily (at the first step) when asked for.

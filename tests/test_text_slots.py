@@ -1,0 +1,132 @@
+"""The connector's slot tokens (``model.text_slots``): learned tokens that read the whole caption and follow its
+tokens into the backbone's cross-attention, so one object's attributes can arrive as one token (issue 21)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from emf_lightning.checkpoint_config import is_structural
+from emf_lightning.data.datamodule import ShardDataModule
+from emf_lightning.inference import MeanFlowGenerator
+from emf_lightning.meanflow.conditions import null_condition
+from emf_lightning.models.connector import CONNECTOR_OPTIONS, SlotBlock, TextConnector
+from emf_lightning.models.generator import Generator, build_backbone
+from emf_lightning.training import EMFModule
+
+from helpers import quiet_trainer, tiny_module, write_shapes_shards
+
+CAPTIONS = ["a red circle and a blue square", "a blue circle and a red square", "two green stars"]
+
+
+def randomised(connector: TextConnector, seed: int = 0) -> TextConnector:
+    """``connector`` with every slot weight redrawn, so the zero-initialised ends no longer hide the caption."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in connector.slot_blocks.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if "norm" in name else 0.0))
+    return connector
+
+
+def test_without_slots_the_context_is_the_per_token_map_and_its_mask():
+    torch.manual_seed(0)
+    connector = TextConnector(8, 32)
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    context, context_mask = connector.context(x, mask)
+    torch.testing.assert_close(context, connector(x, mask))
+    assert context_mask is mask and connector.slots == 0
+    assert not any(k.startswith("slot") for k in connector.state_dict())
+
+
+def test_slots_follow_the_tokens_with_the_mask_extended_and_start_caption_independent():
+    torch.manual_seed(0)
+    connector = TextConnector(8, 32, slots=3)
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    context, context_mask = connector.context(x, mask)
+    assert context.shape == (2, 8, 32) and connector.slots == 3
+    torch.testing.assert_close(context[:, :5], connector(x, mask))  # the caption's tokens come first, unchanged
+    assert torch.equal(context_mask, torch.cat([mask, torch.ones(2, 3, dtype=torch.bool)], dim=1))
+    # zero-initialised ends: new slots are their learned starting vectors, the same for every caption
+    torch.testing.assert_close(context[0, 5:], context[1, 5:])
+    # unit RMS like the caption's tokens, so neither kind dominates the backbone's attention by scale
+    torch.testing.assert_close(context[:, 5:].pow(2).mean(-1), torch.ones(2, 3), atol=1e-3, rtol=1e-3)
+    # without a mask every token is real, and the mask stays None
+    unmasked, none = connector.context(x)
+    assert none is None and unmasked.shape == (2, 8, 32)
+
+
+def test_trained_slots_read_the_caption_and_padding_never_reaches_them():
+    torch.manual_seed(0)
+    connector = randomised(TextConnector(8, 32, slots=2))
+    x = torch.randn(2, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    x[1] = 0.0  # a null row inside a padded batch: zeros, position 0 attended
+    context, _ = connector.context(x, mask)
+    edited = x.clone()
+    edited[0, 0] = torch.randn(8)  # "red" -> "blue" in the first caption
+    assert not torch.allclose(connector.context(edited, mask)[0][0, 6:], context[0, 6:], atol=1e-3)
+    junk = x.clone()
+    junk[~mask] = torch.randn(int((~mask).sum()), 8) * 100
+    torch.testing.assert_close(connector.context(junk, mask)[0][:, 6:], context[:, 6:])
+    null_tokens, null_mask = null_condition(1, 8)
+    torch.testing.assert_close(context[1, 6:], connector.context(null_tokens, null_mask)[0][0, 1:])
+    assert torch.isfinite(context).all()
+
+
+def test_the_generator_feeds_the_slots_to_the_backbone():
+    torch.manual_seed(0)
+    backbone = build_backbone("unet-tiny", 16, 3, base_channels=16, head_dim=16, context_dim=32)
+    gen = Generator.for_backbone(backbone, 8, text_slots=2)
+    randomised(gen.connector)
+    with torch.no_grad():  # zero-initialised output heads would hide every input
+        for p in gen.backbone.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.05)
+    z, r, t = torch.randn(1, 3, 16, 16), torch.tensor([0.2]), torch.tensor([0.9])
+    x, mask = torch.randn(1, 4, 8), torch.ones(1, 4, dtype=torch.bool)
+    out = gen(z, r, t, x, mask)
+    with torch.no_grad():
+        gen.connector.slot_queries.add_(torch.randn_like(gen.connector.slot_queries))
+    assert not torch.allclose(gen(z, r, t, x, mask), out, atol=1e-5)
+
+
+def test_connector_options_are_checked_and_named_as_the_model_config_names_them():
+    with pytest.raises(ValueError, match="slots must be >= 0"):
+        TextConnector(8, 32, slots=-1)
+    with pytest.raises(TypeError, match="text_slot"):
+        Generator.for_backbone(build_backbone("unet-tiny", 16, 3), 8, text_slot=2)
+    assert all(is_structural(key) for key in CONNECTOR_OPTIONS)
+
+
+def test_a_caption_longer_than_the_slots_position_table_is_refused_with_the_limit():
+    block = SlotBlock(32, max_tokens=4)
+    block(torch.randn(1, 2, 32), torch.randn(1, 4, 32), None)
+    with pytest.raises(ValueError, match="at most 4 text tokens, got 5"):
+        block(torch.randn(1, 2, 32), torch.randn(1, 5, 32), None)
+
+
+def test_slots_train_and_survive_checkpoint_and_export(tmp_path):
+    from emf_lightning.commands.export import export
+
+    urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4)
+    module = tiny_module(text_slots=2)
+    before = [p.detach().clone() for p in module.generator.connector.slot_blocks.parameters()]
+    dm = ShardDataModule(train_shards=urls["train"], batch_size=4, num_workers=0, image_size=16, epoch_length=8)
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    after = list(module.generator.connector.slot_blocks.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the slots are trained
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    want = module.generate(CAPTIONS, steps=1, seed=3)
+
+    reloaded = EMFModule.load_from_checkpoint(ckpt)
+    assert reloaded.ema_generator.connector.slots == 2
+    assert torch.equal(reloaded.generate(CAPTIONS, steps=1, seed=3), want)
+    out = export(reloaded, tmp_path / "export", global_step=3)
+    assert json.loads((out / "config.json").read_text())["text_slots"] == 2
+    exported = MeanFlowGenerator.from_pretrained(out)
+    assert exported.generator.connector.slots == 2
+    assert torch.equal(exported.generate(CAPTIONS, steps=1, seed=3), want)
