@@ -16,7 +16,7 @@ from emf_lightning.models.connector import CONNECTOR_OPTIONS, SlotBlock, TextCon
 from emf_lightning.models.generator import Generator, build_backbone
 from emf_lightning.training import EMFModule
 
-from helpers import quiet_trainer, tiny_module, write_shapes_shards
+from helpers import BOW, TINY_DIT, quiet_trainer, tiny_module, write_shapes_shards
 
 CAPTIONS = ["a red circle and a blue square", "a blue circle and a red square", "two green stars"]
 
@@ -130,3 +130,16 @@ def test_slots_train_and_survive_checkpoint_and_export(tmp_path):
     exported = MeanFlowGenerator.from_pretrained(out)
     assert exported.generator.connector.slots == 2
     assert torch.equal(exported.generate(CAPTIONS, steps=1, seed=3), want)
+
+
+def test_the_dry_run_counts_the_connector_options():
+    from emf_lightning.dry_run import dry_run
+
+    def parameters(**model_options):
+        model = {"encoder": json.loads(BOW), "backbone": json.loads(TINY_DIT), **model_options}
+        return dry_run({"model": model, "data": {"batch_size": 2, "image_size": 16}}).total_parameters
+
+    plain = parameters()
+    built = tiny_module(encoder=json.loads(BOW), backbone=json.loads(TINY_DIT), text_slots=2, text_refiner_layers=1)
+    assert parameters(text_slots=2, text_refiner_layers=1) == sum(p.numel() for p in built.generator.parameters())
+    assert parameters(text_slots=2) > plain

@@ -178,7 +178,8 @@ def encoder_for(name: str, table: Mapping[str, Any], cache: str | None) -> Calla
 
 
 def through_connector(checkpoint: str, cache: str | None) -> Callable[[list[str]], TextFeatures]:
-    """Captions -> the checkpoint's encoder features mapped by its EMA generator's connector (padding zero)."""
+    """Captions -> what the checkpoint's EMA generator's backbone reads: the encoder features through its
+    connector, slot tokens included (``TextConnector.context``; padding zero)."""
     from emf_lightning.training import EMFModule
 
     overrides = {"feature_cache_dir": cache} if cache else {}
@@ -188,8 +189,9 @@ def through_connector(checkpoint: str, cache: str | None) -> Callable[[list[str]
     def encode(captions: list[str]) -> TextFeatures:
         feats = module.encode_text(captions)
         with torch.no_grad():
-            tokens = connector(feats.tokens.float(), feats.mask) * feats.mask[..., None]
-        return TextFeatures(tokens, feats.mask, tokens.sum(1) / feats.mask.sum(1, keepdim=True))
+            tokens, mask = connector.context(feats.tokens.float(), feats.mask)
+            tokens = tokens * mask[..., None]
+        return TextFeatures(tokens, mask, tokens.sum(1) / mask.sum(1, keepdim=True))
 
     return encode
 

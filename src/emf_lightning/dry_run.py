@@ -144,6 +144,7 @@ def _precision_bytes(precision: Any) -> int:
 def dry_run(config: Any) -> DryRun:
     """Build the run's model from ``config`` (the ``fit`` section: model, data, trainer) without weights and
     describe it (see the module docstring)."""
+    from emf_lightning.models.connector import connector_config
     from emf_lightning.models.generator import Generator
     from emf_lightning.models.layers import Backbone
     from emf_lightning.utils.specs import build
@@ -161,7 +162,7 @@ def dry_run(config: Any) -> DryRun:
     backbone_spec, backbone_source = _backbone_spec_without_weights(model["backbone"])
     with torch.device("meta"):
         backbone = build(backbone_spec, Backbone)
-        generator = Generator.for_backbone(backbone, encoder.dim)
+        generator = Generator.for_backbone(backbone, encoder.dim, **connector_config(model))
     report.backbone_class = type(backbone).__name__
     want = (channels, side, side)
     have = (backbone.in_channels, *backbone.input_size)

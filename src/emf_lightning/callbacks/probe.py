@@ -77,8 +77,9 @@ class DiscriminabilityProbe(pl.Callback):
 
     @torch.no_grad()
     def _through(self, connector: nn.Module, frozen: EncodedCaptions, device: torch.device) -> EncodedCaptions:
-        """The frozen token features mapped by ``connector`` (called as the generator calls it,
-        ``connector(tokens, mask)``), padding zeroed again, on CPU in float32."""
+        """The frozen token features mapped by ``connector`` (``connector(tokens, mask)``: the caption's tokens as
+        the backbone reads them; slot tokens, which stand for no word, are not probed), padding zeroed again, on
+        CPU in float32."""
         outs: list[Tensor] = []
         dtype = next(connector.parameters()).dtype
         for start in range(0, frozen.tokens.shape[0], self.batch_size):
