@@ -9,14 +9,11 @@ import pytest
 import torch
 
 from emf_lightning.checkpoint_config import is_structural
-from emf_lightning.data.datamodule import ShardDataModule
-from emf_lightning.inference import MeanFlowGenerator
 from emf_lightning.meanflow.conditions import null_condition
 from emf_lightning.models.connector import CONNECTOR_OPTIONS, SlotBlock, TextConnector
 from emf_lightning.models.generator import Generator, build_backbone
-from emf_lightning.training import EMFModule
 
-from helpers import BOW, TINY_DIT, quiet_trainer, tiny_module, write_shapes_shards
+from helpers import BOW, TINY_DIT, tiny_module
 
 CAPTIONS = ["a red circle and a blue square", "a blue circle and a red square", "two green stars"]
 
@@ -105,31 +102,6 @@ def test_a_caption_longer_than_the_slots_position_table_is_refused_with_the_limi
     block(torch.randn(1, 2, 32), torch.randn(1, 4, 32), None)
     with pytest.raises(ValueError, match="at most 4 text tokens, got 5"):
         block(torch.randn(1, 2, 32), torch.randn(1, 5, 32), None)
-
-
-def test_slots_train_and_survive_checkpoint_and_export(tmp_path):
-    from emf_lightning.commands.export import export
-
-    urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4)
-    module = tiny_module(text_slots=2)
-    before = [p.detach().clone() for p in module.generator.connector.slot_blocks.parameters()]
-    dm = ShardDataModule(train_shards=urls["train"], batch_size=4, num_workers=0, image_size=16, epoch_length=8)
-    trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
-    trainer.fit(module, datamodule=dm)
-    after = list(module.generator.connector.slot_blocks.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the slots are trained
-    ckpt = tmp_path / "last.ckpt"
-    trainer.save_checkpoint(ckpt)
-    want = module.generate(CAPTIONS, steps=1, seed=3)
-
-    reloaded = EMFModule.load_from_checkpoint(ckpt)
-    assert reloaded.ema_generator.connector.slots == 2
-    assert torch.equal(reloaded.generate(CAPTIONS, steps=1, seed=3), want)
-    out = export(reloaded, tmp_path / "export", global_step=3)
-    assert json.loads((out / "config.json").read_text())["text_slots"] == 2
-    exported = MeanFlowGenerator.from_pretrained(out)
-    assert exported.generator.connector.slots == 2
-    assert torch.equal(exported.generate(CAPTIONS, steps=1, seed=3), want)
 
 
 def test_the_dry_run_counts_the_connector_options():

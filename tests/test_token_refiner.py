@@ -1,5 +1,6 @@
 """The connector's token refiner (``model.text_refiner_layers``): self-attention among a caption's tokens after the
-per-token map, so the tokens the backbone reads can carry which attribute belongs to which object (issue 21)."""
+per-token map, so the tokens the backbone reads can carry which attribute belongs to which object (issue 21); and
+the training, checkpoint and export round trip of both kinds of connector block (refiner and slots)."""
 
 from __future__ import annotations
 
@@ -78,28 +79,32 @@ def test_text_refiner_layers_is_an_architecture_key_under_a_checkpoint():
     assert is_structural("text_refiner_layers")
 
 
-def test_the_refiner_trains_and_survives_checkpoint_and_export(tmp_path):
+@pytest.mark.parametrize(
+    ("option", "value", "blocks", "count"),
+    [("text_refiner_layers", 1, "refiner", "refiner_layers"), ("text_slots", 2, "slot_blocks", "slots")],
+)
+def test_connector_blocks_train_and_survive_checkpoint_and_export(tmp_path, option, value, blocks, count):
     from emf_lightning.commands.export import export
 
     urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4)
-    module = tiny_module(text_refiner_layers=1)
-    before = [p.detach().clone() for p in module.generator.connector.refiner.parameters()]
+    module = tiny_module(**{option: value})
+    before = [p.detach().clone() for p in getattr(module.generator.connector, blocks).parameters()]
     dm = ShardDataModule(train_shards=urls["train"], batch_size=4, num_workers=0, image_size=16, epoch_length=8)
     trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
-    after = list(module.generator.connector.refiner.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the refiner is trained
+    after = list(getattr(module.generator.connector, blocks).parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the new blocks are trained
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     want = module.generate(CAPTIONS, steps=1, seed=3)
 
     reloaded = EMFModule.load_from_checkpoint(ckpt)
-    assert reloaded.ema_generator.connector.refiner_layers == 1
+    assert getattr(reloaded.ema_generator.connector, count) == value
     assert torch.equal(reloaded.generate(CAPTIONS, steps=1, seed=3), want)
     out = export(reloaded, tmp_path / "export", global_step=3)
-    assert json.loads((out / "config.json").read_text())["text_refiner_layers"] == 1
+    assert json.loads((out / "config.json").read_text())[option] == value
     exported = MeanFlowGenerator.from_pretrained(out)
-    assert exported.generator.connector.refiner_layers == 1
+    assert getattr(exported.generator.connector, count) == value
     assert torch.equal(exported.generate(CAPTIONS, steps=1, seed=3), want)
 
 

@@ -29,85 +29,90 @@ def connector_config(source: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-class TokenRefinerBlock(nn.Module):
-    """Pre-norm transformer block over the text tokens: masked self-attention, then an MLP; both residual and
-    zero-initialised, so a new block is the identity and training starts from the per-token connector.
+class _TextAttentionBlock(nn.Module):
+    """What the refiner and slot blocks share: a fixed 1D sin-cos position table for the caption's tokens (added to
+    the normalised attention input, so the residual stream stays free of it; a buffer built once for
+    ``max_tokens`` positions, outside the state dict), per-head QK RMSNorm, and zero-initialised residual ends (the
+    attention's output projection and an MLP), so a new block changes nothing."""
 
-    A fixed 1D sin-cos position embedding is added to the normalised tokens before the projections (the
-    residual stream stays free of it), so a token knows where it stands in the caption. It is built once for
-    ``max_tokens`` positions (a buffer outside the state dict), not on every forward.
-    """
-
-    def __init__(self, dim: int, head_dim: int = 32, mlp_ratio: float = 2.0, max_tokens: int = 1024):
+    def __init__(self, dim: int, head_dim: int, max_tokens: int, what: str):
         super().__init__()
         if dim % head_dim:
-            raise ValueError(f"token refiner head_dim {head_dim} must divide the width {dim}")
+            raise ValueError(f"{what} head_dim {head_dim} must divide the width {dim}")
         self.register_buffer("pos_embed", sincos_1d(torch.arange(max_tokens), dim).float(), persistent=False)
         self.num_heads = dim // head_dim
         self.head_dim = head_dim
-        self.norm_attn = Float32RMSNorm(dim, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = Float32RMSNorm(head_dim, eps=1e-6)
-        self.k_norm = Float32RMSNorm(head_dim, eps=1e-6)
+        self.what = what
+
+    def _add_residual_ends(self, dim: int, mlp_ratio: float) -> None:
+        # Built after the block's own projections: the order in which a seed fills the weights.
+        self.q_norm = Float32RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = Float32RMSNorm(self.head_dim, eps=1e-6)
         self.proj = zero_init(nn.Linear(dim, dim))
         self.norm_mlp = Float32RMSNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), zero_init(nn.Linear(hidden, dim)))
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """x [B, L, D], mask [B, L] bool (True = real token) or None -> [B, L, D]."""
-        b, n, d = x.shape
+    def _positions(self, n: int, dtype: torch.dtype) -> Tensor:
         if n > self.pos_embed.shape[0]:
-            raise ValueError(f"the token refiner takes at most {self.pos_embed.shape[0]} text tokens, got {n}")
-        h = self.norm_attn(x) + self.pos_embed[:n].to(x.dtype)
-        q, k, v = self.qkv(h).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            raise ValueError(f"the {self.what} takes at most {self.pos_embed.shape[0]} text tokens, got {n}")
+        return self.pos_embed[:n].to(dtype)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """[B, N, parts * D] -> [parts, B, heads, N, head_dim]."""
+        b, n, width = x.shape
+        parts = width // (self.num_heads * self.head_dim)
+        return x.reshape(b, n, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def _residual(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """x plus the attention of q over (k, v) (heads as ``_heads`` makes them), then plus the MLP."""
         out = attention(self.q_norm(q), self.k_norm(k), v, mask)
-        x = x + self.proj(out.transpose(1, 2).reshape(b, n, d))
+        x = x + self.proj(out.transpose(1, 2).reshape(x.shape))
         return x + self.mlp(self.norm_mlp(x))
 
 
-class SlotBlock(nn.Module):
-    """Learned slot tokens read the caption: pre-norm cross-attention from the slots to the caption's tokens and
-    the slots themselves (masked; the slots can share out the objects), then an MLP; both residual and
-    zero-initialised, so new slots are their learned starting vectors.
-
-    The caption's tokens get the same fixed 1D position as in ``TokenRefinerBlock`` on the attention input, so a
-    slot can ask for "the first object" as well as for "the red one".
-    """
+class TokenRefinerBlock(_TextAttentionBlock):
+    """Pre-norm transformer block over the text tokens: masked self-attention, then an MLP; both residual and
+    zero-initialised, so a new block is the identity and training starts from the per-token connector. The fixed
+    1D position tells a token where it stands in the caption."""
 
     def __init__(self, dim: int, head_dim: int = 32, mlp_ratio: float = 2.0, max_tokens: int = 1024):
-        super().__init__()
-        if dim % head_dim:
-            raise ValueError(f"slot head_dim {head_dim} must divide the width {dim}")
-        self.register_buffer("pos_embed", sincos_1d(torch.arange(max_tokens), dim).float(), persistent=False)
-        self.num_heads = dim // head_dim
-        self.head_dim = head_dim
+        super().__init__(dim, head_dim, max_tokens, "token refiner")
+        self.norm_attn = Float32RMSNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self._add_residual_ends(dim, mlp_ratio)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """x [B, L, D], mask [B, L] bool (True = real token) or None -> [B, L, D]."""
+        h = self.norm_attn(x) + self._positions(x.shape[1], x.dtype)
+        q, k, v = self._heads(self.qkv(h))
+        return self._residual(x, q, k, v, mask)
+
+
+class SlotBlock(_TextAttentionBlock):
+    """Learned slot tokens read the caption: pre-norm cross-attention from the slots to the caption's tokens and
+    the slots themselves (masked; the slots can share out the objects), then an MLP; both residual and
+    zero-initialised, so new slots are their learned starting vectors. The caption's tokens carry the fixed 1D
+    position, so a slot can ask for "the first object" as well as for "the red one"."""
+
+    def __init__(self, dim: int, head_dim: int = 32, mlp_ratio: float = 2.0, max_tokens: int = 1024):
+        super().__init__(dim, head_dim, max_tokens, "slots' reader")
         self.norm_slots = Float32RMSNorm(dim, eps=1e-6)
         self.norm_tokens = Float32RMSNorm(dim, eps=1e-6)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        self.q_norm = Float32RMSNorm(head_dim, eps=1e-6)
-        self.k_norm = Float32RMSNorm(head_dim, eps=1e-6)
-        self.proj = zero_init(nn.Linear(dim, dim))
-        self.norm_mlp = Float32RMSNorm(dim, eps=1e-6)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), zero_init(nn.Linear(hidden, dim)))
+        self._add_residual_ends(dim, mlp_ratio)
 
     def forward(self, slots: Tensor, tokens: Tensor, mask: Tensor | None) -> Tensor:
         """slots [B, K, D], tokens [B, L, D], mask [B, L] bool (True = real token) or None -> slots [B, K, D]."""
-        b, k, d = slots.shape
-        n = tokens.shape[1]
-        if n > self.pos_embed.shape[0]:
-            raise ValueError(f"the slots read at most {self.pos_embed.shape[0]} text tokens, got {n}")
         s = self.norm_slots(slots)
-        keys = torch.cat([self.norm_tokens(tokens) + self.pos_embed[:n].to(tokens.dtype), s.to(tokens.dtype)], 1)
+        keys = torch.cat(
+            [self.norm_tokens(tokens) + self._positions(tokens.shape[1], tokens.dtype), s.to(tokens.dtype)], 1
+        )
         if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(b, k)], dim=1)
-        q = self.q(s).reshape(b, k, self.num_heads, self.head_dim).transpose(1, 2)
-        kv = self.kv(keys).reshape(b, n + k, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = attention(self.q_norm(q), self.k_norm(kv[0]), kv[1], mask)
-        slots = slots + self.proj(out.transpose(1, 2).reshape(b, k, d))
-        return slots + self.mlp(self.norm_mlp(slots))
+            mask = torch.cat([mask, mask.new_ones(slots.shape[:2])], dim=1)
+        (q,), (k, v) = self._heads(self.q(s)), self._heads(self.kv(keys))
+        return self._residual(slots, q, k, v, mask)
 
 
 class TextConnector(nn.Module):
