@@ -294,3 +294,14 @@ class MeanPixelShapes:
     def evaluate(self, images, specs):
         assert images.dtype == np.uint8 and images.shape[1:] == (EVAL_RES, EVAL_RES, 3)
         return {"overall": float(images.mean() / 255.0), "n": float(len(specs))}
+
+
+def redraw_connector_blocks(connector, seed: int = 0):
+    """``connector`` with every refiner and slot weight redrawn (norm weights near 1), so its zero-initialised
+    blocks no longer start as the identity and what they read shows in the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in connector.named_parameters():
+            if name.startswith(("refiner.", "slot_blocks.")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if "norm" in name else 0.0))
+    return connector

@@ -13,18 +13,9 @@ from emf_lightning.meanflow.conditions import null_condition
 from emf_lightning.models.connector import CONNECTOR_OPTIONS, SlotBlock, TextConnector
 from emf_lightning.models.generator import Generator, build_backbone
 
-from helpers import BOW, TINY_DIT, tiny_module
+from helpers import BOW, TINY_DIT, redraw_connector_blocks, tiny_module
 
 CAPTIONS = ["a red circle and a blue square", "a blue circle and a red square", "two green stars"]
-
-
-def randomised(connector: TextConnector, seed: int = 0) -> TextConnector:
-    """``connector`` with every slot weight redrawn, so the zero-initialised ends no longer hide the caption."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in connector.slot_blocks.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if "norm" in name else 0.0))
-    return connector
 
 
 def test_without_slots_the_context_is_the_per_token_map_and_its_mask():
@@ -56,7 +47,7 @@ def test_slots_follow_the_tokens_with_the_mask_extended_and_start_caption_indepe
 
 def test_trained_slots_read_the_caption_and_padding_never_reaches_them():
     torch.manual_seed(0)
-    connector = randomised(TextConnector(8, 32, slots=2))
+    connector = redraw_connector_blocks(TextConnector(8, 32, slots=2))
     x = torch.randn(2, 6, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
     x[1] = 0.0  # a null row inside a padded batch: zeros, position 0 attended
@@ -76,7 +67,7 @@ def test_the_generator_feeds_the_slots_to_the_backbone():
     torch.manual_seed(0)
     backbone = build_backbone("unet-tiny", 16, 3, base_channels=16, head_dim=16, context_dim=32)
     gen = Generator.for_backbone(backbone, 8, text_slots=2)
-    randomised(gen.connector)
+    redraw_connector_blocks(gen.connector)
     with torch.no_grad():  # zero-initialised output heads would hide every input
         for p in gen.backbone.parameters():
             if p.abs().max() == 0:

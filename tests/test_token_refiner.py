@@ -16,18 +16,9 @@ from emf_lightning.meanflow.conditions import null_condition
 from emf_lightning.models.connector import TextConnector
 from emf_lightning.training import EMFModule
 
-from helpers import quiet_trainer, tiny_module, write_shapes_shards
+from helpers import quiet_trainer, redraw_connector_blocks, tiny_module, write_shapes_shards
 
 CAPTIONS = ["a red circle and a blue square", "a blue circle and a red square", "two green stars"]
-
-
-def randomised(connector: TextConnector, seed: int = 0) -> TextConnector:
-    """``connector`` with every refiner weight redrawn, so its blocks are not the identity they start as."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in connector.refiner.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if "norm" in name else 0.0))
-    return connector
 
 
 def test_a_new_refiner_is_the_identity_so_training_starts_from_the_per_token_connector():
@@ -45,7 +36,7 @@ def test_a_new_refiner_is_the_identity_so_training_starts_from_the_per_token_con
 
 def test_the_refiner_mixes_tokens_and_the_per_token_map_does_not():
     torch.manual_seed(0)
-    refined = randomised(TextConnector(8, 64, refiner_layers=1))
+    refined = redraw_connector_blocks(TextConnector(8, 64, refiner_layers=1))
     plain = TextConnector(8, 64)
     x = torch.randn(1, 4, 8)
     edited = x.clone()
@@ -57,7 +48,7 @@ def test_the_refiner_mixes_tokens_and_the_per_token_map_does_not():
 
 def test_padding_never_reaches_real_tokens_and_a_null_row_matches_the_null_condition():
     torch.manual_seed(0)
-    connector = randomised(TextConnector(8, 64, refiner_layers=2), seed=1)
+    connector = redraw_connector_blocks(TextConnector(8, 64, refiner_layers=2), seed=1)
     x = torch.randn(2, 6, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
     x[1] = 0.0  # a null row inside a padded batch: zeros, position 0 attended
