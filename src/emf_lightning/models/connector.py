@@ -15,18 +15,19 @@ from .attention import attention
 from .layers import sincos_1d, zero_init
 from .norms import Float32RMSNorm
 
-# The connector's options as the model config, checkpoints and exports name them -> TextConnector's arguments.
-CONNECTOR_OPTIONS = {"standardize_text": "standardize", "text_refiner_layers": "refiner_layers", "text_slots": "slots"}
+# The connector's options as the model config, checkpoints and exports name them -> (TextConnector's argument,
+# default). The defaults are those of files written before an option existed.
+CONNECTOR_OPTIONS: dict[str, tuple[str, Any]] = {
+    "standardize_text": ("standardize", False),
+    "text_refiner_layers": ("refiner_layers", 0),
+    "text_slots": ("slots", 0),
+}
 
 
 def connector_config(source: Mapping[str, Any]) -> dict[str, Any]:
     """The connector's options in ``source`` (a model's hyperparameters or an export's config.json), keyed as
-    ``CONNECTOR_OPTIONS`` names them, absent ones at their defaults (files written before an option existed)."""
-    return {
-        "standardize_text": bool(source.get("standardize_text", False)),
-        "text_refiner_layers": int(source.get("text_refiner_layers", 0)),
-        "text_slots": int(source.get("text_slots", 0)),
-    }
+    ``CONNECTOR_OPTIONS`` names them, absent ones at their defaults."""
+    return {key: type(default)(source.get(key, default)) for key, (_, default) in CONNECTOR_OPTIONS.items()}
 
 
 class _TextAttentionBlock(nn.Module):
@@ -104,13 +105,12 @@ class SlotBlock(_TextAttentionBlock):
         self._add_residual_ends(dim, mlp_ratio)
 
     def forward(self, slots: Tensor, tokens: Tensor, mask: Tensor | None) -> Tensor:
-        """slots [B, K, D], tokens [B, L, D], mask [B, L] bool (True = real token) or None -> slots [B, K, D]."""
+        """slots [B, K, D], tokens [B, L, D], mask [B, L + K] bool over the tokens then the slots (True = attend;
+        ``TextConnector.context`` builds it once for every block) or None -> slots [B, K, D]."""
         s = self.norm_slots(slots)
         keys = torch.cat(
             [self.norm_tokens(tokens) + self._positions(tokens.shape[1], tokens.dtype), s.to(tokens.dtype)], 1
         )
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(slots.shape[:2])], dim=1)
         (q,), (k, v) = self._heads(self.q(s)), self._heads(self.kv(keys))
         return self._residual(slots, q, k, v, mask)
 
@@ -234,10 +234,9 @@ class TextConnector(nn.Module):
         out = self(tokens, mask)
         if not self.slots:
             return out, mask
+        if mask is not None:  # the slots are always read: by each other here, and by the backbone
+            mask = torch.cat([mask, mask.new_ones(out.shape[0], self.slots)], dim=1)
         slots = self.slot_queries.expand(out.shape[0], -1, -1)
         for block in self.slot_blocks:
             slots = block(slots, out, mask)
-        slots = self.slot_norm(slots).to(out.dtype)
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(out.shape[0], self.slots)], dim=1)
-        return torch.cat([out, slots], dim=1), mask
+        return torch.cat([out, self.slot_norm(slots).to(out.dtype)], dim=1), mask

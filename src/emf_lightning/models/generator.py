@@ -58,7 +58,7 @@ class Generator(nn.Module):
         unknown = set(connector_options) - set(CONNECTOR_OPTIONS)
         if unknown:
             raise TypeError(f"unknown connector option(s) {sorted(unknown)}; choose from {sorted(CONNECTOR_OPTIONS)}")
-        kwargs = {CONNECTOR_OPTIONS[key]: value for key, value in connector_options.items()}
+        kwargs = {CONNECTOR_OPTIONS[key][0]: value for key, value in connector_options.items()}
         return cls(TextConnector(text_dim, backbone.context_dim, **kwargs), backbone)
 
     @property
