@@ -28,6 +28,7 @@ STRUCTURAL_MODEL_KEYS = (
     "standardize_text",
     "text_refiner_layers",
     "text_slots",
+    "object_supervision",  # its training-only head is in the checkpoint's state dict
 )
 # Backbone arguments that change how it computes or trains, not its weights.
 NON_STRUCTURAL_MODEL_KEYS = (

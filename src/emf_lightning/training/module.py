@@ -35,6 +35,7 @@ from emf_lightning.models.layers import Backbone
 from emf_lightning.training.checkpoint_format import FORMAT_KEY, FORMAT_VERSION, module_hyperparameters
 from emf_lightning.training.ema import ema_decay_at, make_ema_copy, update_ema
 from emf_lightning.training.init_from import load_generator_weights
+from emf_lightning.training.object_supervision import SlotObjectHead, SlotObjectLoss
 from emf_lightning.training.optim import OptimConfig
 from emf_lightning.training.sharding import grad_norm, is_sharded, max_abs, shard_generator
 from emf_lightning.training.strategies import check_strategy
@@ -94,6 +95,10 @@ class EMFModule(pl.LightningModule):
         text_slots: learned slot tokens that read the whole caption and follow its tokens into the backbone's
             cross-attention (``TextConnector(slots=...)``), so an object's attributes can arrive as one token;
             0 (the default) has none.
+        object_supervision: weight of an auxiliary loss that trains the slot tokens to name the objects of the
+            caption's scene, one object per slot (``training.object_supervision``; needs ``text_slots`` at least
+            the largest object count and object annotations in the shards' .json); 0 (the default) is off. The
+            head it trains is not part of the generator: sampling and exports are unchanged.
         max_weight_abs: after every optimiser step, training stops (``NonFiniteLossError``, before any checkpoint
             callback runs) when a weight of the generator or its EMA copy is NaN, infinite or larger than this in
             magnitude: a diverging run never checkpoints exploded weights. The default is far above what normal
@@ -118,6 +123,7 @@ class EMFModule(pl.LightningModule):
         standardize_text: bool = False,
         text_refiner_layers: int = 0,
         text_slots: int = 0,
+        object_supervision: float = 0.0,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -130,7 +136,9 @@ class EMFModule(pl.LightningModule):
             backbone = build(backbone, Backbone)
         self.loss_fn = build(loss, Objective) if loss is not None else MeanFlowLoss()
         self.optim = OptimConfig.from_any(optim)
-        for name, value in dict(cfg_scale=cfg_scale, max_weight_abs=max_weight_abs).items():
+        for name, value in dict(
+            cfg_scale=cfg_scale, max_weight_abs=max_weight_abs, object_supervision=object_supervision
+        ).items():
             require_finite(f"model.{name}", value)  # a NaN passes every range check and fails far from its cause
         if max_weight_abs is not None and max_weight_abs <= 0:
             raise ConfigError(f"model.max_weight_abs must be > 0 (or null to disable the bound), got {max_weight_abs}")
@@ -167,6 +175,7 @@ class EMFModule(pl.LightningModule):
             text_slots=text_slots,
         )
         self.ema_generator = make_ema_copy(self.generator)
+        self.slot_object_head = self._slot_object_head(object_supervision, text_slots)
         # The training step's network: compiled lazily (at the first step) when asked for.
         object.__setattr__(self, "_train_net", None)
         # Frozen pretrained weights (a diffusers backbone's) are rebuilt from the pretrained model, not saved.
@@ -175,6 +184,21 @@ class EMFModule(pl.LightningModule):
         # Length of the schedules, fixed at fit start and kept in checkpoints (validate/test reuse it).
         self._schedule_total: int | None = None
         self._restored = False  # set when weights come from a checkpoint (resume / load_from_checkpoint)
+
+    def _slot_object_head(self, weight: float, slots: int) -> SlotObjectHead | None:
+        """The training-only head of ``object_supervision`` (None when it is off), after checking its settings."""
+        if weight < 0:
+            raise ConfigError(f"model.object_supervision must be >= 0 (0 = off), got {weight}")
+        if not weight:
+            return None
+        if slots <= 0:
+            raise ConfigError(
+                "model.object_supervision trains the connector's slot tokens: set model.text_slots to at least "
+                "the largest number of objects in a scene (4 in the shapes world)"
+            )
+        head = SlotObjectHead(self.generator.connector.out_dim)
+        object.__setattr__(self, "_object_loss", SlotObjectLoss(head))
+        return head
 
     @property
     def encoder(self) -> TextEncoder:
@@ -423,11 +447,27 @@ class EMFModule(pl.LightningModule):
         null = null_condition(1, self.encoder.dim, device=images.device, dtype=cond[0].dtype)
         drop_mask = None if train else torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
         try:
-            return self.loss_fn(net, images, cond, null, self.progress(), generator=generator, drop_mask=drop_mask)
+            loss, stats = self.loss_fn(
+                net, images, cond, null, self.progress(), generator=generator, drop_mask=drop_mask
+            )
         except FloatingPointError as err:  # the loss refuses non-finite values; add where it happened
             if train:
                 self._fail_nonfinite(f"loss ({err})", batch)
             raise
+        if train and self.slot_object_head is not None:
+            objects, object_stats = self.object_loss(cond, batch)
+            loss = loss + self.hparams.object_supervision * objects
+            stats = {**stats, **object_stats}
+        return loss, stats
+
+    def object_loss(self, cond: tuple[Tensor, Tensor], batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``object_supervision``'s term: the slot tokens the backbone reads for the batch's captions (the
+        generator's own connector, never a dropped caption's null condition) against the scenes' objects."""
+        connector = self.generator.connector
+        context, _ = connector.context(*cond)
+        loss, stats = self._object_loss(context[:, -connector.slots :], batch.get("meta") or [None] * len(context))
+        stats["objects_skipped"] = torch.tensor(float(sum(self._object_loss.skipped.values())))
+        return loss, stats
 
     def model_inputs(self, batch: dict[str, Any]) -> Tensor:
         """What the generator models for this batch: its images in pixel space, else its cached latents
@@ -534,7 +574,13 @@ class EMFModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the generator only; linear warm-up, then ``optim.lr_decay``, stepped every optimiser step."""
         o = self.optim
-        opt = torch.optim.AdamW(self.generator.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        params = list(self.generator.parameters())
+        if self.slot_object_head is not None:
+            if is_sharded(self.generator):
+                # The head would stay whole on every rank with no gradient reduction: ranks would drift apart.
+                raise ConfigError("model.object_supervision is not supported with FSDP2 sharding; use DDP")
+            params += list(self.slot_object_head.parameters())
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 

@@ -1,0 +1,156 @@
+"""An auxiliary training signal: the connector's slot tokens, supervised by the objects of each caption's scene.
+
+Why. On whole scenes the one-step generator binds colours to shapes when each object arrives as one token (the
+composition study's oracle features), and not when it reads a sentence encoder's word tokens, although one
+cross-attention head reads the binding out of those tokens almost perfectly (docs/composition_2026-12-06.md).
+Slot tokens (``model.text_slots``) can carry that one-token-per-object format, but the denoising loss alone does not
+teach it to them. With ``model.object_supervision: w`` each slot also learns to name one object of the caption's
+scene (its colour, shape and size, and where it stands), the slots matched to the objects by the assignment of
+least cost (the set loss of DETR: slot order is free), the unmatched slots naming "no object". The slots still
+read only the caption, so sampling needs nothing but a prompt; the head below is for training only and is not
+part of the generator, its EMA copy or an export.
+
+What it needs: object annotations in each sample's ``.json`` (``meta["objects"]``: dicts with ``color``,
+``shape``, ``size`` and ``x``, ``y`` in [0, 1], as the shapes world's shards have them). A sample without them, or
+with a value outside the vocabulary, or with more objects than there are slots, is left out of this term and
+counted (``SlotObjectLoss.skipped``); the denoising loss still trains on it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from emf_lightning.shapes.scene import ALL_SHAPES, COLORS, SIZES
+
+# The attributes a slot names, each with its vocabulary; index len(vocabulary) means "no object".
+ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("color", tuple(COLORS)),
+    ("shape", ALL_SHAPES),
+    ("size", SIZES),
+)
+
+
+class ObjectTargets(NamedTuple):
+    """A batch's objects, padded to ``M`` per row: attribute indices [B, M, A], place (x, y) [B, M, 2] and which
+    entries are real [B, M]; ``rows`` [B] bool marks the samples that take part at all."""
+
+    classes: Tensor
+    place: Tensor
+    valid: Tensor
+    rows: Tensor
+
+
+def object_targets(metas: Sequence[Mapping[str, Any] | None], max_objects: int) -> tuple[ObjectTargets, Counter]:
+    """The supervision targets of a batch's ``meta`` entries, and the count of samples left out, by reason."""
+    n = len(metas)
+    classes = torch.zeros(n, max_objects, len(ATTRIBUTES), dtype=torch.long)
+    place = torch.zeros(n, max_objects, 2)
+    valid = torch.zeros(n, max_objects, dtype=torch.bool)
+    rows = torch.zeros(n, dtype=torch.bool)
+    skipped: Counter = Counter()
+    for i, meta in enumerate(metas):
+        objects = (meta or {}).get("objects")
+        if not objects:
+            skipped["no objects in meta"] += 1
+            continue
+        if len(objects) > max_objects:
+            skipped[f"more than {max_objects} objects"] += 1
+            continue
+        try:
+            for j, obj in enumerate(objects):
+                classes[i, j] = torch.tensor([vocab.index(obj[name]) for name, vocab in ATTRIBUTES])
+                place[i, j] = torch.tensor([float(obj["x"]), float(obj["y"])])
+        except (KeyError, ValueError, TypeError):
+            skipped["object outside the vocabulary"] += 1
+            classes[i], place[i] = 0, 0.0
+            continue
+        valid[i, : len(objects)] = True
+        rows[i] = True
+    return ObjectTargets(classes, place, valid, rows), skipped
+
+
+class SlotObjectHead(nn.Module):
+    """Reads one object from one slot token: logits per attribute (its vocabulary plus "no object") and the
+    object's place (x, y) in [0, 1]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.sizes = [len(vocab) + 1 for _, vocab in ATTRIBUTES]
+        self.classify = nn.Linear(dim, sum(self.sizes))
+        self.place = nn.Linear(dim, 2)
+
+    def forward(self, slots: Tensor) -> tuple[list[Tensor], Tensor]:
+        """slots [B, K, D] -> ([logits [B, K, n_a + 1] per attribute], place [B, K, 2]), in fp32 under autocast
+        too (a tiny head; its cross-entropy and matching costs want the precision)."""
+        with torch.autocast(slots.device.type, enabled=False):
+            slots = slots.float()
+            return list(self.classify(slots).split(self.sizes, dim=-1)), torch.sigmoid(self.place(slots))
+
+
+def match_slots(cost: Tensor, valid: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row, the (slot indices, object indices) of the assignment of least total ``cost`` [B, K, M] among the
+    row's real objects (``valid`` [B, M]); every real object gets one slot (K >= objects)."""
+    cost = cost.detach().float().cpu().numpy()
+    out = []
+    for row, real in zip(cost, valid.cpu().numpy()):
+        objects = np.flatnonzero(real)
+        slots, picked = linear_sum_assignment(row[:, objects])
+        out.append((slots, objects[picked]))
+    return out
+
+
+class SlotObjectLoss:
+    """The set loss of slots against a scene's objects (see the module's docstring); ``skipped`` counts the
+    samples left out over the run, by reason."""
+
+    def __init__(self, head: SlotObjectHead):
+        self.head = head
+        self.skipped: Counter = Counter()
+
+    def __call__(self, slots: Tensor, metas: Sequence[Mapping[str, Any] | None]) -> tuple[Tensor, dict[str, Tensor]]:
+        """slots [B, K, D] and the batch's meta -> (loss, stats). The loss is the mean over the rows with objects
+        of the per-slot cross-entropy summed over the attributes, plus the L1 error of the matched slots' places;
+        0 (with a gradient path) when no row has objects."""
+        targets, skipped = object_targets(metas, slots.shape[1])
+        self.skipped.update(skipped)
+        logits, place = self.head(slots)
+        rows = targets.rows.to(slots.device)
+        if not bool(rows.any()):
+            zero = sum(t.sum() for t in logits) * 0.0 + place.sum() * 0.0
+            return zero, {"objects_rows": torch.tensor(0.0)}
+        logits, place = [t[rows] for t in logits], place[rows]
+        classes, where, valid = (t[targets.rows].to(slots.device) for t in targets[:3])
+        b, k, m = place.shape[0], place.shape[1], classes.shape[1]
+        log_probs = [t.log_softmax(-1) for t in logits]
+        # cost[b, k, m]: slot k naming object m (negative log-likelihood of its attributes, plus place error)
+        cost = torch.cdist(place, where, p=1)
+        for a, lp in enumerate(log_probs):
+            cost = cost - lp.gather(-1, classes[..., a][:, None, :].expand(b, k, m))
+        wanted = torch.stack([torch.full((b, k), n - 1, device=slots.device) for n in self.head.sizes], -1)
+        matched = torch.zeros(b, k, dtype=torch.bool, device=slots.device)
+        place_target = torch.zeros_like(place)
+        for i, (s, o) in enumerate(match_slots(cost, valid)):
+            s, o = torch.as_tensor(s, device=slots.device), torch.as_tensor(o, device=slots.device)
+            wanted[i, s] = classes[i, o]
+            place_target[i, s] = where[i, o]
+            matched[i, s] = True
+        naming = sum(F.cross_entropy(t.flatten(0, 1), wanted[..., a].flatten()) for a, t in enumerate(logits))
+        placing = (place - place_target).abs().sum(-1)[matched].mean()
+        with torch.no_grad():
+            right = torch.stack([t.argmax(-1) for t in logits], -1) == wanted
+            object_accuracy = right.all(-1)[matched].float().mean()
+        stats = {
+            "objects_naming": naming.detach(),
+            "objects_placing": placing.detach(),
+            "objects_accuracy": object_accuracy,
+            "objects_rows": rows.float().sum(),
+        }
+        return naming + placing, stats
