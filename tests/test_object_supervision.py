@@ -15,7 +15,6 @@ from emf_lightning.training import EMFModule
 from emf_lightning.training.object_supervision import (
     ATTRIBUTES,
     SlotObjectHead,
-    SlotObjectLoss,
     match_slots,
     object_targets,
 )
@@ -83,7 +82,7 @@ def _slots_naming(head: SlotObjectHead, objects: list[dict | None]) -> torch.Ten
 
 def test_a_slot_per_object_in_any_order_scores_best_and_a_swapped_binding_costs():
     head = SlotObjectHead(sum(len(v) + 1 for _, v in ATTRIBUTES) + 2)
-    loss = SlotObjectLoss(head)
+    loss = head.loss
     meta = [{"objects": [RED_CIRCLE, BLUE_SQUARE]}]
     right, stats = loss(_slots_naming(head, [BLUE_SQUARE, None, RED_CIRCLE]), meta)
     assert stats["objects_accuracy"] == 1.0 and right.item() < 1e-3  # slot order is free
@@ -97,7 +96,7 @@ def test_a_slot_per_object_in_any_order_scores_best_and_a_swapped_binding_costs(
 def test_rows_without_objects_give_a_zero_loss_that_still_backpropagates():
     head = SlotObjectHead(8)
     slots = torch.randn(2, 3, 8, requires_grad=True)
-    value, stats = SlotObjectLoss(head)(slots, [None, {"category": "colors"}])
+    value, stats = head.loss(slots, [None, {"category": "colors"}])
     value.backward()
     assert value.item() == 0.0 and stats["objects_rows"] == 0 and slots.grad is not None
 

@@ -35,7 +35,7 @@ from emf_lightning.models.layers import Backbone
 from emf_lightning.training.checkpoint_format import FORMAT_KEY, FORMAT_VERSION, module_hyperparameters
 from emf_lightning.training.ema import ema_decay_at, make_ema_copy, update_ema
 from emf_lightning.training.init_from import load_generator_weights
-from emf_lightning.training.object_supervision import SlotObjectHead, SlotObjectLoss
+from emf_lightning.training.object_supervision import SlotObjectHead
 from emf_lightning.training.optim import OptimConfig
 from emf_lightning.training.sharding import grad_norm, is_sharded, max_abs, shard_generator
 from emf_lightning.training.strategies import check_strategy
@@ -196,9 +196,7 @@ class EMFModule(pl.LightningModule):
                 "model.object_supervision trains the connector's slot tokens: set model.text_slots to at least "
                 "the largest number of objects in a scene (4 in the shapes world)"
             )
-        head = SlotObjectHead(self.generator.connector.out_dim)
-        object.__setattr__(self, "_object_loss", SlotObjectLoss(head))
-        return head
+        return SlotObjectHead(self.generator.connector.out_dim)
 
     @property
     def encoder(self) -> TextEncoder:
@@ -465,8 +463,9 @@ class EMFModule(pl.LightningModule):
         generator's own connector, never a dropped caption's null condition) against the scenes' objects."""
         connector = self.generator.connector
         context, _ = connector.context(*cond)
-        loss, stats = self._object_loss(context[:, -connector.slots :], batch.get("meta") or [None] * len(context))
-        stats["objects_skipped"] = torch.tensor(float(sum(self._object_loss.skipped.values())))
+        head = self.slot_object_head
+        loss, stats = head.loss(context[:, -connector.slots :], batch.get("meta") or [None] * len(context))
+        stats["objects_skipped"] = torch.tensor(float(sum(head.skipped.values())))
         return loss, stats
 
     def model_inputs(self, batch: dict[str, Any]) -> Tensor:

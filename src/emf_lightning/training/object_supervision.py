@@ -13,7 +13,7 @@ part of the generator, its EMA copy or an export.
 What it needs: object annotations in each sample's ``.json`` (``meta["objects"]``: dicts with ``color``,
 ``shape``, ``size`` and ``x``, ``y`` in [0, 1], as the shapes world's shards have them). A sample without them, or
 with a value outside the vocabulary, or with more objects than there are slots, is left out of this term and
-counted (``SlotObjectLoss.skipped``); the denoising loss still trains on it.
+counted (``SlotObjectHead.skipped``); the denoising loss still trains on it.
 """
 
 from __future__ import annotations
@@ -79,13 +79,15 @@ def object_targets(metas: Sequence[Mapping[str, Any] | None], max_objects: int) 
 
 class SlotObjectHead(nn.Module):
     """Reads one object from one slot token: logits per attribute (its vocabulary plus "no object") and the
-    object's place (x, y) in [0, 1]."""
+    object's place (x, y) in [0, 1]; :meth:`loss` is the set loss of the slots against a scene's objects.
+    ``skipped`` counts the samples left out over the run, by reason."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.sizes = [len(vocab) + 1 for _, vocab in ATTRIBUTES]
         self.classify = nn.Linear(dim, sum(self.sizes))
         self.place = nn.Linear(dim, 2)
+        self.skipped: Counter = Counter()
 
     def forward(self, slots: Tensor) -> tuple[list[Tensor], Tensor]:
         """slots [B, K, D] -> ([logits [B, K, n_a + 1] per attribute], place [B, K, 2]), in fp32 under autocast
@@ -94,34 +96,13 @@ class SlotObjectHead(nn.Module):
             slots = slots.float()
             return list(self.classify(slots).split(self.sizes, dim=-1)), torch.sigmoid(self.place(slots))
 
-
-def match_slots(cost: Tensor, valid: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per row, the (slot indices, object indices) of the assignment of least total ``cost`` [B, K, M] among the
-    row's real objects (``valid`` [B, M]); every real object gets one slot (K >= objects)."""
-    cost = cost.detach().float().cpu().numpy()
-    out = []
-    for row, real in zip(cost, valid.cpu().numpy()):
-        objects = np.flatnonzero(real)
-        slots, picked = linear_sum_assignment(row[:, objects])
-        out.append((slots, objects[picked]))
-    return out
-
-
-class SlotObjectLoss:
-    """The set loss of slots against a scene's objects (see the module's docstring); ``skipped`` counts the
-    samples left out over the run, by reason."""
-
-    def __init__(self, head: SlotObjectHead):
-        self.head = head
-        self.skipped: Counter = Counter()
-
-    def __call__(self, slots: Tensor, metas: Sequence[Mapping[str, Any] | None]) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, slots: Tensor, metas: Sequence[Mapping[str, Any] | None]) -> tuple[Tensor, dict[str, Tensor]]:
         """slots [B, K, D] and the batch's meta -> (loss, stats). The loss is the mean over the rows with objects
         of the per-slot cross-entropy summed over the attributes, plus the L1 error of the matched slots' places;
         0 (with a gradient path) when no row has objects."""
         targets, skipped = object_targets(metas, slots.shape[1])
         self.skipped.update(skipped)
-        logits, place = self.head(slots)
+        logits, place = self(slots)
         rows = targets.rows.to(slots.device)
         if not bool(rows.any()):
             zero = sum(t.sum() for t in logits) * 0.0 + place.sum() * 0.0
@@ -134,7 +115,7 @@ class SlotObjectLoss:
         cost = torch.cdist(place, where, p=1)
         for a, lp in enumerate(log_probs):
             cost = cost - lp.gather(-1, classes[..., a][:, None, :].expand(b, k, m))
-        wanted = torch.stack([torch.full((b, k), n - 1, device=slots.device) for n in self.head.sizes], -1)
+        wanted = torch.stack([torch.full((b, k), n - 1, device=slots.device) for n in self.sizes], -1)
         matched = torch.zeros(b, k, dtype=torch.bool, device=slots.device)
         place_target = torch.zeros_like(place)
         for i, (s, o) in enumerate(match_slots(cost, valid)):
@@ -154,3 +135,15 @@ class SlotObjectLoss:
             "objects_rows": rows.float().sum(),
         }
         return naming + placing, stats
+
+
+def match_slots(cost: Tensor, valid: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row, the (slot indices, object indices) of the assignment of least total ``cost`` [B, K, M] among the
+    row's real objects (``valid`` [B, M]); every real object gets one slot (K >= objects)."""
+    cost = cost.detach().float().cpu().numpy()
+    out = []
+    for row, real in zip(cost, valid.cpu().numpy()):
+        objects = np.flatnonzero(real)
+        slots, picked = linear_sum_assignment(row[:, objects])
+        out.append((slots, objects[picked]))
+    return out
