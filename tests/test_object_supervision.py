@@ -1,5 +1,6 @@
 """``model.object_supervision``: the slot tokens trained to name the objects of each caption's scene (a set loss,
-slots matched to objects by least cost), a training-only head outside the generator (issue 21)."""
+slots matched to objects by least cost), through a training-only namer outside the generator or, with
+``model.named_slots``, the connector's own namer whose names the backbone reads instead of the slots (issue 21)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ import torch
 from emf_lightning.checkpoint_config import is_structural
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.errors import ConfigError
+from emf_lightning.inference import MeanFlowGenerator
+from emf_lightning.models.connector import TextConnector
+from emf_lightning.models.slot_namer import SlotNamer
 from emf_lightning.training import EMFModule
-from emf_lightning.training.object_supervision import (
-    ATTRIBUTES,
-    SlotObjectHead,
-    match_slots,
-    object_targets,
-)
+from emf_lightning.training.object_supervision import ATTRIBUTES, match_slots, object_set_loss, object_targets
 
-from helpers import quiet_trainer, tiny_module, write_shapes_shards
+from helpers import quiet_trainer, redraw_connector_blocks, tiny_module, write_shapes_shards
 
 RED_CIRCLE = {"color": "red", "shape": "circle", "size": "small", "x": 0.25, "y": 0.5}
 BLUE_SQUARE = {"color": "blue", "shape": "square", "size": "large", "x": 0.75, "y": 0.5}
@@ -59,7 +58,7 @@ def test_the_matching_is_the_assignment_of_least_total_cost():
         assert sum(cost[row, s, o].item() for s, o in zip(slots, objects)) == pytest.approx(best)
 
 
-def _slots_naming(head: SlotObjectHead, objects: list[dict | None]) -> torch.Tensor:
+def _slots_naming(head: SlotNamer, objects: list[dict | None]) -> torch.Tensor:
     """Slot vectors that make ``head`` name exactly ``objects`` (None: no object): the head's class weights set
     to pick one input channel per (attribute, value), and the place read from two more channels."""
     sizes, width = head.sizes, sum(head.sizes) + 2
@@ -81,8 +80,11 @@ def _slots_naming(head: SlotObjectHead, objects: list[dict | None]) -> torch.Ten
 
 
 def test_a_slot_per_object_in_any_order_scores_best_and_a_swapped_binding_costs():
-    head = SlotObjectHead(sum(len(v) + 1 for _, v in ATTRIBUTES) + 2)
-    loss = head.loss
+    head = SlotNamer(sum(len(v) + 1 for _, v in ATTRIBUTES) + 2)
+
+    def loss(slots, meta):
+        return object_set_loss(*head(slots), meta)[:2]
+
     meta = [{"objects": [RED_CIRCLE, BLUE_SQUARE]}]
     right, stats = loss(_slots_naming(head, [BLUE_SQUARE, None, RED_CIRCLE]), meta)
     assert stats["objects_accuracy"] == 1.0 and right.item() < 1e-3  # slot order is free
@@ -94,11 +96,12 @@ def test_a_slot_per_object_in_any_order_scores_best_and_a_swapped_binding_costs(
 
 
 def test_rows_without_objects_give_a_zero_loss_that_still_backpropagates():
-    head = SlotObjectHead(8)
+    head = SlotNamer(8)
     slots = torch.randn(2, 3, 8, requires_grad=True)
-    value, stats = head.loss(slots, [None, {"category": "colors"}])
+    value, stats, skipped = object_set_loss(*head(slots), [None, {"category": "colors"}])
     value.backward()
     assert value.item() == 0.0 and stats["objects_rows"] == 0 and slots.grad is not None
+    assert skipped == {"no objects in meta": 2}
 
 
 def test_object_supervision_needs_slots_and_a_non_negative_weight():
@@ -149,3 +152,65 @@ def test_the_head_trains_and_survives_a_checkpoint_but_stays_out_of_the_generato
     reloaded = EMFModule.load_from_checkpoint(ckpt)
     for a, b in zip(reloaded.slot_object_head.parameters(), module.slot_object_head.parameters()):
         assert torch.equal(a, b)
+
+
+def test_named_slots_give_the_backbone_each_slot_s_name_and_nothing_else():
+    torch.manual_seed(0)
+    connector = redraw_connector_blocks(TextConnector(8, 32, slots=3, named_slots=True))
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    context, context_mask = connector.context(x, mask)
+    assert context.shape == (2, 8, 32) and context_mask.shape == (2, 8) and connector.named_slots
+    torch.testing.assert_close(context[:, :5], connector(x, mask))  # the caption's tokens are untouched
+    # the slot tokens are the names (class probabilities, then place) mapped to the width and normalised
+    logits, place = connector.named_objects(x, mask)
+    names = torch.cat([*(t.softmax(-1) for t in logits), place], -1)
+    torch.testing.assert_close(context[:, 5:], connector.slot_norm(connector.slot_name_embed(names)))
+    assert not torch.allclose(context[0, 5:], context[1, 5:], atol=1e-3)  # the captions' names differ
+    # a bottleneck: whatever else the slots hold, a namer that names every slot alike gives the same tokens
+    with torch.no_grad():
+        for p in connector.slot_namer.parameters():
+            p.zero_()
+    blind, _ = connector.context(x, mask)
+    torch.testing.assert_close(blind[:, 5:], blind[:1, 5:6].expand(2, 3, 32))
+
+
+def test_named_slots_are_checked_and_a_structural_key():
+    with pytest.raises(ValueError, match="named_slots names the slot tokens"):
+        TextConnector(8, 32, named_slots=True)
+    with pytest.raises(ValueError, match="named_slots=False"):
+        TextConnector(8, 32, slots=2).named_objects(torch.randn(1, 3, 8))
+    with pytest.raises(ConfigError, match="model.object_supervision > 0"):
+        tiny_module(text_slots=4, named_slots=True)
+    assert is_structural("named_slots")
+
+
+def test_named_slots_are_taught_through_the_connector_and_survive_checkpoint_and_export(tmp_path):
+    from emf_lightning.commands.export import export
+
+    urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4)
+    dm = ShardDataModule(train_shards=urls["train"], batch_size=4, num_workers=0, image_size=16, epoch_length=8)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = tiny_module(text_slots=4, object_supervision=0.5, named_slots=True)
+    assert module.slot_object_head is None  # the connector's namer is the one taught
+    cond = module.batch_text_features(batch)
+    objects, stats = module.object_loss((cond.tokens, cond.mask), batch)
+    objects.backward()
+    namer = module.generator.connector.slot_namer
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in namer.parameters())
+    assert stats["objects_rows"] > 0
+
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
+    before = [p.detach().clone() for p in namer.parameters()]
+    trainer.fit(module, datamodule=dm)
+    assert all(not torch.equal(a, b) for a, b in zip(namer.parameters(), before))
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    captions = ["a red circle and a blue square", "two green stars"]
+    want = module.generate(captions, steps=1, seed=3)
+    reloaded = EMFModule.load_from_checkpoint(ckpt)
+    assert reloaded.ema_generator.connector.named_slots
+    assert torch.equal(reloaded.generate(captions, steps=1, seed=3), want)
+    exported = MeanFlowGenerator.from_pretrained(export(reloaded, tmp_path / "export", global_step=3))
+    assert exported.generator.connector.named_slots
+    assert torch.equal(exported.generate(captions, steps=1, seed=3), want)

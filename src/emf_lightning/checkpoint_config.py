@@ -20,7 +20,7 @@ from emf_lightning.errors import CheckpointError, InputNotFoundError
 # Keys of EMFModule that fix the generator's weights (shapes) or what its output means: the backbone (its class
 # and every constructor argument), the loss class (a flow-matching net sampled as MeanFlow gives wrong images),
 # the encoder class (the features the generator was trained on), whether the connector standardises them and
-# how many token refiner blocks and slot tokens it has.
+# how many token refiner blocks and slot tokens it has, and whether the backbone reads the slots' names.
 STRUCTURAL_MODEL_KEYS = (
     "backbone",
     "loss.class_path",
@@ -29,6 +29,7 @@ STRUCTURAL_MODEL_KEYS = (
     "text_refiner_layers",
     "text_slots",
     "object_supervision",  # its training-only head is in the checkpoint's state dict
+    "named_slots",
 )
 # Backbone arguments that change how it computes or trains, not its weights.
 NON_STRUCTURAL_MODEL_KEYS = (

@@ -14,6 +14,7 @@ from emf_lightning.utils.model_helpers import standardize_tokens
 from .attention import attention
 from .layers import sincos_1d, zero_init
 from .norms import Float32RMSNorm
+from .slot_namer import SlotNamer
 
 # The connector's options as the model config, checkpoints and exports name them -> (TextConnector's argument,
 # default). The defaults are those of files written before an option existed.
@@ -21,6 +22,7 @@ CONNECTOR_OPTIONS: dict[str, tuple[str, Any]] = {
     "standardize_text": ("standardize", False),
     "text_refiner_layers": ("refiner_layers", 0),
     "text_slots": ("slots", 0),
+    "named_slots": ("named_slots", False),
 }
 
 
@@ -142,6 +144,12 @@ class TextConnector(nn.Module):
     which has read the whole caption through ``SLOT_LAYERS`` ``SlotBlock``s (a Perceiver-style resampler;
     :meth:`context` returns them with the mask extended). A slot can gather one object's shape, colour and place
     into one token, the format the oracle features of the composition study give the backbone.
+
+    With ``named_slots=True`` (needs ``slots``) each slot passes through a ``SlotNamer`` (colour, shape and size
+    probabilities, and place) and the backbone reads that name, mapped linearly to the context width and
+    RMS-normalised, instead of the slot itself: a bottleneck that makes an object the sum of one embedding per
+    attribute. The namer must be taught its classes (``model.object_supervision``; :meth:`named_objects` gives
+    the logits it is taught through).
     """
 
     SLOT_LAYERS = 2
@@ -154,6 +162,7 @@ class TextConnector(nn.Module):
         standardize: bool = False,
         refiner_layers: int = 0,
         slots: int = 0,
+        named_slots: bool = False,
     ):
         super().__init__()
         if in_dim <= 0 or out_dim <= 0:
@@ -161,6 +170,8 @@ class TextConnector(nn.Module):
         for name, value in dict(refiner_layers=refiner_layers, slots=slots).items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if named_slots and not slots:
+            raise ValueError("named_slots names the slot tokens: set slots to at least 1")
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.standardize = bool(standardize)
@@ -179,6 +190,9 @@ class TextConnector(nn.Module):
             self.slot_queries = nn.Parameter(torch.randn(slots, out_dim))
             self.slot_blocks = nn.ModuleList(SlotBlock(out_dim) for _ in range(self.SLOT_LAYERS))
             self.slot_norm = Float32RMSNorm(out_dim, eps=eps)
+        if named_slots:
+            self.slot_namer = SlotNamer(out_dim)
+            self.slot_name_embed = nn.Linear(self.slot_namer.name_width, out_dim)
 
     @property
     def refiner_layers(self) -> int:
@@ -189,6 +203,11 @@ class TextConnector(nn.Module):
     def slots(self) -> int:
         """How many learned slot tokens follow the caption's tokens in :meth:`context` (0: none)."""
         return self.slot_queries.shape[0] if hasattr(self, "slot_queries") else 0
+
+    @property
+    def named_slots(self) -> bool:
+        """Whether the backbone reads each slot's name (``SlotNamer``) instead of the slot itself."""
+        return hasattr(self, "slot_namer")
 
     @property
     def is_fitted(self) -> bool:
@@ -230,13 +249,31 @@ class TextConnector(nn.Module):
 
     def context(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """What the backbone reads: the mapped tokens [B, L, out_dim] and their mask, with the slot tokens after
-        them ([B, L + slots, out_dim], mask extended with True) when the connector has slots."""
+        them ([B, L + slots, out_dim], mask extended with True) when the connector has slots (their names when
+        ``named_slots``)."""
         out = self(tokens, mask)
         if not self.slots:
             return out, mask
+        slots, mask = self._read_slots(out, mask)
+        if self.named_slots:
+            with torch.autocast(slots.device.type, enabled=False):
+                slots = self.slot_name_embed(self.slot_namer.describe(slots))
+        return torch.cat([out, self.slot_norm(slots).to(out.dtype)], dim=1), mask
+
+    def named_objects(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """The slot namer's reading of each slot for these captions: ([logits [B, K, n_a + 1] per attribute],
+        place [B, K, 2]), what ``named_slots`` feeds the backbone and ``object_supervision`` teaches."""
+        if not self.named_slots:
+            raise ValueError("this TextConnector was built with named_slots=False")
+        slots, _ = self._read_slots(self(tokens, mask), mask)
+        return self.slot_namer(slots)
+
+    def _read_slots(self, out: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The slot tokens after the slot blocks have read the mapped caption ``out`` [B, L, D] (before the final
+        norm), and the mask extended over them."""
         if mask is not None:  # the slots are always read: by each other here, and by the backbone
             mask = torch.cat([mask, mask.new_ones(out.shape[0], self.slots)], dim=1)
         slots = self.slot_queries.expand(out.shape[0], -1, -1)
         for block in self.slot_blocks:
             slots = block(slots, out, mask)
-        return torch.cat([out, self.slot_norm(slots).to(out.dtype)], dim=1), mask
+        return slots, mask

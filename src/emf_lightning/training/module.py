@@ -32,10 +32,11 @@ from emf_lightning.meanflow import MeanFlowLoss, Objective, encode_with_null, nu
 from emf_lightning.models.compiled import CompiledForward
 from emf_lightning.models.generator import Generator
 from emf_lightning.models.layers import Backbone
+from emf_lightning.models.slot_namer import SlotNamer
 from emf_lightning.training.checkpoint_format import FORMAT_KEY, FORMAT_VERSION, module_hyperparameters
 from emf_lightning.training.ema import ema_decay_at, make_ema_copy, update_ema
 from emf_lightning.training.init_from import load_generator_weights
-from emf_lightning.training.object_supervision import SlotObjectHead
+from emf_lightning.training.object_supervision import object_set_loss
 from emf_lightning.training.optim import OptimConfig
 from emf_lightning.training.sharding import grad_norm, is_sharded, max_abs, shard_generator
 from emf_lightning.training.strategies import check_strategy
@@ -98,7 +99,12 @@ class EMFModule(pl.LightningModule):
         object_supervision: weight of an auxiliary loss that trains the slot tokens to name the objects of the
             caption's scene, one object per slot (``training.object_supervision``; needs ``text_slots`` at least
             the largest object count and object annotations in the shards' .json); 0 (the default) is off. The
-            head it trains is not part of the generator: sampling and exports are unchanged.
+            namer it trains (``slot_object_head``) is not part of the generator: sampling and exports are
+            unchanged, unless ``named_slots``.
+        named_slots: the backbone reads each slot's name (colour, shape and size probabilities and place, from the
+            connector's own ``SlotNamer``) instead of the slot (``TextConnector(named_slots=True)``): an object
+            becomes a sum of one embedding per attribute. Needs ``object_supervision`` > 0, which then teaches the
+            connector's namer; off by default.
         max_weight_abs: after every optimiser step, training stops (``NonFiniteLossError``, before any checkpoint
             callback runs) when a weight of the generator or its EMA copy is NaN, infinite or larger than this in
             magnitude: a diverging run never checkpoints exploded weights. The default is far above what normal
@@ -124,6 +130,7 @@ class EMFModule(pl.LightningModule):
         text_refiner_layers: int = 0,
         text_slots: int = 0,
         object_supervision: float = 0.0,
+        named_slots: bool = False,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -173,9 +180,11 @@ class EMFModule(pl.LightningModule):
             standardize_text=standardize_text,
             text_refiner_layers=text_refiner_layers,
             text_slots=text_slots,
+            named_slots=named_slots,
         )
         self.ema_generator = make_ema_copy(self.generator)
-        self.slot_object_head = self._slot_object_head(object_supervision, text_slots)
+        self.slot_object_head = self._slot_object_head(object_supervision, text_slots, named_slots)
+        self.objects_skipped: Counter = Counter()  # object_supervision's samples left out, by reason
         # The training step's network: compiled lazily (at the first step) when asked for.
         object.__setattr__(self, "_train_net", None)
         # Frozen pretrained weights (a diffusers backbone's) are rebuilt from the pretrained model, not saved.
@@ -185,10 +194,16 @@ class EMFModule(pl.LightningModule):
         self._schedule_total: int | None = None
         self._restored = False  # set when weights come from a checkpoint (resume / load_from_checkpoint)
 
-    def _slot_object_head(self, weight: float, slots: int) -> SlotObjectHead | None:
-        """The training-only head of ``object_supervision`` (None when it is off), after checking its settings."""
+    def _slot_object_head(self, weight: float, slots: int, named: bool) -> SlotNamer | None:
+        """The training-only namer of ``object_supervision``, after checking its settings; None when the term is
+        off or when the connector names its own slots (``named_slots``)."""
         if weight < 0:
             raise ConfigError(f"model.object_supervision must be >= 0 (0 = off), got {weight}")
+        if named and not weight:
+            raise ConfigError(
+                "model.named_slots feeds the backbone the names of the slots, which only model.object_supervision "
+                "teaches: set model.object_supervision > 0 (0.5 in docs/composition_2026-12-06.md)"
+            )
         if not weight:
             return None
         if slots <= 0:
@@ -196,7 +211,7 @@ class EMFModule(pl.LightningModule):
                 "model.object_supervision trains the connector's slot tokens: set model.text_slots to at least "
                 "the largest number of objects in a scene (4 in the shapes world)"
             )
-        return SlotObjectHead(self.generator.connector.out_dim)
+        return None if named else SlotNamer(self.generator.connector.out_dim)
 
     @property
     def encoder(self) -> TextEncoder:
@@ -452,20 +467,24 @@ class EMFModule(pl.LightningModule):
             if train:
                 self._fail_nonfinite(f"loss ({err})", batch)
             raise
-        if train and self.slot_object_head is not None:
+        if train and self.hparams.object_supervision:
             objects, object_stats = self.object_loss(cond, batch)
             loss = loss + self.hparams.object_supervision * objects
             stats = {**stats, **object_stats}
         return loss, stats
 
     def object_loss(self, cond: tuple[Tensor, Tensor], batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """``object_supervision``'s term: the slot tokens the backbone reads for the batch's captions (the
-        generator's own connector, never a dropped caption's null condition) against the scenes' objects."""
+        """``object_supervision``'s term: the names of the slot tokens the backbone reads for the batch's captions
+        (the generator's own connector, never a dropped caption's null condition) against the scenes' objects."""
         connector = self.generator.connector
-        context, _ = connector.context(*cond)
-        head = self.slot_object_head
-        loss, stats = head.loss(context[:, -connector.slots :], batch.get("meta") or [None] * len(context))
-        stats["objects_skipped"] = torch.tensor(float(sum(head.skipped.values())))
+        if connector.named_slots:
+            logits, place = connector.named_objects(*cond)
+        else:
+            context, _ = connector.context(*cond)
+            logits, place = self.slot_object_head(context[:, -connector.slots :])
+        loss, stats, skipped = object_set_loss(logits, place, batch.get("meta") or [None] * len(place))
+        self.objects_skipped.update(skipped)
+        stats["objects_skipped"] = torch.tensor(float(sum(self.objects_skipped.values())))
         return loss, stats
 
     def model_inputs(self, batch: dict[str, Any]) -> Tensor:
@@ -574,10 +593,11 @@ class EMFModule(pl.LightningModule):
         """AdamW on the generator only; linear warm-up, then ``optim.lr_decay``, stepped every optimiser step."""
         o = self.optim
         params = list(self.generator.parameters())
+        if self.hparams.object_supervision and is_sharded(self.generator):
+            # Its namer would stay whole on every rank with no gradient reduction (ranks would drift apart), and
+            # the term calls the connector outside the sharded generator's forward.
+            raise ConfigError("model.object_supervision is not supported with FSDP2 sharding; use DDP")
         if self.slot_object_head is not None:
-            if is_sharded(self.generator):
-                # The head would stay whole on every rank with no gradient reduction: ranks would drift apart.
-                raise ConfigError("model.object_supervision is not supported with FSDP2 sharding; use DDP")
             params += list(self.slot_object_head.parameters())
         opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)

@@ -7,13 +7,14 @@ Slot tokens (``model.text_slots``) can carry that one-token-per-object format, b
 teach it to them. With ``model.object_supervision: w`` each slot also learns to name one object of the caption's
 scene (its colour, shape and size, and where it stands), the slots matched to the objects by the assignment of
 least cost (the set loss of DETR: slot order is free), the unmatched slots naming "no object". The slots still
-read only the caption, so sampling needs nothing but a prompt; the head below is for training only and is not
-part of the generator, its EMA copy or an export.
+read only the caption, so sampling needs nothing but a prompt. The slots are named by a ``SlotNamer``: a
+training-only one outside the generator, its EMA copy and its exports (``EMFModule.slot_object_head``), or, with
+``model.named_slots``, the connector's own, whose names the backbone then reads instead of the slots.
 
 What it needs: object annotations in each sample's ``.json`` (``meta["objects"]``: dicts with ``color``,
 ``shape``, ``size`` and ``x``, ``y`` in [0, 1], as the shapes world's shards have them). A sample without them, or
 with a value outside the vocabulary, or with more objects than there are slots, is left out of this term and
-counted (``SlotObjectHead.skipped``); the denoising loss still trains on it.
+counted (:func:`object_set_loss` returns the counts); the denoising loss still trains on it.
 """
 
 from __future__ import annotations
@@ -26,16 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torch import Tensor, nn
+from torch import Tensor
 
-from emf_lightning.shapes.scene import ALL_SHAPES, COLORS, SIZES
-
-# The attributes a slot names, each with its vocabulary; index len(vocabulary) means "no object".
-ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("color", tuple(COLORS)),
-    ("shape", ALL_SHAPES),
-    ("size", SIZES),
-)
+from emf_lightning.models.slot_namer import ATTRIBUTES
 
 
 class ObjectTargets(NamedTuple):
@@ -77,64 +71,48 @@ def object_targets(metas: Sequence[Mapping[str, Any] | None], max_objects: int) 
     return ObjectTargets(classes, place, valid, rows), skipped
 
 
-class SlotObjectHead(nn.Module):
-    """Reads one object from one slot token: logits per attribute (its vocabulary plus "no object") and the
-    object's place (x, y) in [0, 1]; :meth:`loss` is the set loss of the slots against a scene's objects.
-    ``skipped`` counts the samples left out over the run, by reason."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.sizes = [len(vocab) + 1 for _, vocab in ATTRIBUTES]
-        self.classify = nn.Linear(dim, sum(self.sizes))
-        self.place = nn.Linear(dim, 2)
-        self.skipped: Counter = Counter()
-
-    def forward(self, slots: Tensor) -> tuple[list[Tensor], Tensor]:
-        """slots [B, K, D] -> ([logits [B, K, n_a + 1] per attribute], place [B, K, 2]), in fp32 under autocast
-        too (a tiny head; its cross-entropy and matching costs want the precision)."""
-        with torch.autocast(slots.device.type, enabled=False):
-            slots = slots.float()
-            return list(self.classify(slots).split(self.sizes, dim=-1)), torch.sigmoid(self.place(slots))
-
-    def loss(self, slots: Tensor, metas: Sequence[Mapping[str, Any] | None]) -> tuple[Tensor, dict[str, Tensor]]:
-        """slots [B, K, D] and the batch's meta -> (loss, stats). The loss is the mean over the rows with objects
-        of the per-slot cross-entropy summed over the attributes, plus the L1 error of the matched slots' places;
-        0 (with a gradient path) when no row has objects."""
-        targets, skipped = object_targets(metas, slots.shape[1])
-        self.skipped.update(skipped)
-        logits, place = self(slots)
-        rows = targets.rows.to(slots.device)
-        if not bool(rows.any()):
-            zero = sum(t.sum() for t in logits) * 0.0 + place.sum() * 0.0
-            return zero, {"objects_rows": torch.tensor(0.0)}
-        logits, place = [t[rows] for t in logits], place[rows]
-        classes, where, valid = (t[targets.rows].to(slots.device) for t in targets[:3])
-        b, k, m = place.shape[0], place.shape[1], classes.shape[1]
-        log_probs = [t.log_softmax(-1) for t in logits]
-        # cost[b, k, m]: slot k naming object m (negative log-likelihood of its attributes, plus place error)
-        cost = torch.cdist(place, where, p=1)
-        for a, lp in enumerate(log_probs):
-            cost = cost - lp.gather(-1, classes[..., a][:, None, :].expand(b, k, m))
-        wanted = torch.stack([torch.full((b, k), n - 1, device=slots.device) for n in self.sizes], -1)
-        matched = torch.zeros(b, k, dtype=torch.bool, device=slots.device)
-        place_target = torch.zeros_like(place)
-        for i, (s, o) in enumerate(match_slots(cost, valid)):
-            s, o = torch.as_tensor(s, device=slots.device), torch.as_tensor(o, device=slots.device)
-            wanted[i, s] = classes[i, o]
-            place_target[i, s] = where[i, o]
-            matched[i, s] = True
-        naming = sum(F.cross_entropy(t.flatten(0, 1), wanted[..., a].flatten()) for a, t in enumerate(logits))
-        placing = (place - place_target).abs().sum(-1)[matched].mean()
-        with torch.no_grad():
-            right = torch.stack([t.argmax(-1) for t in logits], -1) == wanted
-            object_accuracy = right.all(-1)[matched].float().mean()
-        stats = {
-            "objects_naming": naming.detach(),
-            "objects_placing": placing.detach(),
-            "objects_accuracy": object_accuracy,
-            "objects_rows": rows.float().sum(),
-        }
-        return naming + placing, stats
+def object_set_loss(
+    logits: Sequence[Tensor], place: Tensor, metas: Sequence[Mapping[str, Any] | None]
+) -> tuple[Tensor, dict[str, Tensor], Counter]:
+    """A ``SlotNamer``'s reading of K slots (logits [B, K, n_a + 1] per attribute, place [B, K, 2]) against the
+    batch's scenes -> (loss, stats, samples left out by reason). The loss is the mean over the rows with objects of
+    the per-slot cross-entropy summed over the attributes, plus the L1 error of the matched slots' places; 0 (with
+    a gradient path) when no row has objects."""
+    targets, skipped = object_targets(metas, place.shape[1])
+    device = place.device
+    rows = targets.rows.to(device)
+    if not bool(rows.any()):
+        zero = sum(t.sum() for t in logits) * 0.0 + place.sum() * 0.0
+        return zero, {"objects_rows": torch.tensor(0.0)}, skipped
+    logits, place = [t[rows] for t in logits], place[rows]
+    classes, where, valid = (t[targets.rows].to(device) for t in targets[:3])
+    b, k, m = place.shape[0], place.shape[1], classes.shape[1]
+    sizes = [t.shape[-1] for t in logits]
+    log_probs = [t.log_softmax(-1) for t in logits]
+    # cost[b, k, m]: slot k naming object m (negative log-likelihood of its attributes, plus place error)
+    cost = torch.cdist(place, where, p=1)
+    for a, lp in enumerate(log_probs):
+        cost = cost - lp.gather(-1, classes[..., a][:, None, :].expand(b, k, m))
+    wanted = torch.stack([torch.full((b, k), n - 1, device=device) for n in sizes], -1)
+    matched = torch.zeros(b, k, dtype=torch.bool, device=device)
+    place_target = torch.zeros_like(place)
+    for i, (s, o) in enumerate(match_slots(cost, valid)):
+        s, o = torch.as_tensor(s, device=device), torch.as_tensor(o, device=device)
+        wanted[i, s] = classes[i, o]
+        place_target[i, s] = where[i, o]
+        matched[i, s] = True
+    naming = sum(F.cross_entropy(t.flatten(0, 1), wanted[..., a].flatten()) for a, t in enumerate(logits))
+    placing = (place - place_target).abs().sum(-1)[matched].mean()
+    with torch.no_grad():
+        right = torch.stack([t.argmax(-1) for t in logits], -1) == wanted
+        object_accuracy = right.all(-1)[matched].float().mean()
+    stats = {
+        "objects_naming": naming.detach(),
+        "objects_placing": placing.detach(),
+        "objects_accuracy": object_accuracy,
+        "objects_rows": rows.float().sum(),
+    }
+    return naming + placing, stats, skipped
 
 
 def match_slots(cost: Tensor, valid: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
