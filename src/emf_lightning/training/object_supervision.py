@@ -104,12 +104,12 @@ def object_set_loss(
     naming = sum(F.cross_entropy(t.flatten(0, 1), wanted[..., a].flatten()) for a, t in enumerate(logits))
     placing = (place - place_target).abs().sum(-1)[matched].mean()
     with torch.no_grad():
-        right = torch.stack([t.argmax(-1) for t in logits], -1) == wanted
-        object_accuracy = right.all(-1)[matched].float().mean()
+        right = (torch.stack([t.argmax(-1) for t in logits], -1) == wanted)[matched]  # [matched slots, A]
     stats = {
         "objects_naming": naming.detach(),
         "objects_placing": placing.detach(),
-        "objects_accuracy": object_accuracy,
+        "objects_accuracy": right.all(-1).float().mean(),
+        **{f"objects_{name}_accuracy": right[:, a].float().mean() for a, (name, _) in enumerate(ATTRIBUTES)},
         "objects_rows": rows.float().sum(),
     }
     return naming + placing, stats, skipped

@@ -1,0 +1,54 @@
+"""tools/slot_names.py: how well a trained generator's slots name held-out captions' objects, per category; the
+per-category table adds up to the set loss's own accuracy over the whole batch."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from emf_lightning.data.datamodule import ShardDataModule
+from emf_lightning.training.object_supervision import object_set_loss
+
+from helpers import tiny_module, write_shapes_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("slot_names", ROOT / "tools" / "slot_names.py")
+tool = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = tool
+_spec.loader.exec_module(tool)
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_the_categories_add_up_to_the_set_loss_over_the_whole_split(tmp_path, named):
+    torch.manual_seed(0)
+    urls = write_shapes_shards(tmp_path / "shards", n_train=4, n_val=24, per_shard=24)
+    module = tiny_module(text_slots=4, object_supervision=0.5, named_slots=named).eval()
+    table = tool.slot_names(module, urls["val"], batch_size=64)
+
+    dm = ShardDataModule(val_shards=urls["val"], batch_size=64, num_workers=0, image_size=32)
+    dm.setup("validate")
+    (batch,) = list(dm.val_dataloader())
+    feats = module.batch_text_features(batch)
+    connector = module.ema_generator.connector
+    if named:
+        names = connector.named_objects(feats.tokens, feats.mask)
+    else:
+        names = module.slot_object_head(connector.context(feats.tokens, feats.mask)[0][:, -4:])
+    _, stats, _ = object_set_loss(*names, batch["meta"])
+    objects = sum(len(m["objects"]) for m in batch["meta"])
+    assert table["all"]["objects"] == objects
+    for measure in tool.MEASURES:
+        assert table["all"][measure] == pytest.approx(float(stats[measure]), abs=1e-5)
+    categories = {m["category"] for m in batch["meta"]}
+    assert set(table) == categories | {"all"}
+    assert sum(table[c]["objects"] for c in categories) == objects
+
+
+def test_a_model_without_object_supervision_is_refused(tmp_path):
+    urls = write_shapes_shards(tmp_path / "shards", n_train=4, n_val=4)
+    with pytest.raises(SystemExit, match="not trained with model.object_supervision"):
+        tool.slot_names(tiny_module(text_slots=2), urls["val"])

@@ -1,0 +1,90 @@
+"""Do a trained generator's slot tokens name the objects of captions it never trained on?
+
+``model.object_supervision`` teaches each slot to name one object of the caption's scene. When a model draws
+scenes of an unseen colour-shape pair worse than seen ones, this tells the two places it can go wrong apart: the
+text side (the slots misname the unseen pair) or the image side (the slots name it, the backbone cannot draw it).
+For each split's shards and each category, the matched slots' object accuracy (every attribute right) and each
+attribute's accuracy, read through the (EMA) connector that sampling uses: its own namer (``model.named_slots``) or
+the training-only one (``slot_object_head``). Slots are matched to objects at least cost, as in training.
+
+    python tools/slot_names.py runs/compose/exp8/N_named/.../last.ckpt \\
+        --shards val='runs/compose/shapes/val-*.tar' heldout='runs/compose/shapes/heldout-*.tar' \\
+        --cache runs/compose/feature_cache --out runs/compose/diag/slot_names_N.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from emf_lightning.data.datamodule import ShardDataModule
+from emf_lightning.models.slot_namer import ATTRIBUTES
+from emf_lightning.training import EMFModule
+from emf_lightning.training.object_supervision import object_set_loss
+
+MEASURES = ["objects_accuracy", *(f"objects_{name}_accuracy" for name, _ in ATTRIBUTES), "objects_placing"]
+
+
+@torch.no_grad()
+def slot_names(module: EMFModule, shards: str, batch_size: int = 200) -> dict[str, dict[str, float]]:
+    """Per category (and "all"): each measure's mean over the matched slots, and the object count."""
+    connector = module.ema_generator.connector
+    if not module.hparams.get("object_supervision"):
+        raise SystemExit("this checkpoint was not trained with model.object_supervision: its slots name nothing")
+    dm = ShardDataModule(val_shards=shards, batch_size=batch_size, num_workers=0, image_size=32)
+    dm.setup("validate")
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for batch in dm.val_dataloader():
+        feats = module.batch_text_features(batch)
+        if connector.named_slots:
+            logits, place = connector.named_objects(feats.tokens, feats.mask)
+        else:
+            context, _ = connector.context(feats.tokens, feats.mask)
+            logits, place = module.slot_object_head(context[:, -connector.slots :])
+        groups = defaultdict(list)
+        for i, meta in enumerate(batch["meta"]):
+            groups[(meta or {}).get("category", "unknown")].append(i)
+        for category, rows in groups.items():
+            metas = [batch["meta"][i] for i in rows]
+            _, stats, _ = object_set_loss([t[rows] for t in logits], place[rows], metas)
+            objects = sum(len((m or {}).get("objects") or []) for m in metas)
+            if not objects:
+                continue
+            for key in (category, "all"):
+                sums[key]["objects"] += objects
+                for measure in MEASURES:
+                    sums[key][measure] += float(stats[measure]) * objects
+    return {
+        key: {"objects": int(v["objects"]), **{m: v[m] / v["objects"] for m in MEASURES}} for key, v in sums.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt")
+    p.add_argument("--shards", nargs="+", required=True, metavar="SPLIT=PATTERN")
+    p.add_argument("--cache", help="the feature cache the run used (default: the checkpoint's)")
+    p.add_argument("--out", help="write the table as JSON here")
+    a = p.parse_args(argv)
+    overrides = {"feature_cache_dir": a.cache} if a.cache else {}
+    module = EMFModule.load_from_checkpoint(a.ckpt, map_location="cpu", **overrides).eval()
+    results = {}
+    for item in a.shards:
+        split, _, pattern = item.partition("=")
+        results[split] = slot_names(module, pattern)
+        print(f"{split}: " + ", ".join(f"{measure[8:]}" for measure in MEASURES))
+        for category, row in sorted(results[split].items()):
+            values = " ".join(f"{row[m]:.3f}" for m in MEASURES)
+            print(f"  {category:14s} {values} ({row['objects']} objects)")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"ckpt": a.ckpt, **results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
