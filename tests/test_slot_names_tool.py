@@ -52,3 +52,31 @@ def test_a_model_without_object_supervision_is_refused(tmp_path):
     urls = write_shapes_shards(tmp_path / "shards", n_train=4, n_val=4)
     with pytest.raises(SystemExit, match="not trained with model.object_supervision"):
         tool.slot_names(tiny_module(text_slots=2), urls["val"])
+
+
+def test_misnamings_name_the_object_and_what_its_matched_slot_said():
+    from emf_lightning.models.slot_namer import ATTRIBUTES
+
+    def logits_naming(*objects):
+        """Logits [1, K, n + 1] per attribute that name ``objects`` (None: nothing) with certainty."""
+        out = []
+        for a, (_, vocab) in enumerate(ATTRIBUTES):
+            t = torch.full((1, len(objects), len(vocab) + 1), -20.0)
+            for k, obj in enumerate(objects):
+                t[0, k, vocab.index(obj[a]) if obj else len(vocab)] = 20.0
+            out.append(t)
+        return out
+
+    meta = [
+        {
+            "objects": [
+                {"color": "red", "shape": "triangle", "size": "small", "x": 0.2, "y": 0.5},
+                {"color": "blue", "shape": "circle", "size": "large", "x": 0.8, "y": 0.5},
+            ]
+        }
+    ]
+    place = torch.tensor([[[0.8, 0.5], [0.5, 0.5], [0.2, 0.5]]])
+    logits = logits_naming(("blue", "circle", "large"), None, ("red", "square", "small"))
+    assert tool.misnamings(logits, place, meta) == {"red triangle small -> red square small": 1}
+    right = logits_naming(("blue", "circle", "large"), None, ("red", "triangle", "small"))
+    assert tool.misnamings(right, place, meta) == {}

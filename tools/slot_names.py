@@ -5,7 +5,8 @@ scenes of an unseen colour-shape pair worse than seen ones, this tells the two p
 text side (the slots misname the unseen pair) or the image side (the slots name it, the backbone cannot draw it).
 For each split's shards and each category, the matched slots' object accuracy (every attribute right) and each
 attribute's accuracy, read through the (EMA) connector that sampling uses: its own namer (``model.named_slots``) or
-the training-only one (``slot_object_head``). Slots are matched to objects at least cost, as in training.
+the training-only one (``slot_object_head``). Slots are matched to objects at least cost, as in training. The
+misnamings are counted too ("red triangle -> red square"), most frequent first.
 
     python tools/slot_names.py runs/compose/exp8/N_named/.../last.ckpt \\
         --shards val='runs/compose/shapes/val-*.tar' heldout='runs/compose/shapes/heldout-*.tar' \\
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -24,20 +25,38 @@ import torch
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.models.slot_namer import ATTRIBUTES
 from emf_lightning.training import EMFModule
-from emf_lightning.training.object_supervision import object_set_loss
+from emf_lightning.training.object_supervision import assign_slots, object_set_loss, object_targets
 
 MEASURES = ["objects_accuracy", *(f"objects_{name}_accuracy" for name, _ in ATTRIBUTES), "objects_placing"]
 
 
+def misnamings(logits: list[torch.Tensor], place: torch.Tensor, metas: list) -> Counter:
+    """Matched slots that name their object wrong, counted as "colour shape size -> named colour shape size"."""
+    targets, _ = object_targets(metas, place.shape[1])
+    rows = targets.rows
+    logits, place = [t[rows] for t in logits], place[rows]
+    wanted, _, matched = assign_slots(logits, place, targets)
+    named = torch.stack([t.argmax(-1) for t in logits], -1)
+    vocab = [(*values, "nothing") for _, values in ATTRIBUTES]
+
+    def words(classes: torch.Tensor) -> str:
+        return " ".join(v[int(c)] for v, c in zip(vocab, classes))
+
+    wrong = matched & (named != wanted).any(-1)
+    return Counter(f"{words(wanted[i, k])} -> {words(named[i, k])}" for i, k in wrong.nonzero().tolist())
+
+
 @torch.no_grad()
-def slot_names(module: EMFModule, shards: str, batch_size: int = 200) -> dict[str, dict[str, float]]:
-    """Per category (and "all"): each measure's mean over the matched slots, and the object count."""
+def slot_names(module: EMFModule, shards: str, batch_size: int = 200) -> dict[str, dict]:
+    """Per category (and "all"): each measure's mean over the matched slots, the object count, and the
+    misnamings (most frequent first)."""
     connector = module.ema_generator.connector
     if not module.hparams.get("object_supervision"):
         raise SystemExit("this checkpoint was not trained with model.object_supervision: its slots name nothing")
     dm = ShardDataModule(val_shards=shards, batch_size=batch_size, num_workers=0, image_size=32)
     dm.setup("validate")
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    wrong: dict[str, Counter] = defaultdict(Counter)
     for batch in dm.val_dataloader():
         feats = module.batch_text_features(batch)
         if connector.named_slots:
@@ -54,12 +73,19 @@ def slot_names(module: EMFModule, shards: str, batch_size: int = 200) -> dict[st
             objects = sum(len((m or {}).get("objects") or []) for m in metas)
             if not objects:
                 continue
+            errors = misnamings([t[rows] for t in logits], place[rows], metas)
             for key in (category, "all"):
+                wrong[key].update(errors)
                 sums[key]["objects"] += objects
                 for measure in MEASURES:
                     sums[key][measure] += float(stats[measure]) * objects
     return {
-        key: {"objects": int(v["objects"]), **{m: v[m] / v["objects"] for m in MEASURES}} for key, v in sums.items()
+        key: {
+            "objects": int(v["objects"]),
+            **{m: v[m] / v["objects"] for m in MEASURES},
+            "misnamed": dict(wrong[key].most_common()),
+        }
+        for key, v in sums.items()
     }
 
 
@@ -79,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{split}: " + ", ".join(f"{measure[8:]}" for measure in MEASURES))
         for category, row in sorted(results[split].items()):
             values = " ".join(f"{row[m]:.3f}" for m in MEASURES)
-            print(f"  {category:14s} {values} ({row['objects']} objects)")
+            common = ", ".join(f"{k} x{n}" for k, n in list(row["misnamed"].items())[:3])
+            print(f"  {category:14s} {values} ({row['objects']} objects){'; ' + common if common else ''}")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"ckpt": a.ckpt, **results}, indent=1))

@@ -85,22 +85,7 @@ def object_set_loss(
         zero = sum(t.sum() for t in logits) * 0.0 + place.sum() * 0.0
         return zero, {"objects_rows": torch.tensor(0.0)}, skipped
     logits, place = [t[rows] for t in logits], place[rows]
-    classes, where, valid = (t[targets.rows].to(device) for t in targets[:3])
-    b, k, m = place.shape[0], place.shape[1], classes.shape[1]
-    sizes = [t.shape[-1] for t in logits]
-    log_probs = [t.log_softmax(-1) for t in logits]
-    # cost[b, k, m]: slot k naming object m (negative log-likelihood of its attributes, plus place error)
-    cost = torch.cdist(place, where, p=1)
-    for a, lp in enumerate(log_probs):
-        cost = cost - lp.gather(-1, classes[..., a][:, None, :].expand(b, k, m))
-    wanted = torch.stack([torch.full((b, k), n - 1, device=device) for n in sizes], -1)
-    matched = torch.zeros(b, k, dtype=torch.bool, device=device)
-    place_target = torch.zeros_like(place)
-    for i, (s, o) in enumerate(match_slots(cost, valid)):
-        s, o = torch.as_tensor(s, device=device), torch.as_tensor(o, device=device)
-        wanted[i, s] = classes[i, o]
-        place_target[i, s] = where[i, o]
-        matched[i, s] = True
+    wanted, place_target, matched = assign_slots(logits, place, targets)
     naming = sum(F.cross_entropy(t.flatten(0, 1), wanted[..., a].flatten()) for a, t in enumerate(logits))
     placing = (place - place_target).abs().sum(-1)[matched].mean()
     with torch.no_grad():
@@ -113,6 +98,28 @@ def object_set_loss(
         "objects_rows": rows.float().sum(),
     }
     return naming + placing, stats, skipped
+
+
+def assign_slots(logits: Sequence[Tensor], place: Tensor, targets: ObjectTargets) -> tuple[Tensor, Tensor, Tensor]:
+    """The set loss's targets for the rows with objects (``logits`` and ``place`` already restricted to
+    ``targets.rows``): what each slot should name [b, K, A] (its matched object's classes, else "no object"), the
+    place it should give [b, K, 2], and which slots are matched [b, K]. Slots are matched to objects at least
+    cost: the negative log-likelihood of the object's attributes plus the L1 place error."""
+    device = place.device
+    classes, where, valid = (t[targets.rows].to(device) for t in targets[:3])
+    b, k, m = place.shape[0], place.shape[1], classes.shape[1]
+    cost = torch.cdist(place, where, p=1)
+    for a, lp in enumerate(t.log_softmax(-1) for t in logits):
+        cost = cost - lp.gather(-1, classes[..., a][:, None, :].expand(b, k, m))
+    wanted = torch.stack([torch.full((b, k), t.shape[-1] - 1, device=device) for t in logits], -1)
+    matched = torch.zeros(b, k, dtype=torch.bool, device=device)
+    place_target = torch.zeros_like(place)
+    for i, (s, o) in enumerate(match_slots(cost, valid)):
+        s, o = torch.as_tensor(s, device=device), torch.as_tensor(o, device=device)
+        wanted[i, s] = classes[i, o]
+        place_target[i, s] = where[i, o]
+        matched[i, s] = True
+    return wanted, place_target, matched
 
 
 def match_slots(cost: Tensor, valid: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
