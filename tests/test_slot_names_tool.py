@@ -55,7 +55,7 @@ def test_a_model_without_object_supervision_is_refused(tmp_path):
 
 
 def test_misnamings_name_the_object_and_what_its_matched_slot_said():
-    from emf_lightning.models.slot_namer import ATTRIBUTES
+    from emf_lightning.training.object_supervision import ATTRIBUTES
 
     def logits_naming(*objects):
         """Logits [1, K, n + 1] per attribute that name ``objects`` (None: nothing) with certainty."""

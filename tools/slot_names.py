@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 from emf_lightning.data.datamodule import ShardDataModule
-from emf_lightning.models.slot_namer import ATTRIBUTES
 from emf_lightning.training import EMFModule
-from emf_lightning.training.object_supervision import assign_slots, object_set_loss, object_targets
+from emf_lightning.training.object_supervision import ATTRIBUTES, assign_slots, object_set_loss, object_targets
 
 MEASURES = ["objects_accuracy", *(f"objects_{name}_accuracy" for name, _ in ATTRIBUTES), "objects_placing"]
 

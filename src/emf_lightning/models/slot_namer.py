@@ -8,7 +8,9 @@ the class probabilities and the place, mapped linearly to the context width. An 
 embedding per attribute, as in the composition study's oracle features, so a colour-shape pair never seen in
 training is a new sum of parts the backbone has seen (docs/composition_2026-12-06.md).
 
-The vocabulary is the shapes world's, the only data here with object annotations (``meta["objects"]``).
+The vocabulary is the shapes world's, the only data here with object annotations (``meta["objects"]``). Models sit
+below the shapes world in the package layering, so this module keeps only the vocabulary sizes;
+``training.object_supervision.ATTRIBUTES`` holds the words and refuses, at import, sizes that disagree.
 """
 
 from __future__ import annotations
@@ -16,14 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from emf_lightning.shapes.scene import ALL_SHAPES, COLORS, SIZES
-
-# The attributes a slot names, each with its vocabulary; index len(vocabulary) means "no object".
-ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("color", tuple(COLORS)),
-    ("shape", ALL_SHAPES),
-    ("size", SIZES),
-)
+# How many values each attribute a slot names can take (the shapes world's colours, shapes and sizes), in the order
+# of ``training.object_supervision.ATTRIBUTES``; the namer adds one class to each for "no object".
+ATTRIBUTE_SIZES: tuple[int, ...] = (8, 4, 2)
 
 
 class SlotNamer(nn.Module):
@@ -31,7 +28,7 @@ class SlotNamer(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.sizes = [len(vocab) + 1 for _, vocab in ATTRIBUTES]
+        self.sizes = [n + 1 for n in ATTRIBUTE_SIZES]
         self.classify = nn.Linear(dim, sum(self.sizes))
         self.place = nn.Linear(dim, 2)
 

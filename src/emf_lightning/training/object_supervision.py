@@ -29,7 +29,20 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from emf_lightning.models.slot_namer import ATTRIBUTES
+from emf_lightning.models.slot_namer import ATTRIBUTE_SIZES
+from emf_lightning.shapes.scene import ALL_SHAPES, COLORS, SIZES
+
+# The attributes a slot names, each with its vocabulary; index len(vocabulary) means "no object".
+ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("color", tuple(COLORS)),
+    ("shape", ALL_SHAPES),
+    ("size", SIZES),
+)
+if tuple(len(vocab) for _, vocab in ATTRIBUTES) != ATTRIBUTE_SIZES:
+    raise ImportError(
+        f"models.slot_namer.ATTRIBUTE_SIZES {ATTRIBUTE_SIZES} no longer match the shapes world's vocabularies "
+        f"{tuple(len(vocab) for _, vocab in ATTRIBUTES)}: update them together"
+    )
 
 
 class ObjectTargets(NamedTuple):
