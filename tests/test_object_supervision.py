@@ -113,12 +113,18 @@ def test_object_supervision_needs_slots_and_a_non_negative_weight():
     assert is_structural("object_supervision")
 
 
-def test_the_term_is_added_to_the_loss_and_trains_the_slots_through_the_generator(tmp_path):
+def _shapes_data(tmp_path) -> tuple[ShardDataModule, dict]:
+    """A datamodule over tiny shapes-world shards (their .json has the objects) and its first training batch."""
     urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4)
     dm = ShardDataModule(train_shards=urls["train"], batch_size=4, num_workers=0, image_size=16, epoch_length=8)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert any(m and m.get("objects") for m in batch["meta"])
+    return dm, batch
+
+
+def test_the_term_is_added_to_the_loss_and_trains_the_slots_through_the_generator(tmp_path):
+    _, batch = _shapes_data(tmp_path)
 
     plain, supervised = tiny_module(text_slots=4), tiny_module(text_slots=4, object_supervision=0.5)
     supervised.generator.load_state_dict(plain.generator.state_dict())
@@ -187,10 +193,7 @@ def test_named_slots_are_checked_and_a_structural_key():
 def test_named_slots_are_taught_through_the_connector_and_survive_checkpoint_and_export(tmp_path):
     from emf_lightning.commands.export import export
 
-    urls = write_shapes_shards(tmp_path / "shards", n_train=8, n_val=4)
-    dm = ShardDataModule(train_shards=urls["train"], batch_size=4, num_workers=0, image_size=16, epoch_length=8)
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
+    dm, batch = _shapes_data(tmp_path)
     module = tiny_module(text_slots=4, object_supervision=0.5, named_slots=True)
     assert module.slot_object_head is None  # the connector's namer is the one taught
     cond = module.batch_text_features(batch)
