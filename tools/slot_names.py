@@ -58,21 +58,18 @@ def slot_names(module: EMFModule, shards: str, batch_size: int = 200) -> dict[st
     wrong: dict[str, Counter] = defaultdict(Counter)
     for batch in dm.val_dataloader():
         feats = module.batch_text_features(batch)
-        if connector.named_slots:
-            logits, place = connector.named_objects(feats.tokens, feats.mask)
-        else:
-            context, _ = connector.context(feats.tokens, feats.mask)
-            logits, place = module.slot_object_head(context[:, -connector.slots :])
+        logits, place = module.name_slots(connector, feats.tokens, feats.mask)
         groups = defaultdict(list)
         for i, meta in enumerate(batch["meta"]):
             groups[(meta or {}).get("category", "unknown")].append(i)
         for category, rows in groups.items():
             metas = [batch["meta"][i] for i in rows]
-            _, stats, _ = object_set_loss([t[rows] for t in logits], place[rows], metas)
             objects = sum(len((m or {}).get("objects") or []) for m in metas)
             if not objects:
                 continue
-            errors = misnamings([t[rows] for t in logits], place[rows], metas)
+            names = ([t[rows] for t in logits], place[rows])
+            _, stats, _ = object_set_loss(*names, metas)
+            errors = misnamings(*names, metas)
             for key in (category, "all"):
                 wrong[key].update(errors)
                 sums[key]["objects"] += objects

@@ -2,7 +2,7 @@
 where it stands.
 
 Two users. ``model.object_supervision`` trains the connector's free slot tokens through a training-only namer
-(``training.object_supervision.SlotObjectHead``), so the slots learn to carry one object each. With
+(``EMFModule.slot_object_head``), so the slots learn to carry one object each. With
 ``model.named_slots`` the connector owns the namer and the backbone reads the slot's *name* instead of the slot:
 the class probabilities and the place, mapped linearly to the context width. An object is then a sum of one
 embedding per attribute, as in the composition study's oracle features, so a colour-shape pair never seen in

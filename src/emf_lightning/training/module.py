@@ -476,16 +476,20 @@ class EMFModule(pl.LightningModule):
     def object_loss(self, cond: tuple[Tensor, Tensor], batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """``object_supervision``'s term: the names of the slot tokens the backbone reads for the batch's captions
         (the generator's own connector, never a dropped caption's null condition) against the scenes' objects."""
-        connector = self.generator.connector
-        if connector.named_slots:
-            logits, place = connector.named_objects(*cond)
-        else:
-            context, _ = connector.context(*cond)
-            logits, place = self.slot_object_head(context[:, -connector.slots :])
+        logits, place = self.name_slots(self.generator.connector, *cond)
         loss, stats, skipped = object_set_loss(logits, place, batch.get("meta") or [None] * len(place))
         self.objects_skipped.update(skipped)
         stats["objects_skipped"] = torch.tensor(float(sum(self.objects_skipped.values())))
         return loss, stats
+
+    def name_slots(self, connector: nn.Module, tokens: Tensor, mask: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        """What ``connector``'s (the generator's or its EMA copy's) slot tokens name for these captions: (logits
+        [B, K, n_a + 1] per attribute, place [B, K, 2]), from the connector's own namer (``named_slots``) or the
+        training-only ``slot_object_head``."""
+        if connector.named_slots:
+            return connector.named_objects(tokens, mask)
+        context, _ = connector.context(tokens, mask)
+        return self.slot_object_head(context[:, -connector.slots :])
 
     def model_inputs(self, batch: dict[str, Any]) -> Tensor:
         """What the generator models for this batch: its images in pixel space, else its cached latents
