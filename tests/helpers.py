@@ -97,6 +97,16 @@ def tiny_backbone(**overrides: Any):
     return DiT(**{"preset": "tiny", "input_size": 16, "patch_size": 4, **TINY_BACKBONE, **overrides})
 
 
+def tiny_unet(**overrides: Any):
+    """A two-level U-Net at 16x16 with attention at 8x8, context width 32 (fast on a CPU)."""
+    from emf_lightning.models import UNet
+
+    args = dict(
+        input_size=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), head_dim=8
+    )
+    return UNet(**{**args, "context_dim": 32, **overrides})
+
+
 def tiny_module(optim: dict[str, Any] | None = None, **overrides: Any):
     """An EMFModule with HashWordEncoder and ``tiny_backbone`` (fast on a CPU).
 

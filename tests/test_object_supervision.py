@@ -132,7 +132,8 @@ def test_the_term_is_added_to_the_loss_and_trains_the_slots_through_the_generato
     base, _ = plain.compute_loss(batch, plain.generator, gen(), train=True)
     total, stats = supervised.compute_loss(batch, supervised.generator, gen(), train=True)
     cond = supervised.batch_text_features(batch)
-    objects, _ = supervised.object_loss((cond.tokens, cond.mask), batch)
+    names = supervised.name_slots(supervised.generator.connector, cond.tokens, cond.mask)
+    objects, _ = supervised.object_loss(*names, batch["meta"])
     torch.testing.assert_close(total, base + 0.5 * objects)
     assert {"objects_naming", "objects_placing", "objects_accuracy"} <= stats.keys()
     total.backward()
@@ -197,7 +198,8 @@ def test_named_slots_are_taught_through_the_connector_and_survive_checkpoint_and
     module = tiny_module(text_slots=4, object_supervision=0.5, named_slots=True)
     assert module.slot_object_head is None  # the connector's namer is the one taught
     cond = module.batch_text_features(batch)
-    objects, stats = module.object_loss((cond.tokens, cond.mask), batch)
+    names = module.name_slots(module.generator.connector, cond.tokens, cond.mask)
+    objects, stats = module.object_loss(*names, batch["meta"])
     objects.backward()
     namer = module.generator.connector.slot_namer
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in namer.parameters())

@@ -13,7 +13,7 @@ import torch
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.training.object_supervision import object_set_loss
 
-from helpers import tiny_module, write_shapes_shards
+from helpers import tiny_module, tiny_unet, write_shapes_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("slot_names", ROOT / "tools" / "slot_names.py")
@@ -48,25 +48,35 @@ def test_the_categories_add_up_to_the_set_loss_over_the_whole_split(tmp_path, na
     assert sum(table[c]["objects"] for c in categories) == objects
 
 
+def test_a_layout_model_s_planned_layouts_are_judged_per_category(tmp_path):
+    torch.manual_seed(0)
+    urls = write_shapes_shards(tmp_path / "shards", n_train=4, n_val=24, per_shard=24)
+    module = tiny_module(backbone=tiny_unet(), text_slots=4, object_supervision=0.5, slot_layout=True).eval()
+    table = tool.slot_names(module, urls["val"], batch_size=64)
+    assert 0.0 <= table["all"]["layout_count"] <= 1.0
+    assert "layout_relation" in table["position"] and "layout_relation" not in table["colors"]
+
+
 def test_a_model_without_object_supervision_is_refused(tmp_path):
     urls = write_shapes_shards(tmp_path / "shards", n_train=4, n_val=4)
     with pytest.raises(SystemExit, match="not trained with model.object_supervision"):
         tool.slot_names(tiny_module(text_slots=2), urls["val"])
 
 
-def test_misnamings_name_the_object_and_what_its_matched_slot_said():
+def logits_naming(*objects):
+    """Logits [1, K, n + 1] per attribute that name ``objects`` (None: nothing) with certainty."""
     from emf_lightning.training.object_supervision import ATTRIBUTES
 
-    def logits_naming(*objects):
-        """Logits [1, K, n + 1] per attribute that name ``objects`` (None: nothing) with certainty."""
-        out = []
-        for a, (_, vocab) in enumerate(ATTRIBUTES):
-            t = torch.full((1, len(objects), len(vocab) + 1), -20.0)
-            for k, obj in enumerate(objects):
-                t[0, k, vocab.index(obj[a]) if obj else len(vocab)] = 20.0
-            out.append(t)
-        return out
+    out = []
+    for a, (_, vocab) in enumerate(ATTRIBUTES):
+        t = torch.full((1, len(objects), len(vocab) + 1), -20.0)
+        for k, obj in enumerate(objects):
+            t[0, k, vocab.index(obj[a]) if obj else len(vocab)] = 20.0
+        out.append(t)
+    return out
 
+
+def test_misnamings_name_the_object_and_what_its_matched_slot_said():
     meta = [
         {
             "objects": [
@@ -80,3 +90,36 @@ def test_misnamings_name_the_object_and_what_its_matched_slot_said():
     assert tool.misnamings(logits, place, meta) == {"red triangle small -> red square small": 1}
     right = logits_naming(("blue", "circle", "large"), None, ("red", "triangle", "small"))
     assert tool.misnamings(right, place, meta) == {}
+
+
+def test_a_planned_layout_is_judged_through_the_slots_matched_to_the_relation_s_objects():
+    """Slot 0 names the scene's second object, slot 2 its first; "the red triangle left of the blue circle" holds
+    when slot 2 is placed left of slot 0, whatever the slot order."""
+    meta = [
+        {
+            "objects": [
+                {"color": "red", "shape": "triangle", "size": "small", "x": 0.2, "y": 0.5},
+                {"color": "blue", "shape": "circle", "size": "large", "x": 0.8, "y": 0.5},
+            ],
+            "relations": [{"a": 0, "rel": "left of", "b": 1}],
+        }
+    ]
+    logits = logits_naming(("blue", "circle", "large"), None, ("red", "triangle", "small"))
+    place = torch.tensor([[[0.8, 0.5], [0.5, 0.5], [0.2, 0.5]]])
+    present = torch.tensor([[True, False, True]])
+
+    def judge(planned, present=present):
+        return {
+            k: v[0] for k, v in tool.layout_judgements(logits, place, torch.tensor([planned]), present, meta).items()
+        }
+
+    assert judge([[0.7, 0.4], [0.5, 0.5], [0.3, 0.6]]) == {
+        "layout_count": 1.0,
+        "layout_apart": 1.0,
+        "layout_relation": 1.0,
+    }
+    assert judge([[0.3, 0.4], [0.5, 0.5], [0.7, 0.6]])["layout_relation"] == 0.0  # mirrored
+    assert judge([[0.5, 0.2], [0.5, 0.5], [0.4, 0.8]])["layout_relation"] == 0.0  # below, not left of
+    assert judge([[0.5, 0.5], [0.5, 0.5], [0.4, 0.5]])["layout_apart"] == 0.0  # 0.1 apart: overlapping
+    three = judge([[0.7, 0.4], [0.1, 0.1], [0.3, 0.6]], present=torch.ones(1, 3, dtype=torch.bool))
+    assert three["layout_count"] == 0.0

@@ -8,6 +8,12 @@ attribute's accuracy, read through the (EMA) connector that sampling uses: its o
 the training-only one (``slot_object_head``). Slots are matched to objects at least cost, as in training. The
 misnamings are counted too ("red triangle -> red square"), most frequent first.
 
+For a model with a slot layout (``model.slot_layout``) it also judges the layouts the planner draws (one per
+caption, seed 0), the image side left out: ``layout_count`` (as many slots placed as the scene has objects),
+``layout_apart`` (every two placed objects' centres at least ``APART`` of the side apart) and, for position
+captions, ``layout_relation`` (the places of the slots matched to the relation's two objects, their centre offset
+within 60 degrees of the relation's direction, as ShapesEval's judge reads a drawn relation, without its slack).
+
     python tools/slot_names.py runs/compose/exp8/N_named/.../last.ckpt \\
         --shards val='runs/compose/shapes/val-*.tar' heldout='runs/compose/shapes/heldout-*.tar' \\
         --cache runs/compose/feature_cache --out runs/compose/diag/slot_names_N.json
@@ -27,6 +33,9 @@ from emf_lightning.training import EMFModule
 from emf_lightning.training.object_supervision import ATTRIBUTES, assign_slots, object_set_loss, object_targets
 
 MEASURES = ["objects_accuracy", *(f"objects_{name}_accuracy" for name, _ in ATTRIBUTES), "objects_placing"]
+LAYOUT_MEASURES = ["layout_count", "layout_apart", "layout_relation"]
+APART = 0.2  # the smallest shapes-world objects are 0.28 of the side wide: closer centres overlap
+DIRECTIONS = {"left of": (-1.0, 0.0), "right of": (1.0, 0.0), "above": (0.0, -1.0), "below": (0.0, 1.0)}
 
 
 def misnamings(logits: list[torch.Tensor], place: torch.Tensor, metas: list) -> Counter:
@@ -34,7 +43,7 @@ def misnamings(logits: list[torch.Tensor], place: torch.Tensor, metas: list) -> 
     targets, _ = object_targets(metas, place.shape[1])
     rows = targets.rows
     logits, place = [t[rows] for t in logits], place[rows]
-    wanted, _, matched = assign_slots(logits, place, targets)
+    wanted, _, matched, _ = assign_slots(logits, place, targets)
     named = torch.stack([t.argmax(-1) for t in logits], -1)
     vocab = [(*values, "nothing") for _, values in ATTRIBUTES]
 
@@ -43,6 +52,35 @@ def misnamings(logits: list[torch.Tensor], place: torch.Tensor, metas: list) -> 
 
     wrong = matched & (named != wanted).any(-1)
     return Counter(f"{words(wanted[i, k])} -> {words(named[i, k])}" for i, k in wrong.nonzero().tolist())
+
+
+def layout_judgements(
+    logits: list[torch.Tensor], place: torch.Tensor, planned: torch.Tensor, present: torch.Tensor, metas: list
+) -> dict[str, list[float]]:
+    """Per scene, each layout measure that applies to it (1.0 / 0.0): the planner's places [B, K, 2] and which slots
+    it placed [B, K], slots matched to the scene's objects as in training."""
+    targets, _ = object_targets(metas, place.shape[1])
+    rows = targets.rows.nonzero().flatten().tolist()
+    out: dict[str, list[float]] = defaultdict(list)
+    if not rows:
+        return out
+    _, _, _, slot_objects = assign_slots([t[rows] for t in logits], place[rows], targets)
+    for j, i in enumerate(rows):
+        meta, placed = metas[i], planned[i][present[i]]
+        out["layout_count"].append(float(len(placed) == len(meta["objects"])))
+        if len(placed) > 1:
+            gaps = torch.cdist(placed, placed) + torch.eye(len(placed)) * 9.0
+            out["layout_apart"].append(float(gaps.min() >= APART))
+        for rel in meta.get("relations") or []:
+            slot_of = {int(o): k for k, o in enumerate(slot_objects[j].tolist()) if o >= 0}
+            a, b = slot_of.get(rel["a"]), slot_of.get(rel["b"])
+            if a is None or b is None or not (present[i, a] and present[i, b]):
+                out["layout_relation"].append(0.0)
+                continue
+            offset = planned[i, a] - planned[i, b]
+            cosine = float(offset @ torch.tensor(DIRECTIONS[rel["rel"]])) / max(float(offset.norm()), 1e-9)
+            out["layout_relation"].append(float(cosine > 0.5))
+    return out
 
 
 @torch.no_grad()
@@ -56,9 +94,13 @@ def slot_names(module: EMFModule, shards: str, batch_size: int = 200) -> dict[st
     dm.setup("validate")
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     wrong: dict[str, Counter] = defaultdict(Counter)
+    judged: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    draws = torch.Generator().manual_seed(0)
     for batch in dm.val_dataloader():
         feats = module.batch_text_features(batch)
         logits, place = module.name_slots(connector, feats.tokens, feats.mask)
+        if connector.layout:
+            _, _, planned, present = module.ema_generator.sampling_condition(feats.tokens, feats.mask, draws)
         groups = defaultdict(list)
         for i, meta in enumerate(batch["meta"]):
             groups[(meta or {}).get("category", "unknown")].append(i)
@@ -70,7 +112,10 @@ def slot_names(module: EMFModule, shards: str, batch_size: int = 200) -> dict[st
             names = ([t[rows] for t in logits], place[rows])
             _, stats, _ = object_set_loss(*names, metas)
             errors = misnamings(*names, metas)
+            layout = layout_judgements(*names, planned[rows], present[rows], metas) if connector.layout else {}
             for key in (category, "all"):
+                for measure, values in layout.items():
+                    judged[key][measure] += values
                 wrong[key].update(errors)
                 sums[key]["objects"] += objects
                 for measure in MEASURES:
@@ -80,6 +125,7 @@ def slot_names(module: EMFModule, shards: str, batch_size: int = 200) -> dict[st
             "objects": int(v["objects"]),
             **{m: v[m] / v["objects"] for m in MEASURES},
             "misnamed": dict(wrong[key].most_common()),
+            **{m: sum(j) / len(j) for m, j in judged[key].items() if j},
         }
         for key, v in sums.items()
     }
@@ -102,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         for category, row in sorted(results[split].items()):
             values = " ".join(f"{row[m]:.3f}" for m in MEASURES)
             common = ", ".join(f"{k} x{n}" for k, n in list(row["misnamed"].items())[:3])
-            print(f"  {category:14s} {values} ({row['objects']} objects){'; ' + common if common else ''}")
+            layout = " ".join(f"{m[7:]} {row[m]:.3f}" for m in LAYOUT_MEASURES if m in row)
+            print(
+                f"  {category:14s} {values} ({row['objects']} objects){'; layout ' + layout if layout else ''}"
+                f"{'; ' + common if common else ''}"
+            )
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"ckpt": a.ckpt, **results}, indent=1))

@@ -30,6 +30,7 @@ STRUCTURAL_MODEL_KEYS = (
     "text_slots",
     "object_supervision",  # its training-only head is in the checkpoint's state dict
     "named_slots",
+    "slot_layout",
 )
 # Backbone arguments that change how it computes or trains, not its weights.
 NON_STRUCTURAL_MODEL_KEYS = (

@@ -68,13 +68,47 @@ def sample_images(
     try:
         feats = encode_text(captions)
         noise = make_noise((len(captions), *data_shape), int(seed), device=device)
-        null = null_condition(1, text_dim, device=device) if cfg_scale != 1.0 else None
-        x = loss.sampler(net, noise, (feats.tokens, feats.mask), steps=steps, cfg_scale=cfg_scale, null_cond=null)
+        cond, null = sampling_conditions(net, feats, text_dim, cfg_scale, int(seed), device)
+        x = loss.sampler(net, noise, cond, steps=steps, cfg_scale=cfg_scale, null_cond=null)
     finally:
         net.train(was_training)
     if next(autoencoder.parameters(), None) is not None:
         autoencoder.to(device)
     return autoencoder.decode(x.float())
+
+
+# The layout's draws must not repeat the image noise's (the same seed would give the same first numbers).
+LAYOUT_SEED_OFFSET = 0x5EED_1A70
+
+
+def sampling_conditions(
+    net: nn.Module,
+    feats: TextFeatures,
+    text_dim: int,
+    cfg_scale: float,
+    seed: int | Sequence[int],
+    device: torch.device | str,
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...] | None]:
+    """The condition every sampling step gets, and the null condition when guidance needs one. A generator with a
+    slot layout (``Generator.sampling_condition``) plans it once, before the first step, from ``seed`` (one for the
+    batch, or one per row, as the served page draws its noise)."""
+    plan = getattr(net, "sampling_condition", None)
+    tokens, mask = feats.tokens, feats.mask
+    if plan is None:  # a bare network (the bench's): text only
+        cond: tuple[Tensor, ...] = (tokens, mask)
+    elif isinstance(seed, int):
+        cond = plan(tokens, mask, _layout_draws(seed))
+    else:
+        rows = [plan(tokens[i : i + 1], mask[i : i + 1], _layout_draws(s))[2:] for i, s in enumerate(seed)]
+        cond = (tokens, mask, *(torch.cat(parts) for parts in zip(*rows))) if rows and rows[0] else (tokens, mask)
+    if cfg_scale == 1.0:
+        return cond, None
+    extra = net.empty_layout(1, device) if plan is not None else ()
+    return cond, (*null_condition(1, text_dim, device=device), *extra)
+
+
+def _layout_draws(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) + LAYOUT_SEED_OFFSET)
 
 
 class MeanFlowGenerator(nn.Module):

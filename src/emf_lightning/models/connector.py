@@ -13,6 +13,7 @@ from emf_lightning.utils.model_helpers import standardize_tokens
 
 from .attention import attention
 from .layers import sincos_1d, zero_init
+from .layout import LAYOUT_CHANNELS, LayoutPlanner
 from .norms import Float32RMSNorm
 from .slot_namer import SlotNamer
 
@@ -23,6 +24,7 @@ CONNECTOR_OPTIONS: dict[str, tuple[str, Any]] = {
     "text_refiner_layers": ("refiner_layers", 0),
     "text_slots": ("slots", 0),
     "named_slots": ("named_slots", False),
+    "slot_layout": ("layout", False),
 }
 
 
@@ -150,6 +152,10 @@ class TextConnector(nn.Module):
     RMS-normalised, instead of the slot itself: a bottleneck that makes an object the sum of one embedding per
     attribute. The namer must be taught its classes (``model.object_supervision``; :meth:`named_objects` gives
     the logits it is taught through).
+
+    With ``layout=True`` (needs ``slots``) the connector also owns a ``SlotNamer`` (which slots hold an object), a
+    ``LayoutPlanner`` (where they stand) and the map of each slot's name to the content ``paint_layout`` paints
+    there (``models.layout``); the ``Generator`` feeds the painted map to the backbone.
     """
 
     SLOT_LAYERS = 2
@@ -163,6 +169,7 @@ class TextConnector(nn.Module):
         refiner_layers: int = 0,
         slots: int = 0,
         named_slots: bool = False,
+        layout: bool = False,
     ):
         super().__init__()
         if in_dim <= 0 or out_dim <= 0:
@@ -172,6 +179,8 @@ class TextConnector(nn.Module):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if named_slots and not slots:
             raise ValueError("named_slots names the slot tokens: set slots to at least 1")
+        if layout and not slots:
+            raise ValueError("layout places the slot tokens' objects: set slots to at least 1")
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.standardize = bool(standardize)
@@ -190,9 +199,14 @@ class TextConnector(nn.Module):
             self.slot_queries = nn.Parameter(torch.randn(slots, out_dim))
             self.slot_blocks = nn.ModuleList(SlotBlock(out_dim) for _ in range(self.SLOT_LAYERS))
             self.slot_norm = Float32RMSNorm(out_dim, eps=eps)
-        if named_slots:
+        self._named_slots = bool(named_slots)
+        if named_slots or layout:
             self.slot_namer = SlotNamer(out_dim)
+        if named_slots:
             self.slot_name_embed = nn.Linear(self.slot_namer.name_width, out_dim)
+        if layout:
+            self.layout_planner = LayoutPlanner(out_dim)
+            self.layout_paint = nn.Linear(sum(self.slot_namer.sizes), LAYOUT_CHANNELS)
 
     @property
     def refiner_layers(self) -> int:
@@ -207,7 +221,18 @@ class TextConnector(nn.Module):
     @property
     def named_slots(self) -> bool:
         """Whether the backbone reads each slot's name (``SlotNamer``) instead of the slot itself."""
+        return self._named_slots
+
+    @property
+    def has_namer(self) -> bool:
+        """Whether the connector names its slots itself (``named_slots`` or ``layout``): the namer is then part of
+        the generator, taught by ``model.object_supervision``."""
         return hasattr(self, "slot_namer")
+
+    @property
+    def layout(self) -> bool:
+        """Whether the connector plans where its slots' objects stand (``models.layout``)."""
+        return hasattr(self, "layout_planner")
 
     @property
     def is_fitted(self) -> bool:
@@ -251,22 +276,48 @@ class TextConnector(nn.Module):
         """What the backbone reads: the mapped tokens [B, L, out_dim] and their mask, with the slot tokens after
         them ([B, L + slots, out_dim], mask extended with True) when the connector has slots (their names when
         ``named_slots``)."""
+        context, mask, _ = self.read(tokens, mask)
+        return context, mask
+
+    def read(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """:meth:`context` and the slot tokens it was made from ([B, K, out_dim], before naming and the final
+        norm; None without slots), for the namer and the layout."""
         out = self(tokens, mask)
         if not self.slots:
-            return out, mask
+            return out, mask, None
         slots, mask = self._read_slots(out, mask)
+        shown = slots
         if self.named_slots:
             with torch.autocast(slots.device.type, enabled=False):
-                slots = self.slot_name_embed(self.slot_namer.describe(slots))
-        return torch.cat([out, self.slot_norm(slots).to(out.dtype)], dim=1), mask
+                shown = self.slot_name_embed(self.slot_namer.describe(slots))
+        return torch.cat([out, self.slot_norm(shown).to(out.dtype)], dim=1), mask, slots
 
     def named_objects(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
         """The slot namer's reading of each slot for these captions: ([logits [B, K, n_a + 1] per attribute],
         place [B, K, 2]), what ``named_slots`` feeds the backbone and ``object_supervision`` teaches."""
-        if not self.named_slots:
-            raise ValueError("this TextConnector was built with named_slots=False")
+        if not self.has_namer:
+            raise ValueError("this TextConnector has no slot namer (built with named_slots=False, layout=False)")
         slots, _ = self._read_slots(self(tokens, mask), mask)
         return self.slot_namer(slots)
+
+    def objects_present(self, slots: Tensor) -> Tensor:
+        """[B, K] bool: the slots whose name is an object (the namer's "no object" below one half, averaged over
+        the attributes)."""
+        logits, _ = self.slot_namer(slots)
+        nothing = torch.stack([t.softmax(-1)[..., -1] for t in logits], -1).mean(-1)
+        return nothing < 0.5
+
+    def layout_content(self, slots: Tensor) -> Tensor:
+        """[B, K, LAYOUT_CHANNELS] fp32: what the layout map paints for each slot, a linear map of its name's class
+        probabilities (an unseen colour-shape pair is a new sum of seen parts)."""
+        logits, _ = self.slot_namer(slots)
+        with torch.autocast(slots.device.type, enabled=False):
+            return self.layout_paint(torch.cat([t.softmax(-1) for t in logits], -1))
+
+    def plan_layout(self, slots: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """A sampled layout for these slots: (places [B, K, 2] in [0, 1], present [B, K] bool)."""
+        present = self.objects_present(slots)
+        return self.layout_planner.sample(slots, present, generator), present
 
     def _read_slots(self, out: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The slot tokens after the slot blocks have read the mapped caption ``out`` [B, L, D] (before the final

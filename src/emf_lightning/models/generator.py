@@ -5,12 +5,14 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .connector import CONNECTOR_OPTIONS, TextConnector
 from .dit import DiT
-from .layers import Backbone
+from .layers import Backbone, zero_init
+from .layout import LAYOUT_CHANNELS, paint_layout
 from .unet import UNet
 
 # Short names for the bench, the CLI and old checkpoints: DiT's sizes as they are, U-Nets prefixed.
@@ -39,7 +41,14 @@ def build_generator(
 
 
 class Generator(nn.Module):
-    """u_theta(z, r, t | text): maps frozen text features through the connector into the backbone."""
+    """u_theta(z, r, t | text): maps frozen text features through the connector into the backbone.
+
+    With a connector that plans a layout (``TextConnector(layout=True)``) the condition is (text tokens, mask,
+    places [B, K, 2], present [B, K]): each present slot's content painted at its place (``models.layout``) goes
+    through a zero-initialised convolution into the backbone's first features. Training gives the true places of
+    the slots' objects; :meth:`sampling_condition` plans them; without them (a two-tensor condition, the null
+    condition) the map is empty.
+    """
 
     def __init__(self, connector: TextConnector, backbone: Backbone):
         super().__init__()
@@ -49,6 +58,14 @@ class Generator(nn.Module):
             )
         self.connector = connector
         self.backbone = backbone
+        if connector.layout:
+            width = getattr(backbone, "input_feature_channels", 0)
+            if not width:
+                raise ValueError(
+                    f"the slot layout is painted into a U-Net's first features; {type(backbone).__name__} takes no "
+                    "input features (use a UNet backbone, or set model.slot_layout: false)"
+                )
+            self.layout_in = zero_init(nn.Conv2d(LAYOUT_CHANNELS, width, 3, padding=1))
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, text_dim: int, **connector_options: Any) -> Generator:
@@ -66,9 +83,46 @@ class Generator(nn.Module):
         """Width of the text features the generator expects."""
         return self.connector.in_dim
 
-    def forward(self, z: Tensor, r: Tensor, t: Tensor, text_tokens: Tensor, text_mask: Tensor | None) -> Tensor:
-        """z [B, C, H, W], r/t [B], text_tokens [B, L, text_dim], text_mask [B, L] bool -> u [B, C, H, W]."""
-        return self.backbone(z, r, t, *self.connector.context(text_tokens, text_mask))
+    def forward(
+        self,
+        z: Tensor,
+        r: Tensor,
+        t: Tensor,
+        text_tokens: Tensor,
+        text_mask: Tensor | None,
+        places: Tensor | None = None,
+        present: Tensor | None = None,
+    ) -> Tensor:
+        """z [B, C, H, W], r/t [B], text_tokens [B, L, text_dim], text_mask [B, L] bool, and with a layout places
+        [B, K, 2] and present [B, K] bool -> u [B, C, H, W]."""
+        if not self.connector.layout:
+            if places is not None:
+                raise ValueError("places given to a generator without a slot layout")
+            return self.backbone(z, r, t, *self.connector.context(text_tokens, text_mask))
+        context, mask, slots = self.connector.read(text_tokens, text_mask)
+        if places is None:
+            places, present = self.empty_layout(z.shape[0], z.device)
+        painted = paint_layout(places.float(), present, self.connector.layout_content(slots), tuple(z.shape[-2:]))
+        return self.backbone(z, r, t, context, mask, input_features=self.layout_in(painted.to(z.dtype)))
+
+    def empty_layout(self, batch: int, device: torch.device | str | None = None) -> tuple[Tensor, ...]:
+        """The layout part of a condition that places nothing ((places, present) with no slot present); () for a
+        generator without a slot layout. The null condition of a layout generator ends with it."""
+        if not self.connector.layout:
+            return ()
+        k = self.connector.slots
+        return torch.full((batch, k, 2), 0.5, device=device), torch.zeros(batch, k, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def sampling_condition(
+        self, text_tokens: Tensor, text_mask: Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, ...]:
+        """The condition sampling gives every step: (tokens, mask), plus a layout the connector plans from
+        ``generator`` when it has one (the same state gives the same layout)."""
+        if not self.connector.layout:
+            return text_tokens, text_mask
+        _, _, slots = self.connector.read(text_tokens, text_mask)
+        return (text_tokens, text_mask, *self.connector.plan_layout(slots, generator))
 
     def copy_time_embedder_to_interval(self) -> None:
         """EMF fine-tuning recipe: start the interval (t - r) embedder from the trained t embedder."""

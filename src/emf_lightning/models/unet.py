@@ -285,11 +285,27 @@ class UNet(Backbone):
         pooled = self.context_embedder(masked_mean(context, mask))
         return self.t_embedder(t) + self.interval_embedder(t - r) + pooled
 
-    def forward(self, x: Tensor, r: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
-        """Average velocity over [r, t]; shapes as :meth:`DiT.forward`."""
+    @property
+    def input_feature_channels(self) -> int:
+        """Channels of the ``input_features`` :meth:`forward` adds to its first features (a generator's layout)."""
+        return self.input_conv.out_channels
+
+    def forward(
+        self,
+        x: Tensor,
+        r: Tensor,
+        t: Tensor,
+        context: Tensor,
+        context_mask: Tensor | None = None,
+        input_features: Tensor | None = None,
+    ) -> Tensor:
+        """Average velocity over [r, t]; shapes as :meth:`DiT.forward`. ``input_features`` [B,
+        input_feature_channels, H, W], when given, are added to the input convolution's output."""
         self.check_inputs(x, r, t, context)
         c = self.conditioning(r, t, context, context_mask)
         h = self.input_conv(x.contiguous(memory_format=torch.channels_last))
+        if input_features is not None:
+            h = h + input_features.contiguous(memory_format=torch.channels_last)
         skips = [h]
         for block in self.down:
             h = block(h) if isinstance(block, nn.Conv2d) else block(h, c, context, context_mask)

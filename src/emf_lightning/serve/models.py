@@ -18,7 +18,8 @@ from torch import nn
 
 from emf_lightning.autoencoders import LatentAutoencoder
 from emf_lightning.encoders.base import TextFeatures
-from emf_lightning.meanflow import Objective, encode_with_null, make_noise, null_condition
+from emf_lightning.inference import sampling_conditions
+from emf_lightning.meanflow import Objective, encode_with_null, make_noise
 from emf_lightning.utils.images import to_uint8
 
 
@@ -66,10 +67,10 @@ class ServedModel:
         """uint8 images [B, H, W, 3], row i from captions[i] and the noise of seeds[i]."""
         feats = self.encode_text(list(captions))
         noise = torch.cat([make_noise((1, *self.data_shape), int(seed), device=self.device) for seed in seeds])
-        null = null_condition(1, self.text_dim, device=self.device) if cfg_scale != 1.0 else None
-        x = self.loss.sampler(
-            self.net, noise, (feats.tokens, feats.mask), steps=steps, cfg_scale=cfg_scale, null_cond=null
+        cond, null = sampling_conditions(
+            self.net, feats, self.text_dim, cfg_scale, [int(s) for s in seeds], self.device
         )
+        x = self.loss.sampler(self.net, noise, cond, steps=steps, cfg_scale=cfg_scale, null_cond=null)
         return to_uint8(self.autoencoder.decode(x.float()))
 
 

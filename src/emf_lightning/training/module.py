@@ -36,7 +36,7 @@ from emf_lightning.models.slot_namer import SlotNamer
 from emf_lightning.training.checkpoint_format import FORMAT_KEY, FORMAT_VERSION, module_hyperparameters
 from emf_lightning.training.ema import ema_decay_at, make_ema_copy, update_ema
 from emf_lightning.training.init_from import load_generator_weights
-from emf_lightning.training.object_supervision import object_set_loss
+from emf_lightning.training.object_supervision import matched_places, object_set_loss
 from emf_lightning.training.optim import OptimConfig
 from emf_lightning.training.sharding import grad_norm, is_sharded, max_abs, shard_generator
 from emf_lightning.training.strategies import check_strategy
@@ -105,6 +105,11 @@ class EMFModule(pl.LightningModule):
             connector's own ``SlotNamer``) instead of the slot (``TextConnector(named_slots=True)``): an object
             becomes a sum of one embedding per attribute. Needs ``object_supervision`` > 0, which then teaches the
             connector's namer; off by default.
+        slot_layout: the connector plans where each slot's object stands and the backbone (a U-Net) is shown each
+            object's name painted at its place (``models.layout``; ``TextConnector(layout=True)``). In training the
+            layout is the true places of the objects the slots are matched to, and the planner learns to sample
+            them (its flow-matching loss joins the ``object_supervision`` term, which it needs); at sampling the
+            planner draws it. Off by default.
         max_weight_abs: after every optimiser step, training stops (``NonFiniteLossError``, before any checkpoint
             callback runs) when a weight of the generator or its EMA copy is NaN, infinite or larger than this in
             magnitude: a diverging run never checkpoints exploded weights. The default is far above what normal
@@ -131,6 +136,7 @@ class EMFModule(pl.LightningModule):
         text_slots: int = 0,
         object_supervision: float = 0.0,
         named_slots: bool = False,
+        slot_layout: bool = False,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -181,9 +187,10 @@ class EMFModule(pl.LightningModule):
             text_refiner_layers=text_refiner_layers,
             text_slots=text_slots,
             named_slots=named_slots,
+            slot_layout=slot_layout,
         )
         self.ema_generator = make_ema_copy(self.generator)
-        self.slot_object_head = self._slot_object_head(object_supervision, text_slots, named_slots)
+        self.slot_object_head = self._slot_object_head(object_supervision, text_slots, named_slots, slot_layout)
         self.objects_skipped: Counter = Counter()  # object_supervision's samples left out, by reason
         # The training step's network: compiled lazily (at the first step) when asked for.
         object.__setattr__(self, "_train_net", None)
@@ -194,15 +201,20 @@ class EMFModule(pl.LightningModule):
         self._schedule_total: int | None = None
         self._restored = False  # set when weights come from a checkpoint (resume / load_from_checkpoint)
 
-    def _slot_object_head(self, weight: float, slots: int, named: bool) -> SlotNamer | None:
+    def _slot_object_head(self, weight: float, slots: int, named: bool, layout: bool) -> SlotNamer | None:
         """The training-only namer of ``object_supervision``, after checking its settings; None when the term is
-        off or when the connector names its own slots (``named_slots``)."""
+        off or when the connector names its own slots (``named_slots``, ``slot_layout``)."""
         if weight < 0:
             raise ConfigError(f"model.object_supervision must be >= 0 (0 = off), got {weight}")
         if named and not weight:
             raise ConfigError(
                 "model.named_slots feeds the backbone the names of the slots, which only model.object_supervision "
                 "teaches: set model.object_supervision > 0 (0.5 in docs/composition_2026-12-06.md)"
+            )
+        if layout and not weight:
+            raise ConfigError(
+                "model.slot_layout places the objects the slots name, which only model.object_supervision teaches "
+                "(and supplies the places): set model.object_supervision > 0 (0.1 in configs/compose_layout.yaml)"
             )
         if not weight:
             return None
@@ -211,7 +223,7 @@ class EMFModule(pl.LightningModule):
                 "model.object_supervision trains the connector's slot tokens: set model.text_slots to at least "
                 "the largest number of objects in a scene (4 in the shapes world)"
             )
-        return None if named else SlotNamer(self.generator.connector.out_dim)
+        return None if self.generator.connector.has_namer else SlotNamer(self.generator.connector.out_dim)
 
     @property
     def encoder(self) -> TextEncoder:
@@ -458,6 +470,15 @@ class EMFModule(pl.LightningModule):
         feats = self.batch_text_features(batch)
         cond = (feats.tokens.to(images.dtype), feats.mask)
         null = null_condition(1, self.encoder.dim, device=images.device, dtype=cond[0].dtype)
+        supervise = train and bool(self.hparams.object_supervision)
+        connector = (self.generator if train else self.ema_generator).connector
+        metas = batch.get("meta") or [None] * images.shape[0]
+        if supervise or connector.layout:
+            logits, place, slots = self.read_slot_names(connector, *cond)
+        if connector.layout:
+            # The backbone is shown the true places of the objects the slots are matched to (teacher forcing).
+            layout = matched_places(logits, place, metas)
+            cond, null = (*cond, *layout), (*null, *self.generator.empty_layout(1, images.device))
         drop_mask = None if train else torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
         try:
             loss, stats = self.loss_fn(
@@ -467,29 +488,42 @@ class EMFModule(pl.LightningModule):
             if train:
                 self._fail_nonfinite(f"loss ({err})", batch)
             raise
-        if train and self.hparams.object_supervision:
-            objects, object_stats = self.object_loss(cond, batch)
+        if supervise:
+            objects, object_stats = self.object_loss(logits, place, metas)
+            if connector.layout:
+                planning = connector.layout_planner.loss(*layout, slots.detach(), generator)
+                objects = objects + planning
+                object_stats["layout_flow"] = planning.detach()
             loss = loss + self.hparams.object_supervision * objects
             stats = {**stats, **object_stats}
         return loss, stats
 
-    def object_loss(self, cond: tuple[Tensor, Tensor], batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """``object_supervision``'s term: the names of the slot tokens the backbone reads for the batch's captions
-        (the generator's own connector, never a dropped caption's null condition) against the scenes' objects."""
-        logits, place = self.name_slots(self.generator.connector, *cond)
-        loss, stats, skipped = object_set_loss(logits, place, batch.get("meta") or [None] * len(place))
+    def object_loss(
+        self, logits: list[Tensor], place: Tensor, metas: Sequence[Any]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``object_supervision``'s term: the names of the generator's slot tokens for the batch's captions (never
+        a dropped caption's null condition) against the scenes' objects; skipped samples are counted."""
+        loss, stats, skipped = object_set_loss(logits, place, metas)
         self.objects_skipped.update(skipped)
         stats["objects_skipped"] = torch.tensor(float(sum(self.objects_skipped.values())))
         return loss, stats
 
-    def name_slots(self, connector: nn.Module, tokens: Tensor, mask: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    def read_slot_names(
+        self, connector: nn.Module, tokens: Tensor, mask: Tensor | None
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
         """What ``connector``'s (the generator's or its EMA copy's) slot tokens name for these captions: (logits
-        [B, K, n_a + 1] per attribute, place [B, K, 2]), from the connector's own namer (``named_slots``) or the
-        training-only ``slot_object_head``."""
-        if connector.named_slots:
-            return connector.named_objects(tokens, mask)
-        context, _ = connector.context(tokens, mask)
-        return self.slot_object_head(context[:, -connector.slots :])
+        [B, K, n_a + 1] per attribute, place [B, K, 2], the slots [B, K, D]). The connector's own namer
+        (``named_slots``, ``slot_layout``) reads the slots, the training-only ``slot_object_head`` the slot tokens
+        as the backbone reads them."""
+        context, _, slots = connector.read(tokens, mask)
+        if connector.has_namer:
+            return *connector.slot_namer(slots), slots
+        return *self.slot_object_head(context[:, -connector.slots :]), slots
+
+    def name_slots(self, connector: nn.Module, tokens: Tensor, mask: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        """:meth:`read_slot_names` without the slots: (logits per attribute, place)."""
+        logits, place, _ = self.read_slot_names(connector, tokens, mask)
+        return logits, place
 
     def model_inputs(self, batch: dict[str, Any]) -> Tensor:
         """What the generator models for this batch: its images in pixel space, else its cached latents

@@ -6,7 +6,9 @@ cross-attention head reads the binding out of those tokens almost perfectly (doc
 Slot tokens (``model.text_slots``) can carry that one-token-per-object format, but the denoising loss alone does not
 teach it to them. With ``model.object_supervision: w`` each slot also learns to name one object of the caption's
 scene (its colour, shape and size, and where it stands), the slots matched to the objects by the assignment of
-least cost (the set loss of DETR: slot order is free), the unmatched slots naming "no object". The slots still
+least cost (the set loss of DETR: slot order is free), the unmatched slots naming "no object". With
+``model.slot_layout`` the matched objects' places are also the layout the backbone is shown in training
+(:func:`matched_places`) and what the connector's layout planner learns to sample. The slots still
 read only the caption, so sampling needs nothing but a prompt. The slots are named by a ``SlotNamer``: a
 training-only one outside the generator, its EMA copy and its exports (``EMFModule.slot_object_head``), or, with
 ``model.named_slots``, the connector's own, whose names the backbone then reads instead of the slots.
@@ -98,7 +100,7 @@ def object_set_loss(
         zero = sum(t.sum() for t in logits) * 0.0 + place.sum() * 0.0
         return zero, {"objects_rows": torch.tensor(0.0)}, skipped
     logits, place = [t[rows] for t in logits], place[rows]
-    wanted, place_target, matched = assign_slots(logits, place, targets)
+    wanted, place_target, matched, _ = assign_slots(logits, place, targets)
     naming = sum(F.cross_entropy(t.flatten(0, 1), wanted[..., a].flatten()) for a, t in enumerate(logits))
     placing = (place - place_target).abs().sum(-1)[matched].mean()
     with torch.no_grad():
@@ -113,11 +115,33 @@ def object_set_loss(
     return naming + placing, stats, skipped
 
 
-def assign_slots(logits: Sequence[Tensor], place: Tensor, targets: ObjectTargets) -> tuple[Tensor, Tensor, Tensor]:
+@torch.no_grad()
+def matched_places(
+    logits: Sequence[Tensor], place: Tensor, metas: Sequence[Mapping[str, Any] | None]
+) -> tuple[Tensor, Tensor]:
+    """Where each slot's matched object stands, for ``model.slot_layout``'s training (the layout the backbone is
+    shown, and the planner's target): (places [B, K, 2] in [0, 1], present [B, K] bool). Slots are matched as in
+    :func:`object_set_loss`; unmatched slots and rows without usable objects are not present (their place is the
+    image centre)."""
+    targets, _ = object_targets(metas, place.shape[1])
+    rows = targets.rows.to(place.device)
+    places = torch.full(place.shape, 0.5, device=place.device)
+    present = torch.zeros(place.shape[:2], dtype=torch.bool, device=place.device)
+    if bool(rows.any()):
+        _, row_places, matched, _ = assign_slots([t[rows] for t in logits], place[rows], targets)
+        places[rows] = torch.where(matched[..., None], row_places, places[rows])
+        present[rows] = matched
+    return places, present
+
+
+def assign_slots(
+    logits: Sequence[Tensor], place: Tensor, targets: ObjectTargets
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The set loss's targets for the rows with objects (``logits`` and ``place`` already restricted to
     ``targets.rows``): what each slot should name [b, K, A] (its matched object's classes, else "no object"), the
-    place it should give [b, K, 2], and which slots are matched [b, K]. Slots are matched to objects at least
-    cost: the negative log-likelihood of the object's attributes plus the L1 place error."""
+    place it should give [b, K, 2], which slots are matched [b, K], and the index of each slot's object in the
+    scene [b, K] (-1 when unmatched). Slots are matched to objects at least cost: the negative log-likelihood of
+    the object's attributes plus the L1 place error."""
     device = place.device
     classes, where, valid = (t[targets.rows].to(device) for t in targets[:3])
     b, k, m = place.shape[0], place.shape[1], classes.shape[1]
@@ -127,12 +151,14 @@ def assign_slots(logits: Sequence[Tensor], place: Tensor, targets: ObjectTargets
     wanted = torch.stack([torch.full((b, k), t.shape[-1] - 1, device=device) for t in logits], -1)
     matched = torch.zeros(b, k, dtype=torch.bool, device=device)
     place_target = torch.zeros_like(place)
+    slot_objects = torch.full((b, k), -1, dtype=torch.long, device=device)
     for i, (s, o) in enumerate(match_slots(cost, valid)):
         s, o = torch.as_tensor(s, device=device), torch.as_tensor(o, device=device)
         wanted[i, s] = classes[i, o]
         place_target[i, s] = where[i, o]
         matched[i, s] = True
-    return wanted, place_target, matched
+        slot_objects[i, s] = o
+    return wanted, place_target, matched, slot_objects
 
 
 def match_slots(cost: Tensor, valid: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -1,0 +1,109 @@
+"""Where each object stands: a layout planned from the slot tokens, painted as a map the backbone reads.
+
+Why. On whole scenes the one-step U-Net draws the right objects but puts them anywhere: position stayed at or below
+0.16 at one step in every run of docs/composition_2026-12-06.md, the oracle's exact scene features included. To
+place "a red circle left of a blue square" in one pass the network must decide both objects' places together from
+noise. A layout takes that decision out of the image model, as layout-to-image models (GLIGEN) and planners that
+ask a language model for boxes first (LLM-grounded diffusion) do:
+
+- ``LayoutPlanner``: a small flow-matching model over the K slots' places (x, y), conditioned on the slot tokens
+  and reading the other slots through self-attention (the relation is between objects). Trained on the places of
+  the objects the slots are matched to (``training.object_supervision``); sampled in ``LAYOUT_STEPS`` Euler steps of
+  a network on K tokens, a negligible cost beside one step of the backbone. It samples: two objects that the
+  caption does not relate get two different places, where a regression of the place would put both at the mean.
+- ``paint_layout``: each present slot's content (a linear map of its name, so an unseen colour-shape pair is a new
+  sum of seen parts) as a Gaussian blob at its place; ``[B, C, H, W]``, added to the backbone's first features.
+
+In training the map is painted at the true places of the matched objects (teacher forcing); at sampling at the
+planner's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .layers import TimestepEmbedder
+
+# Euler steps of the planner's flow at sampling (K tokens, a few thousand multiply-adds each).
+LAYOUT_STEPS = 16
+# Channels of the painted map, and the blobs' standard deviation as a fraction of the image side (objects are
+# 0.25-0.42 of the side in the shapes world; the blob marks the centre, the backbone draws the extent).
+LAYOUT_CHANNELS = 16
+LAYOUT_SIGMA = 0.08
+
+
+def fourier_places(places: Tensor, frequencies: int = 4) -> Tensor:
+    """[..., 2] in about [-1, 1] -> [..., 2 + 4 * frequencies]: each coordinate, then sin and cos of it at octave
+    frequencies (pi / 2 to 4 pi at the default: a noisy place far outside [-1, 1] still reads smoothly)."""
+    scales = (2.0 ** torch.arange(frequencies, device=places.device, dtype=places.dtype)) * (math.pi / 2)
+    angles = places[..., None] * scales  # [..., 2, F]
+    return torch.cat([places, torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)], dim=-1)
+
+
+class LayoutPlanner(nn.Module):
+    """v(z, t | slots, present) for the slots' places: a flow from N(0, 1) (t = 1) to the places (t = 0), in
+    centred coordinates 2 * place - 1. Absent slots (``present`` False) neither move nor are read by the others."""
+
+    def __init__(self, slot_dim: int, width: int = 64, layers: int = 2, heads: int = 4, frequencies: int = 4):
+        super().__init__()
+        self.frequencies = frequencies
+        self.slot_in = nn.Sequential(nn.LayerNorm(slot_dim), nn.Linear(slot_dim, width))
+        self.place_in = nn.Linear(2 + 4 * frequencies, width)
+        # t in [0, 1] scaled as diffusion timesteps: the planner has no JVP, so the scale costs nothing here.
+        self.t_embedder = TimestepEmbedder(width, 64, scale=1000.0)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=2 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2))
+
+    def velocity(self, z: Tensor, t: Tensor, slots: Tensor, present: Tensor) -> Tensor:
+        """z [B, K, 2] (centred places on the path), t [B], slots [B, K, D], present [B, K] bool -> [B, K, 2]."""
+        h = self.slot_in(slots) + self.place_in(fourier_places(z, self.frequencies)) + self.t_embedder(t)[:, None]
+        # A row without a present slot reads all of them (its output is unused): never an all-masked softmax.
+        ignore = ~present & present.any(1, keepdim=True)
+        return self.out(self.blocks(h, src_key_padding_mask=ignore))
+
+    def loss(self, places: Tensor, present: Tensor, slots: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Flow matching on the present slots' places [B, K, 2] in [0, 1]: the mean squared error of the velocity
+        (0 with a gradient path when no slot is present)."""
+        x = 2.0 * places.float() - 1.0
+        e = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        t = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+        z = (1.0 - t[:, None, None]) * x + t[:, None, None] * e
+        err = (self.velocity(z, t, slots.float(), present) - (e - x)).pow(2).sum(-1)
+        return err[present].mean() if bool(present.any()) else err.sum() * 0.0
+
+    @torch.no_grad()
+    def sample(
+        self, slots: Tensor, present: Tensor, generator: torch.Generator | None = None, steps: int = LAYOUT_STEPS
+    ) -> Tensor:
+        """Places [B, K, 2] in [0, 1] for the slots (absent slots get the image centre); the same generator state
+        gives the same layout."""
+        b, k = present.shape
+        draw_on = generator.device if generator is not None else slots.device  # a CPU seed: the same on any device
+        z = torch.randn(b, k, 2, generator=generator, device=draw_on, dtype=torch.float32).to(slots.device)
+        grid = torch.linspace(1.0, 0.0, steps + 1, device=slots.device)
+        for t_i, t_next in zip(grid[:-1], grid[1:]):
+            z = z - (t_i - t_next) * self.velocity(z, t_i.expand(b), slots.float(), present)
+        places = ((z + 1.0) / 2.0).clamp(0.0, 1.0)
+        return torch.where(present[..., None], places, torch.full_like(places, 0.5))
+
+
+def paint_layout(
+    places: Tensor, present: Tensor, content: Tensor, size: tuple[int, int], sigma: float = LAYOUT_SIGMA
+) -> Tensor:
+    """Sum over the present slots of content [B, K, C] times a Gaussian of std ``sigma`` (fraction of the side) at
+    places [B, K, 2] ((x, y) in [0, 1], x to the right, y down), sampled at pixel centres -> [B, C, H, W]."""
+    h, w = size
+    ys = (torch.arange(h, device=places.device, dtype=places.dtype) + 0.5) / h
+    xs = (torch.arange(w, device=places.device, dtype=places.dtype) + 0.5) / w
+    dy = (ys[None, None, :] - places[..., 1:2]) ** 2  # [B, K, H]
+    dx = (xs[None, None, :] - places[..., 0:1]) ** 2  # [B, K, W]
+    blobs = torch.exp(-(dy[..., :, None] + dx[..., None, :]) / (2 * sigma**2))  # [B, K, H, W]
+    blobs = blobs * present[..., None, None].to(blobs.dtype)
+    return torch.einsum("bkhw,bkc->bchw", blobs, content.to(blobs.dtype))
