@@ -408,3 +408,14 @@ def test_the_encoder_a_leaf_config_names_follows_its_extends_chain(tmp_path):
     assert encoder_spec_in(CONFIGS / "base" / "shapes_cpu.yaml") is None
     with pytest.raises(SystemExit, match="no encoder class_path in .*shapes_cpu.yaml"):
         spec_from_file(CONFIGS / "base" / "shapes_cpu.yaml")
+
+
+def test_bf16_autocast_on_a_cpu_without_native_bf16_trains_in_float32(capsys):
+    from emf_lightning.lightning_cli import cpu_precision
+
+    assert cpu_precision("bf16-mixed", "cpu", bf16_native=False) == "32-true"
+    assert "has no native bf16" in capsys.readouterr().err
+    assert cpu_precision("bf16-mixed", "cpu", bf16_native=True) == "bf16-mixed"
+    for other in ("32-true", "16-mixed", None):
+        assert cpu_precision(other, "cpu", bf16_native=False) == other
+    assert capsys.readouterr().err == ""

@@ -65,6 +65,8 @@ class EMFLightningCLI(LightningCLI):
             raise DryRunFinished
         trainer = self.config[self.subcommand].get("trainer") or {}
         check_accelerator(trainer.get("accelerator"))
+        if trainer:
+            trainer["precision"] = cpu_precision(trainer.get("precision"), trainer.get("accelerator"))
 
     def after_instantiate_classes(self) -> None:
         """With a checkpoint: the built model must have its parameter shapes (e.g. the encoder's width).
@@ -87,6 +89,30 @@ def check_accelerator(accelerator: Any) -> None:
             f"trainer.accelerator is {accelerator!r} but this machine has no CUDA GPU "
             "(torch.cuda.is_available() is False): set --trainer.accelerator=cpu (or auto)"
         )
+
+
+def cpu_precision(precision: Any, accelerator: Any, bf16_native: bool | None = None) -> Any:
+    """``precision``, except bf16 autocast on a CPU without native bf16 arithmetic (no AVX512-BF16 or AMX: oneDNN
+    emulates it), which becomes "32-true" with a warning: there a bf16 convolution runs about 4x slower than an fp32
+    one and saves no memory worth having at CPU sizes. ``bf16_native``: whether the CPU has it (None: ask oneDNN)."""
+    import torch
+
+    if str(precision) not in ("bf16-mixed", "bf16") or torch.cuda.is_available() and accelerator != "cpu":
+        return precision
+    if bf16_native is None:
+        try:
+            bf16_native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a build without oneDNN: leave the choice alone
+            return precision
+    if bf16_native:
+        return precision
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(
+        f"trainer.precision {precision} -> 32-true: this CPU ({capability}) has no native bf16, where bf16 autocast "
+        "is several times slower than float32",
+        file=sys.stderr,
+    )
+    return "32-true"
 
 
 @rank_zero_only
