@@ -169,7 +169,7 @@ def test_named_slots_give_the_backbone_each_slot_s_name_and_nothing_else():
     assert context.shape == (2, 8, 32) and context_mask.shape == (2, 8) and connector.named_slots
     torch.testing.assert_close(context[:, :5], connector(x, mask))  # the caption's tokens are untouched
     # the slot tokens are the names (class probabilities, then place) mapped to the width and normalised
-    logits, place = connector.named_objects(x, mask)
+    logits, place = connector.slot_namer(connector.read(x, mask)[2])
     names = torch.cat([*(t.softmax(-1) for t in logits), place], -1)
     torch.testing.assert_close(context[:, 5:], connector.slot_norm(connector.slot_name_embed(names)))
     assert not torch.allclose(context[0, 5:], context[1, 5:], atol=1e-3)  # the captions' names differ
@@ -184,8 +184,7 @@ def test_named_slots_give_the_backbone_each_slot_s_name_and_nothing_else():
 def test_named_slots_are_checked_and_a_structural_key():
     with pytest.raises(ValueError, match="named_slots names the slot tokens"):
         TextConnector(8, 32, named_slots=True)
-    with pytest.raises(ValueError, match="named_slots=False"):
-        TextConnector(8, 32, slots=2).named_objects(torch.randn(1, 3, 8))
+    assert not TextConnector(8, 32, slots=2).has_namer  # free slots: the module's training-only head names them
     with pytest.raises(ConfigError, match="model.object_supervision > 0"):
         tiny_module(text_slots=4, named_slots=True)
     assert is_structural("named_slots")

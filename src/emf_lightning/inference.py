@@ -98,9 +98,9 @@ def sampling_conditions(
         cond: tuple[Tensor, ...] = (tokens, mask)
     elif isinstance(seed, int):
         cond = plan(tokens, mask, _layout_draws(seed))
-    else:
-        rows = [plan(tokens[i : i + 1], mask[i : i + 1], _layout_draws(s))[2:] for i, s in enumerate(seed)]
-        cond = (tokens, mask, *(torch.cat(parts) for parts in zip(*rows))) if rows and rows[0] else (tokens, mask)
+    else:  # each row planned alone, as its noise is drawn
+        rows = [plan(tokens[i : i + 1], mask[i : i + 1], _layout_draws(s)) for i, s in enumerate(seed)]
+        cond = tuple(torch.cat(parts) for parts in zip(*rows))
     if cfg_scale == 1.0:
         return cond, None
     extra = net.empty_layout(1, device) if plan is not None else ()

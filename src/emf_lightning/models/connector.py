@@ -150,8 +150,8 @@ class TextConnector(nn.Module):
     With ``named_slots=True`` (needs ``slots``) each slot passes through a ``SlotNamer`` (colour, shape and size
     probabilities, and place) and the backbone reads that name, mapped linearly to the context width and
     RMS-normalised, instead of the slot itself: a bottleneck that makes an object the sum of one embedding per
-    attribute. The namer must be taught its classes (``model.object_supervision``; :meth:`named_objects` gives
-    the logits it is taught through).
+    attribute. The namer must be taught its classes (``model.object_supervision``, through the slots
+    :meth:`read` returns).
 
     With ``layout=True`` (needs ``slots``) the connector also owns a ``SlotNamer`` (which slots hold an object), a
     ``LayoutPlanner`` (where they stand) and the map of each slot's name to the content ``paint_layout`` paints
@@ -292,27 +292,17 @@ class TextConnector(nn.Module):
                 shown = self.slot_name_embed(self.slot_namer.describe(slots))
         return torch.cat([out, self.slot_norm(shown).to(out.dtype)], dim=1), mask, slots
 
-    def named_objects(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
-        """The slot namer's reading of each slot for these captions: ([logits [B, K, n_a + 1] per attribute],
-        place [B, K, 2]), what ``named_slots`` feeds the backbone and ``object_supervision`` teaches."""
-        if not self.has_namer:
-            raise ValueError("this TextConnector has no slot namer (built with named_slots=False, layout=False)")
-        slots, _ = self._read_slots(self(tokens, mask), mask)
-        return self.slot_namer(slots)
-
     def objects_present(self, slots: Tensor) -> Tensor:
         """[B, K] bool: the slots whose name is an object (the namer's "no object" below one half, averaged over
         the attributes)."""
-        logits, _ = self.slot_namer(slots)
-        nothing = torch.stack([t.softmax(-1)[..., -1] for t in logits], -1).mean(-1)
+        nothing = torch.stack([p[..., -1] for p in self.slot_namer.probabilities(slots)], -1).mean(-1)
         return nothing < 0.5
 
     def layout_content(self, slots: Tensor) -> Tensor:
         """[B, K, LAYOUT_CHANNELS] fp32: what the layout map paints for each slot, a linear map of its name's class
         probabilities (an unseen colour-shape pair is a new sum of seen parts)."""
-        logits, _ = self.slot_namer(slots)
         with torch.autocast(slots.device.type, enabled=False):
-            return self.layout_paint(torch.cat([t.softmax(-1) for t in logits], -1))
+            return self.layout_paint(torch.cat(self.slot_namer.probabilities(slots), -1))
 
     def plan_layout(self, slots: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """A sampled layout for these slots: (places [B, K, 2] in [0, 1], present [B, K] bool)."""

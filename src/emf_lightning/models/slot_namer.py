@@ -44,6 +44,11 @@ class SlotNamer(nn.Module):
             slots = slots.float()
             return list(self.classify(slots).split(self.sizes, dim=-1)), torch.sigmoid(self.place(slots))
 
+    def probabilities(self, slots: Tensor) -> list[Tensor]:
+        """slots [B, K, D] -> [probabilities [B, K, n_a + 1] per attribute] fp32, "no object" last."""
+        logits, _ = self(slots)
+        return [t.softmax(-1) for t in logits]
+
     def describe(self, slots: Tensor) -> Tensor:
         """slots [B, K, D] -> [B, K, name_width] fp32: each attribute's class probabilities, then the place."""
         logits, place = self(slots)
