@@ -15,11 +15,13 @@ from emf_lightning.errors import ConfigError
 from emf_lightning.inference import MeanFlowGenerator, sampling_conditions
 from emf_lightning.models.connector import TextConnector
 from emf_lightning.models.generator import Generator
-from emf_lightning.models.layout import LayoutPlanner, paint_layout
+from emf_lightning.models.layout import RELATIONS, LayoutPlanner, SlotRelations, paint_layout
 from emf_lightning.training import EMFModule
-from emf_lightning.training.object_supervision import matched_places
+from emf_lightning.training.object_supervision import ATTRIBUTES, NOT_JUDGED, matched_layout, relation_loss
 
 from helpers import quiet_trainer, tiny_backbone, tiny_module, tiny_unet, write_shapes_shards
+
+NONE = len(RELATIONS)
 
 
 def layout_module(**overrides):
@@ -129,6 +131,11 @@ def test_the_layout_needs_a_u_net_object_supervision_and_slots():
         plain = Generator(TextConnector(6, 32), tiny_unet())
         plain(torch.randn(1, 3, 16, 16), torch.zeros(1), torch.ones(1), torch.randn(1, 2, 6), None, torch.rand(1, 1, 2))
     assert is_structural("slot_layout")
+    with pytest.raises(ValueError, match="set layout=True"):
+        TextConnector(6, 32, slots=2, relations=True)
+    with pytest.raises(ConfigError, match="set model.slot_layout: true as well"):
+        tiny_module(backbone=tiny_unet(), text_slots=4, object_supervision=0.5, slot_relations=True)
+    assert is_structural("slot_relations")
 
 
 def _shapes_data(tmp_path):
@@ -144,7 +151,7 @@ def test_training_shows_the_true_places_of_the_matched_objects_and_teaches_the_p
     assert module.slot_object_head is None  # the connector's namer is taught
     feats = module.batch_text_features(batch)
     logits, place = module.name_slots(module.generator.connector, feats.tokens, feats.mask)
-    places, present = matched_places(logits, place, batch["meta"])
+    places, present, _, _ = matched_layout(logits, place, batch["meta"])
     for row, meta in enumerate(batch["meta"]):  # every object of each scene is shown at its own place
         shown = sorted(places[row][present[row]].tolist())
         want = torch.tensor(sorted([o["x"], o["y"]] for o in meta["objects"]))
@@ -158,11 +165,12 @@ def test_training_shows_the_true_places_of_the_matched_objects_and_teaches_the_p
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
-def test_a_layout_model_samples_by_seed_and_survives_checkpoint_and_export(tmp_path):
+@pytest.mark.parametrize("relations", [False, True])
+def test_a_layout_model_samples_by_seed_and_survives_checkpoint_and_export(tmp_path, relations):
     from emf_lightning.commands.export import export
 
     dm, _ = _shapes_data(tmp_path)
-    module = layout_module()
+    module = layout_module(slot_relations=relations)
     trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     ckpt = tmp_path / "last.ckpt"
@@ -172,6 +180,7 @@ def test_a_layout_model_samples_by_seed_and_survives_checkpoint_and_export(tmp_p
     assert torch.equal(module.generate(captions, steps=1, seed=3), want)
     reloaded = EMFModule.load_from_checkpoint(ckpt)
     assert reloaded.ema_generator.connector.layout
+    assert reloaded.ema_generator.connector.relations == relations
     assert torch.equal(reloaded.generate(captions, steps=1, seed=3), want)
     exported = MeanFlowGenerator.from_pretrained(export(reloaded, tmp_path / "export", global_step=3))
     assert torch.equal(exported.generate(captions, steps=1, seed=3), want)
@@ -196,3 +205,128 @@ def test_per_row_seeds_plan_each_row_as_it_would_be_planned_alone():
     batch_seed, _ = sampling_conditions(net, feats, 6, 1.0, 5, "cpu")
     other_seed, _ = sampling_conditions(net, feats, 6, 1.0, 6, "cpu")
     assert not torch.equal(batch_seed[2], other_seed[2])
+
+
+def _naming_logits(slot_names: list[list[dict | None]]) -> list[torch.Tensor]:
+    """Logits per attribute [B, K, n + 1] under which each slot names the given object (None: "no object")."""
+    b, k = len(slot_names), len(slot_names[0])
+    logits = [torch.zeros(b, k, len(vocab) + 1) for _, vocab in ATTRIBUTES]
+    for i, row in enumerate(slot_names):
+        for j, obj in enumerate(row):
+            for a, (name, vocab) in enumerate(ATTRIBUTES):
+                logits[a][i, j, vocab.index(obj[name]) if obj else len(vocab)] = 10.0
+    return logits
+
+
+def test_relation_targets_are_the_stated_relation_both_ways_and_none_between_other_matched_objects():
+    red = {"color": "red", "shape": "circle", "size": "large", "x": 0.2, "y": 0.5}
+    blue = {"color": "blue", "shape": "square", "size": "small", "x": 0.8, "y": 0.5}
+    metas = [
+        {"objects": [red, blue], "relations": [{"a": 0, "rel": "left of", "b": 1}]},
+        {"objects": [red, blue]},  # two objects, no relation stated
+        {"objects": [red, blue], "relations": [{"a": 0, "rel": "near", "b": 1}]},  # unknown: not judged
+        None,  # no objects: nothing present, nothing judged
+    ]
+    # slot 2 names the red circle, slot 0 the blue square, slot 1 nothing
+    logits = _naming_logits([[blue, None, red]] * 4)
+    layout = matched_layout(logits, torch.full((4, 3, 2), 0.5), metas)
+    left, right = RELATIONS.index("left of"), RELATIONS.index("right of")
+    want = torch.full((3, 3), NOT_JUDGED)
+    want[2, 0], want[0, 2] = left, right  # the red circle (slot 2) is left of the blue square (slot 0)
+    assert torch.equal(layout.relations[0], want)
+    want[2, 0] = want[0, 2] = NONE
+    assert torch.equal(layout.relations[1], want)
+    assert (layout.relations[2:] == NOT_JUDGED).all()
+    assert layout.skipped == {"unusable relations in meta": 1}
+    torch.testing.assert_close(layout.places[0], torch.tensor([[0.8, 0.5], [0.5, 0.5], [0.2, 0.5]]))
+    assert layout.present[:3].tolist() == [[True, False, True]] * 3 and not layout.present[3].any()
+
+
+def test_the_relation_loss_is_the_cross_entropy_of_the_judged_pairs():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 3, NONE + 1, requires_grad=True)
+    targets = torch.full((2, 3, 3), NOT_JUDGED)
+    targets[0, 0, 1], targets[0, 1, 0], targets[1, 2, 0], targets[1, 0, 2] = 0, 1, NONE, NONE
+    loss, accuracy = relation_loss(logits, targets)
+    picked = torch.stack([logits[0, 0, 1], logits[0, 1, 0], logits[1, 0, 2], logits[1, 2, 0]])
+    manual = -(picked.log_softmax(-1)[torch.arange(4), torch.tensor([0, 1, NONE, NONE])]).mean()
+    torch.testing.assert_close(loss, manual)
+    right = (logits[0, 0, 1].argmax() == 0).float() + (logits[0, 1, 0].argmax() == 1).float()
+    torch.testing.assert_close(accuracy, right / 2)  # accuracy on the stated relations only
+    _, none_stated = relation_loss(logits, torch.where(targets < NONE, NOT_JUDGED, targets))
+    assert none_stated is None
+    nothing, _ = relation_loss(logits, torch.full_like(targets, NOT_JUDGED))
+    nothing.backward()
+    assert nothing.item() == 0.0
+
+
+def test_each_slot_reads_its_relation_probabilities_to_the_other_present_slots_summed():
+    relations = SlotRelations(slot_dim=4, hidden=8)
+    chances = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25])  # left of, right of, above, below, none
+    with torch.no_grad():  # every pair reads these probabilities
+        relations.mlp[2].weight.zero_()
+        relations.mlp[2].bias.copy_(chances.log())
+    present = torch.tensor([[True, True, False], [True, True, True]])
+    features = relations.features(torch.randn(2, 3, 4), present)
+    others = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0]])  # present slots besides itself; absent: nothing
+    torch.testing.assert_close(features, others[..., None] * chances[:4])
+
+
+def test_a_planner_given_the_relations_learns_to_keep_them():
+    """As the planner's relation test, but the slots are all alike: only the relation features say which slot's
+    object stands left."""
+    torch.manual_seed(0)
+    planner = LayoutPlanner(slot_dim=4, width=32, layers=2, heads=2, relation_channels=NONE)
+    opt = torch.optim.Adam(planner.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    present = torch.ones(256, 2, dtype=torch.bool)
+
+    def batch(n):
+        first_left = torch.rand(n, generator=gen) < 0.5
+        left = torch.rand(n, generator=gen) * 0.4 + 0.05
+        right = left + torch.rand(n, generator=gen) * 0.4 + 0.1
+        x = torch.stack([torch.where(first_left, left, right), torch.where(first_left, right, left)], 1)
+        places = torch.stack([x, torch.full((n, 2), 0.5)], -1)
+        rel = torch.zeros(n, 2, NONE)
+        rel[first_left, 0, 0] = rel[first_left, 1, 1] = 1.0  # first left of second, second right of first
+        rel[~first_left, 0, 1] = rel[~first_left, 1, 0] = 1.0
+        return places, rel, first_left
+
+    slots = torch.ones(256, 2, 4)
+    for _ in range(300):
+        places, rel, _ = batch(256)
+        loss = planner.loss(places, present, slots, gen, relations=rel)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, rel, first_left = batch(256)
+    drawn = planner.sample(slots, present, torch.Generator().manual_seed(1), relations=rel)
+    kept = ((drawn[:, 0, 0] < drawn[:, 1, 0]) == first_left).float().mean().item()
+    assert kept > 0.9, kept
+    with pytest.raises(ValueError, match="pass relations exactly"):
+        planner.sample(slots, present)
+    with pytest.raises(ValueError, match="pass relations exactly"):
+        LayoutPlanner(slot_dim=4, width=32, heads=2).sample(slots, present, relations=rel)
+
+
+def test_the_relation_loss_reaches_the_slots_and_the_planner_reads_the_relations(tmp_path):
+    _, batch = _shapes_data(tmp_path)
+    module = layout_module(slot_relations=True)
+    connector = module.generator.connector
+    assert connector.relations and connector.layout_planner.relation_in is not None
+    feats = module.batch_text_features(batch)
+    logits, place, slots = module.read_slot_names(connector, feats.tokens, feats.mask)
+    layout = matched_layout(logits, place, batch["meta"])
+    two = [i for i, m in enumerate(batch["meta"]) if len(m["objects"]) >= 2]
+    assert two, "the test data needs a scene of two objects"
+    layout.relations[two[0]][layout.relations[two[0]] == NONE] = 0  # as if it stated a relation
+    stats = {}
+    loss = module.layout_loss(connector, slots, layout, module._step_generator("train/0", 0), stats)
+    assert {"layout_flow", "layout_relations", "layout_relations_accuracy"} <= set(stats)
+    loss.backward()
+    for part in (connector.slot_relations, connector.layout_planner.relation_in, connector.slot_blocks):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    # the planner reads the relations without passing gradient to the slots through them
+    present = torch.ones(1, 4, dtype=torch.bool)
+    probe = slots[:1].detach().requires_grad_(True)
+    assert not connector.relation_features(probe, present).requires_grad

@@ -123,3 +123,11 @@ def test_a_planned_layout_is_judged_through_the_slots_matched_to_the_relation_s_
     assert judge([[0.5, 0.5], [0.5, 0.5], [0.4, 0.5]])["layout_apart"] == 0.0  # 0.1 apart: overlapping
     three = judge([[0.7, 0.4], [0.1, 0.1], [0.3, 0.6]], present=torch.ones(1, 3, dtype=torch.bool))
     assert three["layout_count"] == 0.0
+    # the connector's relation reading (model.slot_relations) is judged on the same matched pair: slot 2 to slot 0
+    reading = torch.zeros(1, 3, 3, 5)
+    reading[0, 2, 0, 0] = 5.0  # "left of"
+    planned = torch.tensor([[[0.7, 0.4], [0.5, 0.5], [0.3, 0.6]]])
+    judged = tool.layout_judgements(logits, place, planned, present, meta, reading)
+    assert judged["layout_relation_read"] == [1.0]
+    reading[0, 2, 0, 1] = 9.0  # now it reads "right of"
+    assert tool.layout_judgements(logits, place, planned, present, meta, reading)["layout_relation_read"] == [0.0]

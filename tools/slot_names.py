@@ -12,7 +12,9 @@ For a model with a slot layout (``model.slot_layout``) it also judges the layout
 caption, seed 0), the image side left out: ``layout_count`` (as many slots placed as the scene has objects),
 ``layout_apart`` (every two placed objects' centres at least ``APART`` of the side apart) and, for position
 captions, ``layout_relation`` (the places of the slots matched to the relation's two objects, their centre offset
-within 60 degrees of the relation's direction, as ShapesEval's judge reads a drawn relation, without its slack).
+within 60 degrees of the relation's direction, as ShapesEval's judge reads a drawn relation, without its slack),
+and with ``model.slot_relations`` ``layout_relation_read`` (the relation the connector reads between those two
+slots, which the planner is given, is the stated one).
 
     python tools/slot_names.py runs/compose/exp8/N_named/.../last.ckpt \\
         --shards val='runs/compose/shapes/val-*.tar' heldout='runs/compose/shapes/heldout-*.tar' \\
@@ -29,11 +31,12 @@ from pathlib import Path
 import torch
 
 from emf_lightning.data.datamodule import ShardDataModule
+from emf_lightning.models.layout import RELATIONS
 from emf_lightning.training import EMFModule
 from emf_lightning.training.object_supervision import ATTRIBUTES, assign_slots, object_set_loss, object_targets
 
 MEASURES = ["objects_accuracy", *(f"objects_{name}_accuracy" for name, _ in ATTRIBUTES), "objects_placing"]
-LAYOUT_MEASURES = ["layout_count", "layout_apart", "layout_relation"]
+LAYOUT_MEASURES = ["layout_count", "layout_apart", "layout_relation", "layout_relation_read"]
 APART = 0.2  # the smallest shapes-world objects are 0.28 of the side wide: closer centres overlap
 DIRECTIONS = {"left of": (-1.0, 0.0), "right of": (1.0, 0.0), "above": (0.0, -1.0), "below": (0.0, 1.0)}
 
@@ -55,10 +58,16 @@ def misnamings(logits: list[torch.Tensor], place: torch.Tensor, metas: list) -> 
 
 
 def layout_judgements(
-    logits: list[torch.Tensor], place: torch.Tensor, planned: torch.Tensor, present: torch.Tensor, metas: list
+    logits: list[torch.Tensor],
+    place: torch.Tensor,
+    planned: torch.Tensor,
+    present: torch.Tensor,
+    metas: list,
+    relations: torch.Tensor | None = None,
 ) -> dict[str, list[float]]:
     """Per scene, each layout measure that applies to it (1.0 / 0.0): the planner's places [B, K, 2] and which slots
-    it placed [B, K], slots matched to the scene's objects as in training."""
+    it placed [B, K], slots matched to the scene's objects as in training; with the connector's relation logits
+    [B, K, K, R + 1] (``model.slot_relations``) also whether it reads each stated relation."""
     targets, _ = object_targets(metas, place.shape[1])
     rows = targets.rows.nonzero().flatten().tolist()
     out: dict[str, list[float]] = defaultdict(list)
@@ -74,6 +83,11 @@ def layout_judgements(
         for rel in meta.get("relations") or []:
             slot_of = {int(o): k for k, o in enumerate(slot_objects[j].tolist()) if o >= 0}
             a, b = slot_of.get(rel["a"]), slot_of.get(rel["b"])
+            if relations is not None:
+                read = (
+                    a is not None and b is not None and int(relations[i, a, b].argmax()) == RELATIONS.index(rel["rel"])
+                )
+                out["layout_relation_read"].append(float(read))
             if a is None or b is None or not (present[i, a] and present[i, b]):
                 out["layout_relation"].append(0.0)
                 continue
@@ -98,7 +112,8 @@ def slot_names(module: EMFModule, shards: str, batch_size: int = 200) -> dict[st
     draws = torch.Generator().manual_seed(0)
     for batch in dm.val_dataloader():
         feats = module.batch_text_features(batch)
-        logits, place = module.name_slots(connector, feats.tokens, feats.mask)
+        logits, place, slots = module.read_slot_names(connector, feats.tokens, feats.mask)
+        relations = connector.slot_relations(slots) if connector.relations else None
         if connector.layout:
             _, _, planned, present = module.ema_generator.sampling_condition(feats.tokens, feats.mask, draws)
         groups = defaultdict(list)
@@ -112,7 +127,10 @@ def slot_names(module: EMFModule, shards: str, batch_size: int = 200) -> dict[st
             names = ([t[rows] for t in logits], place[rows])
             _, stats, _ = object_set_loss(*names, metas)
             errors = misnamings(*names, metas)
-            layout = layout_judgements(*names, planned[rows], present[rows], metas) if connector.layout else {}
+            layout = {}
+            if connector.layout:
+                read = relations[rows] if relations is not None else None
+                layout = layout_judgements(*names, planned[rows], present[rows], metas, read)
             for key in (category, "all"):
                 for measure, values in layout.items():
                     judged[key][measure] += values

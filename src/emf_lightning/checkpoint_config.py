@@ -31,6 +31,7 @@ STRUCTURAL_MODEL_KEYS = (
     "object_supervision",  # its training-only head is in the checkpoint's state dict
     "named_slots",
     "slot_layout",
+    "slot_relations",
 )
 # Backbone arguments that change how it computes or trains, not its weights.
 NON_STRUCTURAL_MODEL_KEYS = (

@@ -13,7 +13,7 @@ from emf_lightning.utils.model_helpers import standardize_tokens
 
 from .attention import attention
 from .layers import sincos_1d, zero_init
-from .layout import LAYOUT_CHANNELS, LayoutPlanner
+from .layout import LAYOUT_CHANNELS, RELATIONS, LayoutPlanner, SlotRelations
 from .norms import Float32RMSNorm
 from .slot_namer import SlotNamer
 
@@ -25,6 +25,7 @@ CONNECTOR_OPTIONS: dict[str, tuple[str, Any]] = {
     "text_slots": ("slots", 0),
     "named_slots": ("named_slots", False),
     "slot_layout": ("layout", False),
+    "slot_relations": ("relations", False),
 }
 
 
@@ -155,7 +156,9 @@ class TextConnector(nn.Module):
 
     With ``layout=True`` (needs ``slots``) the connector also owns a ``SlotNamer`` (which slots hold an object), a
     ``LayoutPlanner`` (where they stand) and the map of each slot's name to the content ``paint_layout`` paints
-    there (``models.layout``); the ``Generator`` feeds the painted map to the backbone.
+    there (``models.layout``); the ``Generator`` feeds the painted map to the backbone. With ``relations=True`` (needs
+    ``layout``) it also owns a ``SlotRelations`` (which relation the caption states between each pair of slots'
+    objects), whose reading the planner is given.
     """
 
     SLOT_LAYERS = 2
@@ -170,6 +173,7 @@ class TextConnector(nn.Module):
         slots: int = 0,
         named_slots: bool = False,
         layout: bool = False,
+        relations: bool = False,
     ):
         super().__init__()
         if in_dim <= 0 or out_dim <= 0:
@@ -181,6 +185,8 @@ class TextConnector(nn.Module):
             raise ValueError("named_slots names the slot tokens: set slots to at least 1")
         if layout and not slots:
             raise ValueError("layout places the slot tokens' objects: set slots to at least 1")
+        if relations and not layout:
+            raise ValueError("relations tell the layout planner how the slots' objects stand: set layout=True")
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.standardize = bool(standardize)
@@ -204,8 +210,10 @@ class TextConnector(nn.Module):
             self.slot_namer = SlotNamer(out_dim)
         if named_slots:
             self.slot_name_embed = nn.Linear(self.slot_namer.name_width, out_dim)
+        if relations:
+            self.slot_relations = SlotRelations(out_dim)
         if layout:
-            self.layout_planner = LayoutPlanner(out_dim)
+            self.layout_planner = LayoutPlanner(out_dim, relation_channels=len(RELATIONS) if relations else 0)
             self.layout_paint = nn.Linear(sum(self.slot_namer.sizes), LAYOUT_CHANNELS)
 
     @property
@@ -233,6 +241,11 @@ class TextConnector(nn.Module):
     def layout(self) -> bool:
         """Whether the connector plans where its slots' objects stand (``models.layout``)."""
         return hasattr(self, "layout_planner")
+
+    @property
+    def relations(self) -> bool:
+        """Whether the layout planner reads the relations the caption states between the slots' objects."""
+        return hasattr(self, "slot_relations")
 
     @property
     def is_fitted(self) -> bool:
@@ -304,10 +317,19 @@ class TextConnector(nn.Module):
         with torch.autocast(slots.device.type, enabled=False):
             return self.layout_paint(torch.cat(self.slot_namer.probabilities(slots), -1))
 
+    def relation_features(self, slots: Tensor, present: Tensor) -> Tensor | None:
+        """What the planner reads of the stated relations ([B, K, R], ``SlotRelations.features``, no gradient to
+        the slots: the relations are taught by their own loss); None without ``relations``."""
+        if not self.relations:
+            return None
+        with torch.autocast(slots.device.type, enabled=False):
+            return self.slot_relations.features(slots.detach(), present).detach()
+
     def plan_layout(self, slots: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """A sampled layout for these slots: (places [B, K, 2] in [0, 1], present [B, K] bool)."""
         present = self.objects_present(slots)
-        return self.layout_planner.sample(slots, present, generator), present
+        relations = self.relation_features(slots, present)
+        return self.layout_planner.sample(slots, present, generator, relations=relations), present
 
     def _read_slots(self, out: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The slot tokens after the slot blocks have read the mapped caption ``out`` [B, L, D] (before the final

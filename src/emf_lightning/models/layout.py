@@ -11,6 +11,12 @@ ask a language model for boxes first (LLM-grounded diffusion) do:
   the objects the slots are matched to (``training.object_supervision``); sampled in ``LAYOUT_STEPS`` Euler steps of
   a network on K tokens, a negligible cost beside one step of the backbone. It samples: two objects that the
   caption does not relate get two different places, where a regression of the place would put both at the mean.
+- ``SlotRelations`` (with ``model.slot_relations``): which relation the caption states between each pair of slots'
+  objects (one of ``RELATIONS``, or none), a pairwise classifier on the slots taught by the scenes' stated relations.
+  The planner reads, for each slot, the relations it stands in to the others. A planner that reads only the slots
+  (or the caption's tokens) put the relation's subject on the right side a third of the time, chance, after as
+  many steps as a screen trains; given who is the subject of which relation it learns the relation within a few
+  hundred (docs/composition_2026-12-07.md, ninth round).
 - ``paint_layout``: each present slot's content (a linear map of its name, so an unseen colour-shape pair is a new
   sum of seen parts) as a Gaussian blob at its place; ``[B, C, H, W]``, added to the backbone's first features.
 
@@ -27,6 +33,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from .layers import TimestepEmbedder
+
+# The relations a caption can state between two objects (the shapes world's, in its order; a caption states each
+# from either end: "A left of B" = "B right of A"). SlotRelations' last class is "none stated".
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 
 # Euler steps of the planner's flow at sampling (K tokens, a few thousand multiply-adds each).
 LAYOUT_STEPS = 16
@@ -48,10 +58,21 @@ class LayoutPlanner(nn.Module):
     """v(z, t | slots, present) for the slots' places: a flow from N(0, 1) (t = 1) to the places (t = 0), in
     centred coordinates 2 * place - 1. Absent slots (``present`` False) neither move nor are read by the others."""
 
-    def __init__(self, slot_dim: int, width: int = 64, layers: int = 2, heads: int = 4, frequencies: int = 4):
+    def __init__(
+        self,
+        slot_dim: int,
+        width: int = 64,
+        layers: int = 2,
+        heads: int = 4,
+        frequencies: int = 4,
+        relation_channels: int = 0,
+    ):
         super().__init__()
         self.frequencies = frequencies
+        self.relation_channels = relation_channels
         self.slot_in = nn.Sequential(nn.LayerNorm(slot_dim), nn.Linear(slot_dim, width))
+        # What each slot stands in to the others (SlotRelations.features), when the planner is given it.
+        self.relation_in = nn.Linear(relation_channels, width) if relation_channels else None
         self.place_in = nn.Linear(2 + 4 * frequencies, width)
         # t in [0, 1] scaled as diffusion timesteps: the planner has no JVP, so the scale costs nothing here.
         self.t_embedder = TimestepEmbedder(width, 64, scale=1000.0)
@@ -61,26 +82,46 @@ class LayoutPlanner(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2))
 
-    def velocity(self, z: Tensor, t: Tensor, slots: Tensor, present: Tensor) -> Tensor:
-        """z [B, K, 2] (centred places on the path), t [B], slots [B, K, D], present [B, K] bool -> [B, K, 2]."""
+    def velocity(self, z: Tensor, t: Tensor, slots: Tensor, present: Tensor, relations: Tensor | None = None) -> Tensor:
+        """z [B, K, 2] (centred places on the path), t [B], slots [B, K, D], present [B, K] bool, and for a planner
+        built with ``relation_channels`` relations [B, K, relation_channels] -> [B, K, 2]."""
         h = self.slot_in(slots) + self.place_in(fourier_places(z, self.frequencies)) + self.t_embedder(t)[:, None]
+        if (relations is None) != (self.relation_in is None):
+            raise ValueError(
+                f"this planner reads {self.relation_channels} relation channels per slot: pass relations exactly "
+                "when it was built with relation_channels > 0"
+            )
+        if self.relation_in is not None:
+            h = h + self.relation_in(relations.float())
         # A row without a present slot reads all of them (its output is unused): never an all-masked softmax.
         ignore = ~present & present.any(1, keepdim=True)
         return self.out(self.blocks(h, src_key_padding_mask=ignore))
 
-    def loss(self, places: Tensor, present: Tensor, slots: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def loss(
+        self,
+        places: Tensor,
+        present: Tensor,
+        slots: Tensor,
+        generator: torch.Generator | None = None,
+        relations: Tensor | None = None,
+    ) -> Tensor:
         """Flow matching on the present slots' places [B, K, 2] in [0, 1]: the mean squared error of the velocity
         (0 with a gradient path when no slot is present)."""
         x = 2.0 * places.float() - 1.0
         e = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         t = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
         z = (1.0 - t[:, None, None]) * x + t[:, None, None] * e
-        err = (self.velocity(z, t, slots.float(), present) - (e - x)).pow(2).sum(-1)
+        err = (self.velocity(z, t, slots.float(), present, relations) - (e - x)).pow(2).sum(-1)
         return err[present].mean() if bool(present.any()) else err.sum() * 0.0
 
     @torch.no_grad()
     def sample(
-        self, slots: Tensor, present: Tensor, generator: torch.Generator | None = None, steps: int = LAYOUT_STEPS
+        self,
+        slots: Tensor,
+        present: Tensor,
+        generator: torch.Generator | None = None,
+        steps: int = LAYOUT_STEPS,
+        relations: Tensor | None = None,
     ) -> Tensor:
         """Places [B, K, 2] in [0, 1] for the slots (absent slots get the image centre); the same generator state
         gives the same layout."""
@@ -89,9 +130,35 @@ class LayoutPlanner(nn.Module):
         z = torch.randn(b, k, 2, generator=generator, device=draw_on, dtype=torch.float32).to(slots.device)
         grid = torch.linspace(1.0, 0.0, steps + 1, device=slots.device)
         for t_i, t_next in zip(grid[:-1], grid[1:]):
-            z = z - (t_i - t_next) * self.velocity(z, t_i.expand(b), slots.float(), present)
+            z = z - (t_i - t_next) * self.velocity(z, t_i.expand(b), slots.float(), present, relations)
         places = ((z + 1.0) / 2.0).clamp(0.0, 1.0)
         return torch.where(present[..., None], places, torch.full_like(places, 0.5))
+
+
+class SlotRelations(nn.Module):
+    """Which relation the caption states between the objects of slots i and j: logits [B, K, K, R + 1] over
+    ``RELATIONS`` and "none stated", from both slots' vectors (an MLP on the pair, so "i left of j" and "j right of
+    i" are two readings of one caption). Taught by ``model.object_supervision`` on the scenes' stated relations
+    (``training.object_supervision.matched_layout``); the planner reads :meth:`features`."""
+
+    def __init__(self, slot_dim: int, hidden: int = 128, relations: tuple[str, ...] = RELATIONS):
+        super().__init__()
+        self.relations = tuple(relations)
+        self.norm = nn.LayerNorm(slot_dim)
+        self.mlp = nn.Sequential(nn.Linear(2 * slot_dim, hidden), nn.GELU(), nn.Linear(hidden, len(relations) + 1))
+
+    def forward(self, slots: Tensor) -> Tensor:
+        """slots [B, K, D] -> logits [B, K, K, R + 1]: entry (i, j) is slot i's relation to slot j."""
+        s = self.norm(slots.float())
+        k = s.shape[1]
+        return self.mlp(torch.cat([s[:, :, None].expand(-1, -1, k, -1), s[:, None].expand(-1, k, -1, -1)], -1))
+
+    def features(self, slots: Tensor, present: Tensor) -> Tensor:
+        """[B, K, R]: for each slot, the probability of each stated relation to the other present slots, summed
+        over them (a slot with no stated relation, or absent, reads about zero)."""
+        probs = self(slots).softmax(-1)[..., :-1]
+        others = present[:, None, :] & ~torch.eye(present.shape[1], dtype=torch.bool, device=present.device)
+        return (probs * (others & present[:, :, None])[..., None]).sum(2)
 
 
 def paint_layout(

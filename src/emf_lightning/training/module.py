@@ -36,7 +36,7 @@ from emf_lightning.models.slot_namer import SlotNamer
 from emf_lightning.training.checkpoint_format import FORMAT_KEY, FORMAT_VERSION, module_hyperparameters
 from emf_lightning.training.ema import ema_decay_at, make_ema_copy, update_ema
 from emf_lightning.training.init_from import load_generator_weights
-from emf_lightning.training.object_supervision import matched_places, object_set_loss
+from emf_lightning.training.object_supervision import SlotLayout, matched_layout, object_set_loss, relation_loss
 from emf_lightning.training.optim import OptimConfig
 from emf_lightning.training.sharding import grad_norm, is_sharded, max_abs, shard_generator
 from emf_lightning.training.strategies import check_strategy
@@ -110,6 +110,9 @@ class EMFModule(pl.LightningModule):
             layout is the true places of the objects the slots are matched to, and the planner learns to sample
             them (its flow-matching loss joins the ``object_supervision`` term, which it needs); at sampling the
             planner draws it. Off by default.
+        slot_relations: with ``slot_layout``, the connector also reads which relation the caption states between
+            each pair of slots' objects (``models.layout.SlotRelations``, taught by the scenes' stated relations
+            in the ``object_supervision`` term) and the planner is given it. Off by default.
         max_weight_abs: after every optimiser step, training stops (``NonFiniteLossError``, before any checkpoint
             callback runs) when a weight of the generator or its EMA copy is NaN, infinite or larger than this in
             magnitude: a diverging run never checkpoints exploded weights. The default is far above what normal
@@ -137,6 +140,7 @@ class EMFModule(pl.LightningModule):
         object_supervision: float = 0.0,
         named_slots: bool = False,
         slot_layout: bool = False,
+        slot_relations: bool = False,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -180,6 +184,11 @@ class EMFModule(pl.LightningModule):
             )
 
         self.objective = self.loss_fn  # the evaluator asks it for its step counts
+        if slot_relations and not slot_layout:
+            raise ConfigError(
+                "model.slot_relations tells the layout planner how the slots' objects stand: set "
+                "model.slot_layout: true as well (configs/compose_layout.yaml)"
+            )
         self.generator = Generator.for_backbone(
             backbone,
             encoder.dim,
@@ -188,6 +197,7 @@ class EMFModule(pl.LightningModule):
             text_slots=text_slots,
             named_slots=named_slots,
             slot_layout=slot_layout,
+            slot_relations=slot_relations,
         )
         self.ema_generator = make_ema_copy(self.generator)
         self.slot_object_head = self._slot_object_head(object_supervision, text_slots, named_slots, slot_layout)
@@ -477,8 +487,9 @@ class EMFModule(pl.LightningModule):
             logits, place, slots = self.read_slot_names(connector, *cond)
         if connector.layout:
             # The backbone is shown the true places of the objects the slots are matched to (teacher forcing).
-            layout = matched_places(logits, place, metas)
-            cond, null = (*cond, *layout), (*null, *self.generator.empty_layout(1, images.device))
+            layout = matched_layout(logits, place, metas)
+            cond = (*cond, layout.places, layout.present)
+            null = (*null, *self.generator.empty_layout(1, images.device))
         drop_mask = None if train else torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
         try:
             loss, stats = self.loss_fn(
@@ -491,12 +502,35 @@ class EMFModule(pl.LightningModule):
         if supervise:
             objects, object_stats = self.object_loss(logits, place, metas)
             if connector.layout:
-                planning = connector.layout_planner.loss(*layout, slots.detach(), generator)
-                objects = objects + planning
-                object_stats["layout_flow"] = planning.detach()
+                objects = objects + self.layout_loss(connector, slots, layout, generator, object_stats)
             loss = loss + self.hparams.object_supervision * objects
             stats = {**stats, **object_stats}
         return loss, stats
+
+    def layout_loss(
+        self,
+        connector: nn.Module,
+        slots: Tensor,
+        layout: SlotLayout,
+        generator: torch.Generator,
+        stats: dict[str, Tensor],
+    ) -> Tensor:
+        """The planner's flow-matching loss on the matched objects' places (reading detached slots: the names
+        teach them), plus, with ``slot_relations``, the cross-entropy of the relations the slots' pairs are read
+        to stand in against the caption's stated ones (this one reaches the slots); its parts go into ``stats``."""
+        relations = connector.relation_features(slots, layout.present)
+        planning = connector.layout_planner.loss(
+            layout.places, layout.present, slots.detach(), generator, relations=relations
+        )
+        stats["layout_flow"] = planning.detach()
+        self.objects_skipped.update(layout.skipped)
+        if not connector.relations:
+            return planning
+        stated, right = relation_loss(connector.slot_relations(slots), layout.relations)
+        stats["layout_relations"] = stated.detach()
+        if right is not None:
+            stats["layout_relations_accuracy"] = right
+        return planning + stated
 
     def object_loss(
         self, logits: list[Tensor], place: Tensor, metas: Sequence[Any]

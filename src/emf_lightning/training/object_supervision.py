@@ -8,7 +8,8 @@ teach it to them. With ``model.object_supervision: w`` each slot also learns to 
 scene (its colour, shape and size, and where it stands), the slots matched to the objects by the assignment of
 least cost (the set loss of DETR: slot order is free), the unmatched slots naming "no object". With
 ``model.slot_layout`` the matched objects' places are also the layout the backbone is shown in training
-(:func:`matched_places`) and what the connector's layout planner learns to sample. The slots still
+(:func:`matched_layout`) and what the connector's layout planner learns to sample; with ``model.slot_relations``
+the relations the caption states between them (``meta["relations"]``) teach the connector's ``SlotRelations``. The slots still
 read only the caption, so sampling needs nothing but a prompt. The slots are named by a ``SlotNamer``: a
 training-only one outside the generator, its EMA copy and its exports (``EMFModule.slot_object_head``), or, with
 ``model.named_slots``, the connector's own, whose names the backbone then reads instead of the slots.
@@ -31,8 +32,10 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from emf_lightning.models.layout import RELATIONS
 from emf_lightning.models.slot_namer import ATTRIBUTE_SIZES
-from emf_lightning.shapes.scene import ALL_SHAPES, COLORS, SIZES
+from emf_lightning.shapes.scene import ALL_SHAPES, COLORS, INVERSE_RELATION, SIZES
+from emf_lightning.shapes.scene import RELATIONS as SCENE_RELATIONS
 
 # The attributes a slot names, each with its vocabulary; index len(vocabulary) means "no object".
 ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -45,6 +48,14 @@ if tuple(len(vocab) for _, vocab in ATTRIBUTES) != ATTRIBUTE_SIZES:
         f"models.slot_namer.ATTRIBUTE_SIZES {ATTRIBUTE_SIZES} no longer match the shapes world's vocabularies "
         f"{tuple(len(vocab) for _, vocab in ATTRIBUTES)}: update them together"
     )
+
+
+if RELATIONS != SCENE_RELATIONS:
+    raise ImportError(
+        f"models.layout.RELATIONS {RELATIONS} no longer match the shapes world's {SCENE_RELATIONS}: update them together"
+    )
+# A pair of slots whose relation is not judged (unmatched, the same slot, or a row whose relations are unusable).
+NOT_JUDGED = -100
 
 
 class ObjectTargets(NamedTuple):
@@ -115,23 +126,73 @@ def object_set_loss(
     return naming + placing, stats, skipped
 
 
+class SlotLayout(NamedTuple):
+    """The layout of a batch's matched objects (:func:`matched_layout`): places [B, K, 2] in [0, 1], present [B, K]
+    bool, the relation each slot's object stands in to each other's as the caption states it [B, K, K] (an index of
+    ``RELATIONS``, ``len(RELATIONS)`` for none stated, ``NOT_JUDGED`` off the matched pairs) and the rows whose
+    relations were left out, by reason."""
+
+    places: Tensor
+    present: Tensor
+    relations: Tensor
+    skipped: Counter
+
+
 @torch.no_grad()
-def matched_places(
-    logits: Sequence[Tensor], place: Tensor, metas: Sequence[Mapping[str, Any] | None]
-) -> tuple[Tensor, Tensor]:
-    """Where each slot's matched object stands, for ``model.slot_layout``'s training (the layout the backbone is
-    shown, and the planner's target): (places [B, K, 2] in [0, 1], present [B, K] bool). Slots are matched as in
-    :func:`object_set_loss`; unmatched slots and rows without usable objects are not present (their place is the
-    image centre)."""
+def matched_layout(logits: Sequence[Tensor], place: Tensor, metas: Sequence[Mapping[str, Any] | None]) -> SlotLayout:
+    """Where each slot's matched object stands and how it stands to the others, for ``model.slot_layout``'s
+    training (the layout the backbone is shown, the planner's target and ``SlotRelations``' targets). Slots are
+    matched as in :func:`object_set_loss`; unmatched slots and rows without usable objects are not present (their
+    place is the image centre). A row whose relations name an unknown relation or object is left out of the
+    relation targets (counted), not read as stating none."""
     targets, _ = object_targets(metas, place.shape[1])
     rows = targets.rows.to(place.device)
+    b, k = place.shape[:2]
     places = torch.full(place.shape, 0.5, device=place.device)
-    present = torch.zeros(place.shape[:2], dtype=torch.bool, device=place.device)
+    present = torch.zeros(b, k, dtype=torch.bool, device=place.device)
+    relations = torch.full((b, k, k), NOT_JUDGED, dtype=torch.long)
+    skipped: Counter = Counter()
     if bool(rows.any()):
-        _, row_places, matched, _ = assign_slots([t[rows] for t in logits], place[rows], targets)
+        _, row_places, matched, slot_objects = assign_slots([t[rows] for t in logits], place[rows], targets)
         places[rows] = torch.where(matched[..., None], row_places, places[rows])
         present[rows] = matched
-    return places, present
+        for i, objects in zip(targets.rows.nonzero().flatten().tolist(), slot_objects.cpu().tolist()):
+            stated = stated_relations(metas[i], {o: slot for slot, o in enumerate(objects) if o >= 0})
+            if stated is None:
+                skipped["unusable relations in meta"] += 1
+                continue
+            slots = [slot for slot, o in enumerate(objects) if o >= 0]
+            for a in slots:
+                relations[i, a, [other for other in slots if other != a]] = len(RELATIONS)
+            for (a, c), rel in stated.items():
+                relations[i, a, c] = rel
+    return SlotLayout(places, present, relations.to(place.device), skipped)
+
+
+def stated_relations(meta: Mapping[str, Any], slot_of: Mapping[int, int]) -> dict[tuple[int, int], int] | None:
+    """{(slot a, slot b): relation index} for each relation the scene states, both ways round ("a left of b" and
+    "b right of a"); None when one names an unknown relation or an object without a slot."""
+    out: dict[tuple[int, int], int] = {}
+    for rel in meta.get("relations") or []:
+        name, a, b = rel.get("rel"), slot_of.get(rel.get("a")), slot_of.get(rel.get("b"))
+        if name not in RELATIONS or a is None or b is None or a == b:
+            return None
+        out[a, b], out[b, a] = RELATIONS.index(name), RELATIONS.index(INVERSE_RELATION[name])
+    return out
+
+
+def relation_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``SlotRelations``' logits [B, K, K, R + 1] against :func:`matched_layout`'s relations -> (the mean
+    cross-entropy over the judged pairs, 0 with a gradient path when there are none; the accuracy on the pairs
+    with a stated relation, None when there are none)."""
+    judged = targets != NOT_JUDGED
+    if not bool(judged.any()):
+        return logits.sum() * 0.0, None
+    loss = F.cross_entropy(logits[judged].float(), targets[judged])
+    stated = judged & (targets < len(RELATIONS))
+    if not bool(stated.any()):
+        return loss, None
+    return loss, (logits[stated].argmax(-1) == targets[stated]).float().mean()
 
 
 def assign_slots(
