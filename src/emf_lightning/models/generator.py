@@ -70,8 +70,7 @@ class Generator(nn.Module):
     @classmethod
     def for_backbone(cls, backbone: Backbone, text_dim: int, **connector_options: Any) -> Generator:
         """The backbone behind a new connector from ``text_dim`` to its context width; ``connector_options`` are
-        the model config's connector keys (``CONNECTOR_OPTIONS``: ``standardize_text``, ``text_refiner_layers``,
-        ``text_slots``, ``named_slots``)."""
+        the model config's connector keys (those of ``CONNECTOR_OPTIONS``)."""
         unknown = set(connector_options) - set(CONNECTOR_OPTIONS)
         if unknown:
             raise TypeError(f"unknown connector option(s) {sorted(unknown)}; choose from {sorted(CONNECTOR_OPTIONS)}")
