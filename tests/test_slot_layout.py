@@ -4,6 +4,7 @@ and the U-Net is shown each object's name painted at its place (``models.layout`
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -320,9 +321,15 @@ def test_the_relation_loss_reaches_the_slots_and_the_planner_reads_the_relations
     two = [i for i, m in enumerate(batch["meta"]) if len(m["objects"]) >= 2]
     assert two, "the test data needs a scene of two objects"
     layout.relations[two[0]][layout.relations[two[0]] == NONE] = 0  # as if it stated a relation
+    layout = layout._replace(skipped=Counter({"unusable relations in meta": 1}))
     stats = {}
     loss = module.layout_loss(connector, slots, layout, module._step_generator("train/0", 0), stats)
     assert {"layout_flow", "layout_relations", "layout_relations_accuracy"} <= set(stats)
+    assert module.objects_skipped == {"unusable relations in meta": 1}
+    plain = layout_module()  # without relations, rows are not left out of anything: nothing counted
+    plain_slots = plain.read_slot_names(plain.generator.connector, feats.tokens, feats.mask)[2]
+    plain.layout_loss(plain.generator.connector, plain_slots, layout, plain._step_generator("train/0", 0), {})
+    assert not plain.objects_skipped
     loss.backward()
     for part in (connector.slot_relations, connector.layout_planner.relation_in, connector.slot_blocks):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())

@@ -318,12 +318,13 @@ class TextConnector(nn.Module):
             return self.layout_paint(torch.cat(self.slot_namer.probabilities(slots), -1))
 
     def relation_features(self, slots: Tensor, present: Tensor) -> Tensor | None:
-        """What the planner reads of the stated relations ([B, K, R], ``SlotRelations.features``, no gradient to
-        the slots: the relations are taught by their own loss); None without ``relations``."""
+        """What the planner reads of the stated relations ([B, K, R], ``SlotRelations.features``, detached: the
+        classifier and the slots are taught the relations by their own loss, not by the planner's); None without
+        ``relations``."""
         if not self.relations:
             return None
         with torch.autocast(slots.device.type, enabled=False):
-            return self.slot_relations.features(slots.detach(), present).detach()
+            return self.slot_relations.features(slots, present).detach()
 
     def plan_layout(self, slots: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """A sampled layout for these slots: (places [B, K, 2] in [0, 1], present [B, K] bool)."""

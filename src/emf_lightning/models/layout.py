@@ -85,12 +85,12 @@ class LayoutPlanner(nn.Module):
     def velocity(self, z: Tensor, t: Tensor, slots: Tensor, present: Tensor, relations: Tensor | None = None) -> Tensor:
         """z [B, K, 2] (centred places on the path), t [B], slots [B, K, D], present [B, K] bool, and for a planner
         built with ``relation_channels`` relations [B, K, relation_channels] -> [B, K, 2]."""
-        h = self.slot_in(slots) + self.place_in(fourier_places(z, self.frequencies)) + self.t_embedder(t)[:, None]
         if (relations is None) != (self.relation_in is None):
             raise ValueError(
                 f"this planner reads {self.relation_channels} relation channels per slot: pass relations exactly "
                 "when it was built with relation_channels > 0"
             )
+        h = self.slot_in(slots) + self.place_in(fourier_places(z, self.frequencies)) + self.t_embedder(t)[:, None]
         if self.relation_in is not None:
             h = h + self.relation_in(relations.float())
         # A row without a present slot reads all of them (its output is unused): never an all-masked softmax.
@@ -141,11 +141,10 @@ class SlotRelations(nn.Module):
     i" are two readings of one caption). Taught by ``model.object_supervision`` on the scenes' stated relations
     (``training.object_supervision.matched_layout``); the planner reads :meth:`features`."""
 
-    def __init__(self, slot_dim: int, hidden: int = 128, relations: tuple[str, ...] = RELATIONS):
+    def __init__(self, slot_dim: int, hidden: int = 128):
         super().__init__()
-        self.relations = tuple(relations)
         self.norm = nn.LayerNorm(slot_dim)
-        self.mlp = nn.Sequential(nn.Linear(2 * slot_dim, hidden), nn.GELU(), nn.Linear(hidden, len(relations) + 1))
+        self.mlp = nn.Sequential(nn.Linear(2 * slot_dim, hidden), nn.GELU(), nn.Linear(hidden, len(RELATIONS) + 1))
 
     def forward(self, slots: Tensor) -> Tensor:
         """slots [B, K, D] -> logits [B, K, K, R + 1]: entry (i, j) is slot i's relation to slot j."""

@@ -523,9 +523,9 @@ class EMFModule(pl.LightningModule):
             layout.places, layout.present, slots.detach(), generator, relations=relations
         )
         stats["layout_flow"] = planning.detach()
-        self.objects_skipped.update(layout.skipped)
         if not connector.relations:
             return planning
+        self.objects_skipped.update(layout.skipped)  # rows left out of the relation targets
         stated, right = relation_loss(connector.slot_relations(slots), layout.relations)
         stats["layout_relations"] = stated.detach()
         if right is not None:

@@ -156,14 +156,15 @@ def matched_layout(logits: Sequence[Tensor], place: Tensor, metas: Sequence[Mapp
         _, row_places, matched, slot_objects = assign_slots([t[rows] for t in logits], place[rows], targets)
         places[rows] = torch.where(matched[..., None], row_places, places[rows])
         present[rows] = matched
+        # "None stated" between every two matched slots of a row, then each stated relation over it.
+        others = ~torch.eye(k, dtype=torch.bool)
         for i, objects in zip(targets.rows.nonzero().flatten().tolist(), slot_objects.cpu().tolist()):
             stated = stated_relations(metas[i], {o: slot for slot, o in enumerate(objects) if o >= 0})
             if stated is None:
                 skipped["unusable relations in meta"] += 1
                 continue
-            slots = [slot for slot, o in enumerate(objects) if o >= 0]
-            for a in slots:
-                relations[i, a, [other for other in slots if other != a]] = len(RELATIONS)
+            matched_row = torch.tensor(objects) >= 0
+            relations[i][matched_row[:, None] & matched_row[None, :] & others] = len(RELATIONS)
             for (a, c), rel in stated.items():
                 relations[i, a, c] = rel
     return SlotLayout(places, present, relations.to(place.device), skipped)
