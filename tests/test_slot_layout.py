@@ -16,9 +16,22 @@ from emf_lightning.errors import ConfigError
 from emf_lightning.inference import MeanFlowGenerator, sampling_conditions
 from emf_lightning.models.connector import TextConnector
 from emf_lightning.models.generator import Generator
-from emf_lightning.models.layout import RELATIONS, LayoutPlanner, SlotRelations, paint_layout
+from emf_lightning.models.layout import (
+    RELATIONS,
+    LayoutPlanner,
+    ObjectCount,
+    SlotRelations,
+    most_object_like,
+    paint_layout,
+)
 from emf_lightning.training import EMFModule
-from emf_lightning.training.object_supervision import ATTRIBUTES, NOT_JUDGED, matched_layout, relation_loss
+from emf_lightning.training.object_supervision import (
+    ATTRIBUTES,
+    NOT_JUDGED,
+    count_loss,
+    matched_layout,
+    relation_loss,
+)
 
 from helpers import quiet_trainer, tiny_backbone, tiny_module, tiny_unet, write_shapes_shards
 
@@ -137,6 +150,11 @@ def test_the_layout_needs_a_u_net_object_supervision_and_slots():
     with pytest.raises(ConfigError, match="set model.slot_layout: true as well"):
         tiny_module(backbone=tiny_unet(), text_slots=4, object_supervision=0.5, slot_relations=True)
     assert is_structural("slot_relations")
+    with pytest.raises(ValueError, match="counts decide how many"):
+        TextConnector(6, 32, slots=2, counts=True)
+    with pytest.raises(ConfigError, match="model.slot_count decides how many"):
+        tiny_module(backbone=tiny_unet(), text_slots=4, object_supervision=0.5, slot_count=True)
+    assert is_structural("slot_count")
 
 
 def _shapes_data(tmp_path):
@@ -152,7 +170,8 @@ def test_training_shows_the_true_places_of_the_matched_objects_and_teaches_the_p
     assert module.slot_object_head is None  # the connector's namer is taught
     feats = module.batch_text_features(batch)
     logits, place = module.name_slots(module.generator.connector, feats.tokens, feats.mask)
-    places, present, _, _ = matched_layout(logits, place, batch["meta"])
+    places, present, _, _, counts = matched_layout(logits, place, batch["meta"])
+    assert counts.tolist() == [len(meta["objects"]) for meta in batch["meta"]]
     for row, meta in enumerate(batch["meta"]):  # every object of each scene is shown at its own place
         shown = sorted(places[row][present[row]].tolist())
         want = torch.tensor(sorted([o["x"], o["y"]] for o in meta["objects"]))
@@ -166,12 +185,12 @@ def test_training_shows_the_true_places_of_the_matched_objects_and_teaches_the_p
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
-@pytest.mark.parametrize("relations", [False, True])
-def test_a_layout_model_samples_by_seed_and_survives_checkpoint_and_export(tmp_path, relations):
+@pytest.mark.parametrize("relations, counts", [(False, False), (True, False), (True, True)])
+def test_a_layout_model_samples_by_seed_and_survives_checkpoint_and_export(tmp_path, relations, counts):
     from emf_lightning.commands.export import export
 
     dm, _ = _shapes_data(tmp_path)
-    module = layout_module(slot_relations=relations)
+    module = layout_module(slot_relations=relations, slot_count=counts)
     trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     ckpt = tmp_path / "last.ckpt"
@@ -182,6 +201,7 @@ def test_a_layout_model_samples_by_seed_and_survives_checkpoint_and_export(tmp_p
     reloaded = EMFModule.load_from_checkpoint(ckpt)
     assert reloaded.ema_generator.connector.layout
     assert reloaded.ema_generator.connector.relations == relations
+    assert reloaded.ema_generator.connector.counts == counts
     assert torch.equal(reloaded.generate(captions, steps=1, seed=3), want)
     exported = MeanFlowGenerator.from_pretrained(export(reloaded, tmp_path / "export", global_step=3))
     assert torch.equal(exported.generate(captions, steps=1, seed=3), want)
@@ -235,6 +255,7 @@ def test_relation_targets_are_the_stated_relation_both_ways_and_none_between_oth
     want = torch.full((3, 3), NOT_JUDGED)
     want[2, 0], want[0, 2] = left, right  # the red circle (slot 2) is left of the blue square (slot 0)
     assert torch.equal(layout.relations[0], want)
+    assert layout.counts.tolist() == [2, 2, 2, NOT_JUDGED]
     want[2, 0] = want[0, 2] = NONE
     assert torch.equal(layout.relations[1], want)
     assert (layout.relations[2:] == NOT_JUDGED).all()
@@ -337,3 +358,80 @@ def test_the_relation_loss_reaches_the_slots_and_the_planner_reads_the_relations
     present = torch.ones(1, 4, dtype=torch.bool)
     probe = slots[:1].detach().requires_grad_(True)
     assert not connector.relation_features(probe, present).requires_grad
+
+
+def test_the_count_loss_is_the_cross_entropy_of_the_judged_rows():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, requires_grad=True)
+    counts = torch.tensor([2, NOT_JUDGED, 4])
+    loss, accuracy = count_loss(logits, counts)
+    manual = -(logits[0].log_softmax(-1)[2] + logits[2].log_softmax(-1)[4]) / 2
+    torch.testing.assert_close(loss, manual)
+    right = (logits[0].argmax() == 2).float() + (logits[2].argmax() == 4).float()
+    torch.testing.assert_close(accuracy, right / 2)
+    nothing, none = count_loss(logits, torch.full_like(counts, NOT_JUDGED))
+    nothing.backward()
+    assert nothing.item() == 0.0 and none is None
+
+
+def test_the_count_places_the_slots_least_likely_to_name_nothing():
+    nothing = torch.tensor([[0.9, 0.2, 0.6, 0.1], [0.3, 0.3, 0.8, 0.05], [0.5, 0.5, 0.5, 0.5]])
+    present = most_object_like(nothing, torch.tensor([2, 1, 3]))
+    assert present.tolist() == [
+        [False, True, False, True],
+        [False, False, False, True],
+        [True, True, True, False],  # ties go to the earlier slot
+    ]
+    assert not most_object_like(nothing, torch.zeros(3, dtype=torch.long)).any()
+
+
+def test_the_count_is_read_from_the_caption_s_pooled_tokens_not_its_padding():
+    torch.manual_seed(0)
+    head = ObjectCount(text_dim=6, slots=4, hidden=8)
+    tokens, mask = torch.randn(2, 5, 6), torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
+    padded = tokens.clone()
+    padded[0, 3:] = 100.0  # padding is not read
+    torch.testing.assert_close(head(padded, mask), head(tokens, mask))
+    torch.testing.assert_close(head(tokens, mask)[:1], head(tokens[:1, :3]))
+    assert head(tokens, mask).shape == (2, 5)
+
+
+def test_with_counts_the_layout_places_as_many_slots_as_the_caption_states():
+    """Every slot names an object, so without counts all four are placed; the count head says two: the two
+    slots least likely to name nothing are placed, and the count's loss reaches only its head."""
+    torch.manual_seed(0)
+    connector = TextConnector(6, 32, slots=4, layout=True, counts=True)
+    with torch.no_grad():
+        connector.slot_namer.classify.bias.copy_(
+            torch.cat([torch.cat([torch.zeros(n - 1), torch.tensor([-9.0])]) for n in connector.slot_namer.sizes])
+        )
+        connector.object_count.mlp[-1].weight.zero_()
+        connector.object_count.mlp[-1].bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0]))
+    tokens, mask = torch.randn(3, 5, 6), torch.ones(3, 5, dtype=torch.bool)
+    _, _, slots = connector.read(tokens, mask)
+    places, present = connector.plan_layout(slots, torch.Generator().manual_seed(0), tokens, mask)
+    assert present.sum(1).tolist() == [2, 2, 2]
+    nothing = torch.stack([p[..., -1] for p in connector.slot_namer.probabilities(slots)], -1).mean(-1)
+    torch.testing.assert_close(present, most_object_like(nothing, torch.full((3,), 2)))
+    assert connector.objects_present(slots).all()  # the per-slot rule would place all four
+    with pytest.raises(ValueError, match="pass tokens"):
+        connector.plan_layout(slots)
+    with pytest.raises(ValueError, match="without counts=True"):
+        TextConnector(6, 32, slots=4, layout=True).count_objects(tokens, mask)
+
+
+def test_the_count_loss_trains_the_count_head_on_the_scenes_object_counts(tmp_path):
+    _, batch = _shapes_data(tmp_path)
+    module = layout_module(slot_count=True)
+    connector = module.generator.connector
+    torch.nn.init.normal_(module.generator.backbone.out_conv.weight, std=0.1)
+    loss, stats = module.compute_loss(batch, module.generator, module._step_generator("train/0", 0), train=True)
+    feats = module.batch_text_features(batch)
+    want = torch.tensor([len(meta["objects"]) for meta in batch["meta"]])
+    manual, _ = count_loss(connector.count_objects(feats.tokens, feats.mask), want)
+    torch.testing.assert_close(stats["layout_count"], manual.detach())
+    assert "layout_count_accuracy" in stats
+    connector.zero_grad()
+    (stats["layout_count"] * 0 + manual).backward()
+    assert all(p.grad is not None for p in connector.object_count.parameters())
+    assert all(p.grad is None for name, p in connector.named_parameters() if not name.startswith("object_count."))

@@ -32,6 +32,7 @@ STRUCTURAL_MODEL_KEYS = (
     "named_slots",
     "slot_layout",
     "slot_relations",
+    "slot_count",
 )
 # Backbone arguments that change how it computes or trains, not its weights.
 NON_STRUCTURAL_MODEL_KEYS = (

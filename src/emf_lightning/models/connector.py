@@ -13,7 +13,7 @@ from emf_lightning.utils.model_helpers import standardize_tokens
 
 from .attention import attention
 from .layers import sincos_1d, zero_init
-from .layout import LAYOUT_CHANNELS, RELATIONS, LayoutPlanner, SlotRelations
+from .layout import LAYOUT_CHANNELS, RELATIONS, LayoutPlanner, ObjectCount, SlotRelations, most_object_like
 from .norms import Float32RMSNorm
 from .slot_namer import SlotNamer
 
@@ -26,6 +26,7 @@ CONNECTOR_OPTIONS: dict[str, tuple[str, Any]] = {
     "named_slots": ("named_slots", False),
     "slot_layout": ("layout", False),
     "slot_relations": ("relations", False),
+    "slot_count": ("counts", False),
 }
 
 
@@ -158,7 +159,9 @@ class TextConnector(nn.Module):
     ``LayoutPlanner`` (where they stand) and the map of each slot's name to the content ``paint_layout`` paints
     there (``models.layout``); the ``Generator`` feeds the painted map to the backbone. With ``relations=True`` (needs
     ``layout``) it also owns a ``SlotRelations`` (which relation the caption states between each pair of slots'
-    objects), whose reading the planner is given.
+    objects), whose reading the planner is given. With ``counts=True`` (needs ``layout``) it owns an ``ObjectCount``
+    (how many objects the caption states, from its tokens) and places that many slots, the most object-like, instead
+    of each slot whose name is an object.
     """
 
     SLOT_LAYERS = 2
@@ -174,6 +177,7 @@ class TextConnector(nn.Module):
         named_slots: bool = False,
         layout: bool = False,
         relations: bool = False,
+        counts: bool = False,
     ):
         super().__init__()
         if in_dim <= 0 or out_dim <= 0:
@@ -187,6 +191,8 @@ class TextConnector(nn.Module):
             raise ValueError("layout places the slot tokens' objects: set slots to at least 1")
         if relations and not layout:
             raise ValueError("relations tell the layout planner how the slots' objects stand: set layout=True")
+        if counts and not layout:
+            raise ValueError("counts decide how many of the slots' objects the layout places: set layout=True")
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.standardize = bool(standardize)
@@ -215,6 +221,8 @@ class TextConnector(nn.Module):
         if layout:
             self.layout_planner = LayoutPlanner(out_dim, relation_channels=len(RELATIONS) if relations else 0)
             self.layout_paint = nn.Linear(sum(self.slot_namer.sizes), LAYOUT_CHANNELS)
+        if counts:
+            self.object_count = ObjectCount(in_dim, slots)
 
     @property
     def refiner_layers(self) -> int:
@@ -246,6 +254,11 @@ class TextConnector(nn.Module):
     def relations(self) -> bool:
         """Whether the layout planner reads the relations the caption states between the slots' objects."""
         return hasattr(self, "slot_relations")
+
+    @property
+    def counts(self) -> bool:
+        """Whether the layout places as many slots as the caption states objects (``ObjectCount``)."""
+        return hasattr(self, "object_count")
 
     @property
     def is_fitted(self) -> bool:
@@ -305,11 +318,19 @@ class TextConnector(nn.Module):
                 shown = self.slot_name_embed(self.slot_namer.describe(slots))
         return torch.cat([out, self.slot_norm(shown).to(out.dtype)], dim=1), mask, slots
 
-    def objects_present(self, slots: Tensor) -> Tensor:
-        """[B, K] bool: the slots whose name is an object (the namer's "no object" below one half, averaged over
-        the attributes)."""
+    def objects_present(self, slots: Tensor, count: Tensor | None = None) -> Tensor:
+        """[B, K] bool: the slots whose name is an object (the namer's "no object", averaged over the attributes,
+        below one half), or given ``count`` [B] that many slots, those least likely to name nothing."""
         nothing = torch.stack([p[..., -1] for p in self.slot_namer.probabilities(slots)], -1).mean(-1)
-        return nothing < 0.5
+        return nothing < 0.5 if count is None else most_object_like(nothing, count)
+
+    def count_objects(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """How many objects each caption states: logits [B, slots + 1] fp32 from the text tokens [B, L, in_dim]
+        (standardised, as the connector reads them)."""
+        if not self.counts:
+            raise ValueError("this connector was built without counts=True: it has no ObjectCount")
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self.object_count(self.standardized(tokens.float()), mask)
 
     def layout_content(self, slots: Tensor) -> Tensor:
         """[B, K, LAYOUT_CHANNELS] fp32: what the layout map paints for each slot, a linear map of its name's class
@@ -326,9 +347,21 @@ class TextConnector(nn.Module):
         with torch.autocast(slots.device.type, enabled=False):
             return self.slot_relations.features(slots, present).detach()
 
-    def plan_layout(self, slots: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """A sampled layout for these slots: (places [B, K, 2] in [0, 1], present [B, K] bool)."""
-        present = self.objects_present(slots)
+    def plan_layout(
+        self,
+        slots: Tensor,
+        generator: torch.Generator | None = None,
+        tokens: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """A sampled layout for the slots read from the text tokens [B, L, in_dim] (mask [B, L]): (places [B, K, 2]
+        in [0, 1], present [B, K] bool). The tokens are needed with ``counts``, which reads the object count there."""
+        count = None
+        if self.counts:
+            if tokens is None:
+                raise ValueError("a connector with counts reads the object count from the text tokens: pass tokens")
+            count = self.count_objects(tokens, mask).argmax(-1)
+        present = self.objects_present(slots, count)
         relations = self.relation_features(slots, present)
         return self.layout_planner.sample(slots, present, generator, relations=relations), present
 

@@ -121,7 +121,7 @@ class Generator(nn.Module):
         if not self.connector.layout:
             return text_tokens, text_mask
         _, _, slots = self.connector.read(text_tokens, text_mask)
-        return (text_tokens, text_mask, *self.connector.plan_layout(slots, generator))
+        return (text_tokens, text_mask, *self.connector.plan_layout(slots, generator, text_tokens, text_mask))
 
     def copy_time_embedder_to_interval(self) -> None:
         """EMF fine-tuning recipe: start the interval (t - r) embedder from the trained t embedder."""

@@ -17,6 +17,10 @@ ask a language model for boxes first (LLM-grounded diffusion) do:
   (or the caption's tokens) put the relation's subject on the right side a third of the time, chance, after as
   many steps as a screen trains; given who is the subject of which relation it learns the relation within a few
   hundred (docs/composition_2026-12-07.md, ninth round).
+- ``ObjectCount`` (with ``model.slot_count``): how many objects the caption states, read from its pooled tokens;
+  the planner places that many slots, the most object-like. Deciding presence slot by slot (a slot's "no object"
+  below one half) placed an extra object for a third of the unseen colour-shape pairs' single-object captions, where
+  a count read from the caption's words was right on all of them (docs/composition_2026-12-07.md, tenth round).
 - ``paint_layout``: each present slot's content (a linear map of its name, so an unseen colour-shape pair is a new
   sum of seen parts) as a Gaussian blob at its place; ``[B, C, H, W]``, added to the backbone's first features.
 
@@ -158,6 +162,40 @@ class SlotRelations(nn.Module):
         probs = self(slots).softmax(-1)[..., :-1]
         others = present[:, None, :] & ~torch.eye(present.shape[1], dtype=torch.bool, device=present.device)
         return (probs * (others & present[:, :, None])[..., None]).sum(2)
+
+
+class ObjectCount(nn.Module):
+    """How many objects a caption states: logits [B, slots + 1] over 0..slots, from the mean of its (standardised)
+    text tokens. The count is said by words that do not depend on which objects they count ("two", "and", "to the
+    left of"), so it reads an unseen colour-shape pair's caption as it reads a seen one's; the slots, which must
+    bind the pair, are not asked. Taught by ``model.object_supervision`` on the scenes' object counts."""
+
+    def __init__(self, text_dim: int, slots: int, hidden: int = 128):
+        super().__init__()
+        self.slots = slots
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(text_dim), nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, slots + 1)
+        )
+
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """tokens [B, L, D] (mask [B, L] bool, True = real token) -> logits [B, slots + 1], fp32."""
+        tokens = tokens.float()
+        if mask is None:
+            pooled = tokens.mean(1)
+        else:
+            weights = mask.to(tokens.dtype)[..., None]
+            pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.mlp(pooled)
+
+
+def most_object_like(nothing: Tensor, count: Tensor) -> Tensor:
+    """[B, K] bool: in each row the ``count`` [B] slots least likely to hold nothing (``nothing`` [B, K], the
+    namer's "no object" probability), ties to the earlier slot."""
+    order = nothing.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(nothing.shape[1], device=nothing.device).expand_as(order)
+    )
+    return ranks < count[:, None]
 
 
 def paint_layout(

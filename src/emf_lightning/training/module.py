@@ -36,7 +36,13 @@ from emf_lightning.models.slot_namer import SlotNamer
 from emf_lightning.training.checkpoint_format import FORMAT_KEY, FORMAT_VERSION, module_hyperparameters
 from emf_lightning.training.ema import ema_decay_at, make_ema_copy, update_ema
 from emf_lightning.training.init_from import load_generator_weights
-from emf_lightning.training.object_supervision import SlotLayout, matched_layout, object_set_loss, relation_loss
+from emf_lightning.training.object_supervision import (
+    SlotLayout,
+    count_loss,
+    matched_layout,
+    object_set_loss,
+    relation_loss,
+)
 from emf_lightning.training.optim import OptimConfig
 from emf_lightning.training.sharding import grad_norm, is_sharded, max_abs, shard_generator
 from emf_lightning.training.strategies import check_strategy
@@ -113,6 +119,10 @@ class EMFModule(pl.LightningModule):
         slot_relations: with ``slot_layout``, the connector also reads which relation the caption states between
             each pair of slots' objects (``models.layout.SlotRelations``, taught by the scenes' stated relations
             in the ``object_supervision`` term) and the planner is given it. Off by default.
+        slot_count: with ``slot_layout``, the connector reads how many objects the caption states from its tokens
+            (``models.layout.ObjectCount``, taught by the scenes' object counts in the ``object_supervision`` term)
+            and the layout places that many slots, the most object-like, instead of each slot whose name is an
+            object. Off by default.
         max_weight_abs: after every optimiser step, training stops (``NonFiniteLossError``, before any checkpoint
             callback runs) when a weight of the generator or its EMA copy is NaN, infinite or larger than this in
             magnitude: a diverging run never checkpoints exploded weights. The default is far above what normal
@@ -141,6 +151,7 @@ class EMFModule(pl.LightningModule):
         named_slots: bool = False,
         slot_layout: bool = False,
         slot_relations: bool = False,
+        slot_count: bool = False,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -189,6 +200,11 @@ class EMFModule(pl.LightningModule):
                 "model.slot_relations tells the layout planner how the slots' objects stand: set "
                 "model.slot_layout: true as well (configs/compose_layout.yaml)"
             )
+        if slot_count and not slot_layout:
+            raise ConfigError(
+                "model.slot_count decides how many objects the layout places: set model.slot_layout: true as well "
+                "(configs/compose_layout.yaml)"
+            )
         self.generator = Generator.for_backbone(
             backbone,
             encoder.dim,
@@ -198,6 +214,7 @@ class EMFModule(pl.LightningModule):
             named_slots=named_slots,
             slot_layout=slot_layout,
             slot_relations=slot_relations,
+            slot_count=slot_count,
         )
         self.ema_generator = make_ema_copy(self.generator)
         self.slot_object_head = self._slot_object_head(object_supervision, text_slots, named_slots, slot_layout)
@@ -503,6 +520,8 @@ class EMFModule(pl.LightningModule):
             objects, object_stats = self.object_loss(logits, place, metas)
             if connector.layout:
                 objects = objects + self.layout_loss(connector, slots, layout, generator, object_stats)
+            if connector.counts:
+                objects = objects + self.object_count_loss(connector, feats.tokens, feats.mask, layout, object_stats)
             loss = loss + self.hparams.object_supervision * objects
             stats = {**stats, **object_stats}
         return loss, stats
@@ -531,6 +550,17 @@ class EMFModule(pl.LightningModule):
         if right is not None:
             stats["layout_relations_accuracy"] = right
         return planning + stated
+
+    def object_count_loss(
+        self, connector: nn.Module, tokens: Tensor, mask: Tensor | None, layout: SlotLayout, stats: dict[str, Tensor]
+    ) -> Tensor:
+        """``slot_count``'s cross-entropy: the object count the connector reads from the captions' tokens against
+        the scenes' (``layout.counts``); its accuracy goes into ``stats``."""
+        loss, right = count_loss(connector.count_objects(tokens, mask), layout.counts)
+        stats["layout_count"] = loss.detach()
+        if right is not None:
+            stats["layout_count_accuracy"] = right
+        return loss
 
     def object_loss(
         self, logits: list[Tensor], place: Tensor, metas: Sequence[Any]

@@ -129,13 +129,15 @@ def object_set_loss(
 class SlotLayout(NamedTuple):
     """The layout of a batch's matched objects (:func:`matched_layout`): places [B, K, 2] in [0, 1], present [B, K]
     bool, the relation each slot's object stands in to each other's as the caption states it [B, K, K] (an index of
-    ``RELATIONS``, ``len(RELATIONS)`` for none stated, ``NOT_JUDGED`` off the matched pairs) and the rows whose
-    relations were left out, by reason."""
+    ``RELATIONS``, ``len(RELATIONS)`` for none stated, ``NOT_JUDGED`` off the matched pairs), the rows whose
+    relations were left out, by reason, and each row's object count [B] (``NOT_JUDGED`` for rows without usable
+    objects)."""
 
     places: Tensor
     present: Tensor
     relations: Tensor
     skipped: Counter
+    counts: Tensor
 
 
 @torch.no_grad()
@@ -167,7 +169,8 @@ def matched_layout(logits: Sequence[Tensor], place: Tensor, metas: Sequence[Mapp
             relations[i][matched_row[:, None] & matched_row[None, :] & others] = len(RELATIONS)
             for (a, c), rel in stated.items():
                 relations[i, a, c] = rel
-    return SlotLayout(places, present, relations.to(place.device), skipped)
+    counts = torch.where(rows, present.sum(1), torch.full_like(rows, NOT_JUDGED, dtype=torch.long))
+    return SlotLayout(places, present, relations.to(place.device), skipped, counts)
 
 
 def stated_relations(meta: Mapping[str, Any], slot_of: Mapping[int, int]) -> dict[tuple[int, int], int] | None:
@@ -194,6 +197,16 @@ def relation_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | Non
     if not bool(stated.any()):
         return loss, None
     return loss, (logits[stated].argmax(-1) == targets[stated]).float().mean()
+
+
+def count_loss(logits: Tensor, counts: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``ObjectCount``'s logits [B, K + 1] against :func:`matched_layout`'s object counts [B] -> (the mean
+    cross-entropy over the judged rows, 0 with a gradient path when there are none; their accuracy, or None)."""
+    judged = counts != NOT_JUDGED
+    if not bool(judged.any()):
+        return logits.sum() * 0.0, None
+    right = (logits[judged].argmax(-1) == counts[judged]).float().mean()
+    return F.cross_entropy(logits[judged].float(), counts[judged]), right
 
 
 def assign_slots(
