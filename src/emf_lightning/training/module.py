@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from emf_lightning.autoencoders import IdentityAutoencoder, LatentAutoencoder, build_autoencoder
@@ -46,6 +47,7 @@ from emf_lightning.training.object_supervision import (
 from emf_lightning.training.optim import OptimConfig
 from emf_lightning.training.sharding import grad_norm, is_sharded, max_abs, shard_generator
 from emf_lightning.training.strategies import check_strategy
+from emf_lightning.training.time_budget import StepPace, steps_in_budget, time_limit
 from emf_lightning.utils.specs import build, to_spec
 from emf_lightning.utils.weights import naming_the_key
 
@@ -227,6 +229,7 @@ class EMFModule(pl.LightningModule):
         # Length of the schedules, fixed at fit start and kept in checkpoints (validate/test reuse it).
         self._schedule_total: int | None = None
         self._restored = False  # set when weights come from a checkpoint (resume / load_from_checkpoint)
+        self._pace: StepPace | None = None  # times the first steps of a run limited only by max_time
 
     def _slot_object_head(self, weight: float, slots: int, named: bool, layout: bool) -> SlotNamer | None:
         """The training-only namer of ``object_supervision``, after checking its settings; None when the term is
@@ -421,7 +424,9 @@ class EMFModule(pl.LightningModule):
         if self.generator.connector.standardize and not self.generator.connector.is_fitted:
             self.fit_text_standardization(self.training_captions())
         self._schedule_total = self._resolve_schedule_total()
-        if self._schedule_total is None:
+        if self._schedule_total is None and time_limit(self.trainer) is not None:
+            self._pace = StepPace()  # a time budget: the length is measured over the first steps
+        elif self._schedule_total is None:
             warnings.warn(
                 "the run has no step limit (max_steps/max_epochs): time-sampler schedules stay at "
                 "their start values; set optim.schedule_steps to schedule them",
@@ -469,11 +474,15 @@ class EMFModule(pl.LightningModule):
         return min(1.0, self.global_step / total)
 
     def _resolve_schedule_total(self) -> int | None:
-        """``schedule_steps``, else the trainer's max_steps, else its estimate of the run's optimiser steps."""
+        """``schedule_steps``, else the trainer's max_steps, else for a run limited by ``max_time`` the length a
+        resumed checkpoint measured (a fresh run measures it: ``training.time_budget``), else the trainer's estimate
+        of the run's optimiser steps."""
         if self.optim.schedule_steps:
             return int(self.optim.schedule_steps)
         if self.trainer.max_steps and self.trainer.max_steps > 0:
             return int(self.trainer.max_steps)
+        if time_limit(self.trainer) is not None:
+            return self._schedule_total if self._restored else None
         est = self.trainer.estimated_stepping_batches
         return int(est) if math.isfinite(est) else None
 
@@ -670,6 +679,22 @@ class EMFModule(pl.LightningModule):
         # global_step is incremented after this hook returns, so it is the 0-based index of this step.
         update_ema(self.ema_generator, self.generator, ema_decay_at(self.global_step, self.optim.ema_decay))
         self.check_weights(f"after optimiser step {self.global_step}")
+        if self._pace is not None:
+            self._measure_schedule_length()
+
+    def _measure_schedule_length(self) -> None:
+        """For a run limited only by ``max_time``: once ``StepPace`` has timed its steps, the schedules span the
+        steps done plus those the rest of the budget holds at that pace (rank 0's measure on every rank)."""
+        seconds_per_step = self._pace.observe(self.global_step + 1)
+        if seconds_per_step is None:
+            return
+        timer = time_limit(self.trainer)
+        total = steps_in_budget(self.global_step + 1, seconds_per_step, timer.time_remaining())
+        self._schedule_total = int(self.trainer.strategy.broadcast(total, src=0))
+        self._pace = None
+        rank_zero_info(
+            f"time budget: {seconds_per_step:.3f} s per step, the schedules span {self._schedule_total} steps"
+        )
 
     def check_weights(self, when: str) -> None:
         """Stop with NonFiniteLossError when the generator or its EMA copy holds a NaN, an infinity or a weight
