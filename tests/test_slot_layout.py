@@ -31,6 +31,7 @@ from emf_lightning.training.object_supervision import (
     count_loss,
     matched_layout,
     relation_loss,
+    stated_relation_features,
 )
 
 from helpers import quiet_trainer, tiny_backbone, tiny_module, tiny_unet, write_shapes_shards
@@ -155,6 +156,9 @@ def test_the_layout_needs_a_u_net_object_supervision_and_slots():
     with pytest.raises(ConfigError, match="model.slot_count decides how many"):
         tiny_module(backbone=tiny_unet(), text_slots=4, object_supervision=0.5, slot_count=True)
     assert is_structural("slot_count")
+    with pytest.raises(ConfigError, match="model.relation_teacher_forcing trains the layout planner"):
+        layout_module(relation_teacher_forcing=True)
+    assert not is_structural("relation_teacher_forcing")
 
 
 def _shapes_data(tmp_path):
@@ -435,3 +439,43 @@ def test_the_count_loss_trains_the_count_head_on_the_scenes_object_counts(tmp_pa
     (stats["layout_count"] * 0 + manual).backward()
     assert all(p.grad is not None for p in connector.object_count.parameters())
     assert all(p.grad is None for name, p in connector.named_parameters() if not name.startswith("object_count."))
+
+
+def test_the_stated_relation_features_are_what_a_perfect_classifier_would_be_read_as():
+    left, right, above, below = (RELATIONS.index(r) for r in ("left of", "right of", "above", "below"))
+    relations = torch.full((2, 3, 3), NOT_JUDGED)
+    relations[0, 0, 1], relations[0, 1, 0] = left, right  # slot 0 left of slot 1
+    relations[0, 2, 0], relations[0, 0, 2] = above, below  # slot 2 above slot 0
+    relations[1, 0, 1] = relations[1, 1, 0] = NONE  # two objects, none stated
+    present = torch.tensor([[True, True, True], [True, True, False]])
+    want = torch.zeros(2, 3, NONE)
+    want[0, 0, left] = want[0, 0, below] = want[0, 1, right] = want[0, 2, above] = 1.0
+    torch.testing.assert_close(stated_relation_features(relations, present), want)
+    # a classifier whose logits say exactly the stated relations is read the same way
+    classifier = SlotRelations(slot_dim=4, hidden=8)
+    logits = torch.full((2, 3, 3, NONE + 1), -30.0)
+    judged = relations != NOT_JUDGED
+    logits[judged] = logits[judged].scatter(-1, relations[judged][:, None], 30.0)
+    logits[~judged] = logits[~judged].index_fill(-1, torch.tensor([NONE]), 30.0)
+    classifier.forward = lambda slots: logits
+    torch.testing.assert_close(classifier.features(torch.zeros(2, 3, 4), present), want)
+    # an absent slot neither reads nor is read
+    absent = present.clone()
+    absent[0, 1] = False
+    assert stated_relation_features(relations, absent)[0, :, left].sum() == 0
+
+
+def test_with_teacher_forcing_the_planner_learns_from_the_stated_relations(tmp_path):
+    _, batch = _shapes_data(tmp_path)
+    module = layout_module(slot_relations=True, relation_teacher_forcing=True)
+    connector = module.generator.connector
+    feats = module.batch_text_features(batch)
+    logits, place, slots = module.read_slot_names(connector, feats.tokens, feats.mask)
+    layout = matched_layout(logits, place, batch["meta"])
+    seen = []
+    original = connector.layout_planner.loss
+    connector.layout_planner.loss = lambda *a, relations=None, **k: (
+        seen.append(relations) or original(*a, relations=relations, **k)
+    )
+    module.layout_loss(connector, slots, layout, module._step_generator("train/0", 0), {})
+    torch.testing.assert_close(seen[0], stated_relation_features(layout.relations, layout.present))

@@ -43,6 +43,7 @@ from emf_lightning.training.object_supervision import (
     matched_layout,
     object_set_loss,
     relation_loss,
+    stated_relation_features,
 )
 from emf_lightning.training.optim import OptimConfig
 from emf_lightning.training.sharding import grad_norm, is_sharded, max_abs, shard_generator
@@ -125,6 +126,10 @@ class EMFModule(pl.LightningModule):
             (``models.layout.ObjectCount``, taught by the scenes' object counts in the ``object_supervision`` term)
             and the layout places that many slots, the most object-like, instead of each slot whose name is an
             object. Off by default.
+        relation_teacher_forcing: with ``slot_relations``, the planner is trained on the relations the captions
+            state (``object_supervision.stated_relation_features``) instead of the classifier's readings of them,
+            which are near chance until the classifier has learnt; at sampling it reads the classifier. Training
+            only (not structural). Off by default.
         max_weight_abs: after every optimiser step, training stops (``NonFiniteLossError``, before any checkpoint
             callback runs) when a weight of the generator or its EMA copy is NaN, infinite or larger than this in
             magnitude: a diverging run never checkpoints exploded weights. The default is far above what normal
@@ -154,6 +159,7 @@ class EMFModule(pl.LightningModule):
         slot_layout: bool = False,
         slot_relations: bool = False,
         slot_count: bool = False,
+        relation_teacher_forcing: bool = False,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -201,6 +207,11 @@ class EMFModule(pl.LightningModule):
             raise ConfigError(
                 "model.slot_relations tells the layout planner how the slots' objects stand: set "
                 "model.slot_layout: true as well (configs/compose_layout.yaml)"
+            )
+        if relation_teacher_forcing and not slot_relations:
+            raise ConfigError(
+                "model.relation_teacher_forcing trains the layout planner on the stated relations: set "
+                "model.slot_relations: true (and model.slot_layout: true) as well"
             )
         if slot_count and not slot_layout:
             raise ConfigError(
@@ -546,7 +557,10 @@ class EMFModule(pl.LightningModule):
         """The planner's flow-matching loss on the matched objects' places (reading detached slots: the names
         teach them), plus, with ``slot_relations``, the cross-entropy of the relations the slots' pairs are read
         to stand in against the caption's stated ones (this one reaches the slots); its parts go into ``stats``."""
-        relations = connector.relation_features(slots, layout.present)
+        if connector.relations and self.hparams.get("relation_teacher_forcing"):
+            relations = stated_relation_features(layout.relations, layout.present)
+        else:
+            relations = connector.relation_features(slots, layout.present)
         planning = connector.layout_planner.loss(
             layout.places, layout.present, slots.detach(), generator, relations=relations
         )

@@ -199,6 +199,17 @@ def relation_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | Non
     return loss, (logits[stated].argmax(-1) == targets[stated]).float().mean()
 
 
+def stated_relation_features(relations: Tensor, present: Tensor) -> Tensor:
+    """What ``SlotRelations.features`` would read from a perfect classifier: for each slot, how many of the other
+    present slots it stands in each stated relation to ([B, K, R] float), from :func:`matched_layout`'s relations
+    [B, K, K] and presence [B, K]. The planner's input in training with ``model.relation_teacher_forcing``."""
+    k = present.shape[1]
+    stated = (relations >= 0) & (relations < len(RELATIONS))
+    others = present[:, None, :] & present[:, :, None] & ~torch.eye(k, dtype=torch.bool, device=present.device)
+    one_hot = F.one_hot(relations.clamp(0, len(RELATIONS) - 1), len(RELATIONS)).float()
+    return (one_hot * (stated & others)[..., None]).sum(2)
+
+
 def count_loss(logits: Tensor, counts: Tensor) -> tuple[Tensor, Tensor | None]:
     """``ObjectCount``'s logits [B, K + 1] against :func:`matched_layout`'s object counts [B] -> (the mean
     cross-entropy over the judged rows, 0 with a gradient path when there are none; their accuracy, or None)."""
