@@ -19,8 +19,8 @@ ask a language model for boxes first (LLM-grounded diffusion) do:
   hundred (docs/composition_2026-12-07.md, ninth round).
 - ``ObjectCount`` (with ``model.slot_count``): how many objects the caption states, read from its pooled tokens;
   the planner places that many slots, the most object-like. Deciding presence slot by slot (a slot's "no object"
-  below one half) placed an extra object for a third of the unseen colour-shape pairs' single-object captions, where
-  a count read from the caption's words was right on all of them (docs/composition_2026-12-07.md, tenth round).
+  below one half) placed extra objects for one-object captions of unseen colour-shape pairs in some seeds, where a
+  count read from the caption's words was right (docs/composition_2026-12-07.md, tenth round).
 - ``paint_layout``: each present slot's content (a linear map of its name, so an unseen colour-shape pair is a new
   sum of seen parts) as a Gaussian blob at its place; ``[B, C, H, W]``, added to the backbone's first features.
 
