@@ -159,9 +159,15 @@ class SlotRelations(nn.Module):
     def features(self, slots: Tensor, present: Tensor) -> Tensor:
         """[B, K, R]: for each slot, the probability of each stated relation to the other present slots, summed
         over them (a slot with no stated relation, or absent, reads about zero)."""
-        probs = self(slots).softmax(-1)[..., :-1]
-        others = present[:, None, :] & ~torch.eye(present.shape[1], dtype=torch.bool, device=present.device)
-        return (probs * (others & present[:, :, None])[..., None]).sum(2)
+        return relations_to_others(self(slots).softmax(-1)[..., :-1], present)
+
+
+def relations_to_others(pairwise: Tensor, present: Tensor) -> Tensor:
+    """[B, K, R]: for each present slot, ``pairwise`` [B, K, K, R] (entry (i, j): slot i's relations to slot j)
+    summed over the other present slots; absent slots read zero."""
+    others = present[:, None, :] & present[:, :, None]
+    others = others & ~torch.eye(present.shape[1], dtype=torch.bool, device=present.device)
+    return (pairwise * others[..., None]).sum(2)
 
 
 class ObjectCount(nn.Module):
@@ -191,10 +197,7 @@ class ObjectCount(nn.Module):
 def most_object_like(nothing: Tensor, count: Tensor) -> Tensor:
     """[B, K] bool: in each row the ``count`` [B] slots least likely to hold nothing (``nothing`` [B, K], the
     namer's "no object" probability), ties to the earlier slot."""
-    order = nothing.argsort(dim=1, stable=True)
-    ranks = torch.empty_like(order).scatter_(
-        1, order, torch.arange(nothing.shape[1], device=nothing.device).expand_as(order)
-    )
+    ranks = nothing.argsort(dim=1, stable=True).argsort(dim=1)  # each slot's place in its row's order
     return ranks < count[:, None]
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from emf_lightning.models.layout import RELATIONS
+from emf_lightning.models.layout import RELATIONS, relations_to_others
 from emf_lightning.models.slot_namer import ATTRIBUTE_SIZES
 from emf_lightning.shapes.scene import ALL_SHAPES, COLORS, INVERSE_RELATION, SIZES
 from emf_lightning.shapes.scene import RELATIONS as SCENE_RELATIONS
@@ -203,11 +203,9 @@ def stated_relation_features(relations: Tensor, present: Tensor) -> Tensor:
     """What ``SlotRelations.features`` would read from a perfect classifier: for each slot, how many of the other
     present slots it stands in each stated relation to ([B, K, R] float), from :func:`matched_layout`'s relations
     [B, K, K] and presence [B, K]. The planner's input in training with ``model.relation_teacher_forcing``."""
-    k = present.shape[1]
     stated = (relations >= 0) & (relations < len(RELATIONS))
-    others = present[:, None, :] & present[:, :, None] & ~torch.eye(k, dtype=torch.bool, device=present.device)
     one_hot = F.one_hot(relations.clamp(0, len(RELATIONS) - 1), len(RELATIONS)).float()
-    return (one_hot * (stated & others)[..., None]).sum(2)
+    return relations_to_others(one_hot * stated[..., None], present)
 
 
 def count_loss(logits: Tensor, counts: Tensor) -> tuple[Tensor, Tensor | None]:
