@@ -169,7 +169,7 @@ def test_named_slots_give_the_backbone_each_slot_s_name_and_nothing_else():
     assert context.shape == (2, 8, 32) and context_mask.shape == (2, 8) and connector.named_slots
     torch.testing.assert_close(context[:, :5], connector(x, mask))  # the caption's tokens are untouched
     # the slot tokens are the names (class probabilities, then place) mapped to the width and normalised
-    logits, place = connector.slot_namer(connector.read(x, mask)[2])
+    logits, place = connector.name(connector.read(x, mask)[2])
     names = torch.cat([*(t.softmax(-1) for t in logits), place], -1)
     torch.testing.assert_close(context[:, 5:], connector.slot_norm(connector.slot_name_embed(names)))
     assert not torch.allclose(context[0, 5:], context[1, 5:], atol=1e-3)  # the captions' names differ

@@ -189,12 +189,14 @@ def test_training_shows_the_true_places_of_the_matched_objects_and_teaches_the_p
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
-@pytest.mark.parametrize("relations, counts", [(False, False), (True, False), (True, True)])
-def test_a_layout_model_samples_by_seed_and_survives_checkpoint_and_export(tmp_path, relations, counts):
+@pytest.mark.parametrize(
+    "relations, counts, pointer", [(False, False, False), (True, False, False), (True, True, True)]
+)
+def test_a_layout_model_samples_by_seed_and_survives_checkpoint_and_export(tmp_path, relations, counts, pointer):
     from emf_lightning.commands.export import export
 
     dm, _ = _shapes_data(tmp_path)
-    module = layout_module(slot_relations=relations, slot_count=counts)
+    module = layout_module(slot_relations=relations, slot_count=counts, slot_pointer=pointer)
     trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     ckpt = tmp_path / "last.ckpt"
@@ -206,6 +208,7 @@ def test_a_layout_model_samples_by_seed_and_survives_checkpoint_and_export(tmp_p
     assert reloaded.ema_generator.connector.layout
     assert reloaded.ema_generator.connector.relations == relations
     assert reloaded.ema_generator.connector.counts == counts
+    assert reloaded.ema_generator.connector.pointer == pointer
     assert torch.equal(reloaded.generate(captions, steps=1, seed=3), want)
     exported = MeanFlowGenerator.from_pretrained(export(reloaded, tmp_path / "export", global_step=3))
     assert torch.equal(exported.generate(captions, steps=1, seed=3), want)
@@ -412,14 +415,14 @@ def test_with_counts_the_layout_places_as_many_slots_as_the_caption_states():
         connector.object_count.mlp[-1].weight.zero_()
         connector.object_count.mlp[-1].bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0]))
     tokens, mask = torch.randn(3, 5, 6), torch.ones(3, 5, dtype=torch.bool)
-    _, _, slots = connector.read(tokens, mask)
-    places, present = connector.plan_layout(slots, torch.Generator().manual_seed(0), tokens, mask)
+    _, _, reading = connector.read(tokens, mask)
+    places, present = connector.plan_layout(reading, torch.Generator().manual_seed(0), tokens, mask)
     assert present.sum(1).tolist() == [2, 2, 2]
-    nothing = torch.stack([p[..., -1] for p in connector.slot_namer.probabilities(slots)], -1).mean(-1)
+    nothing = torch.stack([p[..., -1] for p in connector.slot_namer.probabilities(reading.slots)], -1).mean(-1)
     torch.testing.assert_close(present, most_object_like(nothing, torch.full((3,), 2)))
-    assert connector.objects_present(slots).all()  # the per-slot rule would place all four
+    assert connector.objects_present(reading).all()  # the per-slot rule would place all four
     with pytest.raises(ValueError, match="pass tokens"):
-        connector.plan_layout(slots)
+        connector.plan_layout(reading)
     with pytest.raises(ValueError, match="without counts=True"):
         TextConnector(6, 32, slots=4, layout=True).count_objects(tokens, mask)
 

@@ -35,7 +35,7 @@ def test_the_categories_add_up_to_the_set_loss_over_the_whole_split(tmp_path, na
     feats = module.batch_text_features(batch)
     connector = module.ema_generator.connector
     if named:
-        names = connector.slot_namer(connector.read(feats.tokens, feats.mask)[2])
+        names = connector.name(connector.read(feats.tokens, feats.mask)[2])
     else:
         names = module.slot_object_head(connector.context(feats.tokens, feats.mask)[0][:, -4:])
     _, stats, _ = object_set_loss(*names, batch["meta"])

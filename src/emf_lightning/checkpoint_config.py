@@ -33,6 +33,7 @@ STRUCTURAL_MODEL_KEYS = (
     "slot_layout",
     "slot_relations",
     "slot_count",
+    "slot_pointer",
 )
 # Backbone arguments that change how it computes or trains, not its weights.
 NON_STRUCTURAL_MODEL_KEYS = (

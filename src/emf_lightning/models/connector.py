@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -15,7 +15,7 @@ from .attention import attention
 from .layers import sincos_1d, zero_init
 from .layout import LAYOUT_CHANNELS, RELATIONS, LayoutPlanner, ObjectCount, SlotRelations, most_object_like
 from .norms import Float32RMSNorm
-from .slot_namer import SlotNamer
+from .slot_namer import PointingNamer, SlotNamer
 
 # The connector's options as the model config, checkpoints and exports name them -> (TextConnector's argument,
 # default). The defaults are those of files written before an option existed.
@@ -27,6 +27,7 @@ CONNECTOR_OPTIONS: dict[str, tuple[str, Any]] = {
     "slot_layout": ("layout", False),
     "slot_relations": ("relations", False),
     "slot_count": ("counts", False),
+    "slot_pointer": ("pointer", False),
 }
 
 
@@ -34,6 +35,16 @@ def connector_config(source: Mapping[str, Any]) -> dict[str, Any]:
     """The connector's options in ``source`` (a model's hyperparameters or an export's config.json), keyed as
     ``CONNECTOR_OPTIONS`` names them, absent ones at their defaults."""
     return {key: type(default)(source.get(key, default)) for key, (_, default) in CONNECTOR_OPTIONS.items()}
+
+
+class SlotReading(NamedTuple):
+    """What the connector's slots read a caption as: the slot tokens [B, K, D] (before naming and the final norm)
+    and the caption's mapped tokens [B, L, D] with their mask [B, L] (None: all real), which a ``PointingNamer``
+    names the slots from."""
+
+    slots: Tensor
+    words: Tensor
+    words_mask: Tensor | None
 
 
 class _TextAttentionBlock(nn.Module):
@@ -161,7 +172,9 @@ class TextConnector(nn.Module):
     ``layout``) it also owns a ``SlotRelations`` (which relation the caption states between each pair of slots'
     objects), whose reading the planner is given. With ``counts=True`` (needs ``layout``) it owns an ``ObjectCount``
     (how many objects the caption states, from its tokens) and places that many slots, the most object-like, instead
-    of each slot whose name is an object.
+    of each slot whose name is an object. With ``pointer=True`` (needs a namer) the namer is a ``PointingNamer``:
+    each slot's name is read from the caption's words it points at, not from the slot, so an unseen colour-shape
+    pair is named as its words say.
     """
 
     SLOT_LAYERS = 2
@@ -178,6 +191,7 @@ class TextConnector(nn.Module):
         layout: bool = False,
         relations: bool = False,
         counts: bool = False,
+        pointer: bool = False,
     ):
         super().__init__()
         if in_dim <= 0 or out_dim <= 0:
@@ -193,6 +207,8 @@ class TextConnector(nn.Module):
             raise ValueError("relations tell the layout planner how the slots' objects stand: set layout=True")
         if counts and not layout:
             raise ValueError("counts decide how many of the slots' objects the layout places: set layout=True")
+        if pointer and not (named_slots or layout):
+            raise ValueError("pointer chooses how the slots are named: set named_slots=True or layout=True")
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.standardize = bool(standardize)
@@ -213,7 +229,7 @@ class TextConnector(nn.Module):
             self.slot_norm = Float32RMSNorm(out_dim, eps=eps)
         self._named_slots = bool(named_slots)
         if named_slots or layout:
-            self.slot_namer = SlotNamer(out_dim)
+            self.slot_namer = PointingNamer(out_dim, slots) if pointer else SlotNamer(out_dim)
         if named_slots:
             self.slot_name_embed = nn.Linear(self.slot_namer.name_width, out_dim)
         if relations:
@@ -261,6 +277,11 @@ class TextConnector(nn.Module):
         return hasattr(self, "object_count")
 
     @property
+    def pointer(self) -> bool:
+        """Whether the slots are named from the caption's words they point at (``PointingNamer``)."""
+        return isinstance(getattr(self, "slot_namer", None), PointingNamer)
+
+    @property
     def is_fitted(self) -> bool:
         """Whether standardisation statistics were set (False when standardisation is off)."""
         return self.standardize and bool(self.standardization_fitted)
@@ -305,23 +326,28 @@ class TextConnector(nn.Module):
         context, mask, _ = self.read(tokens, mask)
         return context, mask
 
-    def read(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """:meth:`context` and the slot tokens it was made from ([B, K, out_dim], before naming and the final
-        norm; None without slots), for the namer and the layout."""
+    def read(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, SlotReading | None]:
+        """:meth:`context` and what it was made from (``SlotReading``; None without slots), for the namer and the
+        layout."""
         out = self(tokens, mask)
         if not self.slots:
             return out, mask, None
-        slots, mask = self._read_slots(out, mask)
+        slots, context_mask = self._read_slots(out, mask)
+        reading = SlotReading(slots, out, mask)
         shown = slots
         if self.named_slots:
             with torch.autocast(slots.device.type, enabled=False):
-                shown = self.slot_name_embed(self.slot_namer.describe(slots))
-        return torch.cat([out, self.slot_norm(shown).to(out.dtype)], dim=1), mask, slots
+                shown = self.slot_name_embed(self.slot_namer.describe(*reading))
+        return torch.cat([out, self.slot_norm(shown).to(out.dtype)], dim=1), context_mask, reading
 
-    def objects_present(self, slots: Tensor, count: Tensor | None = None) -> Tensor:
+    def name(self, reading: SlotReading) -> tuple[list[Tensor], Tensor]:
+        """The namer's reading of the slots: (logits [B, K, n_a + 1] per attribute, place [B, K, 2]) fp32."""
+        return self.slot_namer(*reading)
+
+    def objects_present(self, reading: SlotReading, count: Tensor | None = None) -> Tensor:
         """[B, K] bool: the slots whose name is an object (the namer's "no object", averaged over the attributes,
         below one half), or given ``count`` [B] that many slots, those least likely to name nothing."""
-        nothing = torch.stack([p[..., -1] for p in self.slot_namer.probabilities(slots)], -1).mean(-1)
+        nothing = torch.stack([p[..., -1] for p in self.slot_namer.probabilities(*reading)], -1).mean(-1)
         return nothing < 0.5 if count is None else most_object_like(nothing, count)
 
     def count_objects(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -332,11 +358,11 @@ class TextConnector(nn.Module):
         with torch.autocast(tokens.device.type, enabled=False):
             return self.object_count(self.standardized(tokens.float()), mask)
 
-    def layout_content(self, slots: Tensor) -> Tensor:
+    def layout_content(self, reading: SlotReading) -> Tensor:
         """[B, K, LAYOUT_CHANNELS] fp32: what the layout map paints for each slot, a linear map of its name's class
         probabilities (an unseen colour-shape pair is a new sum of seen parts)."""
-        with torch.autocast(slots.device.type, enabled=False):
-            return self.layout_paint(torch.cat(self.slot_namer.probabilities(slots), -1))
+        with torch.autocast(reading.slots.device.type, enabled=False):
+            return self.layout_paint(torch.cat(self.slot_namer.probabilities(*reading), -1))
 
     def relation_features(self, slots: Tensor, present: Tensor) -> Tensor | None:
         """What the planner reads of the stated relations ([B, K, R], ``SlotRelations.features``, detached: the
@@ -349,21 +375,22 @@ class TextConnector(nn.Module):
 
     def plan_layout(
         self,
-        slots: Tensor,
+        reading: SlotReading,
         generator: torch.Generator | None = None,
         tokens: Tensor | None = None,
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """A sampled layout for the slots read from the text tokens [B, L, in_dim] (mask [B, L]): (places [B, K, 2]
-        in [0, 1], present [B, K] bool). The tokens are needed with ``counts``, which reads the object count there."""
+        """A sampled layout for the slots ``reading`` holds, read from the text tokens [B, L, in_dim] (mask [B, L]):
+        (places [B, K, 2] in [0, 1], present [B, K] bool). The tokens are needed with ``counts``, which reads the
+        object count there."""
         count = None
         if self.counts:
             if tokens is None:
                 raise ValueError("a connector with counts reads the object count from the text tokens: pass tokens")
             count = self.count_objects(tokens, mask).argmax(-1)
-        present = self.objects_present(slots, count)
-        relations = self.relation_features(slots, present)
-        return self.layout_planner.sample(slots, present, generator, relations=relations), present
+        present = self.objects_present(reading, count)
+        relations = self.relation_features(reading.slots, present)
+        return self.layout_planner.sample(reading.slots, present, generator, relations=relations), present
 
     def _read_slots(self, out: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The slot tokens after the slot blocks have read the mapped caption ``out`` [B, L, D] (before the final

@@ -98,10 +98,10 @@ class Generator(nn.Module):
             if places is not None:
                 raise ValueError("places given to a generator without a slot layout")
             return self.backbone(z, r, t, *self.connector.context(text_tokens, text_mask))
-        context, mask, slots = self.connector.read(text_tokens, text_mask)
+        context, mask, reading = self.connector.read(text_tokens, text_mask)
         if places is None:
             places, present = self.empty_layout(z.shape[0], z.device)
-        painted = paint_layout(places.float(), present, self.connector.layout_content(slots), tuple(z.shape[-2:]))
+        painted = paint_layout(places.float(), present, self.connector.layout_content(reading), tuple(z.shape[-2:]))
         return self.backbone(z, r, t, context, mask, input_features=self.layout_in(painted.to(z.dtype)))
 
     def empty_layout(self, batch: int, device: torch.device | str | None = None) -> tuple[Tensor, ...]:
@@ -120,8 +120,8 @@ class Generator(nn.Module):
         ``generator`` when it has one (the same state gives the same layout)."""
         if not self.connector.layout:
             return text_tokens, text_mask
-        _, _, slots = self.connector.read(text_tokens, text_mask)
-        return (text_tokens, text_mask, *self.connector.plan_layout(slots, generator, text_tokens, text_mask))
+        _, _, reading = self.connector.read(text_tokens, text_mask)
+        return (text_tokens, text_mask, *self.connector.plan_layout(reading, generator, text_tokens, text_mask))
 
     def copy_time_embedder_to_interval(self) -> None:
         """EMF fine-tuning recipe: start the interval (t - r) embedder from the trained t embedder."""

@@ -126,6 +126,10 @@ class EMFModule(pl.LightningModule):
             (``models.layout.ObjectCount``, taught by the scenes' object counts in the ``object_supervision`` term)
             and the layout places that many slots, the most object-like, instead of each slot whose name is an
             object. Off by default.
+        slot_pointer: with ``named_slots`` or ``slot_layout``, the connector names each slot from the caption's words
+            it points at (``models.slot_namer.PointingNamer``: which kind of word from the word alone, which
+            object's from the slot's index and the word's position) instead of from the slot token, so an unseen
+            colour-shape pair is named as its words say. Off by default.
         relation_teacher_forcing: with ``slot_relations``, the planner is trained on the relations the captions
             state (``object_supervision.stated_relation_features``) instead of the classifier's readings of them,
             which are near chance until the classifier has learnt; at sampling it reads the classifier. Training
@@ -160,6 +164,7 @@ class EMFModule(pl.LightningModule):
         slot_relations: bool = False,
         slot_count: bool = False,
         relation_teacher_forcing: bool = False,
+        slot_pointer: bool = False,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -218,6 +223,11 @@ class EMFModule(pl.LightningModule):
                 "model.slot_count decides how many objects the layout places: set model.slot_layout: true as well "
                 "(configs/compose_layout.yaml)"
             )
+        if slot_pointer and not (named_slots or slot_layout):
+            raise ConfigError(
+                "model.slot_pointer chooses how the connector names its slots: set model.slot_layout: true (or "
+                "model.named_slots: true) as well (configs/compose_layout.yaml)"
+            )
         self.generator = Generator.for_backbone(
             backbone,
             encoder.dim,
@@ -228,6 +238,7 @@ class EMFModule(pl.LightningModule):
             slot_layout=slot_layout,
             slot_relations=slot_relations,
             slot_count=slot_count,
+            slot_pointer=slot_pointer,
         )
         self.ema_generator = make_ema_copy(self.generator)
         self.slot_object_head = self._slot_object_head(object_supervision, text_slots, named_slots, slot_layout)
@@ -602,10 +613,10 @@ class EMFModule(pl.LightningModule):
         [B, K, n_a + 1] per attribute, place [B, K, 2], the slots [B, K, D]). The connector's own namer
         (``named_slots``, ``slot_layout``) reads the slots, the training-only ``slot_object_head`` the slot tokens
         as the backbone reads them."""
-        context, _, slots = connector.read(tokens, mask)
+        context, _, reading = connector.read(tokens, mask)
         if connector.has_namer:
-            return *connector.slot_namer(slots), slots
-        return *self.slot_object_head(context[:, -connector.slots :]), slots
+            return *connector.name(reading), reading.slots
+        return *self.slot_object_head(context[:, -connector.slots :]), reading.slots
 
     def name_slots(self, connector: nn.Module, tokens: Tensor, mask: Tensor | None) -> tuple[list[Tensor], Tensor]:
         """:meth:`read_slot_names` without the slots: (logits per attribute, place)."""
