@@ -109,22 +109,18 @@ class PointingNamer(_Namer):
 
     def pointing(self, words: Tensor, words_mask: Tensor | None) -> Tensor:
         """[B, A, K, L] fp32: each slot's weights over the words, per attribute (rows sum to 1)."""
-        return self._log_pointing(words, words_mask).exp()
-
-    def _log_pointing(self, words: Tensor, words_mask: Tensor | None) -> Tensor:
         n = words.shape[1]
         if n > self.positions.shape[0]:
             raise ValueError(f"the pointing namer takes at most {self.positions.shape[0]} text tokens, got {n}")
         a, d = len(self.sizes), self.key_dim
-        query = self.which_words.view(-1, a, d)
+        kind = self.word_kind(words).transpose(1, 2)[:, :, None, :]  # [B, A, 1, L]: from each word alone
         position = self.word_position(self.positions[:n]).view(n, a, d)
-        scores = self.word_kind(words).transpose(1, 2)[:, :, None, :] + torch.einsum("kad,lad->akl", query, position)[
-            None
-        ] / math.sqrt(d)
+        order = torch.einsum("kad,lad->akl", self.which_words.view(-1, a, d), position) / math.sqrt(d)  # [A, K, L]
+        scores = kind + order[None]
         if words_mask is not None:
             readable = words_mask | ~words_mask.any(-1, keepdim=True)
             scores = scores.masked_fill(~readable[:, None, None, :], float("-inf"))
-        return scores.log_softmax(-1)
+        return scores.softmax(-1)
 
     def forward(
         self, slots: Tensor, words: Tensor | None = None, words_mask: Tensor | None = None
