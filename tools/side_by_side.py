@@ -5,6 +5,8 @@ the grammar's prompts and unseen wordings (dev and final families). The runs of 
         --train 'train-*.tar' [--seed S] [--set model.optim.lr=0.002 ...] [--out runs/side_by_side]
 
 Run two at a time with OMP_NUM_THREADS=1 on a 2-core machine. Prints one line and writes <out>/<NAME>/results.json.
+A fitted run is judged again under other sampling-time settings with ``--judge-set model.layout_spacing=0.45
+--tag _spaced`` (the fit is kept; the judgement lands in eval_<split>_spaced and results_spaced.json).
 """
 
 from __future__ import annotations
@@ -57,7 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0], help="guidance scales judged at sampling")
     p.add_argument("--wordings", default="all", help="unseen-wording evaluation: all, dev, final or none")
     p.add_argument("--fit-only", action="store_true", help="train and stop (a pre-training phase for `init_from`)")
+    p.add_argument(
+        "--judge-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for judging only (a sampling-time key such as model.layout_spacing); needs --tag",
+    )
+    p.add_argument("--tag", default="", help="suffix of this judgement's folders and results file")
     a = p.parse_args(argv)
+    if a.judge_set and not a.tag:
+        p.error("--judge-set judges a fitted run again: name the judgement with --tag (e.g. --tag _spaced)")
     out, data = Path(a.out) / a.name, Path(a.data)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, EMF_NO_PROGRESS="1")
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         results = {"name": a.name, "args": vars(a), "fit_seconds": fit_seconds}
         for split in ("val", "heldout"):
-            folder = out / f"eval_{split}"
+            folder = out / f"eval_{split}{a.tag}"
             judged = {
                 "output_dir": str(folder),
                 "num_samples": a.num_samples,
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 "wordings": None if a.wordings == "none" else a.wordings,
             }
             callback = {**EVALUATION, "init_args": {**EVALUATION["init_args"], **judged}}
-            config = out / f"eval_{split}.json"
+            config = out / f"eval_{split}{a.tag}.json"
             config.write_text(json.dumps({"trainer": {"logger": False, "callbacks": [callback]}}))
             if not list(folder.glob("metrics-*.json")):
                 run(
@@ -120,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--trainer.limit_val_batches=1",
                         f"--trainer.default_root_dir={folder}",
                         "--trainer.enable_progress_bar=false",
+                        *[f"--{kv}" for kv in a.judge_set],
                     )
                 )
             payload = json.loads(sorted(folder.glob("metrics-*.json"))[-1].read_text())
@@ -127,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                 setting(s): {k: v for k, v in s["metrics"].items() if k.startswith("shapes_")}
                 for s in payload["settings"]
             }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / f"results{a.tag}.json").write_text(json.dumps(results, indent=1))
     if a.wordings == "none":  # scenes of every category: the mean of the categories at each setting
         for split in ("val", "heldout"):
             row = ", ".join(f"{k} {v.get('shapes_overall', float('nan')):.3f}" for k, v in results[split].items())
-            print(f"{a.name} {split}: {row} ({results['fit_seconds']:.0f} s fit)")
+            print(f"{a.name}{a.tag} {split}: {row} ({results['fit_seconds']:.0f} s fit)")
         return 0
     held = results["heldout"][setting({"steps": 1, "cfg_scale": a.cfg[0]})]
     print(

@@ -13,7 +13,15 @@ from emf_lightning.utils.model_helpers import standardize_tokens
 
 from .attention import attention
 from .layers import sincos_1d, zero_init
-from .layout import LAYOUT_CHANNELS, RELATIONS, LayoutPlanner, ObjectCount, SlotRelations, most_object_like
+from .layout import (
+    LAYOUT_CHANNELS,
+    RELATIONS,
+    LayoutPlanner,
+    ObjectCount,
+    SlotRelations,
+    most_object_like,
+    spread_places,
+)
 from .norms import Float32RMSNorm
 from .slot_namer import PointingNamer, SlotNamer
 
@@ -28,7 +36,10 @@ CONNECTOR_OPTIONS: dict[str, tuple[str, Any]] = {
     "slot_relations": ("relations", False),
     "slot_count": ("counts", False),
     "slot_pointer": ("pointer", False),
+    "layout_spacing": ("spacing", 0.0),
 }
+# Those of them that only change how a layout is sampled, not the weights: a checkpoint may be judged with others.
+SAMPLING_CONNECTOR_OPTIONS = ("layout_spacing",)
 
 
 def connector_config(source: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,7 +185,8 @@ class TextConnector(nn.Module):
     (how many objects the caption states, from its tokens) and places that many slots, the most object-like, instead
     of each slot whose name is an object. With ``pointer=True`` (needs a namer) the namer is a ``PointingNamer``:
     each slot's name is read from the caption's words it points at, not from the slot, so an unseen colour-shape
-    pair is named as its words say.
+    pair is named as its words say. ``spacing`` > 0 (needs ``layout``) spreads each sampled layout so that every two
+    placed objects stand at least that fraction of the image side apart (``models.layout.spread_places``).
     """
 
     SLOT_LAYERS = 2
@@ -192,6 +204,7 @@ class TextConnector(nn.Module):
         relations: bool = False,
         counts: bool = False,
         pointer: bool = False,
+        spacing: float = 0.0,
     ):
         super().__init__()
         if in_dim <= 0 or out_dim <= 0:
@@ -209,6 +222,11 @@ class TextConnector(nn.Module):
             raise ValueError("counts decide how many of the slots' objects the layout places: set layout=True")
         if pointer and not (named_slots or layout):
             raise ValueError("pointer chooses how the slots are named: set named_slots=True or layout=True")
+        if not 0.0 <= spacing < 1.0:
+            raise ValueError(f"spacing is a fraction of the image side in [0, 1), got {spacing}")
+        if spacing and not layout:
+            raise ValueError("spacing spreads the sampled layout's places: set layout=True")
+        self.spacing = float(spacing)
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.standardize = bool(standardize)
@@ -381,7 +399,7 @@ class TextConnector(nn.Module):
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """A sampled layout for the slots ``reading`` holds, read from the text tokens [B, L, in_dim] (mask [B, L]):
-        (places [B, K, 2] in [0, 1], present [B, K] bool). The tokens are needed with ``counts``, which reads the
+        (places [B, K, 2] in [0, 1], spread ``spacing`` apart, present [B, K] bool). The tokens are needed with ``counts``, which reads the
         object count there."""
         count = None
         if self.counts:
@@ -390,7 +408,8 @@ class TextConnector(nn.Module):
             count = self.count_objects(tokens, mask).argmax(-1)
         present = self.objects_present(reading, count)
         relations = self.relation_features(reading.slots, present)
-        return self.layout_planner.sample(reading.slots, present, generator, relations=relations), present
+        places = self.layout_planner.sample(reading.slots, present, generator, relations=relations)
+        return spread_places(places, present, self.spacing), present
 
     def _read_slots(self, out: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The slot tokens after the slot blocks have read the mapped caption ``out`` [B, L, D] (before the final

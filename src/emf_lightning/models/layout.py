@@ -21,6 +21,11 @@ ask a language model for boxes first (LLM-grounded diffusion) do:
   the planner places that many slots, the most object-like. Deciding presence slot by slot (a slot's "no object"
   below one half) placed extra objects for one-object captions of unseen colour-shape pairs in some seeds, where a
   count read from the caption's words was right (docs/composition_2026-12-07.md, tenth round).
+- ``spread_places`` (with ``model.layout_spacing``): the sampled places pushed apart until every two placed objects'
+  centres are at least the spacing apart, inside the image (at sampling only; training paints the true places). The planner is a small flow that puts some pairs
+  closer than any two objects of its training scenes stand; the backbone then draws them as one blob (four objects
+  counted as three), and spreading them at sampling recovers the count (docs/composition_2026-12-07.md, twelfth
+  round).
 - ``paint_layout``: each present slot's content (a linear map of its name, so an unseen colour-shape pair is a new
   sum of seen parts) as a Gaussian blob at its place; ``[B, C, H, W]``, added to the backbone's first features.
 
@@ -48,6 +53,47 @@ LAYOUT_STEPS = 16
 # 0.25-0.42 of the side in the shapes world; the blob marks the centre, the backbone draws the extent).
 LAYOUT_CHANNELS = 16
 LAYOUT_SIGMA = 0.08
+# Rounds of ``spread_places``' pairwise pushes (K slots: a few hundred multiply-adds a round); three or four
+# crowded objects settle within a few dozen.
+SPREAD_ROUNDS = 100
+
+
+def spread_places(places: Tensor, present: Tensor, spacing: float, rounds: int = SPREAD_ROUNDS) -> Tensor:
+    """places [B, K, 2] in [0, 1] with present [B, K] -> the present places moved so that every two stand at least
+    ``spacing`` (a fraction of the side) apart and each stays ``spacing / 2`` inside the image: each place a disc of
+    diameter ``spacing``, the discs kept from overlapping and inside.
+
+    Each round, every pair closer than ``spacing`` moves apart along the line between them, each by half of what it
+    lacks, and the places are clamped inside. A move along that line scales the pair's offset on both axes, and the
+    clamp keeps the order of coordinates, so of two objects (a relation's scene) the one left of or above the other
+    stays so. Layouts the
+    space cannot hold (more discs than fit) end as spread as ``rounds`` make them. A layout whose places all stand
+    ``spacing`` apart is returned as it is, and absent slots are left alone."""
+    if not 0.0 <= spacing < 1.0:
+        raise ValueError(f"spacing is a fraction of the image side in [0, 1), got {spacing}")
+    if spacing == 0.0 or places.shape[1] < 2:
+        return places
+    k = places.shape[1]
+    pairs = present[:, :, None] & present[:, None, :] & ~torch.eye(k, dtype=torch.bool, device=places.device)
+    # Two places at one point have no line between them: each slot then leaves along its own direction, spread
+    # evenly round the circle from the diagonal (four slots part towards the four corners, where four fit).
+    angles = math.pi / 4 + 2 * math.pi * torch.arange(k, device=places.device, dtype=torch.float32) / k
+    home = torch.stack([angles.cos(), angles.sin()], dim=-1)  # [K, 2]
+    parting = home[:, None, :] - home[None, :, :]  # [K, K, 2], i's away from j's
+    parting = parting / parting.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    moved = places.float()
+    for _ in range(rounds):
+        offset = moved[:, :, None, :] - moved[:, None, :, :]  # [B, K, K, 2]: i's place minus j's
+        distance = offset.norm(dim=-1)
+        short = pairs & (distance < spacing)
+        if not bool(short.any()):
+            break
+        direction = torch.where(distance[..., None] > 1e-6, offset / distance.clamp_min(1e-6)[..., None], parting)
+        push = ((spacing - distance) / 2 * short)[..., None] * direction
+        spread = (moved + push.sum(dim=2)).clamp(spacing / 2, 1.0 - spacing / 2)
+        crowded = short.flatten(1).any(dim=1)  # a row moves only while it is crowded: its batch mates do not matter
+        moved = torch.where(crowded[:, None, None], spread, moved)
+    return torch.where(present[..., None], moved.to(places.dtype), places)
 
 
 def fourier_places(places: Tensor, frequencies: int = 4) -> Tensor:

@@ -130,6 +130,11 @@ class EMFModule(pl.LightningModule):
             it points at (``models.slot_namer.PointingNamer``: which kind of word from the word alone, which
             object's from the slot's index and the word's position) instead of from the slot token, so an unseen
             colour-shape pair is named as its words say. Off by default.
+        layout_spacing: with ``slot_layout``, each sampled layout is spread so that every two placed objects' centres
+            stand at least this fraction of the image side apart, inside the image
+            (``models.layout.spread_places``); 0 (the default) samples the planner's places as they are. Sampling
+            only (not structural): a trained model may be judged at another spacing
+            (``emf validate --ckpt ... --model.layout_spacing=0.45``).
         relation_teacher_forcing: with ``slot_relations``, the planner is trained on the relations the captions
             state (``object_supervision.stated_relation_features``) instead of the classifier's readings of them,
             which are near chance until the classifier has learnt; at sampling it reads the classifier. Training
@@ -165,6 +170,7 @@ class EMFModule(pl.LightningModule):
         slot_count: bool = False,
         relation_teacher_forcing: bool = False,
         slot_pointer: bool = False,
+        layout_spacing: float = 0.0,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -178,7 +184,10 @@ class EMFModule(pl.LightningModule):
         self.loss_fn = build(loss, Objective) if loss is not None else MeanFlowLoss()
         self.optim = OptimConfig.from_any(optim)
         for name, value in dict(
-            cfg_scale=cfg_scale, max_weight_abs=max_weight_abs, object_supervision=object_supervision
+            cfg_scale=cfg_scale,
+            max_weight_abs=max_weight_abs,
+            object_supervision=object_supervision,
+            layout_spacing=layout_spacing,
         ).items():
             require_finite(f"model.{name}", value)  # a NaN passes every range check and fails far from its cause
         if max_weight_abs is not None and max_weight_abs <= 0:
@@ -228,6 +237,15 @@ class EMFModule(pl.LightningModule):
                 "model.slot_pointer chooses how the connector names its slots: set model.slot_layout: true (or "
                 "model.named_slots: true) as well (configs/compose_layout.yaml)"
             )
+        if not 0.0 <= layout_spacing < 1.0:
+            raise ConfigError(
+                f"model.layout_spacing is a fraction of the image side in [0, 1) (0: off), got {layout_spacing}"
+            )
+        if layout_spacing and not slot_layout:
+            raise ConfigError(
+                "model.layout_spacing spreads the places a layout planner samples: set model.slot_layout: true as "
+                "well (configs/compose_layout.yaml)"
+            )
         self.generator = Generator.for_backbone(
             backbone,
             encoder.dim,
@@ -239,6 +257,7 @@ class EMFModule(pl.LightningModule):
             slot_relations=slot_relations,
             slot_count=slot_count,
             slot_pointer=slot_pointer,
+            layout_spacing=layout_spacing,
         )
         self.ema_generator = make_ema_copy(self.generator)
         self.slot_object_head = self._slot_object_head(object_supervision, text_slots, named_slots, slot_layout)
