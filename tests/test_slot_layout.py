@@ -199,9 +199,7 @@ def test_a_layout_model_samples_by_seed_and_survives_checkpoint_and_export(
     from emf_lightning.commands.export import export
 
     dm, _ = _shapes_data(tmp_path)
-    module = layout_module(
-        slot_relations=relations, slot_count=counts, slot_pointer=pointer, layout_spacing=spacing
-    )
+    module = layout_module(slot_relations=relations, slot_count=counts, slot_pointer=pointer, layout_spacing=spacing)
     trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     ckpt = tmp_path / "last.ckpt"
