@@ -6,7 +6,9 @@ Import from tests as ``from helpers import ...`` (pytest puts ``tests/`` on ``sy
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -315,3 +317,13 @@ def redraw_connector_blocks(connector, seed: int = 0):
             if name.startswith(("refiner.", "slot_blocks.")):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if "norm" in name else 0.0))
     return connector
+
+
+def load_tool(name: str):
+    """The script ``tools/<name>.py`` imported as a module (the tools are scripts, not a package). It is registered
+    in ``sys.modules`` first, as dataclasses and pickling look a class's module up there."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,10 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -14,11 +10,9 @@ from emf_lightning.encoders import build_encoder
 from emf_lightning.shapes import paraphrases
 from emf_lightning.shapes.scene import sample_scene
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("binding_probe", ROOT / "tools" / "binding_probe.py")
-probe = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = probe
-_spec.loader.exec_module(probe)
+from helpers import load_tool
+
+probe = load_tool("binding_probe")
 
 
 def colour_attribution_table(n_scenes: int, wordings: int = 2, seed: int = 0) -> dict:

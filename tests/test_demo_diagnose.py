@@ -3,9 +3,7 @@ named by shapes.diagnosis like the compose demo's (tests/test_demo_compose.py ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +12,9 @@ from PIL import Image
 from emf_lightning.evaluation import HeldOutSet
 from emf_lightning.shapes import render
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("demo", ROOT / "tools" / "demo.py")
-demo = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = demo  # dataclasses look their module up there
-_spec.loader.exec_module(demo)
+from helpers import load_tool
+
+demo = load_tool("demo")
 
 
 def red_triangle(shape: str = "triangle", color: str = "red") -> dict:

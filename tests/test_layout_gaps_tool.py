@@ -3,23 +3,15 @@ samples them, and binned by the smallest gap of the planner's own layout."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.shapes.judge import ShapesEval
 
-from helpers import tiny_module, tiny_unet, write_shapes_shards
+from helpers import load_tool, tiny_module, tiny_unet, write_shapes_shards
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("layout_gaps", ROOT / "tools" / "layout_gaps.py")
-tool = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = tool
-_spec.loader.exec_module(tool)
+tool = load_tool("layout_gaps")
 
 
 def test_gaps_fall_in_their_bins_and_rows_with_one_place_have_none():

@@ -3,10 +3,6 @@ and the cache it writes is read back by PrecomputedEncoder."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,11 +13,9 @@ from emf_lightning.shapes import CATEGORIES, SceneError, paraphrases, perturb
 from emf_lightning.shapes.scene import sample_scene
 from emf_lightning.shapes.world import ShapesWorld, shapes_samples
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("scene_oracle", ROOT / "tools" / "scene_oracle.py")
-oracle = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = oracle
-_spec.loader.exec_module(oracle)
+from helpers import load_tool
+
+oracle = load_tool("scene_oracle")
 
 
 def test_every_wording_of_a_scene_gets_the_same_tokens_and_every_edit_different_ones():

@@ -4,10 +4,8 @@ and a bounded load test on 127.0.0.1 (slow tier; needs the system's chromium and
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +14,12 @@ from PIL import Image
 
 from emf_lightning import cli
 
+from helpers import load_tool
 from test_cli import tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "tools" / "serve_bench.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench  # dataclasses look their module up there
-_spec.loader.exec_module(bench)
+bench = load_tool("serve_bench")
 
 PROMPT = "a large red circle"
 

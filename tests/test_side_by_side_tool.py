@@ -3,16 +3,14 @@ its fit and its first judgement, and passes the setting to ``emf validate``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("side_by_side", ROOT / "tools" / "side_by_side.py")
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
+from helpers import load_tool
+
+tool = load_tool("side_by_side")
 
 
 def _fitted_run(out: Path) -> Path:

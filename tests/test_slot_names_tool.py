@@ -3,23 +3,15 @@ per-category table adds up to the set loss's own accuracy over the whole batch."
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.training.object_supervision import object_set_loss
 
-from helpers import tiny_module, tiny_unet, write_shapes_shards
+from helpers import load_tool, tiny_module, tiny_unet, write_shapes_shards
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("slot_names", ROOT / "tools" / "slot_names.py")
-tool = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = tool
-_spec.loader.exec_module(tool)
+tool = load_tool("slot_names")
 
 
 @pytest.mark.parametrize("named", [False, True])

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SPEC = importlib.util.spec_from_file_location(
-    "encoder_study", Path(__file__).resolve().parents[1] / "tools" / "encoder_study.py"
-)
-study = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(study)
+from helpers import load_tool
+
+study = load_tool("encoder_study")
 
 
 def run(encoder: str, position: float, color_attr: float, counting: float) -> dict:
