@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from emf_lightning.data.datamodule import ShardDataModule
+from emf_lightning.models.layout import smallest_gaps
 from emf_lightning.shapes.judge import ShapesEval
 
 from helpers import load_tool, tiny_module, tiny_unet, write_shapes_shards
@@ -18,7 +19,7 @@ def test_gaps_fall_in_their_bins_and_rows_with_one_place_have_none():
     assert [tool.gap_bin(g) for g in (0.0, 0.1, 0.29, 0.45, 0.8)] == ["<0.1", "0.1-0.2", "0.2-0.3", "0.4-0.5", ">=0.5"]
     places = torch.tensor([[[0.1, 0.1], [0.4, 0.5], [0.9, 0.9]], [[0.5, 0.5], [0.1, 0.1], [0.2, 0.2]]])
     present = torch.tensor([[True, True, True], [True, False, False]])
-    assert tool.smallest_gaps(places, present) == [pytest.approx(0.5), None]
+    assert smallest_gaps(places, present) == [pytest.approx(0.5), None]
 
 
 def test_each_spacing_is_judged_on_the_images_generate_gives_at_that_spacing(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ import torch
 from emf_lightning.data.datamodule import ShardDataModule
 from emf_lightning.inference import sampling_conditions
 from emf_lightning.meanflow.draws import make_noise
+from emf_lightning.models.layout import smallest_gaps
 from emf_lightning.shapes.judge import ShapesEval
 from emf_lightning.shapes.scene import CATEGORIES
 from emf_lightning.training import EMFModule
@@ -41,15 +42,6 @@ def gap_bin(gap: float) -> str:
 
 
 BIN_LABELS = [gap_bin(0.0)] + [gap_bin(edge) for edge in GAP_BINS]  # in order of the gap
-
-
-def smallest_gaps(places: torch.Tensor, present: torch.Tensor) -> list[float | None]:
-    """Per row, the smallest distance between two placed centres (None with fewer than two placed)."""
-    out: list[float | None] = []
-    for row, keep in zip(places, present):
-        p = row[keep].float()
-        out.append(float((torch.cdist(p, p) + torch.eye(len(p)) * 9.0).min()) if len(p) > 1 else None)
-    return out
 
 
 @torch.no_grad()
@@ -71,19 +63,17 @@ def layout_gaps(module: EMFModule, shards: str, spacings: list[float], batch_siz
             metas = batch["meta"]
             feats = module.batch_text_features(batch)
             noise = make_noise((len(metas), *module.data_shape), seed, device=module.device)
-            connector.spacing = 0.0
-            plan, _ = sampling_conditions(net, feats, module.encoder.dim, 1.0, seed, module.device)
-            gaps = smallest_gaps(plan[2], plan[3])
             for spacing in spacings:
                 connector.spacing = spacing
                 cond, _ = sampling_conditions(net, feats, module.encoder.dim, 1.0, seed, module.device)
+                gaps = smallest_gaps(cond[2], cond[3]) if spacing == 0.0 else [None] * len(metas)
                 x = module.loss_fn.sampler(net, noise, cond, steps=1, cfg_scale=1.0, null_cond=None)
                 images = module.autoencoder.decode(x.float())
                 for gap, result in zip(gaps, judge.evaluate_detailed(images, metas)):
                     if result["passed"] is None:
                         continue
                     passed[spacing][result["category"]].append(bool(result["passed"]))
-                    if spacing == 0.0 and gap is not None:
+                    if gap is not None:  # binned on the planner's own places (spacing 0) only
                         counts = by_gap[result["category"]][gap_bin(gap)]
                         counts[0] += bool(result["passed"])
                         counts[1] += 1

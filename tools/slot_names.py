@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from emf_lightning.data.datamodule import ShardDataModule
-from emf_lightning.models.layout import RELATIONS
+from emf_lightning.models.layout import RELATIONS, smallest_gaps
 from emf_lightning.training import EMFModule
 from emf_lightning.training.object_supervision import ATTRIBUTES, assign_slots, object_set_loss, object_targets
 
@@ -77,9 +77,9 @@ def layout_judgements(
     for j, i in enumerate(rows):
         meta, placed = metas[i], planned[i][present[i]]
         out["layout_count"].append(float(len(placed) == len(meta["objects"])))
-        if len(placed) > 1:
-            gaps = torch.cdist(placed, placed) + torch.eye(len(placed)) * 9.0
-            out["layout_apart"].append(float(gaps.min() >= APART))
+        (gap,) = smallest_gaps(planned[i : i + 1], present[i : i + 1])
+        if gap is not None:
+            out["layout_apart"].append(float(gap >= APART))
         for rel in meta.get("relations") or []:
             slot_of = {int(o): k for k, o in enumerate(slot_objects[j].tolist()) if o >= 0}
             a, b = slot_of.get(rel["a"]), slot_of.get(rel["b"])

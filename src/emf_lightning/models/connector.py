@@ -19,6 +19,7 @@ from .layout import (
     LayoutPlanner,
     ObjectCount,
     SlotRelations,
+    check_spacing,
     most_object_like,
     spread_places,
 )
@@ -222,8 +223,7 @@ class TextConnector(nn.Module):
             raise ValueError("counts decide how many of the slots' objects the layout places: set layout=True")
         if pointer and not (named_slots or layout):
             raise ValueError("pointer chooses how the slots are named: set named_slots=True or layout=True")
-        if not 0.0 <= spacing < 1.0:
-            raise ValueError(f"spacing is a fraction of the image side in [0, 1), got {spacing}")
+        check_spacing(spacing)
         if spacing and not layout:
             raise ValueError("spacing spreads the sampled layout's places: set layout=True")
         self.spacing = float(spacing)
@@ -399,8 +399,8 @@ class TextConnector(nn.Module):
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """A sampled layout for the slots ``reading`` holds, read from the text tokens [B, L, in_dim] (mask [B, L]):
-        (places [B, K, 2] in [0, 1], spread ``spacing`` apart, present [B, K] bool). The tokens are needed with ``counts``, which reads the
-        object count there."""
+        (places [B, K, 2] in [0, 1], spread ``spacing`` apart, present [B, K] bool). The tokens are needed with
+        ``counts``, which reads the object count there."""
         count = None
         if self.counts:
             if tokens is None:

@@ -22,10 +22,10 @@ ask a language model for boxes first (LLM-grounded diffusion) do:
   below one half) placed extra objects for one-object captions of unseen colour-shape pairs in some seeds, where a
   count read from the caption's words was right (docs/composition_2026-12-07.md, tenth round).
 - ``spread_places`` (with ``model.layout_spacing``): the sampled places pushed apart until every two placed objects'
-  centres are at least the spacing apart, inside the image (at sampling only; training paints the true places). The planner is a small flow that puts some pairs
-  closer than any two objects of its training scenes stand; the backbone then draws them as one blob (four objects
-  counted as three), and spreading them at sampling recovers the count (docs/composition_2026-12-07.md, twelfth
-  round).
+  centres are at least the spacing apart, inside the image (at sampling only; training paints the true places). The
+  planner is a small flow that puts some pairs closer than any two objects of its training scenes stand; the
+  backbone then draws them as one blob (four objects counted as three), and spreading them at sampling recovers the
+  count (docs/composition_2026-12-07.md, twelfth round).
 - ``paint_layout``: each present slot's content (a linear map of its name, so an unseen colour-shape pair is a new
   sum of seen parts) as a Gaussian blob at its place; ``[B, C, H, W]``, added to the backbone's first features.
 
@@ -58,6 +58,22 @@ LAYOUT_SIGMA = 0.08
 SPREAD_ROUNDS = 100
 
 
+def check_spacing(spacing: float) -> None:
+    """Refuse a spacing that is not a fraction of the image side in [0, 1) (0: no spreading)."""
+    if not 0.0 <= spacing < 1.0:
+        raise ValueError(f"spacing is a fraction of the image side in [0, 1), got {spacing}")
+
+
+def smallest_gaps(places: Tensor, present: Tensor) -> list[float | None]:
+    """Per row of places [B, K, 2] with present [B, K], the smallest distance between two present places (None
+    with fewer than two)."""
+    out: list[float | None] = []
+    for row, keep in zip(places.float(), present):
+        p = row[keep]
+        out.append(float((torch.cdist(p, p) + torch.eye(len(p), device=p.device) * 9.0).min()) if len(p) > 1 else None)
+    return out
+
+
 def spread_places(places: Tensor, present: Tensor, spacing: float, rounds: int = SPREAD_ROUNDS) -> Tensor:
     """places [B, K, 2] in [0, 1] with present [B, K] -> the present places moved so that every two stand at least
     ``spacing`` (a fraction of the side) apart and each stays ``spacing / 2`` inside the image: each place a disc of
@@ -66,11 +82,9 @@ def spread_places(places: Tensor, present: Tensor, spacing: float, rounds: int =
     Each round, every pair closer than ``spacing`` moves apart along the line between them, each by half of what it
     lacks, and the places are clamped inside. A move along that line scales the pair's offset on both axes, and the
     clamp keeps the order of coordinates, so of two objects (a relation's scene) the one left of or above the other
-    stays so. Layouts the
-    space cannot hold (more discs than fit) end as spread as ``rounds`` make them. A layout whose places all stand
-    ``spacing`` apart is returned as it is, and absent slots are left alone."""
-    if not 0.0 <= spacing < 1.0:
-        raise ValueError(f"spacing is a fraction of the image side in [0, 1), got {spacing}")
+    stays so. Layouts the space cannot hold (more discs than fit) end as spread as ``rounds`` make them. A layout
+    whose places all stand ``spacing`` apart is returned as it is, and absent slots are left alone."""
+    check_spacing(spacing)
     if spacing == 0.0 or places.shape[1] < 2:
         return places
     k = places.shape[1]
